@@ -1,0 +1,73 @@
+"""``deqir bench``: serial vs Picard vs Anderson on the same measurements.
+
+For each N it reports K (joint-map evaluations), wall-clock seconds, PSNR of the parallel result
+against the serial one (the reference: higher is closer; inf = identical) and PSNR against the
+ground truth. Images are drawn from the model's own prior when it has one (the analytic oracle).
+"""
+from __future__ import annotations
+
+import math
+import platform
+import time
+
+import torch
+
+from .errors import DeqirError
+from .metrics import psnr
+from .models import load_denoiser
+from .operators import make_operator
+from .restore import restore
+
+
+def _clean_images(model, n: int, shape, gen: torch.Generator) -> torch.Tensor:
+    if hasattr(model, "sample"):
+        return model.sample(n, shape, generator=gen)
+    raise DeqirError("bench needs a model that can sample its own test images (e.g. --model analytic)")
+
+
+def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), task: str = "sr_avgpool",
+              scale: int = 2, size: int = 32, images: int = 3, stop: str = "final",
+              stop_tol: float | None = None, seed: int = 0, device=None,
+              solvers=("picard", "anderson")) -> dict:
+    """Run the comparison; returns a JSON-ready dict with one row per (N, solver)."""
+    den = load_denoiser(model, checkpoint=checkpoint, device=device)
+    shape = (3, size, size)
+    gen = torch.Generator().manual_seed(seed)
+    gt = _clean_images(den, images, shape, gen)
+    params = {"scale": scale} if task.startswith("sr_") else {}
+    op = make_operator(task, shape, **params)
+    y = op.A(gt)
+    xi = torch.randn((images, *shape), generator=gen)
+    gt_dev = gt
+    restore(den, y, op, steps=min(steps), solver="anderson", noise=xi)   # warm-up: first calls are slow
+    rows = []
+    for n in steps:
+        t0 = time.perf_counter()
+        ref = restore(den, y, op, steps=n, solver="serial", noise=xi)
+        t_serial = time.perf_counter() - t0
+        rows.append({"steps": n, "solver": "serial", "K": n, "K_mean": float(n), "seconds": round(t_serial, 4),
+                     "psnr_vs_serial": math.inf,
+                     "psnr_gt": round(float(psnr(ref.image.clamp(-1, 1).cpu(), gt_dev).mean()), 3)})
+        for solver in solvers:
+            t0 = time.perf_counter()
+            res = restore(den, y, op, steps=n, solver=solver, noise=xi, stop=stop, stop_tol=stop_tol)
+            secs = time.perf_counter() - t0
+            vs = psnr(res.image.cpu(), ref.image.cpu())
+            rows.append({"steps": n, "solver": solver, "K": res.iterations,
+                         "K_mean": sum(res.iterations_per_image) / images, "seconds": round(secs, 4),
+                         "psnr_vs_serial": round(float(vs.min()), 2),
+                         "psnr_gt": round(float(psnr(res.image.clamp(-1, 1).cpu(), gt_dev).mean()), 3),
+                         "stop": res.stop, "stop_tol": res.stop_tol})
+    return {"model": model, "task": task, "operator": op.describe()["params"], "image_shape": list(shape),
+            "images": images, "stop": stop, "seed": seed, "device": str(device or "cpu"),
+            "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
+            "rows": rows}
+
+
+def format_bench(result: dict) -> str:
+    from .jobs import format_table
+    head = (f"model={result['model']} task={result['task']} {result['operator']} "
+            f"image={tuple(result['image_shape'])} images={result['images']} stop={result['stop']}")
+    cols = ["steps", "solver", "K", "K_mean", "seconds", "psnr_vs_serial", "psnr_gt"]
+    return head + "\n" + format_table(result["rows"], cols) + \
+        "\n(K: joint-map evaluations, max over images; psnr_vs_serial: worst image, dB)"

@@ -1,0 +1,150 @@
+"""The joint fixed-point map of the restoration chain, for a block of rows.
+
+Write u_i = h_i / sqrt(a'_i) (so u_0 = xi / sqrt(a_1)). One serial step (DESIGN section 2) is
+
+    u_i = D_i u_{i-1} + b_i,   D_i = P + (1 - lam_i) Q,
+    b_i = lam_i A+y + (k2_i - k1_i D_i) eps_i + kn_i z_i,   eps_i = eps(h_{i-1}, tau_i).
+
+P and Q = A+A commute with every D_i, so the null-space part is a prefix sum and the range-space
+part a scalar linear recurrence (with lam = 1 it has no memory at all):
+
+    P u_i = P u_{i-1} + (k2_i - k1_i) P eps_i + kn_i P z_i
+    Q u_i = (1 - lam_i) Q u_{i-1} + (k2_i - (1 - lam_i) k1_i) Q eps_i + lam_i A+y + kn_i Q z_i
+
+The joint map F takes the current rows h_1..h_N, evaluates every eps_i from h_{i-1} (h_0 = xi) in
+ONE batched denoiser call, and returns h'_i = sqrt(a'_i) (P u_i + Q u_i). It is causal, its
+fixed point is the serial trajectory, and Picard iteration is exact after N sweeps.
+
+Unit of work: a block of rows [lo, hi) with an incoming halo row h_{lo-1} (the denoiser input of
+row lo) and an incoming carry (P u_{lo-1}, Q u_{lo-1}). ``increments`` needs only the halo;
+``summary`` gives what the next block's carry needs; ``outputs`` needs the carry.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .schedule import ChainCoefficients
+
+ROW_WEIGHT_FLOOR = 1e-3     # row weights for residual norms: 1 / max(1 - a'_i, floor)
+
+
+def linear_scan(decay: torch.Tensor, b: torch.Tensor, init: torch.Tensor | None) -> torch.Tensor:
+    """v_i = decay_i v_{i-1} + b_i along dim 1 of b (B, n, ...), v_0 = init (B, ...) or 0.
+
+    ``decay`` is a host (n,) tensor; all-ones is a cumsum and all-zeros is b itself.
+    """
+    if bool((decay == 0).all()):
+        return b
+    if bool((decay == 1).all()):
+        out = torch.cumsum(b, dim=1)
+        return out if init is None else out + init.unsqueeze(1)
+    out = torch.empty_like(b)
+    v = torch.zeros_like(b[:, 0]) if init is None else init
+    for i in range(b.shape[1]):
+        v = float(decay[i]) * v + b[:, i]
+        out[:, i] = v
+    return out
+
+
+@dataclass
+class Carry:
+    """The chain state entering a block: null-space and range-space parts of u_{lo-1}, (B, C, H, W)."""
+
+    p: torch.Tensor
+    q: torch.Tensor
+
+    def index(self, idx: torch.Tensor) -> "Carry":
+        return Carry(self.p[idx], self.q[idx])
+
+
+@dataclass
+class Summary:
+    """What a block contributes to the carry of the blocks after it.
+
+    carry_out = (carry.p + p_total, q_decay * carry.q + q_tail).
+    """
+
+    p_total: torch.Tensor
+    q_tail: torch.Tensor
+    q_decay: float
+
+    def apply(self, carry: Carry) -> Carry:
+        return Carry(carry.p + self.p_total, self.q_decay * carry.q + self.q_tail)
+
+
+class ChainBlock:
+    """Rows [lo, hi) of the joint map for B images, with every loop-invariant term precomputed.
+
+    eps_fn(x, t) -> eps in the solver dtype; op has A, A_pinv, P, Q; y (B, *measurement);
+    xi (B, C, H, W) the initial noise; step_noise (B, hi - lo, C, H, W) the z rows of this block
+    (None when nw = 0). All tensors live on xi's device, in xi's dtype (the solver dtype).
+    """
+
+    def __init__(self, eps_fn, op, coeffs: ChainCoefficients, y: torch.Tensor, xi: torch.Tensor,
+                 lo: int, hi: int, step_noise: torch.Tensor | None = None):
+        if not 0 <= lo < hi <= coeffs.steps:
+            raise ValueError(f"bad block [{lo}, {hi}) for {coeffs.steps} rows")
+        self.eps_fn, self.op, self.lo, self.hi = eps_fn, op, lo, hi
+        self.xi = xi
+        dev, dt = xi.device, xi.dtype
+
+        def rows(v):
+            return v[lo:hi].to(device=dev, dtype=dt).view(1, hi - lo, 1, 1, 1)
+
+        self.taus = coeffs.taus[lo:hi].to(dev)
+        self.g = rows(coeffs.g)
+        self.coef_p = rows(coeffs.k2 - coeffs.k1)
+        self.coef_q = rows(coeffs.k2 - (1 - coeffs.lam) * coeffs.k1)
+        self.decay = (1 - coeffs.lam[lo:hi]).clone()
+        self.row_weight = rows(1.0 / (1 - coeffs.a_next).clamp_min(ROW_WEIGHT_FLOOR))
+        self.range_recurrent = coeffs.range_recurrent
+        apy = op.A_pinv(y.to(device=dev, dtype=dt))
+        u0 = xi / float(coeffs.a[0]) ** 0.5
+        u0_q = op.Q(u0)
+        self.carry0 = Carry(u0 - u0_q, u0_q)
+        # loop-invariant increments: kn P z on the null side, lam A+y + kn Q z on the range side
+        self.const_q = rows(coeffs.lam) * apy.unsqueeze(1)
+        self.const_p = None
+        if step_noise is not None and coeffs.nw > 0:
+            z = step_noise.to(device=dev, dtype=dt)
+            zq = self._apply(op.Q, z)
+            kn = rows(coeffs.kn)
+            self.const_p = kn * (z - zq)
+            self.const_q = self.const_q + kn * zq
+
+    @property
+    def rows(self) -> int:
+        return self.hi - self.lo
+
+    @staticmethod
+    def _apply(fn, t: torch.Tensor) -> torch.Tensor:
+        """Apply an image operator to a (B, n, C, H, W) stack."""
+        return fn(t.flatten(0, 1)).view_as(t)
+
+    def denoise(self, x: torch.Tensor, halo: torch.Tensor) -> torch.Tensor:
+        """eps_i for the block's rows: inputs are [halo, x rows lo..hi-2], (b, n, C, H, W)."""
+        b, n = x.shape[:2]
+        inp = torch.cat([halo.unsqueeze(1), x[:, :-1]], dim=1)
+        eps = self.eps_fn(inp.flatten(0, 1), self.taus.repeat(b))
+        return eps.view(b, n, *x.shape[2:])
+
+    def increments(self, eps: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b_P, b_Q) of the block's rows for the images ``idx``, from their eps."""
+        eps_q = self._apply(self.op.Q, eps)
+        bp = self.coef_p * (eps - eps_q)
+        if self.const_p is not None:
+            bp = bp + self.const_p[idx]
+        bq = self.coef_q * eps_q + self.const_q[idx]
+        return bp, bq
+
+    def summary(self, bp: torch.Tensor, bq: torch.Tensor) -> Summary:
+        tail = linear_scan(self.decay, bq, None)[:, -1] if self.range_recurrent else torch.zeros_like(bq[:, -1])
+        return Summary(bp.sum(dim=1), tail, float(torch.prod(self.decay)))
+
+    def outputs(self, bp: torch.Tensor, bq: torch.Tensor, carry: Carry) -> torch.Tensor:
+        """h'_i = g_i (P u_i + Q u_i) for the block's rows, given the incoming carry."""
+        pu = torch.cumsum(bp, dim=1) + carry.p.unsqueeze(1)
+        qu = linear_scan(self.decay, bq, carry.q if self.range_recurrent else None)
+        return self.g * (pu + qu)

@@ -1,0 +1,223 @@
+"""File-level workflows shared by the CLI and the launchers: degrade and restore image files.
+
+Everything is validated before anything is written: a bad file, size or flag fails the whole
+command with one line, and each output file is written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import DeqirError
+from .imageio import atomic_write, ensure_writable_dir, list_images, read_image, write_image
+from .metrics import psnr, ssim
+from .operators import make_operator
+
+MEASUREMENT_SUFFIX = ".pt"
+
+
+def seed_for(seed: int, name: str) -> int:
+    """A 63-bit seed derived from (seed, image id): the same image gets the same draws anywhere."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+def generator_for(seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed_for(seed, name))
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files and folders (their images, and .pt measurements) -> a list of files; ids must be unique."""
+    paths: list[Path] = []
+    for s in inputs:
+        p = Path(s)
+        if p.is_dir():
+            found = list_images(p) + sorted(f for f in p.iterdir() if f.suffix == MEASUREMENT_SUFFIX)
+            if not found:
+                raise DeqirError(f"no images in folder {p}")
+            paths.extend(found)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise DeqirError(f"input not found: {p}")
+    if not paths:
+        raise DeqirError("no input files given")
+    stems = [p.stem for p in paths]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise DeqirError(f"several inputs share the name {dup[0]!r}; outputs would collide")
+    return paths
+
+
+class OperatorCache:
+    """One operator per (task, image shape): the SVD-based ones are worth building once."""
+
+    def __init__(self, task: str, params: dict):
+        self.task, self.params, self._ops = task, dict(params), {}
+
+    def get(self, image_shape) -> object:
+        key = tuple(image_shape)
+        if key not in self._ops:
+            self._ops[key] = make_operator(self.task, image_shape=key, **self.params)
+        return self._ops[key]
+
+
+def measurement_channels(task: str) -> int:
+    return 1 if task == "colorize" else 3
+
+
+def image_shape_of_measurement(task: str, params: dict, shape) -> tuple[int, int, int]:
+    """The image size a measurement image of ``shape`` (C, h, w) comes from."""
+    _, h, w = shape
+    if task.startswith("sr_"):
+        s = int(params.get("scale", 4))
+        return (3, h * s, w * s)
+    return (3, h, w)
+
+
+@dataclass
+class Item:
+    """One image to restore: its id, measurement y (1, *meas), operator and optional ground truth."""
+
+    name: str
+    source: Path
+    y: torch.Tensor
+    op: object
+    gt: torch.Tensor | None = None
+
+
+def save_measurement(path: Path, y: torch.Tensor, op) -> None:
+    """A non-image measurement: {"y": tensor, "operator": description}, via torch.save, atomically."""
+    payload = {"y": y.detach().cpu().contiguous(), "operator": json.dumps(op.describe())}
+    atomic_write(path, lambda fh: torch.save(payload, fh))
+
+
+def load_measurement(path: Path) -> tuple[torch.Tensor, dict]:
+    try:
+        obj = torch.load(path, weights_only=True, map_location="cpu")
+        y, desc = obj["y"], json.loads(obj["operator"])
+        if not isinstance(y, torch.Tensor):
+            raise TypeError("y is not a tensor")
+    except Exception as e:
+        raise DeqirError(f"cannot read measurement file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
+    return y, desc
+
+
+def load_items(paths: list[Path], task: str, params: dict, from_clean: bool,
+               sigma_y: float = 0.0, seed: int = 0) -> list[Item]:
+    """Read and validate every input. With ``from_clean`` the inputs are ground-truth images that
+    are degraded here (y = A(x) + sigma_y n, n drawn from (seed, id)); otherwise they are
+    measurements written by ``deqir degrade`` (an image, or a .pt file for non-image ones)."""
+    ops = OperatorCache(task, params)
+    items = []
+    for p in paths:
+        if from_clean:
+            x = read_image(p, channels=3)
+            op = ops.get(x.shape)
+            y = op.A(x[None])
+            if sigma_y > 0:
+                y = y + sigma_y * torch.randn(y.shape, generator=generator_for(seed, "y:" + p.stem))
+            items.append(Item(p.stem, p, y, op, x[None]))
+            continue
+        if p.suffix == MEASUREMENT_SUFFIX:
+            y, desc = load_measurement(p)
+            if desc.get("name") != task:
+                raise DeqirError(f"{p} is a {desc.get('name')!r} measurement, but the task is {task!r}")
+            op = ops.get(tuple(desc["image_shape"]))
+            y = y[None]
+        else:
+            img = read_image(p, channels=measurement_channels(task))
+            op = ops.get(image_shape_of_measurement(task, ops.params, img.shape))
+            if not op.measurement_is_image:
+                raise DeqirError(f"{task} measurements are .pt files (written by deqir degrade), not images: {p}")
+            y = img[None]
+        if tuple(y.shape[1:]) != tuple(op.measurement_shape):
+            raise DeqirError(f"{p}: measurement shape {tuple(y.shape[1:])} does not fit {task} "
+                             f"(expected {tuple(op.measurement_shape)})")
+        if not torch.isfinite(y).all():
+            raise DeqirError(f"{p}: measurement contains NaN or Inf")
+        items.append(Item(p.stem, p, y, op))
+    return items
+
+
+def degrade_files(paths: list[Path], task: str, params: dict, out_dir: str, sigma_y: float = 0.0,
+                  seed: int = 0, bits: int = 8) -> list[Path]:
+    """Write A(x) (+ noise) of each clean image: PNG where the measurement is an image, else .pt."""
+    items = load_items(paths, task, params, from_clean=True, sigma_y=sigma_y, seed=seed)
+    out = ensure_writable_dir(out_dir)
+    written = []
+    for it in items:
+        if it.op.measurement_is_image:
+            path = out / f"{it.name}.png"
+            write_image(path, it.y[0], bits=bits)
+        else:
+            path = out / f"{it.name}{MEASUREMENT_SUFFIX}"
+            save_measurement(path, it.y[0], it.op)
+        written.append(path)
+    return written
+
+
+def restore_items(model, items: list[Item], out_dir: str | None, restore_kw: dict, seed: int = 0,
+                  bits: int = 8, progress: bool = True, restore_fn=None, write: bool = True) -> list[dict]:
+    """Restore each item (its noise drawn from (seed, id)), write ``<id>.png``, return records."""
+    from .restore import restore
+    restore_fn = restore_fn or restore
+    out = ensure_writable_dir(out_dir) if (write and out_dir is not None) else None
+    records = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(items), desc="restore", unit="img")
+    for it in items:
+        t0 = time.perf_counter()
+        res = restore_fn(model, it.y, it.op, generator=generator_for(seed, it.name), **restore_kw)
+        rec = {"id": it.name, "input": str(it.source), "iterations": res.iterations,
+               "seconds": round(time.perf_counter() - t0, 4)}
+        if it.gt is not None:
+            img = res.image.clamp(-1, 1)
+            rec["psnr"] = round(float(psnr(img, it.gt)[0]), 3)
+            rec["ssim"] = round(float(ssim(img, it.gt)[0]), 4)
+        if out is not None:
+            path = out / f"{it.name}.png"
+            write_image(path, res.image[0], bits=bits)
+            rec["output"] = str(path)
+        records.append(rec)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return records
+
+
+def summarize(records: list[dict]) -> dict:
+    """Means over the images that have each metric."""
+    out = {"images": len(records),
+           "mean_iterations": sum(r["iterations"] for r in records) / max(len(records), 1),
+           "seconds": round(sum(r["seconds"] for r in records), 3)}
+    for key in ("psnr", "ssim"):
+        vals = [r[key] for r in records if key in r]
+        if vals:
+            out[f"mean_{key}"] = round(sum(vals) / len(vals), 4)
+    return out
+
+
+def write_json(path: str | Path, obj) -> None:
+    data = (json.dumps(obj, indent=2) + "\n").encode()
+    atomic_write(Path(path), lambda fh: fh.write(data))
+
+
+def format_table(rows: list[dict], columns: list[str]) -> str:
+    """A plain aligned text table (missing cells blank)."""
+    def cell(v):
+        if isinstance(v, float):
+            return f"{v:.4g}" if abs(v) < 1e4 else f"{v:.3e}"
+        return "" if v is None else str(v)
+    grid = [columns] + [[cell(r.get(c)) for c in columns] for r in rows]
+    widths = [max(len(row[i]) for row in grid) for i in range(len(columns))]
+    lines = ["  ".join(v.rjust(w) for v, w in zip(row, widths)) for row in grid]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)

@@ -1,0 +1,42 @@
+"""The serial DDNM sampler with DeqIR's two knobs: the reference every parallel solver must match.
+
+h_0 = xi; for i = 1..N (DESIGN section 2):
+    eps_i = eps(h_{i-1}, tau_i)
+    x0_i  = (h_{i-1} - sqrt(1 - a_i) eps_i) / sqrt(a_i)                (not clipped)
+    x0~_i = x0_i - lam_i A+(A x0_i - y)          (lam = 1: A+y + P x0_i)
+    h_i   = sqrt(a'_i) x0~_i + sqrt(1 - a'_i) (sqrt(1 - w^2) eps_i + v z_i)
+The result is h_N.
+"""
+from __future__ import annotations
+
+import torch
+
+from .schedule import ChainCoefficients
+
+
+def sample_serial(eps_fn, op, coeffs: ChainCoefficients, y: torch.Tensor, xi: torch.Tensor,
+                  step_noise: torch.Tensor | None = None, progress: bool = False,
+                  callback=None) -> torch.Tensor:
+    """Run the N steps for a batch; step_noise is z (B, N, C, H, W) (needed when nw > 0).
+
+    ``callback(i, h_i)`` sees every state (i = 1..N).
+    """
+    h = xi
+    y = y.to(device=xi.device, dtype=xi.dtype)
+    b = xi.shape[0]
+    steps = range(coeffs.steps)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc="serial", unit="step", leave=False)
+    for i in steps:
+        a, a_next, lam = float(coeffs.a[i]), float(coeffs.a_next[i]), float(coeffs.lam[i])
+        t = torch.full((b,), int(coeffs.taus[i]), dtype=torch.int64, device=xi.device)
+        eps = eps_fn(h, t)
+        x0 = (h - (1 - a) ** 0.5 * eps) / a ** 0.5
+        x0 = x0 - lam * op.A_pinv(op.A(x0) - y)
+        h = a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * (1 - coeffs.etw ** 2) ** 0.5 * eps
+        if coeffs.nw > 0:
+            h = h + (1 - a_next) ** 0.5 * coeffs.nw * step_noise[:, i].to(h)
+        if callback is not None:
+            callback(i + 1, h)
+    return h

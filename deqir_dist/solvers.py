@@ -1,0 +1,238 @@
+"""Fixed-point solvers for the joint chain map, and the stopping rules.
+
+Both solvers iterate x_{k+1} = update(x_k, f_k), f_k = F(x_k), over the rows of one block
+(the whole chain in a single process). Each image is its own problem: its own Anderson weights,
+its own stopping decision; once an image stops it leaves the batch.
+
+* ``picard``: x_{k+1} = f_k. Exact after N evaluations (the map is causal).
+* ``anderson``: one set of mixing weights per image for the whole chain (DESIGN section 3):
+  alpha = argmin |sum_j alpha_j R_j|_W^2 + lam |alpha|^2 s.t. sum alpha = 1, over the last m
+  residuals R_j = f_j - x_j, with lam = ridge * mean(diag Gram) (relative, so it scales with the
+  residual) and the row weights W_i = 1 / max(1 - a'_i, 1e-3) (each row's residual in units of
+  its noise variance, so the nearly clean rows that decide the output are not drowned by the
+  noisy ones); x_{k+1} = sum_j alpha_j (x_j + beta R_j). Two safeguards: rows whose inputs are
+  already exact (rows 1..k after k evaluations, by causality) take the Picard value, so Anderson
+  is exact after N evaluations like Picard; and when an image's residual grows past
+  ``safeguard`` times its best so far, its history restarts and it takes a Picard step.
+
+Stopping rules, evaluated per image after every evaluation of F:
+* ``final``: the final row is within ``stop_tol`` dB PSNR of its own image under F,
+  10 log10(4 / mse(f_k[N], x_k[N])) >= stop_tol (images in [-1, 1]). For Picard, x_k = f_{k-1}:
+  the final row changed by less than stop_tol dB between two evaluations. For Anderson it is the
+  final-row residual of the mixed iterate, which does not stop on a lucky extrapolation;
+* ``residual``: |f_k - x_k| / |f_k| <= stop_tol over all rows;
+* ``none``: run exactly ``max_iter`` evaluations.
+The result of an image is the final row of its last f_k.
+"""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from .errors import DeqirError
+
+SOLVERS = ("picard", "anderson")
+STOP_RULES = ("final", "residual", "none")
+DEFAULT_STOP_TOL = {"final": 45.0, "residual": 1e-3, "none": 0.0}
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    solver: str = "anderson"
+    stop: str = "final"
+    stop_tol: float = 45.0
+    max_iter: int = 25
+    m: int = 5
+    ridge: float = 1e-4
+    beta: float = 1.0
+    safeguard: float = 2.0
+
+    @staticmethod
+    def make(solver: str, stop: str, stop_tol: float | None, max_iter: int | None, steps: int,
+             **kw) -> "SolverOptions":
+        """Validated options with the documented defaults filled in."""
+        if solver not in SOLVERS:
+            raise DeqirError(f"unknown solver {solver!r}; choose from serial, {', '.join(SOLVERS)}")
+        if stop not in STOP_RULES:
+            raise DeqirError(f"unknown stop rule {stop!r}; choose from {', '.join(STOP_RULES)}")
+        tol = DEFAULT_STOP_TOL[stop] if stop_tol is None else float(stop_tol)
+        if not math.isfinite(tol) or (stop == "residual" and tol <= 0):
+            raise DeqirError(f"stop_tol must be a finite number (> 0 for 'residual'), got {stop_tol!r}")
+        k = steps if max_iter is None else max_iter
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise DeqirError(f"max_iter must be a positive integer, got {max_iter!r}")
+        opts = SolverOptions(solver=solver, stop=stop, stop_tol=tol, max_iter=k, **kw)
+        if opts.m < 1 or opts.ridge < 0 or opts.safeguard <= 1:
+            raise DeqirError("anderson needs m >= 1, ridge >= 0 and safeguard > 1")
+        return opts
+
+
+@dataclass
+class IterationTiming:
+    total_s: float
+    denoiser_s: float
+    comm_s: float
+    bytes_sent: int
+    active: int
+
+    @property
+    def solver_s(self) -> float:
+        return max(self.total_s - self.denoiser_s - self.comm_s, 0.0)
+
+
+@dataclass
+class SolveOutput:
+    final: torch.Tensor                  # (B, C, H, W): h_N of every image, on every rank
+    iterations: list[int]                # evaluations of F per image
+    trace: list[list[float]]             # per evaluation, the stopping quantity per image (nan: inactive)
+    timings: list[IterationTiming] = field(default_factory=list)
+
+
+def stop_quantity(stop: str, stats: torch.Tensor, numel_row: int) -> torch.Tensor:
+    """Per-image stopping quantity from the summed statistics [|r|^2, |f|^2, |r_N|^2]."""
+    if stop == "final":
+        mse = stats[:, 2] / numel_row
+        return 10 * torch.log10(4.0 / mse)      # +inf when the final row did not change
+    return torch.sqrt(stats[:, 0] / stats[:, 1].clamp_min(1e-300))
+
+
+def _is_done(stop: str, q: torch.Tensor, tol: float) -> torch.Tensor:
+    if stop == "final":
+        return q >= tol
+    if stop == "residual":
+        return q <= tol
+    return torch.zeros_like(q, dtype=torch.bool)
+
+
+def _anderson_weights(gram: torch.Tensor, valid: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Constrained least-squares mixing weights (b, m) from Gram matrices (b, m, m), float64."""
+    v = valid.to(gram.dtype)
+    g = gram * v.unsqueeze(1) * v.unsqueeze(2)
+    diag = torch.diagonal(g, dim1=1, dim2=2)
+    scale = (diag.sum(1) / v.sum(1).clamp_min(1)).clamp_min(1e-300)
+    eye = torch.eye(g.shape[1], dtype=g.dtype)
+    # invalid slots: identity rows, zero right-hand side -> weight exactly 0
+    system = g + (ridge * scale).view(-1, 1, 1) * eye * v.unsqueeze(2) + eye * (1 - v).unsqueeze(2)
+    w = torch.linalg.solve(system, v.unsqueeze(2)).squeeze(2)
+    return w / w.sum(1, keepdim=True)
+
+
+def solve_chain(block, comm, opts: SolverOptions, x0: torch.Tensor | None = None,
+                progress: bool = False, callback=None) -> SolveOutput:
+    """Solve the block's joint fixed point for all images; every rank returns the same result.
+
+    ``callback(k, image_ids, final_rows, q)``, if given, sees each evaluation's final rows
+    (meaningful on the last rank) and the stopping quantity of the active images.
+    """
+    xi = block.xi
+    nimg, n = xi.shape[0], block.rows
+    numel_row = xi[0].numel()
+    x = x0.clone() if x0 is not None else xi.unsqueeze(1).expand(nimg, n, *xi.shape[1:]).clone()
+    ids = list(range(nimg))                      # original image index of each active image
+    idx = torch.arange(nimg, device=xi.device)
+    final = torch.zeros_like(xi)
+    iterations = [0] * nimg
+    trace: list[list[float]] = []
+    timings: list[IterationTiming] = []
+    anderson = opts.solver == "anderson"
+    m = opts.m if anderson else 0
+    if anderson:
+        xh = torch.zeros((m, *x.shape), dtype=x.dtype, device=x.device)
+        rh = torch.zeros_like(xh)
+        gram = torch.zeros((nimg, m, m), dtype=torch.float64)
+        valid = torch.zeros((nimg, m), dtype=torch.bool)
+        best = torch.full((nimg,), float("inf"), dtype=torch.float64)
+    bar = _progress(progress and comm.is_first, opts.max_iter)
+    for k in range(opts.max_iter):
+        t_start = time.perf_counter()
+        comm_s0, bytes0 = comm.stats.seconds, comm.stats.bytes_sent
+        halo = comm.halo(x[:, -1], xi[idx])
+        t0 = time.perf_counter()
+        eps = block.denoise(x, halo)
+        t_den = time.perf_counter() - t0
+        bp, bq = block.increments(eps, idx)
+        carry0 = block.carry0.index(idx)
+        carry = carry0 if comm.size == 1 else comm.carry(carry0, block.summary(bp, bq), block.range_recurrent)
+        f = block.outputs(bp, bq, carry)
+        r = f - x
+        stats = torch.zeros((len(ids), 3 + m), dtype=torch.float64, device=x.device)
+        stats[:, 0] = r.flatten(1).pow(2).sum(1).double()
+        stats[:, 1] = f.flatten(1).pow(2).sum(1).double()
+        if comm.is_last:
+            stats[:, 2] = r[:, -1].flatten(1).pow(2).sum(1).double()
+        if anderson:
+            slot, nh = k % m, min(k + 1, m)
+            xh[slot], rh[slot] = x, r
+            rw = r * block.row_weight
+            stats[:, 3:3 + nh] = torch.einsum("jbd,bd->bj", rh[:nh].flatten(2), rw.flatten(1)).double()
+        stats = comm.all_sum(stats).cpu()        # the one host synchronisation of an iteration
+        q = stop_quantity(opts.stop, stats, numel_row)
+        done = _is_done(opts.stop, q, opts.stop_tol)
+        if opts.solver == "picard" and opts.stop != "none" and k + 1 >= n:
+            done[:] = True                       # exact: every row has been swept
+        if k + 1 == opts.max_iter:
+            done[:] = True
+        row = [float("nan")] * nimg
+        for j, i in enumerate(ids):
+            row[i] = float(q[j])
+            iterations[i] += 1
+        trace.append(row)
+        if callback is not None:
+            callback(k, list(ids), f[:, -1], q)
+        if done.any():
+            d = torch.nonzero(done).flatten()
+            final[idx[d.to(idx.device)]] = f[d.to(f.device), -1]
+        keep = torch.nonzero(~done).flatten()
+        if keep.numel() > 0:
+            if anderson:
+                res = stats[:, 0].sqrt()
+                g_row = stats[:, 3:3 + nh]
+                gram[:, slot, :nh] = g_row
+                gram[:, :nh, slot] = g_row
+                valid[:, slot] = True
+                restart = res > opts.safeguard * best
+                best = torch.minimum(best, res)
+                valid[restart] = False
+                valid[restart, slot] = True
+                w = _anderson_weights(gram[:, :nh, :nh], valid[:, :nh], opts.ridge)
+                w[restart] = 0.0
+                w[restart, slot] = 1.0
+                w = w.to(device=x.device, dtype=x.dtype)
+                x = torch.einsum("bj,jb...->b...", w, xh[:nh]) + opts.beta * torch.einsum("bj,jb...->b...", w, rh[:nh])
+                exact = min(max(k + 1 - block.lo, 0), n)   # rows whose inputs were all exact
+                if exact:
+                    x[:, :exact] = f[:, :exact]
+            else:
+                x = f
+        # drop the images that stopped
+        if keep.numel() < len(ids):
+            kd = keep.to(x.device)
+            x = x[kd]
+            idx = idx[kd]
+            ids = [ids[j] for j in keep.tolist()]
+            if anderson:
+                xh, rh = xh[:, kd], rh[:, kd]
+                gram, valid, best = gram[keep], valid[keep], best[keep]
+        timings.append(IterationTiming(time.perf_counter() - t_start, t_den,
+                                       comm.stats.seconds - comm_s0, comm.stats.bytes_sent - bytes0,
+                                       int(done.numel())))
+        if bar is not None:
+            finite = q[torch.isfinite(q)]
+            bar.set_postfix_str(f"{opts.stop}={float(finite.min() if opts.stop == 'final' else finite.max()):.3g}"
+                                if finite.numel() else "")
+            bar.update(1)
+        if not ids:
+            break
+    if bar is not None:
+        bar.close()
+    return SolveOutput(comm.from_last(final), iterations, trace, timings)
+
+
+def _progress(enabled: bool, total: int):
+    if not enabled:
+        return None
+    from tqdm.auto import tqdm
+    return tqdm(total=total, desc="fixed point", unit="it", leave=False)

@@ -100,6 +100,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="summary JSON file (default: OUT/summary.json)")
     p.add_argument("--bits", type=int, default=8, choices=(8, 16), help="PNG bit depth")
     p.add_argument("--no-progress", action="store_true")
+    g = p.add_argument_group("distributed (set by launch/restore.py under torchrun)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join the torchrun process group and shard each image's chain over its ranks")
+    g.add_argument("--backend", choices=("gloo", "nccl"), help="default: nccl on CUDA, gloo on CPU")
+    g.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="seconds any collective may wait before the ranks give up (default 300)")
     _add_task_flags(p)
     _add_sampler_flags(p)
 
@@ -136,24 +142,67 @@ def cmd_restore(args) -> int:
     from .jobs import (ensure_writable_dir, expand_inputs, format_table, load_items, restore_items,
                        summarize, write_json)
     from .models import load_denoiser
-    items = load_items(expand_inputs(args.inputs), args.task, _operator_params(args), args.from_clean,
-                       sigma_y=args.sigma_y, seed=args.seed)
-    out = ensure_writable_dir(args.out)
-    json_path = Path(args.json) if args.json else out / "summary.json"
-    ensure_writable_dir(json_path.parent)
-    model = load_denoiser(args.model, checkpoint=args.checkpoint, device=_device(args))
+    rank, world, device = 0, 1, _device(args)
+    if args.distributed:
+        from .distributed import init_distributed
+        device = init_distributed(args.backend, args.dist_timeout, args.device)
+        import torch.distributed as dist
+        rank, world = dist.get_rank(), dist.get_world_size()
+    lead = rank == 0
+
+    def prepare():
+        from .restore import check_settings
+        check_settings(**_restore_kwargs(args))
+        items = load_items(expand_inputs(args.inputs), args.task, _operator_params(args), args.from_clean,
+                           sigma_y=args.sigma_y, seed=args.seed)
+        json_path = Path(args.json) if args.json else Path(args.out) / "summary.json"
+        if lead:                      # only rank 0 writes
+            ensure_writable_dir(args.out)
+            ensure_writable_dir(json_path.parent)
+        return items, json_path
+    if args.distributed:
+        items, json_path = _all_ranks_ok(prepare, rank)
+    else:
+        items, json_path = prepare()
+    model = load_denoiser(args.model, checkpoint=args.checkpoint, device=device)
     kw = _restore_kwargs(args)
-    kw["progress"] = not args.no_progress
-    records = restore_items(model, items, out, kw, seed=args.seed, bits=args.bits,
-                            progress=not args.no_progress)
+    show = lead and not args.no_progress
+    records = restore_items(model, items, args.out, dict(kw, progress=show, distributed=args.distributed),
+                            seed=args.seed, bits=args.bits, progress=show, write=lead)
+    if args.distributed:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    if not lead:
+        return 0
     summary = {"command": "restore", "model": args.model, "task": args.task,
-               "operator": items[0].op.describe()["params"], **{k: v for k, v in kw.items() if k != "progress"},
-               "seed": args.seed, "summary": summarize(records), "images": records}
+               "operator": items[0].op.describe()["params"], **kw, "seed": args.seed,
+               "world_size": world, "summary": summarize(records), "images": records}
     write_json(json_path, summary)
     cols = ["id", "iterations", "seconds"] + [c for c in ("psnr", "ssim") if c in records[0]]
     print(format_table(records, cols))
     print(json.dumps(summary["summary"]))
     return 0
+
+
+def _all_ranks_ok(fn, rank: int):
+    """Run ``fn`` on every rank; if it fails anywhere, every rank stops (no rank waits in a collective)."""
+    import torch
+    import torch.distributed as dist
+    err = None
+    try:
+        out = fn()
+    except DeqirError as e:
+        err = e
+    flag = torch.tensor([0.0 if err is None else 1.0 + rank])
+    failed = torch.zeros(dist.get_world_size())
+    failed[rank] = flag[0]
+    dist.all_reduce(failed)
+    if err is not None:
+        raise err
+    bad = [r for r, v in enumerate(failed.tolist()) if v > 0]
+    if bad:
+        raise DeqirError(f"rank {', '.join(map(str, bad))} failed to prepare (see its error); stopping")
+    return out
 
 
 def cmd_eval(args) -> int:

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 import torch
 
 from .chain import ChainBlock
-from .comm import LocalComm
+from .comm import LocalComm, split_rows
 from .denoiser import EpsFn, model_device
 from .errors import DeqirError
 from .schedule import chain_coefficients
@@ -29,7 +29,8 @@ class RestoreResult:
     stop_tol: float
     seconds: float
     timings: list = field(default_factory=list)   # per-iteration IterationTiming (parallel only)
-    rank_rows: tuple[int, int] | None = None      # rows this process owned (parallel only)
+    rank_rows: tuple[int, int] | None = None      # rows [lo, hi) this process owned (parallel only)
+    state_rows: int | None = None                 # rows of chain state this process held
 
 
 def check_tensor(t, name: str, shape: tuple | None = None) -> torch.Tensor:
@@ -47,11 +48,36 @@ def check_tensor(t, name: str, shape: tuple | None = None) -> torch.Tensor:
     return t
 
 
-def draw_noise(batch: int, image_shape, steps: int, nw: float, generator: torch.Generator | None):
-    """xi (B, C, H, W) then, when nw > 0, z (B, N, C, H, W): CPU float32 draws, in that order."""
+def draw_noise(batch: int, image_shape, steps: int, nw: float, generator: torch.Generator | None,
+               rows: tuple[int, int] | None = None):
+    """xi (B, C, H, W), then (when nw > 0) z_i per image and step, in that order: CPU float32.
+
+    Only the z rows in ``rows`` = [lo, hi) are kept (B, hi - lo, C, H, W), so a rank that owns
+    a block of the chain never holds all of them; the draws are the same whatever ``rows`` is.
+    """
     xi = torch.randn((batch, *image_shape), generator=generator)
-    z = torch.randn((batch, steps, *image_shape), generator=generator) if nw > 0 else None
+    if nw <= 0:
+        return xi, None
+    lo, hi = rows or (0, steps)
+    z = torch.empty((batch, hi - lo, *image_shape))
+    for b in range(batch):
+        for i in range(steps):
+            zi = torch.randn(tuple(image_shape), generator=generator)
+            if lo <= i < hi:
+                z[b, i - lo] = zi
     return xi, z
+
+
+def check_settings(steps: int, solver: str = "anderson", start: int = 1000, etw: float = 0.0, nw: float = 0.0,
+                   sigma_y: float = 0.0, stop: str = "final", stop_tol: float | None = None,
+                   max_iter: int | None = None, alphas_cumprod=None, **solver_options):
+    """Validate the sampler settings (DeqirError on bad ones): (ChainCoefficients, SolverOptions | None)."""
+    if solver not in METHODS:
+        raise DeqirError(f"unknown solver {solver!r}; choose from {', '.join(METHODS)}")
+    coeffs = chain_coefficients(steps, start, etw, nw, sigma_y, alphas_cumprod)
+    opts = None if solver == "serial" else SolverOptions.make(solver, stop, stop_tol, max_iter, steps,
+                                                             **solver_options)
+    return coeffs, opts
 
 
 @torch.no_grad()
@@ -61,7 +87,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "ander
             generator: torch.Generator | None = None, alphas_cumprod: torch.Tensor | None = None,
             sigma_y: float = 0.0, step_noise: torch.Tensor | None = None, init: torch.Tensor | None = None,
             progress: bool = False, callback=None, dtype: torch.dtype = torch.float32,
-            **solver_options) -> RestoreResult:
+            distributed: bool = False, group=None, **solver_options) -> RestoreResult:
     """Restore images from measurements y = A(x) (+ noise of std sigma_y).
 
     denoiser(x, t) -> eps (C or 2C channels); y (B, *op.measurement_shape); op from
@@ -70,21 +96,40 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "ander
     (B, C, H, W) and ``step_noise`` the z rows (B, N, C, H, W); missing ones are drawn from
     ``generator`` (xi first). ``init`` warm-starts the parallel solvers with a trajectory
     (B, N, C, H, W). Extra keyword arguments (m, ridge, beta, safeguard) tune Anderson.
+
+    ``distributed=True`` (inside an initialised torch.distributed group, or ``group``): this
+    rank owns a contiguous block of the rows and evaluates the denoiser on them only; every
+    rank must pass the same inputs (checked) and every rank returns the same image. The serial
+    solver runs in full on every rank.
     """
-    if solver not in METHODS:
-        raise DeqirError(f"unknown solver {solver!r}; choose from {', '.join(METHODS)}")
-    coeffs = chain_coefficients(steps, start, etw, nw, sigma_y, alphas_cumprod)
+    coeffs, opts = check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter,
+                                  alphas_cumprod, **solver_options)
     image_shape = tuple(op.image_shape)
     y = check_tensor(y, "y", (None, *op.measurement_shape))
     batch = y.shape[0]
+    device = model_device(denoiser, default=y.device)
+    comm, blocks = LocalComm(), [(0, steps)]
+    if distributed and solver != "serial":
+        from .distributed import DistComm
+        comm = DistComm(group, device)
+        if comm.size == 1:
+            comm = LocalComm()          # P = 1: the same code, no collectives
+        elif comm.size > steps:
+            raise DeqirError(f"{comm.size} ranks for a chain of {steps} rows: use at most one rank per row")
+        else:
+            blocks = split_rows(steps, comm.size)
+            comm.block_decays = [float(torch.prod(1 - coeffs.lam[a:b])) for a, b in blocks]
+    lo, hi = blocks[comm.rank]
+    z_check = None
+    if step_noise is not None:
+        step_noise = check_tensor(step_noise, "step_noise", (batch, steps, *image_shape))
+        z_check = [float(step_noise.double().sum()), float(step_noise.double().abs().sum())]
+        step_noise = step_noise[:, lo:hi]
     if noise is None or (step_noise is None and nw > 0):
-        xi_draw, z_draw = draw_noise(batch, image_shape, steps, nw, generator)
+        xi_draw, z_draw = draw_noise(batch, image_shape, steps, nw, generator, (lo, hi))
         noise = xi_draw if noise is None else noise
         step_noise = z_draw if step_noise is None else step_noise
     noise = check_tensor(noise, "noise", (batch, *image_shape))
-    if nw > 0:
-        step_noise = check_tensor(step_noise, "step_noise", (batch, steps, *image_shape))
-    device = model_device(denoiser, default=y.device)
     xi = noise.to(device=device, dtype=dtype)
     y = y.to(device=device, dtype=dtype)
     eps_fn = EpsFn(denoiser, image_shape[0], dtype)
@@ -93,14 +138,17 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "ander
         out = sample_serial(eps_fn, op, coeffs, y, xi, step_noise, progress=progress, callback=callback)
         return RestoreResult(out, steps, [steps] * batch, [], "serial", steps, "none", 0.0,
                              time.perf_counter() - t0)
-    opts = SolverOptions.make(solver, stop, stop_tol, max_iter, steps, **solver_options)
-    comm = LocalComm()
-    lo, hi = 0, steps
-    block = ChainBlock(eps_fn, op, coeffs, y, xi, lo, hi,
-                       None if step_noise is None else step_noise[:, lo:hi])
+    if comm.size > 1:
+        from .distributed import check_same_inputs, problem_digest
+        config = {"steps": steps, "start": start, "etw": etw, "nw": nw, "sigma_y": sigma_y, "dtype": str(dtype),
+                  "options": opts.__dict__, "a": coeffs.a.tolist(), "z": z_check}
+        check_same_inputs(comm, problem_digest(y, xi, op, config))
+    block = ChainBlock(eps_fn, op, coeffs, y, xi, lo, hi, step_noise)
     x0 = None
     if init is not None:
         x0 = check_tensor(init, "init", (batch, steps, *image_shape))[:, lo:hi].to(device=device, dtype=dtype)
     sol = solve_chain(block, comm, opts, x0=x0, progress=progress, callback=callback)
     return RestoreResult(sol.final, max(sol.iterations), sol.iterations, sol.trace, solver, steps,
-                         opts.stop, opts.stop_tol, time.perf_counter() - t0, sol.timings, (lo, hi))
+                         opts.stop, opts.stop_tol, time.perf_counter() - t0, sol.timings, (lo, hi),
+                         sol.state_rows)
+

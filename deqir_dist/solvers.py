@@ -89,6 +89,7 @@ class SolveOutput:
     iterations: list[int]                # evaluations of F per image
     trace: list[list[float]]             # per evaluation, the stopping quantity per image (nan: inactive)
     timings: list[IterationTiming] = field(default_factory=list)
+    state_rows: int = 0                  # rows of chain state this process held
 
 
 def stop_quantity(stop: str, stats: torch.Tensor, numel_row: int) -> torch.Tensor:
@@ -159,19 +160,21 @@ def solve_chain(block, comm, opts: SolverOptions, x0: torch.Tensor | None = None
         f = block.outputs(bp, bq, carry)
         r = f - x
         stats = torch.zeros((len(ids), 3 + m), dtype=torch.float64, device=x.device)
-        stats[:, 0] = r.flatten(1).pow(2).sum(1).double()
-        stats[:, 1] = f.flatten(1).pow(2).sum(1).double()
+        # per-row sums (independent of how rows are split), then summed over rows in float64
+        r2 = r.flatten(2).pow(2).sum(2).double()
+        stats[:, 0] = r2.sum(1)
+        stats[:, 1] = f.flatten(2).pow(2).sum(2).double().sum(1)
         if comm.is_last:
-            stats[:, 2] = r[:, -1].flatten(1).pow(2).sum(1).double()
+            stats[:, 2] = r2[:, -1]
         if anderson:
             slot, nh = k % m, min(k + 1, m)
             xh[slot], rh[slot] = x, r
             rw = r * block.row_weight
-            stats[:, 3:3 + nh] = torch.einsum("jbd,bd->bj", rh[:nh].flatten(2), rw.flatten(1)).double()
+            stats[:, 3:3 + nh] = torch.einsum("jbnd,bnd->bjn", rh[:nh].flatten(3), rw.flatten(2)).double().sum(2)
         stats = comm.all_sum(stats).cpu()        # the one host synchronisation of an iteration
         q = stop_quantity(opts.stop, stats, numel_row)
         done = _is_done(opts.stop, q, opts.stop_tol)
-        if opts.solver == "picard" and opts.stop != "none" and k + 1 >= n:
+        if opts.solver == "picard" and opts.stop != "none" and k + 1 >= block.total_rows:
             done[:] = True                       # exact: every row has been swept
         if k + 1 == opts.max_iter:
             done[:] = True
@@ -228,7 +231,7 @@ def solve_chain(block, comm, opts: SolverOptions, x0: torch.Tensor | None = None
             break
     if bar is not None:
         bar.close()
-    return SolveOutput(comm.from_last(final), iterations, trace, timings)
+    return SolveOutput(comm.from_last(final), iterations, trace, timings, x.shape[1])
 
 
 def _progress(enabled: bool, total: int):

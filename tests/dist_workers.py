@@ -1,0 +1,108 @@
+"""Worker functions for the multi-process tests (spawned, so they live in an importable module)."""
+import json
+import os
+import sys
+import traceback
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+SHAPE = (3, 8, 8)
+
+
+def _init(rank, world, port, timeout_s=30):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=timedelta(seconds=timeout_s))
+
+
+def _problem(n_images, seed=0, task="sr_avgpool"):
+    from deqir_dist import make_operator
+    from deqir_dist.models import GaussianMixtureDenoiser
+    model = GaussianMixtureDenoiser(seed=0)
+    g = torch.Generator().manual_seed(seed)
+    op = make_operator(task, SHAPE, **({"scale": 2} if task == "sr_avgpool" else {}))
+    x = model.sample(n_images, SHAPE, g)
+    return model, op, op.A(x), torch.randn((n_images, *SHAPE), generator=g)
+
+
+def equivalence(rank, world, port, out_dir):
+    """Every case: distributed result vs the same process's single-process result."""
+    from deqir_dist import restore
+    _init(rank, world, port)
+    rows = []
+    for steps in (10, 25):
+        for solver in ("picard", "anderson"):
+            for batch in (1, 2):
+                for nw, task in ((0.0, "sr_avgpool"), (0.3, "inpaint")):
+                    if nw and (steps, batch) != (10, 2):
+                        continue
+                    model, op, y, xi = _problem(batch, seed=steps + batch, task=task)
+                    kw = dict(steps=steps, solver=solver, noise=xi, nw=nw,
+                              generator=torch.Generator().manual_seed(5))
+                    single = restore(model, y, op, **kw)
+                    kw["generator"] = torch.Generator().manual_seed(5)
+                    multi = restore(model, y, op, distributed=True, **kw)
+                    rows.append({"steps": steps, "solver": solver, "batch": batch, "nw": nw,
+                                 "diff": float((multi.image - single.image).abs().max()),
+                                 "k_single": single.iterations_per_image, "k_multi": multi.iterations_per_image,
+                                 "rows": list(multi.rank_rows), "state_rows": multi.state_rows,
+                                 "image_sum": float(multi.image.double().sum())})
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(rows, f)
+    dist.destroy_process_group()
+
+
+def dies_mid_solve(rank, world, port, out_dir):
+    """Rank 1 exits abruptly in its third denoiser call; the others must fail fast, naming it."""
+    from deqir_dist import DeqirError, restore
+    _init(rank, world, port, timeout_s=20)
+    model, op, y, xi = _problem(1)
+    calls = [0]
+
+    def denoiser(x, t):
+        calls[0] += 1
+        if rank == 1 and calls[0] == 3:
+            os._exit(17)
+        return model(x, t)
+    try:
+        restore(denoiser, y, op, steps=12, solver="picard", stop="none", noise=xi, distributed=True)
+    except DeqirError as e:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(str(e))
+        sys.exit(1)
+    sys.exit(0)
+
+
+def mismatched(rank, world, port, out_dir):
+    from deqir_dist import DeqirError, restore
+    _init(rank, world, port)
+    model, op, y, xi = _problem(1)
+    if rank == 1:
+        y = y + 1e-3
+    try:
+        restore(model, y, op, steps=10, noise=xi, distributed=True)
+    except DeqirError as e:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(str(e))
+        dist.destroy_process_group()   # the group is healthy: the check failed after a good all_gather
+        sys.exit(1)
+    except Exception:
+        traceback.print_exc()
+        sys.exit(2)
+    sys.exit(0)
+
+
+def too_many_ranks(rank, world, port, out_dir):
+    from deqir_dist import DeqirError, restore
+    _init(rank, world, port)
+    model, op, y, xi = _problem(1)
+    try:
+        restore(model, y, op, steps=2, noise=xi, distributed=True)
+    except DeqirError as e:
+        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+            f.write(str(e))
+        dist.destroy_process_group()
+        sys.exit(1)
+    sys.exit(0)

@@ -1,0 +1,70 @@
+"""The sharded chain on gloo (CPU): equal to the single-process solve, and it fails fast and clearly."""
+import json
+import socket
+import time
+
+import pytest
+import torch.multiprocessing as mp
+
+from . import dist_workers
+
+
+def _port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _run(fn, world, tmp_path, timeout=90):
+    ctx = mp.get_context("spawn")
+    port = _port()
+    procs = [ctx.Process(target=fn, args=(r, world, port, str(tmp_path))) for r in range(world)]
+    for p in procs:
+        p.start()
+    t0 = time.monotonic()
+    for p in procs:
+        p.join(max(1, timeout - (time.monotonic() - t0)))
+    alive = [p for p in procs if p.is_alive()]
+    for p in alive:
+        p.kill()
+    assert not alive, f"{len(alive)} rank(s) hung"
+    return [p.exitcode for p in procs], time.monotonic() - t0
+
+
+@pytest.mark.parametrize("world", [1, 2, 3, 4])
+def test_distributed_equals_single_process(world, tmp_path):
+    codes, _ = _run(dist_workers.equivalence, world, tmp_path)
+    assert codes == [0] * world
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    for case in zip(*ranks):
+        for r, row in enumerate(case):
+            assert row["diff"] <= 1e-5, row
+            assert row["k_multi"] == row["k_single"], row
+            lo, hi = row["rows"]
+            assert row["state_rows"] == hi - lo < row["steps"] or world == 1
+            assert row["image_sum"] == case[0]["image_sum"]     # every rank returns the same image
+        blocks = [tuple(row["rows"]) for row in case]
+        assert blocks[0][0] == 0 and blocks[-1][1] == case[0]["steps"]
+
+
+def test_dead_rank_makes_the_others_fail_fast(tmp_path):
+    codes, secs = _run(dist_workers.dies_mid_solve, 3, tmp_path, timeout=60)
+    assert codes[1] == 17
+    assert codes[0] != 0 and codes[2] != 0
+    assert secs < 45
+    for r in (0, 2):
+        msg = (tmp_path / f"rank{r}.err").read_text()
+        assert "rank 1" in msg and "\n" not in msg, msg
+
+
+def test_mismatched_inputs_fail_on_every_rank(tmp_path):
+    codes, _ = _run(dist_workers.mismatched, 2, tmp_path)
+    assert codes == [1, 1]
+    for r in (0, 1):
+        assert "different inputs" in (tmp_path / f"rank{r}.err").read_text()
+
+
+def test_more_ranks_than_rows_is_an_error(tmp_path):
+    codes, _ = _run(dist_workers.too_many_ranks, 3, tmp_path)
+    assert codes == [1, 1, 1]
+    assert "at most one rank per row" in (tmp_path / "rank0.err").read_text()

@@ -1,29 +1,78 @@
-"""``load_denoiser``: a denoiser by name (or, later, from a checkpoint file)."""
+"""``load_denoiser``: a denoiser by name, or from a checkpoint file."""
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import torch
 
 from ..errors import DeqirError
 from .analytic import GaussianMixtureDenoiser
+from .loading import (ARCHITECTURES, CHECKPOINT_SUFFIXES, PRESETS, apply_precision, build_model,
+                      load_checkpoint, parse_dtype)
 
-MODEL_NAMES = ("analytic",)
+MODEL_NAMES = ("analytic",) + tuple(PRESETS)
 
 
-def load_denoiser(name_or_path: str, checkpoint=None, dtype: torch.dtype | None = None,
-                  device: torch.device | str | None = None) -> torch.nn.Module:
-    """A ready-to-use denoiser in eval mode.
+def _looks_like_path(name: str) -> bool:
+    return (os.path.exists(name) or Path(name).suffix.lower() in CHECKPOINT_SUFFIXES
+            or os.sep in name or (os.altsep is not None and os.altsep in name))
+
+
+def load_denoiser(name_or_path: str | os.PathLike | None, checkpoint=None, dtype: torch.dtype | str | None = None,
+                  device: torch.device | str | None = None, config: dict | None = None) -> torch.nn.Module:
+    """A ready-to-use denoiser ``eps = model(x, t)`` in eval mode.
 
     ``analytic``: the closed-form Gaussian-mixture oracle (no weights; any image size).
+    ``adm-256-uncond``: guided-diffusion's 256x256 unconditional ImageNet UNet (6 output channels:
+    eps and the learned variance). ``sdedit-celeba-hq``: the DDPM UNet of SDEdit's CelebA-HQ model.
+    Without ``checkpoint`` these are built with freshly initialised weights; with it, the file
+    must hold exactly that architecture. ``adm`` / ``ddpm`` with ``config`` (ADMUNet / DDPMUNet
+    keyword arguments) build or load other sizes.
+
+    A path (``.pt``, ``.ckpt``, ``.pth``, ``.bin``, ``.safetensors``) as ``name_or_path`` (or as
+    ``checkpoint`` with ``name_or_path`` None or ``analytic``, which has no weights) loads the
+    file and detects its architecture (see :mod:`deqir_dist.models.loading`).
+
+    ``dtype``: None / float32, float16 (ADM: guided-diffusion's ``convert_to_fp16``) or bfloat16.
     """
-    if name_or_path == "analytic":
+    if isinstance(name_or_path, os.PathLike):
+        name_or_path = os.fspath(name_or_path)
+    if checkpoint is not None:
+        checkpoint = os.fspath(checkpoint)
+    if name_or_path in (None, "analytic") and checkpoint is None:
+        if config is not None:
+            raise DeqirError("the analytic model takes no config")
+        model = GaussianMixtureDenoiser().eval()
+        if device is not None:
+            model = model.to(device)
+        if dtype is not None:
+            model = model.to(parse_dtype(dtype))
+        return model
+    dtype = parse_dtype(dtype)
+    if name_or_path in (None, "analytic"):
+        # the analytic oracle has no weights: a checkpoint decides the model by itself
+        model = load_checkpoint(checkpoint, config=config)
+    elif name_or_path in PRESETS or name_or_path in ARCHITECTURES:
         if checkpoint is not None:
-            raise DeqirError("the analytic model takes no checkpoint")
-        model = GaussianMixtureDenoiser()
+            model = load_checkpoint(checkpoint, name=name_or_path, config=config)
+        else:
+            if name_or_path in PRESETS:
+                arch, factory, _ = PRESETS[name_or_path]
+                cfg = config if config is not None else factory()
+            else:
+                arch, cfg = name_or_path, config
+                if cfg is None:
+                    raise DeqirError(f"model {name_or_path!r} needs config= (its keyword arguments) or a checkpoint")
+            model = build_model(arch, cfg, device=device)
+    elif isinstance(name_or_path, str) and _looks_like_path(name_or_path):
+        if checkpoint is not None and os.path.abspath(checkpoint) != os.path.abspath(name_or_path):
+            raise DeqirError(f"two checkpoint files given ({name_or_path} and {checkpoint}); give one")
+        model = load_checkpoint(name_or_path, config=config)
     else:
-        raise DeqirError(f"unknown model {name_or_path!r}; choose from {', '.join(MODEL_NAMES)}")
-    model = model.eval()
+        raise DeqirError(f"unknown model {name_or_path!r}; choose from {', '.join(MODEL_NAMES)}, "
+                         f"or give a checkpoint file")
+    model = apply_precision(model, dtype)
     if device is not None:
         model = model.to(device)
-    if dtype is not None:
-        model = model.to(dtype)
-    return model
+    return model.eval()

@@ -28,7 +28,7 @@ def _clean_images(model, n: int, shape, gen: torch.Generator) -> torch.Tensor:
 def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), task: str = "sr_avgpool",
               scale: int = 2, size: int = 32, images: int = 3, stop: str = "final",
               stop_tol: float | None = None, seed: int = 0, device=None,
-              solvers=("picard", "anderson")) -> dict:
+              solvers=("picard", "anderson"), warm_start: int = 0) -> dict:
     """Run the comparison; returns a JSON-ready dict with one row per (N, solver)."""
     den = load_denoiser(model, checkpoint=checkpoint, device=device)
     shape = (3, size, size)
@@ -50,7 +50,8 @@ def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), tas
                      "psnr_gt": round(float(psnr(ref.image.clamp(-1, 1).cpu(), gt_dev).mean()), 3)})
         for solver in solvers:
             t0 = time.perf_counter()
-            res = restore(den, y, op, steps=n, solver=solver, noise=xi, stop=stop, stop_tol=stop_tol)
+            res = restore(den, y, op, steps=n, solver=solver, noise=xi, stop=stop, stop_tol=stop_tol,
+                          warm_start=warm_start)
             secs = time.perf_counter() - t0
             vs = psnr(res.image.cpu(), ref.image.cpu())
             rows.append({"steps": n, "solver": solver, "K": res.iterations,
@@ -59,7 +60,7 @@ def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), tas
                          "psnr_gt": round(float(psnr(res.image.clamp(-1, 1).cpu(), gt_dev).mean()), 3),
                          "stop": res.stop, "stop_tol": res.stop_tol})
     return {"model": model, "task": task, "operator": op.describe()["params"], "image_shape": list(shape),
-            "images": images, "stop": stop, "seed": seed, "device": str(device or "cpu"),
+            "images": images, "stop": stop, "seed": seed, "warm_start": warm_start, "device": str(device or "cpu"),
             "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
             "rows": rows}
 

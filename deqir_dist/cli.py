@@ -61,6 +61,8 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", default="final", choices=("final", "residual", "none"))
     g.add_argument("--stop-tol", type=float, help="final: dB (default 40); residual: relative (1e-3)")
     g.add_argument("--max-iter", type=int, help="most joint-map evaluations (default N)")
+    g.add_argument("--warm-start", type=int, default=0, metavar="S",
+                   help="start the parallel solver from a serial pass over S of the N steps (default 0)")
     g.add_argument("--etw", type=float, default=0.0, help="w: shrinks the eps term (default 0)")
     g.add_argument("--nw", type=float, default=0.0, help="v: injected noise weight (default 0)")
     g.add_argument("--seed", type=int, default=0, help="noise seed; each image draws from (seed, id)")
@@ -70,7 +72,7 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
 def _restore_kwargs(args) -> dict:
     return dict(steps=args.steps, start=args.start, solver=args.solver, stop=args.stop,
                 stop_tol=args.stop_tol, max_iter=args.max_iter, etw=args.etw, nw=args.nw,
-                sigma_y=args.sigma_y)
+                sigma_y=args.sigma_y, warm_start=args.warm_start)
 
 
 def _device(args):
@@ -124,6 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=3, help="images to average over (default 3)")
     p.add_argument("--stop", default="final", choices=("final", "residual", "none"))
     p.add_argument("--stop-tol", type=float)
+    p.add_argument("--warm-start", type=int, default=0, metavar="S")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
     p.add_argument("--json", help="write the results here")
@@ -239,7 +242,7 @@ def cmd_bench(args) -> int:
         ensure_writable_dir(Path(args.json).parent)
     result = run_bench(model=args.model, checkpoint=args.checkpoint, steps=args.steps, task=args.task,
                        scale=args.scale, size=args.size, images=args.images, stop=args.stop,
-                       stop_tol=args.stop_tol, seed=args.seed, device=_device(args))
+                       stop_tol=args.stop_tol, seed=args.seed, device=_device(args), warm_start=args.warm_start)
     print(format_bench(result))
     if args.json:
         write_json(args.json, result)

@@ -11,7 +11,7 @@ from .comm import LocalComm, split_rows
 from .denoiser import EpsFn, model_device
 from .errors import DeqirError
 from .schedule import chain_coefficients
-from .serial import sample_serial
+from .serial import coarse_trajectory, sample_serial
 from .solvers import SolverOptions, solve_chain
 
 METHODS = ("serial", "picard", "anderson")
@@ -70,10 +70,12 @@ def draw_noise(batch: int, image_shape, steps: int, nw: float, generator: torch.
 
 def check_settings(steps: int, solver: str = "anderson", start: int = 1000, etw: float = 0.0, nw: float = 0.0,
                    sigma_y: float = 0.0, stop: str = "final", stop_tol: float | None = None,
-                   max_iter: int | None = None, alphas_cumprod=None, **solver_options):
+                   max_iter: int | None = None, alphas_cumprod=None, warm_start: int = 0, **solver_options):
     """Validate the sampler settings (DeqirError on bad ones): (ChainCoefficients, SolverOptions | None)."""
     if solver not in METHODS:
         raise DeqirError(f"unknown solver {solver!r}; choose from {', '.join(METHODS)}")
+    if isinstance(warm_start, bool) or not isinstance(warm_start, int) or warm_start < 0:
+        raise DeqirError(f"warm_start must be a non-negative integer, got {warm_start!r}")
     coeffs = chain_coefficients(steps, start, etw, nw, sigma_y, alphas_cumprod)
     opts = None if solver == "serial" else SolverOptions.make(solver, stop, stop_tol, max_iter, steps,
                                                              **solver_options)
@@ -86,7 +88,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "ander
             stop: str = "final", stop_tol: float | None = None, max_iter: int | None = None,
             generator: torch.Generator | None = None, alphas_cumprod: torch.Tensor | None = None,
             sigma_y: float = 0.0, step_noise: torch.Tensor | None = None, init: torch.Tensor | None = None,
-            progress: bool = False, callback=None, dtype: torch.dtype = torch.float32,
+            warm_start: int = 0, progress: bool = False, callback=None, dtype: torch.dtype = torch.float32,
             distributed: bool = False, group=None, **solver_options) -> RestoreResult:
     """Restore images from measurements y = A(x) (+ noise of std sigma_y).
 
@@ -95,7 +97,9 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "ander
     "anderson" solve the joint fixed point over all N rows (see ``solvers``). ``noise`` is xi
     (B, C, H, W) and ``step_noise`` the z rows (B, N, C, H, W); missing ones are drawn from
     ``generator`` (xi first). ``init`` warm-starts the parallel solvers with a trajectory
-    (B, N, C, H, W). Extra keyword arguments (m, ridge, beta, safeguard) tune Anderson.
+    (B, N, C, H, W); ``warm_start=S`` builds one from a deterministic serial pass over S of the
+    N timesteps (S single-row denoiser calls, not counted in K; every rank computes it).
+    Extra keyword arguments (m, ridge, beta, safeguard) tune Anderson.
 
     ``distributed=True`` (inside an initialised torch.distributed group, or ``group``): this
     rank owns a contiguous block of the rows and evaluates the denoiser on them only; every
@@ -103,7 +107,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "ander
     solver runs in full on every rank.
     """
     coeffs, opts = check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter,
-                                  alphas_cumprod, **solver_options)
+                                  alphas_cumprod, warm_start, **solver_options)
     image_shape = tuple(op.image_shape)
     y = check_tensor(y, "y", (None, *op.measurement_shape))
     batch = y.shape[0]
@@ -147,6 +151,8 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "ander
     x0 = None
     if init is not None:
         x0 = check_tensor(init, "init", (batch, steps, *image_shape))[:, lo:hi].to(device=device, dtype=dtype)
+    elif warm_start:
+        x0 = coarse_trajectory(eps_fn, op, coeffs, warm_start, y, xi, alphas_cumprod)[:, lo:hi]
     sol = solve_chain(block, comm, opts, x0=x0, progress=progress, callback=callback)
     return RestoreResult(sol.final, max(sol.iterations), sol.iterations, sol.trace, solver, steps,
                          opts.stop, opts.stop_tol, time.perf_counter() - t0, sol.timings, (lo, hi),

@@ -292,3 +292,15 @@ def test_bad_tensors(gmm):
         restore(gmm, y, op, steps=5, noise=xi[:, :, :8])
     with pytest.raises(DeqirError, match="step_noise"):
         restore(gmm, y, op, steps=5, noise=xi, nw=0.5, step_noise=torch.zeros(1, 4, *SHAPE))
+
+
+@pytest.mark.parametrize("warm", [1, 3])
+def test_warm_start_keeps_the_fixed_point(gmm, warm):
+    op, _, y, xi, _ = problem(gmm, "inpaint", {"mask": "box"}, batch=2, steps=25)
+    s = restore(gmm, y, op, steps=25, solver="serial", noise=xi).image
+    a = restore(gmm, y, op, steps=25, solver="anderson", noise=xi, warm_start=warm)
+    assert float(psnr(a.image, s).min()) >= 40
+    p = restore(gmm, y, op, steps=25, solver="picard", stop="none", max_iter=25, noise=xi, warm_start=warm)
+    assert (p.image - s).abs().max() < 1e-4
+    with pytest.raises(DeqirError, match="warm_start"):
+        restore(gmm, y, op, steps=25, noise=xi, warm_start=-1)

@@ -28,7 +28,7 @@ def _clean_images(model, n: int, shape, gen: torch.Generator) -> torch.Tensor:
 def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), task: str = "sr_avgpool",
               scale: int = 2, size: int = 32, images: int = 3, stop: str = "final",
               stop_tol: float | None = None, seed: int = 0, device=None,
-              solvers=("picard", "anderson"), warm_start: int = 0) -> dict:
+              solvers=("picard", "anderson"), warm_start: int = 1) -> dict:
     """Run the comparison; returns a JSON-ready dict with one row per (N, solver)."""
     den = load_denoiser(model, checkpoint=checkpoint, device=device)
     shape = (3, size, size)

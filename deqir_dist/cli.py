@@ -61,8 +61,8 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--stop", default="final", choices=("final", "residual", "none"))
     g.add_argument("--stop-tol", type=float, help="final: dB (default 40); residual: relative (1e-3)")
     g.add_argument("--max-iter", type=int, help="most joint-map evaluations (default N)")
-    g.add_argument("--warm-start", type=int, default=0, metavar="S",
-                   help="start the parallel solver from a serial pass over S of the N steps (default 0)")
+    g.add_argument("--warm-start", type=int, default=1, metavar="S",
+                   help="start the parallel solver from a serial pass over S of the N steps (default 1; 0: from xi)")
     g.add_argument("--etw", type=float, default=0.0, help="w: shrinks the eps term (default 0)")
     g.add_argument("--nw", type=float, default=0.0, help="v: injected noise weight (default 0)")
     g.add_argument("--seed", type=int, default=0, help="noise seed; each image draws from (seed, id)")
@@ -126,7 +126,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--images", type=int, default=3, help="images to average over (default 3)")
     p.add_argument("--stop", default="final", choices=("final", "residual", "none"))
     p.add_argument("--stop-tol", type=float)
-    p.add_argument("--warm-start", type=int, default=0, metavar="S")
+    p.add_argument("--warm-start", type=int, default=1, metavar="S")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
     p.add_argument("--json", help="write the results here")

@@ -70,7 +70,7 @@ def draw_noise(batch: int, image_shape, steps: int, nw: float, generator: torch.
 
 def check_settings(steps: int, solver: str = "anderson", start: int = 1000, etw: float = 0.0, nw: float = 0.0,
                    sigma_y: float = 0.0, stop: str = "final", stop_tol: float | None = None,
-                   max_iter: int | None = None, alphas_cumprod=None, warm_start: int = 0, **solver_options):
+                   max_iter: int | None = None, alphas_cumprod=None, warm_start: int = 1, **solver_options):
     """Validate the sampler settings (DeqirError on bad ones): (ChainCoefficients, SolverOptions | None)."""
     if solver not in METHODS:
         raise DeqirError(f"unknown solver {solver!r}; choose from {', '.join(METHODS)}")
@@ -88,7 +88,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "ander
             stop: str = "final", stop_tol: float | None = None, max_iter: int | None = None,
             generator: torch.Generator | None = None, alphas_cumprod: torch.Tensor | None = None,
             sigma_y: float = 0.0, step_noise: torch.Tensor | None = None, init: torch.Tensor | None = None,
-            warm_start: int = 0, progress: bool = False, callback=None, dtype: torch.dtype = torch.float32,
+            warm_start: int = 1, progress: bool = False, callback=None, dtype: torch.dtype = torch.float32,
             distributed: bool = False, group=None, **solver_options) -> RestoreResult:
     """Restore images from measurements y = A(x) (+ noise of std sigma_y).
 

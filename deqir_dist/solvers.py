@@ -36,14 +36,14 @@ from .errors import DeqirError
 
 SOLVERS = ("picard", "anderson")
 STOP_RULES = ("final", "residual", "none")
-DEFAULT_STOP_TOL = {"final": 45.0, "residual": 1e-3, "none": 0.0}
+DEFAULT_STOP_TOL = {"final": 43.0, "residual": 1e-3, "none": 0.0}
 
 
 @dataclass(frozen=True)
 class SolverOptions:
     solver: str = "anderson"
     stop: str = "final"
-    stop_tol: float = 45.0
+    stop_tol: float = 43.0
     max_iter: int = 25
     m: int = 5
     ridge: float = 1e-4

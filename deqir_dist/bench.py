@@ -72,3 +72,28 @@ def format_bench(result: dict) -> str:
     cols = ["steps", "solver", "K", "K_mean", "seconds", "psnr_vs_serial", "psnr_gt"]
     return head + "\n" + format_table(result["rows"], cols) + \
         "\n(K: joint-map evaluations, max over images; psnr_vs_serial: worst image, dB)"
+
+
+def run_profile(model: str = "analytic", checkpoint=None, size: int = 32, device=None, steps=(25, 50, 100),
+                graph: bool = False, procs=(1, 2, 4, 8, 16)) -> dict:
+    """c(b) for this model, size and device, and the modelled serial vs parallel latency."""
+    from .profile import DEFAULT_BATCHES, measure_cost, predict_ms
+    den = load_denoiser(model, checkpoint=checkpoint, device=device)
+    shape = (3, size, size)
+    c_ms = measure_cost(den, shape, batches=sorted(set(DEFAULT_BATCHES) | set(steps)), graph=graph)
+    model_rows = [predict_ms(c_ms, n, p) for n in steps for p in procs if p <= n]
+    return {"model": model, "image_shape": list(shape), "device": str(device or "cpu"), "graph": graph,
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "c_ms": {str(k): round(v, 4) for k, v in c_ms.items()},
+            "model_rows": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+                           for r in model_rows]}
+
+
+def format_profile(result: dict) -> str:
+    from .jobs import format_table
+    c = result["c_ms"]
+    head = (f"model={result['model']} image={tuple(result['image_shape'])} device={result['device']} "
+            f"graph={result['graph']}\nc(b), ms: " + "  ".join(f"b={b}: {v:.3g}" for b, v in c.items()))
+    cols = ["steps", "procs", "K", "serial_ms", "parallel_ms", "speedup"]
+    return head + "\n" + format_table(result["model_rows"], cols) + \
+        "\n(parallel = warm start + K c(ceil(N/P)); K from the oracle benchmark; no communication cost)"

@@ -55,7 +55,9 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampler")
     g.add_argument("--model", default="analytic", help="denoiser name (default: analytic)")
     g.add_argument("--checkpoint", help="weights file for the model")
-    g.add_argument("--solver", default="anderson", choices=("serial", "picard", "anderson"))
+    g.add_argument("--solver", default="anderson", choices=("serial", "picard", "anderson", "auto"),
+                   help="auto: serial or anderson, whichever the measured cost model predicts is faster")
+    g.add_argument("--profile", help="solver auto: cost profile JSON from 'deqir bench --profile'")
     g.add_argument("--steps", type=int, default=25, help="sampling steps N (default 25)")
     g.add_argument("--start", type=int, default=1000, help="start timestep S (default 1000)")
     g.add_argument("--stop", default="final", choices=("final", "residual", "none"))
@@ -72,7 +74,7 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
 def _restore_kwargs(args) -> dict:
     return dict(steps=args.steps, start=args.start, solver=args.solver, stop=args.stop,
                 stop_tol=args.stop_tol, max_iter=args.max_iter, etw=args.etw, nw=args.nw,
-                sigma_y=args.sigma_y, warm_start=args.warm_start)
+                sigma_y=args.sigma_y, warm_start=args.warm_start, profile=args.profile)
 
 
 def _device(args):
@@ -127,6 +129,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", default="final", choices=("final", "residual", "none"))
     p.add_argument("--stop-tol", type=float)
     p.add_argument("--warm-start", type=int, default=1, metavar="S")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: measure c(b), one denoiser call on b rows, and the modelled speed-ups")
+    p.add_argument("--graph", action="store_true", help="--profile with CUDA graphs (GPU only)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
     p.add_argument("--json", help="write the results here")
@@ -240,6 +245,13 @@ def cmd_bench(args) -> int:
     if args.json:
         from .imageio import ensure_writable_dir
         ensure_writable_dir(Path(args.json).parent)
+    if args.profile:
+        from .bench import format_profile, run_profile
+        result = run_profile(args.model, args.checkpoint, args.size, _device(args), args.steps, args.graph)
+        print(format_profile(result))
+        if args.json:
+            write_json(args.json, result)
+        return 0
     result = run_bench(model=args.model, checkpoint=args.checkpoint, steps=args.steps, task=args.task,
                        scale=args.scale, size=args.size, images=args.images, stop=args.stop,
                        stop_tol=args.stop_tol, seed=args.seed, device=_device(args), warm_start=args.warm_start)

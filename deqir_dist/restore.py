@@ -14,7 +14,7 @@ from .schedule import chain_coefficients
 from .serial import coarse_trajectory, sample_serial
 from .solvers import SolverOptions, solve_chain
 
-METHODS = ("serial", "picard", "anderson")
+METHODS = ("serial", "picard", "anderson", "auto")
 
 
 @dataclass
@@ -31,6 +31,7 @@ class RestoreResult:
     timings: list = field(default_factory=list)   # per-iteration IterationTiming (parallel only)
     rank_rows: tuple[int, int] | None = None      # rows [lo, hi) this process owned (parallel only)
     state_rows: int | None = None                 # rows of chain state this process held
+    plan: dict | None = None                      # solver="auto": the prediction it chose by
 
 
 def check_tensor(t, name: str, shape: tuple | None = None) -> torch.Tensor:
@@ -89,7 +90,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "ander
             generator: torch.Generator | None = None, alphas_cumprod: torch.Tensor | None = None,
             sigma_y: float = 0.0, step_noise: torch.Tensor | None = None, init: torch.Tensor | None = None,
             warm_start: int = 1, progress: bool = False, callback=None, dtype: torch.dtype = torch.float32,
-            distributed: bool = False, group=None, **solver_options) -> RestoreResult:
+            distributed: bool = False, group=None, profile=None, **solver_options) -> RestoreResult:
     """Restore images from measurements y = A(x) (+ noise of std sigma_y).
 
     denoiser(x, t) -> eps (C or 2C channels); y (B, *op.measurement_shape); op from
@@ -101,11 +102,18 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "ander
     N timesteps (S single-row denoiser calls, not counted in K; every rank computes it).
     Extra keyword arguments (m, ridge, beta, safeguard) tune Anderson.
 
+    ``solver="auto"`` picks serial or anderson from the cost model of DESIGN section 5 with
+    measured c(b): ``profile`` (a dict {b: ms} or a JSON file from ``deqir bench --profile``),
+    or, in a single process without one, two quick timings of this denoiser on this input size.
+
     ``distributed=True`` (inside an initialised torch.distributed group, or ``group``): this
     rank owns a contiguous block of the rows and evaluates the denoiser on them only; every
     rank must pass the same inputs (checked) and every rank returns the same image. The serial
     solver runs in full on every rank.
     """
+    plan = None
+    if solver == "auto":
+        solver, plan = _plan(denoiser, op, steps, profile, distributed, group)
     coeffs, opts = check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter,
                                   alphas_cumprod, warm_start, **solver_options)
     image_shape = tuple(op.image_shape)
@@ -141,7 +149,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "ander
     if solver == "serial":
         out = sample_serial(eps_fn, op, coeffs, y, xi, step_noise, progress=progress, callback=callback)
         return RestoreResult(out, steps, [steps] * batch, [], "serial", steps, "none", 0.0,
-                             time.perf_counter() - t0)
+                             time.perf_counter() - t0, plan=plan)
     if comm.size > 1:
         from .distributed import check_same_inputs, problem_digest
         config = {"steps": steps, "start": start, "etw": etw, "nw": nw, "sigma_y": sigma_y, "dtype": str(dtype),
@@ -156,5 +164,25 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "ander
     sol = solve_chain(block, comm, opts, x0=x0, progress=progress, callback=callback)
     return RestoreResult(sol.final, max(sol.iterations), sol.iterations, sol.trace, solver, steps,
                          opts.stop, opts.stop_tol, time.perf_counter() - t0, sol.timings, (lo, hi),
-                         sol.state_rows)
+                         sol.state_rows, plan)
 
+
+
+def _plan(denoiser, op, steps: int, profile, distributed: bool, group) -> tuple[str, dict]:
+    """solver="auto": serial or anderson, whichever the latency model predicts is faster."""
+    from .profile import choose_solver, load_profile, measure_cost
+    procs = 1
+    if distributed:
+        import torch.distributed as dist
+        procs = dist.get_world_size(group)
+    if profile is None:
+        if procs > 1:
+            raise DeqirError("solver='auto' with distributed=True needs a cost profile (deqir bench --profile), "
+                             "so that every rank makes the same choice")
+        c_ms = measure_cost(denoiser, tuple(op.image_shape), batches=(1, steps), repeats=3, warmup=1)
+    elif isinstance(profile, dict):
+        c_ms = {int(k): float(v) for k, v in profile.items()}
+    else:
+        c_ms = load_profile(profile)
+    choice, prediction = choose_solver(c_ms, steps, procs)
+    return choice, {**prediction, "chosen": choice, "c_ms": c_ms}

@@ -1,0 +1,109 @@
+"""Measured denoiser cost c(b) and the latency model of DESIGN section 5.
+
+Serial sampling costs T c(1); the chain-parallel solver on P devices costs
+K (c(ceil(W / P)) + t_comm + t_solver) for an active window of W rows. ``choose_solver`` uses
+measured c(b) to pick the faster one and never picks the parallel solver where the model says
+it is slower.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .errors import DeqirError
+
+DEFAULT_BATCHES = (1, 2, 4, 8, 13, 16, 25, 50, 100)
+# K at the default stopping rule on the analytic oracle (README; bench/stopping_sweep.py), rounded up
+EXPECTED_K = {25: 6, 50: 7, 100: 7}
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+@torch.no_grad()
+def measure_cost(model, image_shape, batches=DEFAULT_BATCHES, device=None, dtype=None,
+                 graph: bool = False, repeats: int = 7, warmup: int = 2) -> dict[int, float]:
+    """Milliseconds of one denoiser call on b rows, for each b: the fastest of ``repeats`` timed calls
+    (the least disturbed by other work on the machine); CUDA graphs if ``graph``."""
+    from .denoiser import model_device, model_dtype
+    device = torch.device(device) if device is not None else model_device(model)
+    dtype = dtype or model_dtype(model) or torch.float32
+    out = {}
+    for b in batches:
+        x = torch.randn((b, *image_shape), device=device, dtype=dtype)
+        t = torch.full((b,), 500, dtype=torch.int64, device=device)
+        fn = model
+        if graph:
+            from .models.cuda_graph import CUDAGraphDenoiser
+            fn = CUDAGraphDenoiser(model, (b, *image_shape))
+        for _ in range(warmup):
+            fn(x, t)
+        times = []
+        for _ in range(repeats):
+            _sync(device)
+            t0 = time.perf_counter()
+            fn(x, t)
+            _sync(device)
+            times.append(1e3 * (time.perf_counter() - t0))
+        out[b] = min(times)
+    return out
+
+
+def cost_at(c_ms: dict, b: int) -> float:
+    """c(b) by linear interpolation between measured batch sizes (linear extrapolation above)."""
+    pts = sorted((int(k), float(v)) for k, v in c_ms.items())
+    if not pts:
+        raise DeqirError("empty cost profile")
+    if b <= pts[0][0]:
+        return pts[0][1]
+    for (b0, c0), (b1, c1) in zip(pts, pts[1:]):
+        if b <= b1:
+            return c0 + (c1 - c0) * (b - b0) / (b1 - b0)
+    (b0, c0), (b1, c1) = pts[-2:] if len(pts) > 1 else (pts[0], pts[0])
+    slope = (c1 - c0) / (b1 - b0) if b1 != b0 else c1 / b1
+    return c1 + slope * (b - b1)
+
+
+def expected_iterations(steps: int) -> int:
+    """K to plan with: the measured K of the nearest benchmarked N (conservative: rounded up)."""
+    key = min(EXPECTED_K, key=lambda n: abs(math.log(n / steps)))
+    return EXPECTED_K[key]
+
+
+def predict_ms(c_ms: dict, steps: int, procs: int = 1, iterations: int | None = None,
+               window: int | None = None, overhead_ms: float = 0.0, warm_start: int = 1) -> dict:
+    """Modelled milliseconds per image: serial T c(1) vs parallel S c(1) + K (c(ceil(W/P)) + overhead)."""
+    k = iterations or expected_iterations(steps)
+    w = window or steps
+    serial = steps * cost_at(c_ms, 1)
+    parallel = warm_start * cost_at(c_ms, 1) + k * (cost_at(c_ms, math.ceil(w / procs)) + overhead_ms)
+    return {"steps": steps, "procs": procs, "K": k, "serial_ms": serial, "parallel_ms": parallel,
+            "speedup": serial / parallel}
+
+
+def choose_solver(c_ms: dict, steps: int, procs: int = 1, iterations: int | None = None,
+                  overhead_ms: float = 0.0) -> tuple[str, dict]:
+    """'anderson' only where the model predicts it beats serial; otherwise 'serial'."""
+    p = predict_ms(c_ms, steps, procs, iterations, overhead_ms=overhead_ms)
+    return ("anderson" if p["parallel_ms"] < p["serial_ms"] else "serial"), p
+
+
+def save_profile(path, model_name: str, image_shape, device, c_ms: dict, graph: bool) -> None:
+    from .jobs import write_json
+    write_json(path, {"model": model_name, "image_shape": list(image_shape), "device": str(device),
+                      "graph": graph, "torch": torch.__version__,
+                      "c_ms": {str(k): round(v, 4) for k, v in c_ms.items()}})
+
+
+def load_profile(path) -> dict[int, float]:
+    try:
+        data = json.loads(Path(path).read_text())
+        return {int(k): float(v) for k, v in data["c_ms"].items()}
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise DeqirError(f"cannot read cost profile {path}: {e}") from e

@@ -161,9 +161,66 @@ def degrade_files(paths: list[Path], task: str, params: dict, out_dir: str, sigm
     return written
 
 
+@dataclass
+class NoiseOptimizationSpec:
+    """``--optimize-noise consistency | reference:PATH | oracle:PATH`` (PATH: an image, or a folder
+    of images named by id). ``oracle`` compares with the ground truth: an upper bound, not a method."""
+
+    loss: str
+    path: Path | None
+    iters: int = 20
+    lr: float = 0.1
+
+    @staticmethod
+    def parse(spec: str, iters: int = 20, lr: float = 0.1) -> "NoiseOptimizationSpec":
+        kind, _, path = spec.partition(":")
+        if kind not in ("consistency", "reference", "oracle"):
+            raise DeqirError(f"--optimize-noise takes consistency, reference:PATH or oracle:PATH, got {spec!r}")
+        if (kind == "consistency") != (path == ""):
+            raise DeqirError(f"--optimize-noise {kind} {'takes no' if kind == 'consistency' else 'needs a'} PATH")
+        p = Path(path) if path else None
+        if p is not None and not p.exists():
+            raise DeqirError(f"--optimize-noise: {p} not found")
+        return NoiseOptimizationSpec(kind, p, iters, lr)
+
+    def target(self, item: Item) -> torch.Tensor | None:
+        if self.path is None:
+            return None
+        p = self.path
+        if p.is_dir():
+            found = [f for f in list_images(p) if f.stem == item.name]
+            if not found:
+                raise DeqirError(f"--optimize-noise: no image named {item.name} in {p}")
+            p = found[0]
+        t = read_image(p, channels=3)[None]
+        if tuple(t.shape[1:]) != tuple(item.op.image_shape):
+            raise DeqirError(f"--optimize-noise: {p} is {tuple(t.shape[1:])}, the image is {tuple(item.op.image_shape)}")
+        return t
+
+
+def _optimize(model, item: Item, spec: NoiseOptimizationSpec, generator, kw: dict):
+    """Noise optimisation for one item; returns (image, iterations, extra record fields)."""
+    from .inversion import optimize_noise
+    if kw.get("distributed"):
+        raise DeqirError("--optimize-noise runs in one process; it cannot be combined with --distributed")
+    keep = ("steps", "etw", "nw", "start", "sigma_y")
+    solver = kw.get("solver", "anderson")
+    res = optimize_noise(model, item.y, item.op, loss=spec.loss, target=spec.target(item), iters=spec.iters,
+                         lr=spec.lr, generator=generator, solver="anderson" if solver == "auto" else solver,
+                         **{k: kw[k] for k in keep if k in kw})
+    hist = res.history
+    extra = {"optimize_noise": spec.loss, "oracle": res.oracle, "opt_iters": spec.iters,
+             "consistency_before": round(float(hist[0]["consistency"][0]), 5),
+             "consistency_after": round(float(min(h["consistency"][0] for h in hist)), 5)}
+    return res.image, kw.get("steps", 25), extra
+
+
 def restore_items(model, items: list[Item], out_dir: str | None, restore_kw: dict, seed: int = 0,
-                  bits: int = 8, progress: bool = True, restore_fn=None, write: bool = True) -> list[dict]:
-    """Restore each item (its noise drawn from (seed, id)), write ``<id>.png``, return records."""
+                  bits: int = 8, progress: bool = True, restore_fn=None, write: bool = True,
+                  optimize: NoiseOptimizationSpec | None = None) -> list[dict]:
+    """Restore each item (its noise drawn from (seed, id)), write ``<id>.png``, return records.
+
+    With ``optimize``, the initial noise of each image is optimised first (``inversion``)."""
     from .restore import restore
     restore_fn = restore_fn or restore
     out = ensure_writable_dir(out_dir) if (write and out_dir is not None) else None
@@ -174,16 +231,21 @@ def restore_items(model, items: list[Item], out_dir: str | None, restore_kw: dic
         bar = tqdm(total=len(items), desc="restore", unit="img")
     for it in items:
         t0 = time.perf_counter()
-        res = restore_fn(model, it.y, it.op, generator=generator_for(seed, it.name), **restore_kw)
-        rec = {"id": it.name, "input": str(it.source), "iterations": res.iterations,
-               "seconds": round(time.perf_counter() - t0, 4)}
+        extra = {}
+        if optimize is not None:
+            image, iterations, extra = _optimize(model, it, optimize, generator_for(seed, it.name), restore_kw)
+        else:
+            res = restore_fn(model, it.y, it.op, generator=generator_for(seed, it.name), **restore_kw)
+            image, iterations = res.image, res.iterations
+        rec = {"id": it.name, "input": str(it.source), "iterations": iterations,
+               "seconds": round(time.perf_counter() - t0, 4), **extra}
         if it.gt is not None:
-            img = res.image.clamp(-1, 1)
+            img = image.clamp(-1, 1)
             rec["psnr"] = round(float(psnr(img, it.gt)[0]), 3)
             rec["ssim"] = round(float(ssim(img, it.gt)[0]), 4)
         if out is not None:
             path = out / f"{it.name}.png"
-            write_image(path, res.image[0], bits=bits)
+            write_image(path, image[0], bits=bits)
             rec["output"] = str(path)
         records.append(rec)
         if bar is not None:

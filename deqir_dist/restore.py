@@ -71,10 +71,15 @@ def draw_noise(batch: int, image_shape, steps: int, nw: float, generator: torch.
 
 def check_settings(steps: int, solver: str = "anderson", start: int = 1000, etw: float = 0.0, nw: float = 0.0,
                    sigma_y: float = 0.0, stop: str = "final", stop_tol: float | None = None,
-                   max_iter: int | None = None, alphas_cumprod=None, warm_start: int = 1, **solver_options):
-    """Validate the sampler settings (DeqirError on bad ones): (ChainCoefficients, SolverOptions | None)."""
+                   max_iter: int | None = None, alphas_cumprod=None, warm_start: int = 1, profile=None,
+                   **solver_options):
+    """Validate the sampler settings (DeqirError on bad ones): (ChainCoefficients, SolverOptions | None).
+
+    ``solver="auto"`` is validated as "anderson" (what it may choose besides serial)."""
     if solver not in METHODS:
         raise DeqirError(f"unknown solver {solver!r}; choose from {', '.join(METHODS)}")
+    if solver == "auto":
+        solver = "anderson"
     if isinstance(warm_start, bool) or not isinstance(warm_start, int) or warm_start < 0:
         raise DeqirError(f"warm_start must be a non-negative integer, got {warm_start!r}")
     coeffs = chain_coefficients(steps, start, etw, nw, sigma_y, alphas_cumprod)

@@ -64,6 +64,9 @@ class SolverOptions:
         k = steps if max_iter is None else max_iter
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise DeqirError(f"max_iter must be a positive integer, got {max_iter!r}")
+        unknown = sorted(set(kw) - {"m", "ridge", "beta", "safeguard"})
+        if unknown:
+            raise DeqirError(f"unknown solver option(s) {', '.join(unknown)}; valid: m, ridge, beta, safeguard")
         opts = SolverOptions(solver=solver, stop=stop, stop_tol=tol, max_iter=k, **kw)
         if opts.m < 1 or opts.ridge < 0 or opts.safeguard <= 1:
             raise DeqirError("anderson needs m >= 1, ridge >= 0 and safeguard > 1")

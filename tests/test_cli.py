@@ -131,3 +131,18 @@ def test_torchrun_launcher_matches_single_process(photos, tmp_path):
         assert (a - b).abs().max() <= 1 / 255 * 2 + 1e-6
     summary = json.loads((tmp_path / "three" / "summary.json").read_text())
     assert summary["world_size"] == 3
+
+
+def test_optimize_noise_from_the_cli(photos, tmp_path, capsys):
+    base = ["restore", photos / "img0.png", "--from-clean", "--task", "sr_avgpool", "--scale", "2",
+            "--steps", "6", "--opt-iters", "2", "--no-progress"]
+    code, out, err = _run([*base, "--sigma-y", "0.1", "--optimize-noise", "consistency", "-o", tmp_path / "c"], capsys)
+    assert code == 0, err
+    rec = json.loads((tmp_path / "c" / "summary.json").read_text())
+    assert rec["oracle"] is False and rec["images"][0]["consistency_after"] <= rec["images"][0]["consistency_before"]
+    code, out, err = _run([*base, "--optimize-noise", f"oracle:{photos}", "-o", tmp_path / "o"], capsys)
+    assert code == 0, err
+    assert "ORACLE" in out and json.loads((tmp_path / "o" / "summary.json").read_text())["oracle"] is True
+    _bad(capsys, [*base, "--optimize-noise", "consistency"], tmp_path, "sigma-y")
+    _bad(capsys, [*base, "--optimize-noise", "oracle"], tmp_path, "PATH")
+    _bad(capsys, [*base, "--optimize-noise", "reference:/nonexistent.png"], tmp_path, "not found")

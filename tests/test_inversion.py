@@ -1,0 +1,239 @@
+"""DEQ inversion: the implicit gradient equals autograd through the serial sampler; the adjoint
+pieces equal autograd of the joint map; phantom is the linear term only; noise optimisation."""
+import math
+
+import pytest
+import torch
+
+from deqir_dist import DeqirError, make_operator
+from deqir_dist.chain import ChainBlock
+from deqir_dist.comm import split_rows
+from deqir_dist.denoiser import EpsFn
+from deqir_dist.inversion import (AdjointBlock, ReverseCarry, noise_gradient, optimize_noise,
+                                  reverse_scan)
+from deqir_dist.schedule import chain_coefficients
+from deqir_dist.serial import sample_serial
+
+SHAPE = (3, 8, 8)
+STEPS = 8
+
+
+def problem(gmm, name, params, batch=2, seed=0, steps=STEPS, nw=0.0, sigma_y=0.0, shape=SHAPE):
+    g = torch.Generator().manual_seed(seed)
+    op = make_operator(name, shape, **params)
+    x = gmm.sample(batch, shape, g).double()
+    y = op.A(x)
+    if sigma_y:
+        y = y + sigma_y * torch.randn(y.shape, generator=g, dtype=torch.float64)
+    xi = torch.randn((batch, *shape), generator=g, dtype=torch.float64)
+    z = torch.randn((batch, steps, *shape), generator=g, dtype=torch.float64) if nw > 0 else None
+    target = gmm.sample(batch, shape, g).double()
+    return op, x, y, xi, z, target
+
+
+def autograd_serial(gmm, op, y, xi, loss_fn, steps=STEPS, etw=0.0, nw=0.0, z=None, sigma_y=0.0):
+    """The reference: backprop through the serial sampler, float64."""
+    c = chain_coefficients(steps, etw=etw, nw=nw, sigma_y=sigma_y)
+    x = xi.clone().requires_grad_(True)
+    h = sample_serial(EpsFn(gmm, 3, torch.float64), op, c, y, x, z)
+    g, = torch.autograd.grad(loss_fn(h).sum(), x)
+    return g
+
+
+def rel(a, b):
+    return float((a.double() - b.double()).norm() / b.double().norm())
+
+
+def mse_to(t):
+    return lambda h: (h - t).pow(2).flatten(1).mean(1)
+
+
+EXACT_FWD = dict(solver="anderson", tol=300.0, dtype=torch.float64)      # runs to the exact end (N)
+
+
+@pytest.mark.parametrize("name,params,etw,nw,sigma_y,adjoint", [
+    ("sr_avgpool", {"scale": 2}, 0.0, 0.0, 0.0, "serial"),
+    ("inpaint", {"mask": "random", "fraction": 0.6}, 0.0, 0.0, 0.0, "picard"),
+    ("colorize", {}, 0.1, 0.3, 0.0, "anderson"),
+    ("deblur_gauss", {}, 0.0, 0.0, 0.0, "serial"),
+    ("sr_bicubic", {"scale": 2}, 0.0, 0.0, 0.1, "anderson"),     # noisy y: the range part is a recurrence
+])
+def test_implicit_equals_autograd_through_serial(gmm, name, params, etw, nw, sigma_y, adjoint):
+    op, _, y, xi, z, target = problem(gmm, name, params, nw=nw, sigma_y=sigma_y)
+    loss = mse_to(target)
+    want = autograd_serial(gmm, op, y, xi, loss, etw=etw, nw=nw, z=z, sigma_y=sigma_y)
+    got = noise_gradient(gmm, y, op, xi, loss, steps=STEPS, etw=etw, nw=nw, step_noise=z, sigma_y=sigma_y,
+                         adjoint=adjoint, **EXACT_FWD)
+    assert got.grad.shape == xi.shape
+    assert rel(got.grad, want) <= 1e-4
+    assert got.adjoint_iterations == STEPS
+    # the loss and image are those of the serial result
+    c = chain_coefficients(STEPS, etw=etw, nw=nw, sigma_y=sigma_y)
+    h = sample_serial(EpsFn(gmm, 3, torch.float64), op, c, y, xi, z)
+    assert (got.image - h).abs().max() < 1e-9
+    assert torch.allclose(got.loss, loss(h))
+
+
+def test_serial_forward_and_vjp_chunks_agree(gmm):
+    op, _, y, xi, _, target = problem(gmm, "sr_avgpool", {"scale": 2})
+    loss = mse_to(target)
+    want = autograd_serial(gmm, op, y, xi, loss)
+    for kw in (dict(solver="serial", adjoint="picard"), dict(solver="serial", adjoint="anderson", vjp_chunk=3)):
+        got = noise_gradient(gmm, y, op, xi, loss, steps=STEPS, dtype=torch.float64, **kw)
+        assert rel(got.grad, want) <= 1e-8, kw
+
+
+def test_float32_default_is_close(gmm):
+    op, x, y, xi, _, _ = problem(gmm, "inpaint", {"mask": "box"}, steps=10)
+    loss = mse_to(x)
+    want = autograd_serial(gmm, op, y, xi, loss, steps=10)
+    got = noise_gradient(gmm, y.float(), op, xi.float(), loss, steps=10)
+    assert got.grad.dtype == torch.float32
+    cos = float(torch.nn.functional.cosine_similarity(got.grad.double().flatten(), want.flatten(), 0))
+    assert cos > 0.999 and rel(got.grad, want) < 2e-2
+
+
+# ---------------------------------------------------------------- the adjoint pieces
+
+@pytest.mark.parametrize("name,params,sigma_y", [
+    ("sr_avgpool", {"scale": 2}, 0.0), ("deblur_aniso", {}, 0.0), ("inpaint", {"mask": "box"}, 0.2),
+    ("colorize", {}, 0.0), ("cs_wht", {"ratio": 4}, 0.1), ("denoise", {}, 0.0), ("sr_bicubic", {"scale": 2}, 0.2),
+])
+def test_adjoint_block_is_the_vjp_of_the_joint_map(gmm, name, params, sigma_y):
+    """J_h^T lam and J_xi^T lam from reverse scans + one denoiser VJP == autograd of F(h; xi)."""
+    op, _, y, xi, z, _ = problem(gmm, name, params, nw=0.2, sigma_y=sigma_y)
+    c = chain_coefficients(STEPS, nw=0.2, sigma_y=sigma_y, etw=0.1)
+    eps_fn = EpsFn(gmm, 3, torch.float64)
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn((2, STEPS, *SHAPE), generator=g, dtype=torch.float64)
+    lam = torch.randn(h.shape, generator=g, dtype=torch.float64)
+    hh, xx = h.clone().requires_grad_(True), xi.clone().requires_grad_(True)
+    block = ChainBlock(eps_fn, op, c, y, xx, 0, STEPS, z)
+    f = block.outputs(*block.increments(block.denoise(hh, xx), torch.arange(2)), block.carry0)
+    want_h, want_xi = torch.autograd.grad(f, (hh, xx), grad_outputs=lam)
+
+    adj = AdjointBlock(op, c, 0, STEPS)
+    mu_p, mu_q = adj.scan(lam)
+    a = adj.eps_adjoint(mu_p, mu_q)
+    inp = torch.cat([xi.unsqueeze(1), h[:, :-1]], 1).requires_grad_(True)
+    eps = eps_fn(inp.flatten(0, 1), c.taus.repeat(2)).view(inp.shape)
+    v, = torch.autograd.grad(eps, inp, grad_outputs=a)
+    assert (v[:, 1:] - want_h[:, :-1]).abs().max() < 1e-9 * (1 + want_h.abs().max())
+    assert want_h[:, -1].abs().max() == 0                       # row N feeds nothing
+    got_xi = v[:, 0] + adj.xi_linear(mu_p, mu_q)
+    assert (got_xi - want_xi).abs().max() < 1e-9 * (1 + want_xi.abs().max())
+
+
+@pytest.mark.parametrize("parts", [2, 3])
+@pytest.mark.parametrize("sigma_y", [0.0, 0.2])
+def test_adjoint_blocks_with_reverse_carry_equal_whole(parts, sigma_y):
+    """Sharding design: per-block scans + exclusive REVERSE scan of block summaries == whole scan."""
+    op = make_operator("deblur_gauss", SHAPE)
+    c = chain_coefficients(STEPS, sigma_y=sigma_y)
+    lam = torch.randn((2, STEPS, *SHAPE), generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    whole = AdjointBlock(op, c, 0, STEPS)
+    mp, mq = whole.scan(lam)
+    want = whole.eps_adjoint(mp, mq)
+    blocks = split_rows(STEPS, parts)
+    carry = ReverseCarry(torch.zeros_like(lam[:, 0]), torch.zeros_like(lam[:, 0]))
+    outs = []
+    for lo, hi in reversed(blocks):
+        blk = AdjointBlock(op, c, lo, hi)
+        p, q = blk.scan(lam[:, lo:hi], carry)
+        outs.insert(0, blk.eps_adjoint(p, q))
+        carry = blk.summary(lam[:, lo:hi]).apply(carry)
+        if lo == 0:
+            assert (blk.xi_linear(p, q) - whole.xi_linear(mp, mq)).abs().max() < 1e-10
+    assert (torch.cat(outs, 1) - want).abs().max() < 1e-10
+
+
+def test_reverse_scan_matches_loop():
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(2, 6, 3, generator=g, dtype=torch.float64)
+    init = torch.randn(2, 3, generator=g, dtype=torch.float64)
+    for dn in (torch.zeros(6), torch.ones(6), torch.tensor([.5, 1, .2, 0, .9, .3])):
+        v, want = init, [None] * 6
+        for i in range(5, -1, -1):
+            v = w[:, i] + float(dn[i]) * v
+            want[i] = v
+        assert torch.allclose(reverse_scan(dn.double(), w, init), torch.stack(want, 1))
+
+
+# ---------------------------------------------------------------- phantom
+
+def test_phantom_one_step_is_the_linear_term_only(gmm):
+    """Official defaults (k = 1, tau = 0.1): dL/dxi = tau P(dL/dh_N) / sqrt(a_1), no denoiser Jacobian."""
+    op, x, y, xi, _, _ = problem(gmm, "sr_avgpool", {"scale": 2})
+    loss = mse_to(x)
+    ph = noise_gradient(gmm, y, op, xi, loss, steps=STEPS, method="phantom", **EXACT_FWD)
+    img = ph.image.clone().requires_grad_(True)
+    dl, = torch.autograd.grad(loss(img).sum(), img)
+    a1 = float(chain_coefficients(STEPS).a[0])
+    assert (ph.grad - 0.1 * op.P(dl) / math.sqrt(a1)).abs().max() < 1e-12 * (1 + ph.grad.abs().max())
+    want = autograd_serial(gmm, op, y, xi, loss)
+    ph3 = noise_gradient(gmm, y, op, xi, loss, steps=STEPS, method="phantom", phantom_steps=3, **EXACT_FWD)
+    for g in (ph.grad, ph3.grad):
+        cos = float(torch.nn.functional.cosine_similarity(g.flatten(), want.flatten(), 0))
+        assert math.isfinite(cos) and -1 <= cos <= 1
+    assert rel(ph3.grad, ph.grad) > 1e-6                          # k >= 2 does see the denoiser
+
+
+# ---------------------------------------------------------------- optimisation
+
+def test_consistency_decreases_with_noisy_measurements(gmm):
+    op, _, y, xi, _, _ = problem(gmm, "sr_avgpool", {"scale": 2}, batch=2, sigma_y=0.1, shape=(3, 16, 16))
+    r = optimize_noise(gmm, y.float(), op, loss="consistency", steps=10, iters=6, lr=0.2, xi=xi.float(),
+                       sigma_y=0.1)
+    assert not r.oracle and len(r.history) == 6
+    first, last = r.history[0]["loss"], min(h["loss"][0] for h in r.history)
+    assert last < 0.9 * first[0]
+    for rec in r.history:
+        assert len(rec["consistency"]) == 2 and all(math.isfinite(v) for v in rec["consistency"])
+        assert rec["loss"][0] == pytest.approx(rec["consistency"][0] ** 2, rel=1e-4)
+    # the best iterate is the one kept, per image
+    for i in range(2):
+        best = r.best_iteration[i]
+        assert r.history[best]["loss"][i] == min(h["loss"][i] for h in r.history)
+    assert r.image.shape == r.xi.shape == xi.shape
+
+
+def test_consistency_refused_without_measurement_noise(gmm):
+    op, _, y, xi, _, _ = problem(gmm, "sr_avgpool", {"scale": 2})
+    with pytest.raises(DeqirError, match="sigma_y"):
+        optimize_noise(gmm, y, op, loss="consistency", steps=STEPS, iters=2, xi=xi)
+    # and indeed: with sigma_y = 0 the consistency gradient vanishes
+    g = noise_gradient(gmm, y, op, xi, lambda h: (op.A(h) - y).pow(2).flatten(1).sum(1), steps=STEPS,
+                       dtype=torch.float64)
+    assert g.grad.abs().max() < 1e-9
+
+
+def test_oracle_and_reference(gmm):
+    op, x, y, xi, _, target = problem(gmm, "inpaint", {"mask": "box"}, batch=1)
+    with pytest.raises(DeqirError, match="ground-truth"):
+        optimize_noise(gmm, y, op, loss="oracle", steps=STEPS, iters=2, xi=xi)
+    with pytest.raises(DeqirError, match="reference"):
+        optimize_noise(gmm, y, op, loss="reference", steps=STEPS, iters=2, xi=xi)
+    o = optimize_noise(gmm, y.float(), op, loss="oracle", target=x.float(), steps=STEPS, iters=5, lr=0.2,
+                       xi=xi.float())
+    assert o.oracle and o.loss == "oracle"
+    assert min(h["loss"][0] for h in o.history) < o.history[0]["loss"][0]
+    r = optimize_noise(gmm, y.float(), op, loss="reference", target=target[:1].float(), steps=STEPS, iters=4,
+                       lr=0.2, xi=xi.float(), method="phantom", phantom_steps=2)
+    assert not r.oracle and torch.isfinite(r.image).all()
+
+
+def test_bad_arguments(gmm):
+    op, x, y, xi, _, _ = problem(gmm, "sr_avgpool", {"scale": 2}, batch=1)
+    loss = mse_to(x)
+    for kw, match in [(dict(method="newton"), "method"), (dict(solver="x"), "solver"), (dict(adjoint="x"), "adjoint"),
+                      (dict(method="phantom", tau=0.0), "tau"), (dict(vjp_chunk=0), "vjp_chunk"),
+                      (dict(nw=0.3), "step_noise")]:
+        with pytest.raises(DeqirError, match=match):
+            noise_gradient(gmm, y, op, xi, loss, steps=STEPS, **kw)
+    with pytest.raises(DeqirError, match="shape"):
+        noise_gradient(gmm, y, op, xi[:, :, :4], loss, steps=STEPS)
+    with pytest.raises(DeqirError, match="loss_fn"):
+        noise_gradient(gmm, y, op, xi, lambda h: h, steps=STEPS)
+    for kw, match in [(dict(loss="lpips"), "unknown loss"), (dict(iters=0), "iters"), (dict(lr=-1.0), "lr")]:
+        with pytest.raises(DeqirError, match=match):
+            optimize_noise(gmm, y, op, **kw)

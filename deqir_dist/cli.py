@@ -141,6 +141,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
     p.add_argument("--json", help="write the results here")
+
+    from .ray_pipeline import add_parser as add_ray_parser
+    add_ray_parser(sub)
     return parser
 
 
@@ -286,7 +289,13 @@ def cmd_bench(args) -> int:
     return 0
 
 
-COMMANDS = {"degrade": cmd_degrade, "restore": cmd_restore, "eval": cmd_eval, "bench": cmd_bench}
+def cmd_ray_restore(args) -> int:
+    from .ray_pipeline import cmd_ray_restore as run
+    return run(args)
+
+
+COMMANDS = {"degrade": cmd_degrade, "restore": cmd_restore, "eval": cmd_eval, "bench": cmd_bench,
+            "ray-restore": cmd_ray_restore}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -52,7 +52,7 @@ from pathlib import Path
 from .errors import DeqirError
 
 __all__ = ["RESULTS_NAME", "SUMMARY_NAME", "InputEntry", "RayRestoreJob", "RestoreWorker", "add_parser",
-           "check_id", "cmd_ray_restore", "config_hash", "load_results", "main", "read_input"]
+           "check_id", "cmd_ray_restore", "config_hash", "job_from_args", "load_results", "main", "read_input"]
 
 RESULTS_NAME = "results.jsonl"
 SUMMARY_NAME = "summary.json"
@@ -277,7 +277,7 @@ class RestoreWorker:
         self.spec = dict(spec)
         self.device = torch.device("cuda", 0) if spec.get("device") == "cuda" else torch.device("cpu")
         self.model = load_denoiser(spec["model"], checkpoint=spec.get("checkpoint"), device=self.device)
-        self.scratch = Path(tempfile.mkdtemp(prefix="deqir-ray-"))
+        self.scratch = Path(tempfile.gettempdir())   # a per-batch temp folder while restoring
         self.rank, self.world = 0, 1
         self.images_done = 0
         # test-only fault injection (see the module docstring)
@@ -400,7 +400,8 @@ class RestoreWorker:
         out = []
         for j, (it, item) in enumerate(group):
             img = res.image[j:j + 1].float().cpu()
-            rec = {"iterations": int(res.iterations_per_image[j]), "seconds": round(sec, 4)}
+            rec = {"iterations": int(res.iterations_per_image[j]), "seconds": round(sec, 4), "solver": res.solver,
+                   "ranks": self.world}
             if item.gt is not None:
                 c = img.clamp(-1, 1)
                 rec["psnr"] = round(float(psnr(c, item.gt)[0]), 3)
@@ -410,6 +411,11 @@ class RestoreWorker:
 
     def restore_batch(self, items: list[dict]) -> list[dict]:
         """Restore a batch; one record per item, in order (``status`` ok with ``png`` bytes, or failed)."""
+        with tempfile.TemporaryDirectory(prefix="deqir-ray-") as scratch:
+            self.scratch = Path(scratch)
+            return self._restore_batch(items)
+
+    def _restore_batch(self, items: list[dict]) -> list[dict]:
         records: dict[str, dict] = {}
         loaded = []
         for it in items:
@@ -529,7 +535,18 @@ class RayRestoreJob:
             raise DeqirError("--max-retries must be >= 0")
         if self.batch_restore not in ("auto", "on", "off"):
             raise DeqirError("--batch-restore must be auto, on or off")
-        check_settings(**self.restore_kw)
+        settings = {k: v for k, v in self.restore_kw.items() if k != "profile"}
+        if settings.get("solver") == "auto":
+            # every worker must choose the same solver (a retried image must be identical): the
+            # choice comes from one measured profile, read here and shipped to the workers
+            if not self.restore_kw.get("profile"):
+                raise DeqirError("ray-restore --solver auto needs --profile (a cost profile from "
+                                 "'deqir bench --profile'), so that every worker makes the same choice")
+            if not isinstance(self.restore_kw["profile"], dict):
+                from .profile import load_profile
+                self.restore_kw = {**self.restore_kw, "profile": load_profile(self.restore_kw["profile"])}
+            settings["solver"] = "anderson"       # auto picks serial or anderson: check the latter's settings
+        check_settings(**settings)
         if self.gpus_per_worker > 1:
             if self.restore_kw.get("solver", "anderson") == "serial":
                 raise DeqirError("gangs (--gpus-per-worker > 1) shard the chain: use --solver picard or anderson")
@@ -608,8 +625,9 @@ class RayRestoreJob:
             "images": len(entries), "ok": stats["ok"], "failed": stats["failed"],
             "skipped": done_before + len(not_images), "skipped_done": done_before,
             "skipped_not_image": len(not_images), "written": stats["written"],
-            "seconds": round(wall, 3), "startup_seconds": round(startup, 3),
+            "seconds": round(wall, 3), "startup_seconds": round(startup, 3),   # Ray connect + workers ready
             "images_per_second": round(processed / wall, 4) if processed else 0.0,
+            "steady_images_per_second": round(processed / max(wall - startup, 1e-9), 4) if processed else 0.0,
             "workers": getattr(self, "_n_workers", 0), "ranks_per_worker": self.gpus_per_worker,
             "worker_restarts": stats["worker_restarts"], "retried_batches": stats["retried_batches"],
             "results": str(results_path),
@@ -632,10 +650,11 @@ class RayRestoreJob:
         if ray.is_initialized():
             return False
         kw = dict(include_dashboard=False, log_to_driver=False)
-        if self.address in (None, "", "local"):
-            ray.init(address="local", **kw)
-        else:
-            ray.init(address=self.address, **kw)
+        address = "local" if self.address in (None, "", "local") else self.address
+        try:
+            ray.init(address=address, **kw)
+        except Exception as e:           # ConnectionError, RuntimeError, ValueError from ray.init
+            raise DeqirError(f"cannot start or join Ray at --address {address}: {_one_line(e)[:300]}") from None
         return True
 
     def _run_ray(self, todo, out: Path, log: _ResultsLog, stats: dict, records: list) -> float:
@@ -643,13 +662,13 @@ class RayRestoreJob:
             import ray
         except ImportError as e:
             raise DeqirError("ray-restore needs Ray: pip install 'deqir-dist[ray]'") from e
+        t0 = time.perf_counter()
         started = self._connect()
         pool = None
         try:
             pool = _Pool(self, ray)
             batches = [_Batch(i, todo[s:s + self.images_per_batch])
                        for i, s in enumerate(range(0, len(todo), self.images_per_batch))]
-            t0 = time.perf_counter()
             pool.start(min(pool.n_workers, len(batches)))
             startup = time.perf_counter() - t0
             self._n_workers = len(pool.workers)
@@ -739,7 +758,7 @@ class _Pool:
                      "threads": max(1, int(c)), "task": job.task,
                      "restore": {k: v for k, v in job.restore_kw.items() if k != "sigma_y"},
                      "seed": job.seed, "from_clean": job.from_clean, "bits": job.bits,
-                     "batch": batch and P == 1, "token": uuid.uuid4().hex[:12]}
+                     "batch": batch, "token": uuid.uuid4().hex[:12]}
         env = {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
         opts = {"num_cpus": c, "num_gpus": 1 if dev == "cuda" else 0, "max_restarts": 0}
         if env:

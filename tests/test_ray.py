@@ -1,0 +1,271 @@
+"""``deqir ray-restore``: dataset jobs on Ray (one local Ray session for the whole file).
+
+Covers the done criterion (20 images, 2 corrupt: 18 outputs, 2 recorded failures; the rerun
+skips the 18), resume by configuration hash, a worker killed mid-job (test-only switch) with
+outputs byte-identical to ``deqir restore``, a gloo gang of 2 rank actors, manifests with
+per-image parameters and ground truth, and bad input (each fails before anything is written).
+"""
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+ray = pytest.importorskip("ray")
+
+from deqir_dist.cli import main as deqir_main  # noqa: E402
+from deqir_dist.errors import DeqirError  # noqa: E402
+from deqir_dist.ray_pipeline import (RestoreWorker, add_parser, check_id, cmd_ray_restore,  # noqa: E402
+                                     config_hash, load_results, main, read_input)
+
+FAST = ["--steps", "6", "--no-progress"]
+SR2 = ["--task", "sr_avgpool", "--scale", "2"]
+
+
+@pytest.fixture(scope="module")
+def ray_session():
+    """The one Ray instance of this file (ray-restore reuses an initialised Ray for --address local)."""
+    if not ray.is_initialized():
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024**2)
+    yield ray
+    ray.shutdown()
+
+
+def _photos(folder: Path, n: int, size: int = 16, corrupt=(), seed: int = 0) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:size, 0:size]
+    for i in range(n):
+        path = folder / f"img{i:02d}.png"
+        if i in corrupt:
+            path.write_bytes(b"\x89PNG\r\n\x1a\n this is not an image")
+            continue
+        img = np.stack([np.sin(xx / (2 + i % 5)), np.cos(yy / 3), np.sin((xx + yy) / 4)], -1)
+        img = ((img + 1) * 127.5 + rng.normal(0, 4, img.shape)).clip(0, 255).astype(np.uint8)
+        Image.fromarray(img).save(path)
+    return folder
+
+
+def _records(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+
+
+def _summary(out: Path) -> dict:
+    return json.loads((out / "summary.json").read_text())
+
+
+def _pngs(out: Path) -> dict:
+    return {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
+
+
+def _plain_loop(data: Path, out: Path) -> dict:
+    """The fault-free reference: the in-process loop ``deqir restore --from-clean`` runs (SR2, FAST)."""
+    from deqir_dist.jobs import expand_inputs, load_items, restore_items
+    from deqir_dist.models import load_denoiser
+    items = load_items(expand_inputs([str(data)]), "sr_avgpool", {"scale": 2}, True, seed=0)
+    restore_items(load_denoiser("analytic"), items, str(out), {"steps": 6}, seed=0, progress=False)
+    return _pngs(out)
+
+
+# ------------------------------------------------------------------------------------ whole jobs
+
+
+def test_folder_job_records_failures_then_resumes(ray_session, tmp_path, capsys):
+    data = _photos(tmp_path / "data", 20, corrupt=(3, 11))
+    (data / "notes.txt").write_text("not an image")
+    out = tmp_path / "out"
+    args = [str(data), "-o", str(out), "--address", "local", "--from-clean", *SR2, *FAST,
+            "--workers", "2", "--images-per-batch", "3"]
+    assert main(args) == 1                                  # some images failed
+    recs = {r["id"]: r for r in _records(out)}
+    assert len(_pngs(out)) == 18 and not (out / "img03.png").exists()
+    failed = sorted(i for i, r in recs.items() if r["status"] == "failed")
+    assert failed == ["img03", "img11"] and "img03.png" in recs["img03"]["error"]
+    assert recs["notes.txt"]["status"] == "skipped"
+    ok = recs["img00"]
+    assert ok["status"] == "ok" and ok["output"] == str(out / "img00.png")
+    assert {"psnr", "ssim", "iterations", "seconds", "config"} <= set(ok)
+    s = _summary(out)
+    assert (s["ok"], s["failed"], s["skipped"], s["written"]) == (18, 2, 1, 18)
+    assert s["images_per_second"] > 0 and "mean_psnr" in s
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]        # no temp files left
+    mtimes = {p: p.stat().st_mtime_ns for p in out.glob("*.png")}
+    capsys.readouterr()
+
+    # the same command again: the 18 are skipped (untouched), only the failures are retried
+    assert main(args) == 1
+    s = _summary(out)
+    assert (s["ok"], s["failed"], s["skipped_done"], s["written"]) == (0, 2, 18, 0)
+    assert {p: p.stat().st_mtime_ns for p in out.glob("*.png")} == mtimes
+    assert len(_records(out)) == 21                         # compacted: one line per id
+    assert "18 done before" in capsys.readouterr().out
+
+
+def test_worker_death_is_replaced_and_outputs_identical(ray_session, tmp_path, monkeypatch, capsys):
+    data = _photos(tmp_path / "data", 8, seed=1)
+    expected = _plain_loop(data, tmp_path / "ref")          # fault-free, in one process
+    marker = tmp_path / "exited.marker"
+    monkeypatch.setenv("DEQIR_TEST_WORKER_EXIT_AFTER", "3")
+    monkeypatch.setenv("DEQIR_TEST_WORKER_EXIT_MARKER", str(marker))
+    out = tmp_path / "out"
+    code = main([str(data), "-o", str(out), "--from-clean", *SR2, *FAST, "--workers", "2",
+                 "--images-per-batch", "2"])
+    assert code == 0, capsys.readouterr().err
+    assert marker.exists()                                  # a worker really died, once
+    s = _summary(out)
+    assert s["worker_restarts"] == 1 and s["retried_batches"] >= 1
+    assert (s["ok"], s["failed"], s["written"]) == (8, 0, 8)     # each image written exactly once
+    ids = [r["id"] for r in _records(out)]
+    assert sorted(ids) == [f"img{i:02d}" for i in range(8)]
+    assert any(r["attempt"] == 1 for r in _records(out))
+    assert len(expected) == 8 and _pngs(out) == expected   # byte-identical to the fault-free run
+
+
+def test_gang_of_two_gloo_ranks_survives_a_dead_rank(ray_session, tmp_path, monkeypatch):
+    data = _photos(tmp_path / "data", 4, seed=2)
+    ref = tmp_path / "ref"
+    _plain_loop(data, ref)
+    monkeypatch.setenv("DEQIR_TEST_WORKER_EXIT_AFTER", "2")   # one rank dies; its peer hangs in a collective
+    monkeypatch.setenv("DEQIR_TEST_WORKER_EXIT_MARKER", str(tmp_path / "exited.marker"))
+    out = tmp_path / "out"
+    assert main([str(data), "-o", str(out), "--from-clean", *SR2, *FAST, "--gpus-per-worker", "2",
+                 "--workers", "1", "--device", "cpu"]) == 0
+    s = _summary(out)
+    assert s["ok"] == 4 and s["ranks_per_worker"] == 2 and s["workers"] == 1
+    assert s["worker_restarts"] == 1                        # the whole gang was replaced
+    assert {r["ranks"] for r in _records(out)} == {2}      # restored by the 2-rank process group
+    for name in _pngs(ref):                                 # sharded chain == single process
+        a = np.asarray(Image.open(out / name)).astype(int)
+        b = np.asarray(Image.open(ref / name)).astype(int)
+        assert np.abs(a - b).max() <= 1, name
+
+
+def test_manifest_params_ground_truth_and_config_change(ray_session, tmp_path):
+    clean = _photos(tmp_path / "clean", 3, seed=3)
+    meas = tmp_path / "meas"
+    for scale, names in ((2, ["img00", "img02"]), (4, ["img01"])):
+        for n in names:
+            assert deqir_main(["degrade", str(clean / f"{n}.png"), "--task", "sr_avgpool", "--scale",
+                               str(scale), "-o", str(meas)]) == 0
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / "small_gt.png")
+    manifest = tmp_path / "list.jsonl"
+    manifest.write_text("\n".join(json.dumps(o) for o in [
+        {"id": "a", "path": "meas/img00.png", "gt": "clean/img00.png"},
+        {"id": "b", "path": "meas/img01.png", "gt": "clean/img01.png", "params": {"scale": 4}},
+        {"id": "c", "path": "meas/img02.png", "gt": "small_gt.png"},
+        {"id": "d", "path": "meas/missing.png"},
+    ]) + "\n")
+    out = tmp_path / "out"
+    parser = argparse.ArgumentParser()
+    add_parser(parser.add_subparsers(dest="command"))      # the subcommand as cli.py registers it
+    args = parser.parse_args(["ray-restore", str(manifest), "-o", str(out), *SR2, *FAST,
+                              "--images-per-batch", "8", "--workers", "1"])
+    assert cmd_ray_restore(args) == 1
+    recs = load_results(out / "results.jsonl")
+    assert recs["a"]["status"] == recs["b"]["status"] == "ok"
+    assert recs["a"]["psnr"] > 10 and "ssim" in recs["b"]
+    assert np.asarray(Image.open(out / "b.png")).shape == (16, 16, 3)     # its own scale
+    assert recs["c"]["status"] == "failed" and "ground truth" in recs["c"]["error"]
+    assert recs["d"]["status"] == "failed" and "cannot read" in recs["d"]["error"]
+    assert recs["a"]["config"] != recs["b"]["config"]       # per-image parameters are hashed
+
+    # a changed configuration (seed) redoes the done ones
+    args = parser.parse_args(["ray-restore", str(manifest), "-o", str(out), *SR2, *FAST, "--seed", "1",
+                              "--workers", "1"])
+    assert cmd_ray_restore(args) == 1
+    s = _summary(out)
+    assert (s["ok"], s["failed"], s["skipped_done"]) == (2, 2, 0)
+
+
+# ------------------------------------------------------------------------------------ bad input
+
+
+def _fails(capsys, args, match):
+    code = main([str(a) for a in args])
+    err = capsys.readouterr().err
+    assert code == 2 and match in err, err
+
+
+def test_bad_inputs_fail_before_writing(tmp_path, capsys):
+    out = tmp_path / "never"
+    base = ["-o", out, *SR2, *FAST]
+    _fails(capsys, [tmp_path / "missing", *base], "input not found")
+    (tmp_path / "empty").mkdir()
+    _fails(capsys, [tmp_path / "empty", *base], "no images")
+    data = _photos(tmp_path / "data", 2)
+    _fails(capsys, [data, "-o", data / "out", *SR2, *FAST], "inside the input folder")
+    _fails(capsys, [data, "-o", data, *SR2, *FAST], "inside the input folder")
+    (tmp_path / "afile").write_text("x")
+    _fails(capsys, [data, "-o", tmp_path / "afile" / "out", *SR2, *FAST], "cannot create directory")
+    m = tmp_path / "m.jsonl"
+    for lines, match in [
+        ([{"id": "a", "path": "data/img00.png"}, {"id": "a", "path": "data/img01.png"}], "duplicate id 'a'"),
+        ([{"id": "../evil", "path": "data/img00.png"}], "not a safe file name"),
+        ([{"id": "sub/x", "path": "data/img00.png"}], "not a safe file name"),
+        ([{"id": "..", "path": "data/img00.png"}], "not a safe file name"),
+        ([{"path": "data/img00.png", "params": {"bogus": 1}}], "unknown parameter"),
+        ([], "lists no images"),
+    ]:
+        m.write_text("".join(json.dumps(o) + "\n" for o in lines))
+        _fails(capsys, [m, *base], match)
+    m.write_text("{not json\n")
+    _fails(capsys, [m, *base], "not valid JSON")
+    m.write_text(json.dumps({"id": "img00", "path": "data/img00.png"}) + "\n")
+    _fails(capsys, [m, "-o", data, *SR2, *FAST], "would overwrite an input")
+    _fails(capsys, [data, *base, "--gpus-per-worker", "2", "--solver", "serial"], "gangs")
+    _fails(capsys, [data, *base, "--solver", "auto"], "needs --profile")
+    assert not out.exists()
+
+
+def test_ids_and_folder_listing(tmp_path):
+    for good in ("img_01", "a.b", "photo 3"):
+        assert check_id(good) == good
+    for bad in ("", "a/b", "a\\b", "..", "x..y", ".hidden", "a\0b"):
+        with pytest.raises(DeqirError):
+            check_id(bad)
+    data = _photos(tmp_path / "d", 2)
+    (data / "readme.md").write_text("x")
+    (data / ".DS_Store").write_text("x")
+    entries, skipped = read_input(data)
+    assert [e.id for e in entries] == ["img00", "img01"] and [p.name for p in skipped] == ["readme.md"]
+
+
+def test_config_hash_covers_what_changes_the_output():
+    base = {"model": "analytic", "task": "inpaint", "op_params": {"mask": torch.ones(4, 4)},
+            "restore": {"steps": 6}, "seed": 0}
+    h = config_hash(base)
+    assert h == config_hash(dict(base))
+    assert h != config_hash({**base, "seed": 1})
+    assert h != config_hash({**base, "op_params": {"mask": torch.zeros(4, 4)}})
+    assert h != config_hash({**base, "restore": {"steps": 7}})
+
+
+def test_worker_records_corrupt_nan_and_wrong_size_in_process(tmp_path):
+    spec = {"model": "analytic", "device": "cpu", "threads": 1, "task": "sr_avgpool",
+            "restore": {"steps": 4, "solver": "picard"}, "seed": 0, "from_clean": True, "bits": 8,
+            "batch": True}
+    w = RestoreWorker(spec)
+    good = _photos(tmp_path / "p", 1)
+    Image.fromarray(np.zeros((10, 10, 3), np.uint8)).save(tmp_path / "odd.png")
+
+    def item(name, data, **kw):
+        return {"id": name, "source": f"/src/{name}.png", "suffix": ".png", "data": data, "gt_data": None,
+                "gt_source": None, "gt_suffix": "", "op_params": {"scale": 4}, "sigma_y": 0.0, "config": "h",
+                **kw}
+    recs = w.restore_batch([item("ok", (good / "img00.png").read_bytes()),
+                            item("odd", (tmp_path / "odd.png").read_bytes()),
+                            item("junk", b"garbage")])
+    assert [r["status"] for r in recs] == ["ok", "failed", "failed"]
+    assert recs[0]["png"].startswith(b"\x89PNG") and recs[0]["iterations"] >= 1
+    assert "/src/junk.png" in recs[2]["error"]              # names the real input, not a temp file
+    # a NaN measurement (.pt, as deqir degrade writes for cs_wht)
+    from deqir_dist.jobs import save_measurement
+    from deqir_dist.operators import make_operator
+    op = make_operator("cs_wht", image_shape=(3, 8, 8))
+    save_measurement(tmp_path / "nan.pt", torch.full(op.measurement_shape, float("nan")), op)
+    w2 = RestoreWorker({**spec, "task": "cs_wht", "from_clean": False})
+    rec = w2.restore_batch([item("nan", (tmp_path / "nan.pt").read_bytes(), suffix=".pt", op_params={})])[0]
+    assert rec["status"] == "failed" and "NaN" in rec["error"]

@@ -2,7 +2,8 @@
 
     torchrun --standalone --nproc_per_node=P launch/bench_chain.py --steps 25 50 100 --json out.json
 
-Restores the same images (drawn from the analytic Gaussian-mixture oracle, sr_avgpool x2) with
+Restores the same images (from the analytic Gaussian-mixture oracle, or uniform noise images for
+another --model; sr_avgpool x2) with
 the chain sharded over the P ranks, and reports per iteration: seconds in the denoiser, in the
 solver, in collectives (each the mean over iterations, max over ranks), bytes sent per rank, K,
 wall-clock, and PSNR against the serial sampler. Rank 0 prints the table; JSON with --json.
@@ -19,12 +20,13 @@ import torch.distributed as dist
 from deqir_dist import make_operator, restore
 from deqir_dist.distributed import init_distributed
 from deqir_dist.metrics import psnr
-from deqir_dist.models import GaussianMixtureDenoiser
+from deqir_dist.models import GaussianMixtureDenoiser, load_denoiser
 
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, nargs="+", default=[25, 50, 100])
+    ap.add_argument("--model", default="analytic", help="analytic (default) or builtin, or a checkpoint")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--images", type=int, default=1)
     ap.add_argument("--solver", default="anderson", choices=("picard", "anderson"))
@@ -32,11 +34,13 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = init_distributed()
     rank, world = dist.get_rank(), dist.get_world_size()
-    model = GaussianMixtureDenoiser(seed=0).to(device)
+    model = load_denoiser(args.model, device=device)
     shape = (3, args.size, args.size)
     g = torch.Generator().manual_seed(0)
     op = make_operator("sr_avgpool", shape, scale=2)
-    y = op.A(model.sample(args.images, shape, g))
+    clean = (GaussianMixtureDenoiser(seed=0).sample(args.images, shape, g) if args.model == "analytic"
+             else torch.rand((args.images, *shape), generator=g) * 2 - 1)
+    y = op.A(clean)
     xi = torch.randn((args.images, *shape), generator=g)
     restore(model, y, op, steps=min(args.steps), solver=args.solver, noise=xi, distributed=True)  # warm-up
     rows = []
@@ -75,7 +79,7 @@ def main(argv=None):
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"solver": args.solver, "image_shape": list(shape), "images": args.images,
-                           "model": "analytic", "task": "sr_avgpool x2", "torch": torch.__version__,
+                           "model": args.model, "task": "sr_avgpool x2", "torch": torch.__version__,
                            "machine": platform.machine(), "backend": dist.get_backend(),
                            "threads_per_rank": torch.get_num_threads(), "rows": rows}, f, indent=2)
     dist.destroy_process_group()

@@ -7,7 +7,9 @@ os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 
-torch.set_num_threads(max(1, min(2, torch.get_num_threads())))
+# One thread: the tests are small, and spawned ranks and Ray workers share the 2 cores;
+# oversubscribed OpenMP threads made small convolutions up to 100x slower here.
+torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -167,6 +167,62 @@ class DistComm(LocalComm):
             return buf.to(t.device)
         return self._run("final broadcast", go)
 
+    # ------------------------------------------------------------------ adjoint (reverse) collectives
+    def halo_back(self, first_row: torch.Tensor, last_default: torch.Tensor) -> torch.Tensor:
+        """Reverse halo: send my first row to rank r-1; receive rank r+1's (the last rank uses ``last_default``)."""
+        def go():
+            ops = []
+            recv = None
+            if self.rank > 0:
+                ops.append(dist.P2POp(dist.isend, self._dev(first_row), self.global_ranks[self.rank - 1], self.group))
+                self.stats.bytes_sent += first_row.numel() * first_row.element_size()
+            if self.rank + 1 < self.size:
+                recv = torch.empty(last_default.shape, dtype=last_default.dtype, device=self.device)
+                ops.append(dist.P2POp(dist.irecv, recv, self.global_ranks[self.rank + 1], self.group))
+            if ops:
+                for w in dist.batch_isend_irecv(ops):
+                    w.wait()
+            return last_default if recv is None else recv.to(last_default.device)
+        return self._run("reverse halo", go)
+
+    def reverse_carry(self, summary, decays: list[float], with_q: bool):
+        """Exclusive REVERSE scan of adjoint block summaries (``inversion.ReverseSummary``).
+
+        all_gather of every rank's (p_total, q_head), then fold ranks P-1 down to r+1 starting from
+        a zero carry (nothing comes after the last row). ``decays[r]`` is rank r's q_decay. Returns
+        an ``inversion.ReverseCarry``, or None on the last rank (no rows after it).
+        """
+        from .inversion import ReverseCarry, ReverseSummary
+
+        def go():
+            mine = torch.stack([summary.p_total, summary.q_head]) if with_q else summary.p_total[None]
+            mine = self._dev(mine)
+            parts = [torch.empty_like(mine) for _ in range(self.size)]
+            dist.all_gather(parts, mine, group=self.group)
+            self.stats.bytes_sent += mine.numel() * mine.element_size() * (self.size - 1)
+            return parts
+        parts = self._run("reverse carry", go)
+        if self.is_last:
+            return None
+        dev = summary.p_total.device
+        zero = torch.zeros_like(summary.p_total)
+        carry = ReverseCarry(zero, zero)
+        for r in range(self.size - 1, self.rank, -1):
+            p = parts[r][0].to(dev)
+            q = parts[r][1].to(dev) if with_q else zero
+            carry = ReverseSummary(p, q, decays[r]).apply(carry)
+        return carry
+
+    def from_first(self, t: torch.Tensor) -> torch.Tensor:
+        """Broadcast ``t`` from rank 0 (every rank passes a tensor of the same shape and dtype)."""
+        def go():
+            buf = self._dev(t)
+            dist.broadcast(buf, src=self.global_ranks[0], group=self.group)
+            if self.is_first:
+                self.stats.bytes_sent += buf.numel() * buf.element_size() * (self.size - 1)
+            return buf.to(t.device)
+        return self._run("first broadcast", go)
+
     def agree(self, payload: bytes) -> list[bytes]:
         """All ranks' 32-byte digests (all_gather)."""
         def go():

@@ -109,6 +109,7 @@ class NoiseGradient:
     trajectory: torch.Tensor | None = None
     adjoint_trace: list[float] = field(default_factory=list)
     forward_residual: float = 0.0           # max over images of |F(h*) - h*| / |F(h*)| (implicit)
+    rank_rows: tuple[int, int] | None = None  # distributed: the rows [lo, hi) of ``trajectory`` (else all)
 
 
 @dataclass
@@ -467,7 +468,7 @@ def noise_gradient(denoiser, y: torch.Tensor, op, xi: torch.Tensor, loss_fn: Cal
                    alphas_cumprod: torch.Tensor | None = None, adjoint: str = "serial",
                    adjoint_tol: float = DEFAULT_ADJOINT_TOL, adjoint_max_iter: int | None = None,
                    vjp_chunk: int | None = None, init: torch.Tensor | None = None,
-                   **solver_options) -> NoiseGradient:
+                   distributed: bool = False, group=None, **solver_options) -> NoiseGradient:
     """Gradient of sum(loss_fn(h*_N)) w.r.t. the initial noise xi (B, C, H, W).
 
     The forward fixed point is solved without a graph (``solver`` "serial", "picard" or
@@ -485,6 +486,15 @@ def noise_gradient(denoiser, y: torch.Tensor, op, xi: torch.Tensor, loss_fn: Cal
 
     method "phantom" (the official approximation): ``phantom_steps`` damped steps
     x <- (1 - tau) x + tau F(x; xi) from the detached fixed point, with autograd; see module doc.
+
+    ``distributed=True`` (inside an initialised torch.distributed group, or ``group``, of P ranks;
+    P = 1 is the single-process path above): rank r owns rows ``split_rows(N, P)[r]`` of the
+    forward AND of the adjoint, no rank holds all rows (see ``_noise_gradient_distributed``).
+    Every rank must pass the same inputs (checked) and the same ``loss_fn``; every rank returns
+    the same grad, loss and image, and its own rows of the trajectory (``rank_rows``; ``init``
+    may be the full trajectory or this rank's rows). Only method "implicit"; the sharded adjoint
+    is always Picard (exact after N evaluations, the same gradient as any exact adjoint):
+    ``adjoint`` "serial" (the default) or "picard" run it, "anderson" is refused (not sharded).
     """
     if method not in METHODS:
         raise DeqirError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
@@ -498,6 +508,25 @@ def noise_gradient(denoiser, y: torch.Tensor, op, xi: torch.Tensor, loss_fn: Cal
     if vjp_chunk is not None and (isinstance(vjp_chunk, bool) or not isinstance(vjp_chunk, int) or vjp_chunk < 1):
         raise DeqirError(f"vjp_chunk must be a positive integer or None, got {vjp_chunk!r}")
     pb = _setup(denoiser, y, op, xi, steps, etw, nw, step_noise, start, sigma_y, dtype, alphas_cumprod)
+    if distributed:
+        from .distributed import DistComm
+        comm = DistComm(group, model_device(denoiser, default=pb.xi.device))
+        if comm.size > 1:
+            if method != "implicit":
+                raise DeqirError("distributed=True supports method='implicit' only (the phantom gradient "
+                                 "is not sharded)")
+            if adjoint == "anderson":
+                raise DeqirError("distributed=True shards the Picard adjoint only: use adjoint='picard' "
+                                 "(or the default 'serial', which runs as Picard when sharded)")
+            if comm.size > steps:
+                raise DeqirError(f"{comm.size} ranks for a chain of {steps} rows: use at most one rank per row")
+            return _noise_gradient_distributed(pb, comm, loss_fn, solver, tol, max_iter, init, solver_options,
+                                               adjoint, adjoint_tol, adjoint_max_iter, vjp_chunk,
+                                               {"steps": steps, "start": start, "etw": etw, "nw": nw,
+                                                "sigma_y": sigma_y, "dtype": str(dtype), "solver": solver,
+                                                "tol": tol, "max_iter": max_iter, "adjoint": adjoint,
+                                                "adjoint_tol": adjoint_tol, "adjoint_max_iter": adjoint_max_iter,
+                                                "options": solver_options})
     traj, k_fwd = _forward(pb, solver, tol, max_iter, init, solver_options)
     if method == "phantom":
         return _phantom(pb, traj, k_fwd, loss_fn, tau, phantom_steps)
@@ -520,6 +549,116 @@ def noise_gradient(denoiser, y: torch.Tensor, op, xi: torch.Tensor, loss_fn: Cal
     with torch.no_grad():
         grad, k_adj, trace = _solve_adjoint(adj, lin, dl, adjoint, adjoint_tol, k_adj_max)
     return NoiseGradient(grad.detach(), loss, image.detach(), k_fwd, k_adj, "implicit", f.detach(), trace, fres)
+
+
+def _noise_gradient_distributed(pb: _Problem, comm, loss_fn, solver: str, tol: float | None,
+                                max_iter: int | None, init: torch.Tensor | None, solver_kw: dict,
+                                adjoint: str, adjoint_tol: float, adjoint_max_iter: int | None,
+                                vjp_chunk: int | None, config: dict) -> NoiseGradient:
+    """The implicit gradient with the chain sharded over P > 1 ranks (``comm``: a ``DistComm``).
+
+    Rank r owns rows [lo, hi) = split_rows(N, P)[r] of the forward and of the adjoint:
+      1. forward: ``solve_chain`` on a ``_RecordingBlock`` of its rows (prefix scan over ranks as in
+         ``restore``; solver "serial" runs the whole chain on every rank, keeping only rows
+         lo-1..hi-1), then one halo exchange so that it knows h*_{lo-1} (rank 0: xi);
+      2. one exact sweep F(h*) on its rows (prefix carry over ranks), the final image broadcast from
+         the last rank: every rank computes the same loss; dL/dh_N lives in the last rank's last row;
+      3. adjoint: Picard on its rows, at most N evaluations (exact by causality), each = reverse
+         exclusive scan of ``AdjointBlock.summary`` over ranks (``DistComm.reverse_carry``), local
+         ``scan`` + ``eps_adjoint``, one batched VJP of the local linearisation (inputs h*_{lo-1} and
+         its rows but the last); the VJP's first row goes to rank r-1 (``DistComm.halo_back``),
+         the rest plus the row received from rank r+1 is J_h^T lam on its rows; the stopping
+         statistics are all-summed (the same trace as one process);
+      4. rank 0 forms dL/dxi = v_0 + xi_linear at the last evaluation; broadcast from rank 0.
+    """
+    from .comm import split_rows
+    from .distributed import check_same_inputs, problem_digest
+
+    n, b = pb.steps, pb.xi.shape[0]
+    blocks = split_rows(n, comm.size)
+    lo, hi = blocks[comm.rank]
+    comm.block_decays = [float(torch.prod(1 - pb.coeffs.lam[a:c])) for a, c in blocks]
+    z_check = None if pb.z is None else [float(pb.z.double().sum()), float(pb.z.double().abs().sum())]
+    check_same_inputs(comm, problem_digest(pb.y, pb.xi, pb.op,
+                                           {**config, "a": pb.coeffs.a.tolist(), "z": z_check}))
+    z_local = None if pb.z is None else pb.z[:, lo:hi]
+
+    # 1. forward: this rank's rows of the fixed point, and the input row of its first row
+    with torch.no_grad():
+        if solver == "serial":
+            kept = {}
+            sample_serial(pb.eps_fn, pb.op, pb.coeffs, pb.y, pb.xi, pb.z,
+                          callback=lambda i, h: kept.__setitem__(i, h) if lo < i <= hi else None)
+            traj = torch.stack([kept[i] for i in range(lo + 1, hi + 1)], 1)
+            k_fwd = n
+        else:
+            opts = SolverOptions.make(solver, "final", DEFAULT_FORWARD_TOL if tol is None else tol,
+                                      max_iter, n, **solver_kw)
+            block = _RecordingBlock(pb.eps_fn, pb.op, pb.coeffs, pb.y, pb.xi, lo, hi, z_local)
+            x0 = None
+            if init is not None:
+                init = check_tensor(init, "init", (b, None, *pb.xi.shape[1:]))
+                if init.shape[1] == n:
+                    init = init[:, lo:hi]
+                elif init.shape[1] != hi - lo:
+                    raise DeqirError(f"init has {init.shape[1]} rows: expected the full trajectory ({n}) "
+                                     f"or this rank's rows ({hi - lo})")
+                x0 = init.detach().to(pb.xi)
+            sol = solve_chain(block, comm, opts, x0=x0)
+            if comm.is_last and not torch.equal(block.traj[:, -1], sol.final):
+                raise DeqirError("internal: the recorded trajectory does not end in the solver's result")
+            traj, k_fwd = block.traj, max(sol.iterations)
+        h_prev = comm.halo(traj[:, -1], pb.xi)
+
+    # 2. one exact sweep on the local rows, the image and the loss on every rank
+    lin = _Linearization(pb.eps_fn, torch.cat([h_prev.unsqueeze(1), traj[:, :-1]], 1),
+                         pb.coeffs.taus[lo:hi].to(pb.xi.device), vjp_chunk)
+    fblock = ChainBlock(pb.eps_fn, pb.op, pb.coeffs, pb.y, pb.xi, lo, hi, z_local)
+    idx = torch.arange(b, device=pb.xi.device)
+    with torch.no_grad():
+        bp, bq = fblock.increments(lin.eps, idx)
+        carry = comm.carry(fblock.carry0, fblock.summary(bp, bq), fblock.range_recurrent)
+        f = fblock.outputs(bp, bq, carry)
+        sq = comm.all_sum(torch.stack([(f - traj).flatten(1).double().pow(2).sum(1),
+                                       f.flatten(1).double().pow(2).sum(1)]))
+        fres = float((sq[0].sqrt() / sq[1].sqrt().clamp_min(1e-300)).max())
+        image = comm.from_last(f[:, -1].contiguous())
+    loss, dl_last = _loss_grad(loss_fn, image)
+
+    # 3. the adjoint, Picard on the local rows
+    adj = AdjointBlock(pb.op, pb.coeffs, lo, hi, dtype=pb.xi.dtype, device=pb.xi.device)
+    rev_decays = []
+    for a, c in blocks:
+        dn = torch.cat([1 - pb.coeffs.lam, torch.zeros(1, dtype=pb.coeffs.lam.dtype)])[a + 1:c + 1]
+        rev_decays.append(float(torch.prod(dn)) if adj.range_recurrent else 0.0)
+    k_max = n if adjoint_max_iter is None else adjoint_max_iter
+    dl = torch.zeros_like(traj)
+    if comm.is_last:
+        dl[:, -1] = dl_last
+    zero_row = torch.zeros_like(pb.xi)
+    trace: list[float] = []
+    x = dl.clone()
+    k = 0
+    with torch.no_grad():
+        while True:
+            rcarry = comm.reverse_carry(adj.summary(x), rev_decays, adj.range_recurrent)
+            mu_p, mu_q = adj.scan(x, rcarry)
+            v = lin.vjp(adj.eps_adjoint(mu_p, mu_q))
+            from_next = comm.halo_back(v[:, 0].contiguous(), zero_row)
+            fx = dl + torch.cat([v[:, 1:], from_next.unsqueeze(1)], 1)
+            sq = comm.all_sum(torch.stack([(fx - x).flatten(1).double().pow(2).sum(1),
+                                           fx.flatten(1).double().pow(2).sum(1)]))
+            rel = sq[0].sqrt() / sq[1].sqrt().clamp_min(1e-300)
+            trace.append(float(rel.max()))
+            k += 1
+            if k >= k_max or k >= n or bool((rel <= adjoint_tol).all()):
+                break
+            x = fx
+        # 4. dL/dxi on rank 0, broadcast
+        grad = v[:, 0] + adj.xi_linear(mu_p, mu_q) if comm.is_first else torch.zeros_like(pb.xi)
+        grad = comm.from_first(grad.contiguous())
+    return NoiseGradient(grad.detach(), loss, image.detach(), k_fwd, k, "implicit", f.detach(), trace, fres,
+                         rank_rows=(lo, hi))
 
 
 def _phantom(pb: _Problem, traj: torch.Tensor, k_fwd: int, loss_fn, tau: float, k: int) -> NoiseGradient:

@@ -68,3 +68,26 @@ def test_more_ranks_than_rows_is_an_error(tmp_path):
     codes, _ = _run(dist_workers.too_many_ranks, 3, tmp_path)
     assert codes == [1, 1, 1]
     assert "at most one rank per row" in (tmp_path / "rank0.err").read_text()
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_noise_gradient_equals_single_process(world, tmp_path):
+    """issue 7.4: the adjoint sharded like the forward (reverse scan over ranks) gives the same dL/dxi."""
+    codes, _ = _run(dist_workers.noise_gradient_equivalence, world, tmp_path)
+    assert codes == [0] * world
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    for rows in ranks:                                   # refused on every rank, before any solve
+        phantom, anderson = rows.pop()["errors"]
+        assert "method='implicit' only" in phantom and "Picard adjoint only" in anderson
+    for case in zip(*ranks):
+        for row in case:
+            assert row["grad_norm"] > 0, row
+            assert row["rel"] <= 1e-4, row
+            assert row["loss_diff"] <= 1e-10 and row["image_diff"] <= 1e-8, row
+            assert row["k_adj"] == [10, 10], row
+            assert row["trace_diff"] <= 1e-4, row
+            lo, hi = row["rows"]
+            assert row["traj_rows"] == hi - lo < 10          # no rank holds all rows
+            assert row["grad_sum"] == case[0]["grad_sum"]    # every rank returns the same gradient
+        blocks = [tuple(r["rows"]) for r in case]
+        assert blocks[0][0] == 0 and blocks[-1][1] == 10 and all(a[1] == c[0] for a, c in zip(blocks, blocks[1:]))

@@ -19,10 +19,14 @@ from .operators import make_operator
 from .restore import restore
 
 
-def _clean_images(model, n: int, shape, gen: torch.Generator) -> torch.Tensor:
+def _clean_images(model_name: str, model, n: int, shape, gen: torch.Generator) -> torch.Tensor:
+    """Test images: the oracle's own samples, or held-out photograph crops for the builtin prior."""
     if hasattr(model, "sample"):
         return model.sample(n, shape, generator=gen)
-    raise DeqirError("bench needs a model that can sample its own test images (e.g. --model analytic)")
+    if model_name == "builtin":
+        from .demo import builtin_bench_images
+        return builtin_bench_images(n, shape[-1])
+    raise DeqirError("bench needs --model analytic or builtin (they come with test images)")
 
 
 def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), task: str = "sr_avgpool",
@@ -33,7 +37,7 @@ def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), tas
     den = load_denoiser(model, checkpoint=checkpoint, device=device)
     shape = (3, size, size)
     gen = torch.Generator().manual_seed(seed)
-    gt = _clean_images(den, images, shape, gen)
+    gt = _clean_images(model, den, images, shape, gen)
     params = {"scale": scale} if task.startswith("sr_") else {}
     op = make_operator(task, shape, **params)
     y = op.A(gt)

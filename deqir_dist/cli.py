@@ -53,7 +53,9 @@ def _operator_params(args) -> dict:
 
 def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampler")
-    g.add_argument("--model", default="analytic", help="denoiser name (default: analytic)")
+    g.add_argument("--model",
+                   help="builtin (the default without --checkpoint: the shipped prior), analytic (exact "
+                        "oracle), adm-256-uncond, sdedit-celeba-hq, or a checkpoint file")
     g.add_argument("--checkpoint", help="weights file for the model")
     g.add_argument("--solver", default="anderson", choices=("serial", "picard", "anderson", "auto"),
                    help="auto: serial or anderson, whichever the measured cost model predicts is faster")
@@ -125,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the per-image metrics here")
 
     p = sub.add_parser("bench", help="serial vs picard vs anderson on the same input: K, time, PSNR")
-    p.add_argument("--model", default="analytic")
+    p.add_argument("--model", default="analytic", help="analytic (default) or builtin (held-out photographs)")
     p.add_argument("--checkpoint")
     p.add_argument("--steps", type=int, nargs="+", default=[25, 50, 100])
     p.add_argument("--task", default="sr_avgpool", choices=TASKS)
@@ -142,7 +144,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device")
     p.add_argument("--json", help="write the results here")
 
+    from .demo import add_parser as add_demo_parser
+    from .prior import add_parser as add_prior_parser
     from .ray_pipeline import add_parser as add_ray_parser
+    add_demo_parser(sub)
+    add_prior_parser(sub)
     add_ray_parser(sub)
     return parser
 
@@ -203,7 +209,7 @@ def cmd_restore(args) -> int:
         dist.destroy_process_group()
     if not lead:
         return 0
-    summary = {"command": "restore", "model": args.model, "task": args.task,
+    summary = {"command": "restore", "model": args.model or args.checkpoint or "builtin", "task": args.task,
                "operator": items[0].op.describe()["params"], **kw, "seed": args.seed,
                "world_size": world, "summary": summarize(records), "images": records}
     cols = ["id", "iterations", "seconds"] + [c for c in ("psnr", "ssim") if c in records[0]]
@@ -294,8 +300,18 @@ def cmd_ray_restore(args) -> int:
     return run(args)
 
 
+def cmd_demo(args) -> int:
+    from .demo import cmd_demo as run
+    return run(args)
+
+
+def cmd_train_prior(args) -> int:
+    from .prior import cmd_train_prior as run
+    return run(args)
+
+
 COMMANDS = {"degrade": cmd_degrade, "restore": cmd_restore, "eval": cmd_eval, "bench": cmd_bench,
-            "ray-restore": cmd_ray_restore}
+            "ray-restore": cmd_ray_restore, "demo": cmd_demo, "train-prior": cmd_train_prior}
 
 
 def main(argv: list[str] | None = None) -> int:

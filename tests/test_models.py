@@ -165,7 +165,7 @@ def test_named_models_fresh_and_unknown_name():
         m = load_denoiser(name, device="meta")
         assert isinstance(m, cls) and not m.training
         assert sum(p.numel() for p in m.parameters()) == n
-    assert MODEL_NAMES == ("analytic", "adm-256-uncond", "sdedit-celeba-hq")
+    assert MODEL_NAMES == ("builtin", "analytic", "adm-256-uncond", "sdedit-celeba-hq")
     with pytest.raises(DeqirError, match="unknown model"):
         load_denoiser("imagenet-512")
     with pytest.raises(DeqirError, match="not found"):

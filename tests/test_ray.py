@@ -21,7 +21,7 @@ from deqir_dist.errors import DeqirError  # noqa: E402
 from deqir_dist.ray_pipeline import (RestoreWorker, add_parser, check_id, cmd_ray_restore,  # noqa: E402
                                      config_hash, load_results, main, read_input)
 
-FAST = ["--steps", "6", "--no-progress"]
+FAST = ["--model", "analytic", "--steps", "6", "--no-progress"]
 SR2 = ["--task", "sr_avgpool", "--scale", "2"]
 
 

@@ -11,7 +11,7 @@ from .analytic import GaussianMixtureDenoiser
 from .loading import (ARCHITECTURES, CHECKPOINT_SUFFIXES, PRESETS, apply_precision, build_model,
                       load_checkpoint, parse_dtype)
 
-MODEL_NAMES = ("analytic",) + tuple(PRESETS)
+MODEL_NAMES = ("builtin", "analytic") + tuple(PRESETS)
 
 
 def _looks_like_path(name: str) -> bool:
@@ -23,6 +23,8 @@ def load_denoiser(name_or_path: str | os.PathLike | None, checkpoint=None, dtype
                   device: torch.device | str | None = None, config: dict | None = None) -> torch.nn.Module:
     """A ready-to-use denoiser ``eps = model(x, t)`` in eval mode.
 
+    ``builtin``: the small prior trained on scikit-image's photographs that ships with the package
+    (the default model; any size that is a multiple of 4).
     ``analytic``: the closed-form Gaussian-mixture oracle (no weights; any image size).
     ``adm-256-uncond``: guided-diffusion's 256x256 unconditional ImageNet UNet (6 output channels:
     eps and the learned variance). ``sdedit-celeba-hq``: the DDPM UNet of SDEdit's CelebA-HQ model.
@@ -40,6 +42,13 @@ def load_denoiser(name_or_path: str | os.PathLike | None, checkpoint=None, dtype
         name_or_path = os.fspath(name_or_path)
     if checkpoint is not None:
         checkpoint = os.fspath(checkpoint)
+    if name_or_path is None and checkpoint is None:
+        name_or_path = "builtin"                     # the default model
+    if name_or_path == "builtin":
+        if checkpoint is not None or config is not None:
+            raise DeqirError("the builtin model ships with the package; it takes no checkpoint or config")
+        from .builtin import load_builtin
+        return load_builtin(dtype=parse_dtype(dtype), device=device).eval()
     if name_or_path in (None, "analytic") and checkpoint is None:
         if config is not None:
             raise DeqirError("the analytic model takes no config")

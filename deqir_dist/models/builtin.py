@@ -1,0 +1,108 @@
+"""The built-in prior: a small DDPM UNet whose trained weights ship inside the package.
+
+``load_builtin()`` returns it ready to use (float32, eval mode). The weights were trained with
+``deqir train-prior`` (the exact command, data, held-out images, wall time and validation
+numbers are in the model card ``weights/builtin.json``, see :func:`builtin_card`). It is a
+demonstration prior trained on a handful of photographs bundled with scikit-image, not a
+paper-grade model. Fully convolutional: it runs on any H, W that are multiples of
+:data:`BUILTIN_SIZE_MULTIPLE` (4); other sizes raise a ``DeqirError`` naming the multiple.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import torch
+
+from ..errors import DeqirError
+
+__all__ = ["BUILTIN_CONFIG", "BUILTIN_SIZE_MULTIPLE", "BUILTIN_WEIGHTS", "BUILTIN_CARD", "load_builtin",
+           "builtin_card", "builtin_heldout", "read_builtin_file"]
+
+BUILTIN_CONFIG = dict(ch=32, out_ch=3, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                      in_channels=3, resolution=64, resamp_with_conv=True)
+BUILTIN_SIZE_MULTIPLE = 2 ** (len(BUILTIN_CONFIG["ch_mult"]) - 1)
+WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
+BUILTIN_WEIGHTS = WEIGHTS_DIR / "builtin.safetensors"
+BUILTIN_CARD = WEIGHTS_DIR / "builtin.json"
+
+_RETRAIN = ("reinstall deqir-dist, or train it again with "
+            "`deqir train-prior -o {path}` (the model card builtin.json records the exact command)")
+
+
+def _normal(cfg: dict) -> dict:
+    return {k: tuple(v) if isinstance(v, list) else v for k, v in cfg.items()}
+
+
+def read_builtin_file(path: str | os.PathLike | None = None) -> tuple[dict, dict, dict]:
+    """(state dict, config, metadata) of a prior weights file (default: the shipped one)."""
+    p = Path(path) if path is not None else BUILTIN_WEIGHTS
+    if not p.is_file():
+        if path is None:
+            raise DeqirError(f"the built-in prior's weights are missing (expected {p}); "
+                             + _RETRAIN.format(path=p))
+        raise DeqirError(f"prior weights file not found: {p}")
+    try:
+        from safetensors import safe_open
+        with safe_open(str(p), framework="pt", device="cpu") as f:
+            meta = dict(f.metadata() or {})
+            sd = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # noqa: BLE001 - one line for any corrupt or truncated file
+        raise DeqirError(f"cannot read the prior weights {p}: {type(e).__name__}: {e}; "
+                         + _RETRAIN.format(path=p)) from None
+    if meta.get("deqir_arch") != "ddpm" or "deqir_config" not in meta:
+        raise DeqirError(f"{p} is not a deqir prior weights file (no ddpm architecture metadata)")
+    try:
+        cfg = _normal(json.loads(meta["deqir_config"]))
+    except ValueError:
+        raise DeqirError(f"{p}: metadata deqir_config is not valid JSON") from None
+    return sd, cfg, meta
+
+
+def load_builtin(dtype: torch.dtype | str | None = None, device: torch.device | str | None = None,
+                 path: str | os.PathLike | None = None) -> torch.nn.Module:
+    """The built-in prior (a ``DDPMUNet``) in eval mode, float32 unless ``dtype`` says otherwise.
+
+    ``path`` loads another file written by ``deqir train-prior`` instead of the shipped one.
+    A missing or corrupt file, or one that does not hold :data:`BUILTIN_CONFIG` (shipped file
+    only), raises ``DeqirError`` saying how to get it back.
+    """
+    from .ddpm import DDPMUNet
+    from .loading import apply_precision, state_dict_mismatch
+    sd, cfg, _ = read_builtin_file(path)
+    if path is None and cfg != _normal(BUILTIN_CONFIG):
+        raise DeqirError(f"{BUILTIN_WEIGHTS} holds config {cfg}, not BUILTIN_CONFIG {BUILTIN_CONFIG}; "
+                         + _RETRAIN.format(path=BUILTIN_WEIGHTS))
+    try:
+        with torch.device("meta"):
+            model = DDPMUNet(**cfg)
+    except TypeError as e:
+        raise DeqirError(f"bad prior config in the weights file: {e}") from None
+    mismatch = state_dict_mismatch(model.state_dict(), sd)
+    if mismatch:
+        raise DeqirError(f"the prior weights do not match their config: {mismatch}")
+    model.load_state_dict({k: v.float() for k, v in sd.items()}, strict=True, assign=True)
+    model = apply_precision(model, dtype)
+    if device is not None:
+        model = model.to(device)
+    model.weights_path = str(path or BUILTIN_WEIGHTS)
+    return model.eval()
+
+
+def builtin_card(path: str | os.PathLike | None = None) -> dict:
+    """The model card (JSON) of the shipped prior, or of the card at ``path``."""
+    p = Path(path) if path is not None else BUILTIN_CARD
+    if not p.is_file():
+        raise DeqirError(f"model card not found: {p}")
+    with open(p) as f:
+        return json.load(f)
+
+
+def builtin_heldout(path: str | os.PathLike | None = None) -> dict:
+    """name -> (H, W, 3) uint8 held-out photograph stored in the weights file (never trained on)."""
+    from ..prior import read_heldout_png
+    _, _, meta = read_builtin_file(path)
+    if "deqir_heldout_png" not in meta:
+        raise DeqirError(f"{path or BUILTIN_WEIGHTS} stores no held-out images")
+    return read_heldout_png(meta["deqir_heldout_png"])

@@ -1,0 +1,60 @@
+"""``deqir demo`` end to end at a tiny size, and the held-out bench images."""
+import json
+
+import pytest
+import torch
+from PIL import Image
+
+from deqir_dist.demo import DEMO_TASKS, builtin_bench_images, format_demo, main, run_demo
+from deqir_dist.errors import DeqirError
+
+
+def test_demo_end_to_end_tiny(tmp_path):
+    out = tmp_path / "demo"
+    res = run_demo(out_dir=out, size=16, steps=3, samples=2, progress=False)
+    assert [r["task"] for r in res["table"]] == list(DEMO_TASKS)
+    for task in DEMO_TASKS:
+        grid = Image.open(out / f"grid_{task}.png")
+        assert grid.width > 5 * 16 and grid.height > 2 * 16
+        for name in res["images"]:
+            for col in ("degraded", "baseline", "serial", "parallel", "truth", "serial_mmse2"):
+                assert (out / "images" / task / f"{name}_{col}.png").is_file()
+        t = res["tasks"][task]
+        assert t["convergence"] and all(1 <= r["K"] <= 3 for r in t["per_image"])
+        assert t["baseline"] in t["all_baselines_psnr"]
+    assert Image.open(out / "convergence.png").size[0] > 500
+    saved = json.loads((out / "metrics.json").read_text())
+    assert saved["table"] == json.loads(json.dumps(res["table"]))
+    row = res["table"][0]
+    for key in ("psnr_base", "ssim_base", "psnr_serial", "psnr_par", "psnr_mmse", "K", "par_vs_serial"):
+        assert key in row
+    # the parallel result is the serial one up to the stopping tolerance
+    assert min(r["par_vs_serial"] for r in res["table"]) > 30
+    text = format_demo(res)
+    assert "inpaint_box" in text and "mmse" in text
+
+
+def test_demo_cli_one_task(tmp_path, capsys):
+    rc = main(["demo", "-o", str(tmp_path / "d"), "--size", "16", "--steps", "2", "--tasks", "colorize",
+               "--images", "coffee", "--no-progress", "--json", str(tmp_path / "m.json")])
+    assert rc == 0
+    assert "colorize" in capsys.readouterr().out
+    assert (tmp_path / "d" / "grid_colorize.png").is_file() and (tmp_path / "m.json").is_file()
+    assert main(["demo", "-o", str(tmp_path / "e"), "--size", "18"]) == 2
+    assert "multiple of 4" in capsys.readouterr().err
+
+
+def test_demo_bad_arguments(tmp_path):
+    with pytest.raises(DeqirError, match="unknown demo task"):
+        run_demo(out_dir=tmp_path, tasks=["sr_x8"], progress=False)
+    with pytest.raises(DeqirError, match="no held-out image"):
+        run_demo(out_dir=tmp_path, images=["astronaut"], size=16, progress=False)
+
+
+def test_builtin_bench_images():
+    x = builtin_bench_images(5, 32)
+    assert x.shape == (5, 3, 32, 32) and x.min() >= -1 and x.max() <= 1
+    assert torch.equal(x, builtin_bench_images(5, 32))
+    assert not torch.equal(x[0], x[2])           # the ring of offsets gives new crops
+    with pytest.raises(DeqirError, match="multiple of 4"):
+        builtin_bench_images(2, 30)

@@ -1,0 +1,172 @@
+"""The built-in prior: shipped weights + card, loading, training reproducibility, baselines."""
+import hashlib
+import json
+
+import pytest
+import torch
+
+from deqir_dist.baselines import (back_project, baselines_for, best_baseline, bicubic_up, blur_matrices,
+                                  fill_harmonic, fill_mean, fill_nearest, tikhonov_deblur)
+from deqir_dist.errors import DeqirError
+from deqir_dist.metrics import psnr
+from deqir_dist.models import builtin
+from deqir_dist.models.builtin import BUILTIN_CARD, BUILTIN_CONFIG, BUILTIN_WEIGHTS, load_builtin
+from deqir_dist.operators import make_operator
+
+
+def _sha(path):
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+# ----------------------------------------------------------------------------- shipped weights and card
+
+def test_card_matches_shipped_weights():
+    card = json.loads(BUILTIN_CARD.read_text())
+    w = card["weights"]
+    assert w["file"] == BUILTIN_WEIGHTS.name
+    assert w["sha256"] == _sha(BUILTIN_WEIGHTS)
+    assert w["bytes"] == BUILTIN_WEIGHTS.stat().st_size < 20_000_000
+    model = load_builtin()
+    assert w["parameters"] == sum(p.numel() for p in model.parameters())
+    assert {k: tuple(v) if isinstance(v, list) else v for k, v in card["config"].items()} == BUILTIN_CONFIG
+    assert card["command"].startswith("deqir train-prior ")
+    train = {d["name"] for d in card["data"]["train_images"]}
+    held = {d["name"] for d in card["data"]["heldout_images"]}
+    assert len(held) >= 2 and not train & held and "cat" not in train
+    assert card["training"]["wall_seconds"] > 0 and card["training"]["final_loss"] > 0
+    assert set(card["validation"]["eps_mse"]) and card["validation"]["restoration"]["tasks"]
+    assert set(builtin.builtin_heldout()) == held
+
+
+def test_load_builtin_runs_at_multiples_of_four():
+    model = load_builtin()
+    assert not model.training and next(model.parameters()).dtype == torch.float32
+    with torch.no_grad():
+        for h, w in ((64, 64), (48, 80)):
+            x = torch.randn(2, 3, h, w)
+            out = model(x, torch.tensor([10, 500]))
+            assert out.shape == (2, 3, h, w) and torch.isfinite(out).all()
+        with pytest.raises(DeqirError, match="multiple of 4"):
+            model(torch.randn(1, 3, 62, 64), torch.tensor([10]))
+    half = load_builtin(dtype="bfloat16")
+    assert next(half.parameters()).dtype == torch.bfloat16
+
+
+def test_load_builtin_missing_or_corrupt(tmp_path, monkeypatch):
+    monkeypatch.setattr(builtin, "BUILTIN_WEIGHTS", tmp_path / "builtin.safetensors")
+    with pytest.raises(DeqirError, match="missing.*train-prior"):
+        builtin.load_builtin()
+    bad = tmp_path / "bad.safetensors"
+    bad.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(DeqirError, match="cannot read"):
+        builtin.load_builtin(path=bad)
+
+
+# ----------------------------------------------------------------------------- training
+
+def _tiny_cfg(**kw):
+    from deqir_dist.prior import TrainConfig
+    base = dict(model=dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
+                           in_channels=3, resolution=16, resamp_with_conv=True),
+                steps=4, batch=2, crops=(8, 16), warmup=2, val_every=2, val_crops=2, val_size=16,
+                train_images=("astronaut",), heldout_images=("chelsea",), min_short=32, max_short=48,
+                pyramid_levels=2, restore_eval=False, threads=1)
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def test_tiny_training_is_reproducible_and_writes_weights_and_card(tmp_path):
+    pytest.importorskip("skimage")
+    from deqir_dist.prior import train_prior, write_prior
+    a = train_prior(_tiny_cfg(), progress=False, log_path=tmp_path / "loss.csv")
+    b = train_prior(_tiny_cfg(), progress=False)
+    assert len(a["losses"]) == 4 and a["losses"] == b["losses"]
+    c = train_prior(_tiny_cfg(seed=1), progress=False)
+    assert c["losses"] != a["losses"]
+    assert (tmp_path / "loss.csv").read_text().count("\n") == 5
+    w, card_path = write_prior(a, tmp_path / "p.safetensors", command="deqir train-prior -o p.safetensors")
+    card = json.loads(card_path.read_text())
+    assert card_path == tmp_path / "p.json" and card["weights"]["sha256"] == _sha(w)
+    assert card["data"]["heldout_images"][0]["name"] == "chelsea"
+    assert card["validation"]["eps_mse_history"][0]["step"] == 2 and card["validation"]["eps_mse"]
+    model = load_builtin(path=w)
+    sd = a["model"].state_dict()
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, sd[k].half().float())
+    assert set(builtin.builtin_heldout(w)) == {"chelsea"}
+
+
+def test_train_prior_cli_and_bad_settings(tmp_path, capsys):
+    pytest.importorskip("skimage")
+    from deqir_dist.prior import TrainConfig, main, train_prior
+    out = tmp_path / "cli.safetensors"
+    rc = main(["train-prior", "-o", str(out), "--steps", "2", "--batch", "1", "--crops", "16", "--ch-mult", "1,2",
+               "--train-images", "rocket", "--heldout-images", "coffee", "--val-crops", "1", "--threads", "1",
+               "--no-restore-eval", "--no-progress"])
+    assert rc == 0 and out.is_file() and (tmp_path / "cli.json").is_file() and (tmp_path / "cli.loss.csv").is_file()
+    card = json.loads((tmp_path / "cli.json").read_text())
+    assert card["command"].startswith("deqir train-prior -o") and "--steps 2" in card["command"]
+    with pytest.raises(DeqirError, match="overlap"):
+        train_prior(_tiny_cfg(train_images=("chelsea",)), progress=False)
+    with pytest.raises(DeqirError, match="multiples of 2"):
+        train_prior(_tiny_cfg(crops=(9,)), progress=False)
+    with pytest.raises(DeqirError, match="unknown training setting"):
+        TrainConfig(stepz=3)
+    assert main(["train-prior", "-o", str(tmp_path / "x.pt"), "--steps", "1"]) == 2
+    assert "safetensors" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- baselines
+
+def _smooth(b=2, c=3, h=32, w=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(b, c, h // 8, w // 8, generator=g)
+    return torch.nn.functional.interpolate(x, size=(h, w), mode="bicubic", align_corners=False).clamp(-1, 1)
+
+
+def test_sr_baselines():
+    x = _smooth()
+    op = make_operator("sr_bicubic", (3, 32, 32), scale=4)
+    y = op.A(x)
+    const = torch.full((1, 3, 8, 8), 0.3)
+    torch.testing.assert_close(bicubic_up(const, 4), torch.full((1, 3, 32, 32), 0.3))
+    bp = back_project(op, y, bicubic_up(y, 4))
+    torch.testing.assert_close(op.A(bp), y, atol=1e-5, rtol=0)
+    c = baselines_for(op, y)
+    assert set(c) == {"bicubic", "pinv", "bicubic+bp"}
+    name, est = best_baseline(op, y, x)
+    assert name in c and torch.equal(est, c[name])
+    assert float(psnr(est.clamp(-1, 1), x).mean()) == max(float(psnr(v.clamp(-1, 1), x).mean()) for v in c.values())
+
+
+def test_deblur_baselines():
+    x = _smooth(h=32, w=48)
+    op = make_operator("deblur_gauss", (3, 32, 48), size=5, sigma=2.0)
+    y = op.A(x)
+    Kh, Kw = blur_matrices(op)
+    torch.testing.assert_close((Kh @ x.double() @ Kw.T).float(), y, atol=1e-5, rtol=0)
+    est = tikhonov_deblur(op, y, 1e-9)          # nearly the exact inverse on noiseless data
+    assert float(psnr(est, x).min()) > 45
+    assert float(psnr(tikhonov_deblur(op, y, 1e-2), x).min()) < float(psnr(est, x).min())
+    assert "tikhonov(0.001)" in baselines_for(op, y)
+    with pytest.raises(DeqirError, match="blur"):
+        blur_matrices(make_operator("colorize", (3, 8, 8)))
+
+
+def test_inpaint_baselines():
+    h = w = 24
+    ramp = (torch.arange(w, dtype=torch.float32) / w - 0.5)[None, None, None, :].expand(1, 3, h, w) \
+        + (torch.arange(h, dtype=torch.float32) / h * 0.5)[None, None, :, None]
+    op = make_operator("inpaint", (3, h, w), mask="box", fraction=0.25)
+    y = op.A(ramp)
+    m = op.mask[None, None]
+    # a linear ramp is harmonic: the membrane fill of an interior hole reproduces it
+    torch.testing.assert_close(fill_harmonic(y, m), ramp, atol=1e-4, rtol=0)
+    const = torch.full((1, 3, h, w), -0.4)
+    torch.testing.assert_close(fill_nearest(op.A(const), m), const)
+    torch.testing.assert_close(fill_mean(op.A(const), m), const)
+    nearest = fill_nearest(y, m)
+    assert torch.equal(nearest * m, y * m)       # observed pixels untouched
+    rnd = make_operator("inpaint", (3, h, w), mask="random")
+    name, est = best_baseline(rnd, rnd.A(ramp), ramp)
+    assert name == "harmonic" and float(psnr(est, ramp)) > 40

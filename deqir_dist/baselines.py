@@ -95,7 +95,6 @@ def fill_nearest(y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     x = y * mask
     known = mask.expand(y.shape[0], 1, *y.shape[2:]).clone()
     kernel = torch.tensor([[0, 1, 0], [1, 0, 1], [0, 1, 0]], dtype=y.dtype, device=y.device)[None, None]
-    c = y.shape[1]
     for _ in range(y.shape[2] + y.shape[3]):
         if bool((known > 0).all()):
             break
@@ -106,7 +105,6 @@ def fill_nearest(y: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         known = torch.where(new, torch.ones_like(known), known)
     if not bool((known > 0).all()):     # nothing observed at all
         return fill_mean(y, mask)
-    del c
     return x
 
 

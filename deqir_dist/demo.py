@@ -22,7 +22,6 @@ posterior mean (MMSE), reported separately and labelled as such.
 """
 from __future__ import annotations
 
-import json
 import math
 import platform
 import sys
@@ -499,17 +498,9 @@ def cmd_demo(args) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m deqir_dist.demo ...`` (same flags as ``deqir demo``)."""
-    import argparse
-    parser = argparse.ArgumentParser(prog="deqir")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except DeqirError as e:
-        print(f"deqir: error: {e}", file=sys.stderr)
-        return 2
+    """``python -m deqir_dist.demo COMMAND ...``: the ``deqir`` command line."""
+    from .cli import main as cli_main
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 
 from .chain import Carry, Summary
-from .comm import CommStats, LocalComm, _Timer
+from .comm import CommStats, LocalComm
 from .errors import DeqirError
 
 DEFAULT_TIMEOUT_S = 300.0

@@ -244,7 +244,6 @@ def _amp_ctx(amp: str, device: torch.device):
 
 
 def _check_cfg(cfg) -> None:
-    from .models.ddpm import DDPMUNet  # noqa: F401
     for key in ("steps", "batch", "val_crops", "val_size", "pyramid_levels", "min_short", "max_short"):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -660,17 +659,9 @@ def cmd_train_prior(args) -> int:
 
 
 def main(argv=None) -> int:
-    """``python -m deqir_dist.prior ...`` (same flags as ``deqir train-prior``)."""
-    import argparse
-    parser = argparse.ArgumentParser(prog="deqir")
-    sub = parser.add_subparsers(dest="command", required=True)
-    add_parser(sub)
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except DeqirError as e:
-        print(f"deqir: error: {e}", file=sys.stderr)
-        return 2
+    """``python -m deqir_dist.prior COMMAND ...``: the ``deqir`` command line."""
+    from .cli import main as cli_main
+    return cli_main(argv)
 
 
 if __name__ == "__main__":

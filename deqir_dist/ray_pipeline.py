@@ -1020,17 +1020,8 @@ def cmd_ray_restore(args) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """``python launch/ray_restore.py ...``: the same flags as ``deqir ray-restore``."""
-    p = argparse.ArgumentParser(prog="ray_restore", description="Restore a dataset on a Ray cluster.")
-    _add_arguments(p)
-    args = p.parse_args(argv)
-    try:
-        return cmd_ray_restore(args)
-    except DeqirError as e:
-        print(f"deqir: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("deqir: interrupted", file=sys.stderr)
-        return 130
+    from .cli import main as cli_main
+    return cli_main(["ray-restore", *(sys.argv[1:] if argv is None else argv)])
 
 
 if __name__ == "__main__":

@@ -51,6 +51,16 @@ def _operator_params(args) -> dict:
     return params
 
 
+def _add_output_flags(p: argparse.ArgumentParser, out_help: str) -> None:
+    """Flags shared by restore and ray-restore: where and how results are written."""
+    p.add_argument("-o", "--out", required=True, help=out_help)
+    p.add_argument("--from-clean", action="store_true",
+                   help="inputs are ground-truth images: degrade them here, then report PSNR/SSIM")
+    p.add_argument("--json", help="summary JSON file (default: OUT/summary.json)")
+    p.add_argument("--bits", type=int, default=8, choices=(8, 16), help="PNG bit depth")
+    p.add_argument("--no-progress", action="store_true")
+
+
 def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampler")
     g.add_argument("--model",
@@ -100,12 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("restore", help="restore measurements (or degrade-then-restore clean images)")
     p.add_argument("inputs", nargs="+", help="measurement files (from deqir degrade) or folders")
-    p.add_argument("-o", "--out", required=True, help="output folder (restored <id>.png)")
-    p.add_argument("--from-clean", action="store_true",
-                   help="inputs are ground-truth images: degrade them here, then report PSNR/SSIM")
-    p.add_argument("--json", help="summary JSON file (default: OUT/summary.json)")
-    p.add_argument("--bits", type=int, default=8, choices=(8, 16), help="PNG bit depth")
-    p.add_argument("--no-progress", action="store_true")
+    _add_output_flags(p, "output folder (restored <id>.png)")
     g = p.add_argument_group("noise optimisation (DEQ inversion, exact implicit gradients)")
     g.add_argument("--optimize-noise", metavar="LOSS",
                    help="consistency (needs --sigma-y > 0) | reference:PATH | oracle:PATH (ground truth: "

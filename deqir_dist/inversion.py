@@ -67,7 +67,7 @@ from typing import Callable
 
 import torch
 
-from .chain import ChainBlock
+from .chain import ChainBlock, linear_scan
 from .comm import LocalComm
 from .denoiser import EpsFn, model_device
 from .errors import DeqirError
@@ -137,19 +137,9 @@ class NoiseOptimization:
 def reverse_scan(decay_next: torch.Tensor, w: torch.Tensor, init: torch.Tensor | None) -> torch.Tensor:
     """mu_i = w_i + decay_next_i mu_{i+1} along dim 1 of w (B, n, ...), mu_n = init or 0.
 
-    ``decay_next`` is a host (n,) tensor (all-ones: reverse cumsum; all-zeros: w itself).
+    The forward ``linear_scan`` run on the reversed rows (``decay_next`` is a host (n,) tensor).
     """
-    if bool((decay_next == 0).all()):
-        return w
-    if bool((decay_next == 1).all()):
-        out = torch.flip(torch.cumsum(torch.flip(w, [1]), 1), [1])
-        return out if init is None else out + init.unsqueeze(1)
-    out = torch.empty_like(w)
-    v = torch.zeros_like(w[:, 0]) if init is None else init
-    for i in range(w.shape[1] - 1, -1, -1):
-        v = w[:, i] + float(decay_next[i]) * v
-        out[:, i] = v
-    return out
+    return torch.flip(linear_scan(torch.flip(decay_next, [0]), torch.flip(w, [1]), init), [1])
 
 
 @dataclass

@@ -963,15 +963,10 @@ def add_parser(subparsers) -> argparse.ArgumentParser:
 
 
 def _add_arguments(p: argparse.ArgumentParser) -> None:
-    from .cli import _add_sampler_flags, _add_task_flags
+    from .cli import _add_output_flags, _add_sampler_flags, _add_task_flags
     p.add_argument("input", help="a folder of measurements (or clean images with --from-clean), or a JSONL "
                                  "manifest: {\"id\", \"path\", \"gt\"?, \"params\"?} per line")
-    p.add_argument("-o", "--out", required=True, help="output folder: <id>.png, results.jsonl, summary.json")
-    p.add_argument("--from-clean", action="store_true",
-                   help="inputs are ground-truth images: degrade them here, then report PSNR/SSIM")
-    p.add_argument("--json", help="summary JSON file (default: OUT/summary.json)")
-    p.add_argument("--bits", type=int, default=8, choices=(8, 16), help="PNG bit depth")
-    p.add_argument("--no-progress", action="store_true")
+    _add_output_flags(p, "output folder: <id>.png, results.jsonl, summary.json")
     g = p.add_argument_group("ray")
     g.add_argument("--address", default="local",
                    help="local (start a Ray instance here; default), auto (join the running cluster) or HOST:PORT")

@@ -13,7 +13,11 @@ etw = 0.8, nw = 0, tuned on other held-out crops, see ``DEMO_ETW``). Written to 
 * ``convergence.png``: per parallel iteration, the final image's PSNR against the serial result
   and the stopping quantity (the final row's change in dB), one line per task;
 * ``metrics.json``: every number, including all classical baselines;
-* a table on the terminal: PSNR/SSIM per task for the baseline, serial, parallel, and K.
+* a table on the terminal: PSNR/SSIM per task for the baseline, serial, parallel, and K;
+* unless ``--no-inversion``: noise optimisation before / after for one task (random inpainting,
+  noisy measurements), with the blind consistency loss and, labelled "oracle", the ground-truth
+  loss (an upper bound): ``grid_inversion_<task>_consistency_vs_oracle.png``, the images, the
+  ``inversion`` block of ``metrics.json`` and a few terminal lines (``demo_inversion``).
 
 The classical baseline shown is, per task, the best of :mod:`deqir_dist.baselines` by mean PSNR
 against the ground truth (an oracle choice that favours the baselines). ``--samples N`` (N > 1)
@@ -30,6 +34,7 @@ from pathlib import Path
 
 import torch
 
+from .demo_inversion import INVERSION_ITERS, format_inversion, grid_name, run_inversion
 from .errors import DeqirError
 
 __all__ = ["DEMO_TASKS", "builtin_bench_images", "heldout_images", "run_demo", "format_demo", "add_parser",
@@ -218,11 +223,14 @@ def _mean(v):
 def run_demo(out_dir="demo-out", size: int = 64, images=None, crops: int = 1, tasks=None, steps: int = 25,
              solver: str = "anderson", stop_tol: float | None = None, etw: float = DEMO_ETW, nw: float = DEMO_NW,
              samples: int = 1, seed: int = 0, model=None, weights=None, device=None, progress: bool = True,
-             write: bool = True, warm_start: int = 1) -> dict:
+             write: bool = True, warm_start: int = 1, inversion: bool = True,
+             inversion_iters: int | None = None) -> dict:
     """Run the demo; returns the metrics dict (also written to ``out_dir/metrics.json``).
 
     ``model``: a denoiser (default: the built-in prior, or the prior in ``weights``);
-    ``images``: held-out photograph names (default all stored ones); ``crops`` per photograph.
+    ``images``: held-out photograph names (default all stored ones); ``crops`` per photograph;
+    ``inversion``: add the noise-optimisation stage (``inversion_iters`` gradient evaluations per
+    loss, default ``demo_inversion.INVERSION_ITERS``).
     """
     from .baselines import baselines_for
     from .imageio import ensure_writable_dir, write_image
@@ -241,7 +249,8 @@ def run_demo(out_dir="demo-out", size: int = 64, images=None, crops: int = 1, ta
     if isinstance(size, bool) or not isinstance(size, int) or size < 16 or size % BUILTIN_SIZE_MULTIPLE:
         raise DeqirError(f"--size must be a multiple of {BUILTIN_SIZE_MULTIPLE} and at least 16 (SSIM needs an "
                          f"11x11 window, x4 super-resolution a 4x4 measurement), got {size!r}")
-    for key, v in (("crops", crops), ("samples", samples)):
+    inversion_iters = INVERSION_ITERS if inversion_iters is None else inversion_iters
+    for key, v in (("crops", crops), ("samples", samples), ("inversion_iters", inversion_iters)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise DeqirError(f"{key} must be a positive integer, got {v!r}")
     check_settings(steps, solver, 1000, etw, nw, 0.0, "final", stop_tol, None)
@@ -399,6 +408,9 @@ def run_demo(out_dir="demo-out", size: int = 64, images=None, crops: int = 1, ta
     if bar is not None:
         bar.close()
     result["table"] = rows
+    if inversion:
+        result["inversion"] = run_inversion(model, x, names, out if write else None, steps, etw, nw, seed,
+                                            iters=inversion_iters, progress=progress)
     if write:
         draw_convergence(out / "convergence.png", conv_all, result["stop_tol"],
                          f"{solver} vs serial, T={steps}, {len(names)} image(s) of {size}x{size}: mean over "
@@ -422,8 +434,10 @@ def format_demo(result: dict) -> str:
             "max over images; par_vs_serial: worst image, dB)")
     if "psnr_mmse" in cols:
         foot += f"\n(mmse: mean of {result['samples']} serial restorations with independent noise)"
-    return head + "\n" + format_table(result["table"], cols) + "\n" + foot + \
-        f"\nruntime {result['runtime_seconds']} s"
+    text = head + "\n" + format_table(result["table"], cols) + "\n" + foot
+    if "inversion" in result:
+        text += "\n\n" + format_inversion(result["inversion"])
+    return text + f"\nruntime {result['runtime_seconds']} s"
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -449,6 +463,10 @@ def add_parser(subparsers):
     p.add_argument("--nw", type=float, default=DEMO_NW, help=f"v: injected noise weight (default {DEMO_NW})")
     p.add_argument("--samples", type=int, default=1,
                    help="also average this many serial restorations (MMSE estimate; default 1: off)")
+    p.add_argument("--no-inversion", action="store_true",
+                   help="skip the noise-optimisation stage (consistency loss and the ground-truth oracle)")
+    p.add_argument("--inversion-iters", type=int,
+                   help=f"gradient evaluations per loss in that stage (default {INVERSION_ITERS})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", help="a prior written by deqir train-prior (default: the built-in one)")
     p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
@@ -488,12 +506,14 @@ def cmd_demo(args) -> int:
                       tasks=split(args.tasks), steps=args.steps, solver=args.solver, stop_tol=args.stop_tol,
                       warm_start=args.warm_start,
                       etw=args.etw, nw=args.nw, samples=args.samples, seed=args.seed, weights=args.weights,
-                      device=args.device, progress=not args.no_progress)
+                      device=args.device, progress=not args.no_progress, inversion=not args.no_inversion,
+                      inversion_iters=args.inversion_iters)
     if args.json:
         from .jobs import write_json
         write_json(args.json, result)
     print(format_demo(result))
-    print(f"wrote {args.out}/: grid_<task>.png, convergence.png, metrics.json, images/")
+    extra = f", {grid_name(result['inversion']['task'])}" if "inversion" in result else ""
+    print(f"wrote {args.out}/: grid_<task>.png{extra}, convergence.png, metrics.json, images/")
     return 0
 
 

@@ -6,6 +6,7 @@ import torch
 from PIL import Image
 
 from deqir_dist.demo import DEMO_TASKS, builtin_bench_images, format_demo, main, run_demo
+from deqir_dist.demo_inversion import INVERSION_COLUMNS, grid_name
 from deqir_dist.errors import DeqirError
 
 
@@ -36,12 +37,35 @@ def test_demo_end_to_end_tiny(tmp_path):
 
 def test_demo_cli_one_task(tmp_path, capsys):
     rc = main(["demo", "-o", str(tmp_path / "d"), "--size", "16", "--steps", "2", "--tasks", "colorize",
-               "--images", "coffee", "--no-progress", "--json", str(tmp_path / "m.json")])
+               "--images", "coffee", "--no-progress", "--no-inversion", "--json", str(tmp_path / "m.json")])
     assert rc == 0
     assert "colorize" in capsys.readouterr().out
     assert (tmp_path / "d" / "grid_colorize.png").is_file() and (tmp_path / "m.json").is_file()
+    assert "inversion" not in json.loads((tmp_path / "m.json").read_text())
+    assert not (tmp_path / "d" / grid_name()).exists()
     assert main(["demo", "-o", str(tmp_path / "e"), "--size", "18"]) == 2
     assert "multiple of 4" in capsys.readouterr().err
+
+
+def test_demo_inversion_stage_tiny(tmp_path):
+    out = tmp_path / "inv"
+    res = run_demo(out_dir=out, size=16, steps=3, tasks=["colorize"], images=["coffee"], inversion_iters=3,
+                   progress=False)
+    inv = json.loads((out / "metrics.json").read_text())["inversion"]
+    assert "oracle" in grid_name(inv["task"]) and (out / grid_name(inv["task"])).is_file()
+    for col in INVERSION_COLUMNS:
+        assert (out / "images" / f"inversion_{inv['task']}" / f"coffee_{col}.png").is_file()
+    assert "after_oracle" in INVERSION_COLUMNS
+    # the ground-truth run is labelled oracle; the blind one is not
+    assert inv["after_oracle"]["oracle"] is True and inv["after_consistency"]["oracle"] is False
+    assert "after_oracle" in inv and "psnr_change_oracle" in inv
+    for key in ("before", "after_consistency", "after_oracle"):
+        assert set(inv[key]["mean"]) == {"psnr", "ssim", "residual"}
+    assert inv["after_consistency"]["evaluations"] == 3 and inv["sigma_y"] > 0
+    # the blind objective lowers the measurement residual ||A x0 - y||
+    assert inv["after_consistency"]["residual"][0] < inv["before"]["residual"][0]
+    text = format_demo(res)
+    assert "after ORACLE" in text and "after consistency (blind)" in text
 
 
 def test_demo_bad_arguments(tmp_path):
@@ -49,6 +73,8 @@ def test_demo_bad_arguments(tmp_path):
         run_demo(out_dir=tmp_path, tasks=["sr_x8"], progress=False)
     with pytest.raises(DeqirError, match="no held-out image"):
         run_demo(out_dir=tmp_path, images=["astronaut"], size=16, progress=False)
+    with pytest.raises(DeqirError, match="inversion_iters must be a positive integer"):
+        run_demo(out_dir=tmp_path, size=16, inversion_iters=0, progress=False)
 
 
 def test_builtin_bench_images():

@@ -1,22 +1,22 @@
 """The joint fixed-point map of the restoration chain, for a block of rows.
 
-Write u_i = h_i / sqrt(a'_i) (so u_0 = xi / sqrt(a_1)). One serial step (DESIGN section 2) is
+One serial step (DESIGN section 2) splits, with P and Q = A+A, into a null-space and a
+range-space part that never mix (P and Q commute with every scalar):
 
-    u_i = D_i u_{i-1} + b_i,   D_i = P + (1 - lam_i) Q,
-    b_i = lam_i A+y + (k2_i - k1_i D_i) eps_i + kn_i z_i,   eps_i = eps(h_{i-1}, tau_i).
+    P h_i = n'_i P w_i,   P w_i = m_i P w_{i-1} + e_i P d_i + nz_i P z_i,   d_i = eps_i - s_i h_{i-1}
+    Q h_i = g_i Q u_i,    Q u_i = (1 - lam_i) Q u_{i-1} + (k2_i - (1 - lam_i) k1_i) Q eps_i + lam_i A+y + kn_i Q z_i
 
-P and Q = A+A commute with every D_i, so the null-space part is a prefix sum and the range-space
-part a scalar linear recurrence (with lam = 1 it has no memory at all):
-
-    P u_i = P u_{i-1} + (k2_i - k1_i) P eps_i + kn_i P z_i
-    Q u_i = (1 - lam_i) Q u_{i-1} + (k2_i - (1 - lam_i) k1_i) Q eps_i + lam_i A+y + kn_i Q z_i
+with eps_i = eps(h_{i-1}, tau_i). The null-space coordinates (n, m, e, nz, s) are
+``schedule.null_coordinates``: DeqIR's unrolled form is m = 1, d = eps (a prefix sum); the
+default normalises by the state's scale under a Gaussian prior, which converges in fewer
+iterations. The range part has no memory when lam = 1.
 
 The joint map F takes the current rows h_1..h_N, evaluates every eps_i from h_{i-1} (h_0 = xi) in
-ONE batched denoiser call, and returns h'_i = sqrt(a'_i) (P u_i + Q u_i). It is causal, its
-fixed point is the serial trajectory, and Picard iteration is exact after N sweeps.
+ONE batched denoiser call, and returns h'_i from the two scans. It is causal, its fixed point is
+the serial trajectory, and Picard iteration is exact after N sweeps.
 
 Unit of work: a block of rows [lo, hi) with an incoming halo row h_{lo-1} (the denoiser input of
-row lo) and an incoming carry (P u_{lo-1}, Q u_{lo-1}). ``increments`` needs only the halo;
+row lo) and an incoming carry (P w_{lo-1}, Q u_{lo-1}). ``increments`` needs only the inputs;
 ``summary`` gives what the next block's carry needs; ``outputs`` needs the carry.
 """
 from __future__ import annotations
@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .schedule import ChainCoefficients
+from .schedule import ChainCoefficients, null_coordinates
 
 ACC = torch.float64         # dtype of the prefix-sum accumulators and carries
 ROW_WEIGHT_FLOOR = 1e-3     # row weights for residual norms: 1 / max(1 - a'_i, floor)
@@ -51,7 +51,7 @@ def linear_scan(decay: torch.Tensor, b: torch.Tensor, init: torch.Tensor | None)
 
 @dataclass
 class Carry:
-    """The chain state entering a block: null-space and range-space parts of u_{lo-1}, (B, C, H, W)."""
+    """The chain state entering a block: P w_{lo-1} and Q u_{lo-1}, (B, C, H, W) each."""
 
     p: torch.Tensor
     q: torch.Tensor
@@ -64,15 +64,17 @@ class Carry:
 class Summary:
     """What a block contributes to the carry of the blocks after it.
 
-    carry_out = (carry.p + p_total, q_decay * carry.q + q_tail).
+    carry_out = (p_decay * carry.p + p_tail, q_decay * carry.q + q_tail): the block's scans
+    from a zero carry (tails) and the products of its decays.
     """
 
-    p_total: torch.Tensor
+    p_tail: torch.Tensor
     q_tail: torch.Tensor
+    p_decay: float
     q_decay: float
 
     def apply(self, carry: Carry) -> Carry:
-        return Carry(carry.p + self.p_total, self.q_decay * carry.q + self.q_tail)
+        return Carry(self.p_decay * carry.p + self.p_tail, self.q_decay * carry.q + self.q_tail)
 
 
 class ChainBlock:
@@ -80,41 +82,44 @@ class ChainBlock:
 
     eps_fn(x, t) -> eps in the solver dtype; op has A, A_pinv, P, Q; y (B, *measurement);
     xi (B, C, H, W) the initial noise; step_noise (B, hi - lo, C, H, W) the z rows of this block
-    (None when nw = 0). All tensors live on xi's device, in xi's dtype (the solver dtype).
+    (None when nw = 0); data_std the null-space coordinates (``schedule.null_coordinates``;
+    None: DeqIR's prefix sum of eps). All tensors live on xi's device, in xi's dtype.
     """
 
     def __init__(self, eps_fn, op, coeffs: ChainCoefficients, y: torch.Tensor, xi: torch.Tensor,
-                 lo: int, hi: int, step_noise: torch.Tensor | None = None):
+                 lo: int, hi: int, step_noise: torch.Tensor | None = None, data_std: float | None = None):
         if not 0 <= lo < hi <= coeffs.steps:
             raise ValueError(f"bad block [{lo}, {hi}) for {coeffs.steps} rows")
         self.eps_fn, self.op, self.lo, self.hi = eps_fn, op, lo, hi
         self.total_rows = coeffs.steps
         self.xi = xi
         dev, dt = xi.device, xi.dtype
+        nc = null_coordinates(coeffs, data_std)
 
         def rows(v):
             return v[lo:hi].to(device=dev, dtype=dt).view(1, hi - lo, 1, 1, 1)
 
         self.taus = coeffs.taus[lo:hi].to(dev)
         self.g = rows(coeffs.g)
-        self.coef_p = rows(coeffs.k2 - coeffs.k1)
+        self.n_out = rows(nc.n_out)
+        self.coef_p = rows(nc.coef)
+        self.shift = rows(nc.shift) if bool((nc.shift != 0).any()) else None
         self.coef_q = rows(coeffs.k2 - (1 - coeffs.lam) * coeffs.k1)
+        self.p_decay = nc.decay[lo:hi].clone()
         self.decay = (1 - coeffs.lam[lo:hi]).clone()
         self.row_weight = rows(1.0 / (1 - coeffs.a_next).clamp_min(ROW_WEIGHT_FLOOR))
         self.range_recurrent = coeffs.range_recurrent
         apy = op.A_pinv(y.to(device=dev, dtype=dt))
-        u0 = xi.to(ACC) / float(coeffs.a[0]) ** 0.5
-        u0_q = op.Q(u0)
-        self.carry0 = Carry(u0 - u0_q, u0_q)
-        # loop-invariant increments: kn P z on the null side, lam A+y + kn Q z on the range side
+        xi_q = op.Q(xi.to(ACC))
+        self.carry0 = Carry((xi.to(ACC) - xi_q) / float(nc.n_in[0]), xi_q / float(coeffs.a[0]) ** 0.5)
+        # loop-invariant increments: nz P z on the null side, lam A+y + kn Q z on the range side
         self.const_q = rows(coeffs.lam) * apy.unsqueeze(1)
         self.const_p = None
         if step_noise is not None and coeffs.nw > 0:
             z = step_noise.to(device=dev, dtype=dt)
             zq = self._apply(op.Q, z)
-            kn = rows(coeffs.kn)
-            self.const_p = kn * (z - zq)
-            self.const_q = self.const_q + kn * zq
+            self.const_p = rows(nc.noise) * (z - zq)
+            self.const_q = self.const_q + rows(coeffs.kn) * zq
 
     @property
     def rows(self) -> int:
@@ -125,17 +130,23 @@ class ChainBlock:
         """Apply an image operator to a (B, n, C, H, W) stack."""
         return fn(t.flatten(0, 1)).view_as(t)
 
-    def denoise(self, x: torch.Tensor, halo: torch.Tensor) -> torch.Tensor:
-        """eps_i for the block's rows: inputs are [halo, x rows lo..hi-2], (b, n, C, H, W)."""
-        b, n = x.shape[:2]
-        inp = torch.cat([halo.unsqueeze(1), x[:, :-1]], dim=1)
-        eps = self.eps_fn(inp.flatten(0, 1), self.taus.repeat(b))
-        return eps.view(b, n, *x.shape[2:])
+    @staticmethod
+    def inputs(x: torch.Tensor, halo: torch.Tensor) -> torch.Tensor:
+        """The denoiser inputs h_{i-1} of the block's rows: [halo, x rows lo..hi-2], (b, n, C, H, W)."""
+        return torch.cat([halo.unsqueeze(1), x[:, :-1]], dim=1)
 
-    def increments(self, eps: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(b_P, b_Q) of the block's rows for the images ``idx``, from their eps."""
+    def denoise(self, inputs: torch.Tensor) -> torch.Tensor:
+        """eps_i of the block's rows from their inputs, one batched call, (b, n, C, H, W)."""
+        b = inputs.shape[0]
+        return self.eps_fn(inputs.flatten(0, 1), self.taus.repeat(b)).view_as(inputs)
+
+    def increments(self, eps: torch.Tensor, inputs: torch.Tensor,
+                   idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(b_P, b_Q) of the block's rows for the images ``idx``: e P d + nz P z, and the range terms."""
         eps_q = self._apply(self.op.Q, eps)
-        bp = self.coef_p * (eps - eps_q)
+        d = eps if self.shift is None else eps - self.shift * inputs
+        d_q = eps_q if self.shift is None else eps_q - self.shift * self._apply(self.op.Q, inputs)
+        bp = self.coef_p * (d - d_q)
         if self.const_p is not None:
             bp = bp + self.const_p[idx]
         bq = self.coef_q * eps_q + self.const_q[idx]
@@ -143,16 +154,17 @@ class ChainBlock:
 
     def summary(self, bp: torch.Tensor, bq: torch.Tensor) -> Summary:
         bp, bq = bp.to(ACC), bq.to(ACC)
-        tail = linear_scan(self.decay, bq, None)[:, -1] if self.range_recurrent else torch.zeros_like(bq[:, -1])
-        return Summary(bp.sum(dim=1), tail, float(torch.prod(self.decay)))
+        q_tail = linear_scan(self.decay, bq, None)[:, -1] if self.range_recurrent else torch.zeros_like(bq[:, -1])
+        return Summary(linear_scan(self.p_decay, bp, None)[:, -1], q_tail,
+                       float(torch.prod(self.p_decay)), float(torch.prod(self.decay)))
 
     def outputs(self, bp: torch.Tensor, bq: torch.Tensor, carry: Carry) -> torch.Tensor:
-        """h'_i = g_i (P u_i + Q u_i) for the block's rows, given the incoming carry.
+        """h'_i = n'_i P w_i + g_i Q u_i for the block's rows, given the incoming carry.
 
-        The scans accumulate in float64: u sums terms of size 1/sqrt(a_1) (about 100) that
-        cancel to O(1), so float32 accumulation would leave errors near 1e-5 that depend on
-        how the rows are split.
+        The scans accumulate in float64: with data_std=None, w sums terms of size 1/sqrt(a_1)
+        (about 100) that cancel to O(1), so float32 accumulation would leave errors near 1e-5
+        that depend on how the rows are split.
         """
-        pu = torch.cumsum(bp.to(ACC), dim=1) + carry.p.unsqueeze(1)
+        pw = linear_scan(self.p_decay, bp.to(ACC), carry.p)
         qu = linear_scan(self.decay, bq.to(ACC), carry.q if self.range_recurrent else None)
-        return (self.g.to(ACC) * (pu + qu)).to(bp.dtype)
+        return (self.n_out.to(ACC) * pw + self.g.to(ACC) * qu).to(bp.dtype)

@@ -77,7 +77,8 @@ class DistComm(LocalComm):
             self._store = _get_default_store()
         except Exception:   # no store: failures are still reported, without naming the rank
             self._store = None
-        self.block_decays: list[float] = [1.0] * self.size   # prod(1 - lam) of each rank's rows
+        # (null-space, range-space) decay products of each rank's rows: Summary.p_decay, q_decay
+        self.block_decays: list[tuple[float, float]] = [(1.0, 1.0)] * self.size
 
     # ------------------------------------------------------------------ failure handling
     def _fail(self, what: str, err: Exception):
@@ -136,7 +137,7 @@ class DistComm(LocalComm):
     def carry(self, initial: Carry, summary: Summary, with_q: bool) -> Carry:
         """Exclusive scan of the block summaries: fold ranks 0..r-1 into the initial carry."""
         def go():
-            mine = torch.stack([summary.p_total, summary.q_tail]) if with_q else summary.p_total[None]
+            mine = torch.stack([summary.p_tail, summary.q_tail]) if with_q else summary.p_tail[None]
             mine = self._dev(mine)
             parts = [torch.empty_like(mine) for _ in range(self.size)]
             dist.all_gather(parts, mine, group=self.group)
@@ -147,7 +148,7 @@ class DistComm(LocalComm):
         for r in range(self.rank):
             p = parts[r][0].to(initial.p.device)
             q = parts[r][1].to(initial.q.device) if with_q else torch.zeros_like(initial.q)
-            carry = Summary(p, q, self.block_decays[r]).apply(carry)
+            carry = Summary(p, q, *self.block_decays[r]).apply(carry)
         return carry
 
     def all_sum(self, t: torch.Tensor) -> torch.Tensor:

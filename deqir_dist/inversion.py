@@ -381,9 +381,9 @@ class _RecordingBlock(ChainBlock):
                                 dtype=self.xi.dtype, device=self.xi.device)
         self._idx = None
 
-    def increments(self, eps, idx):
+    def increments(self, eps, inputs, idx):
         self._idx = idx
-        return super().increments(eps, idx)
+        return super().increments(eps, inputs, idx)
 
     def outputs(self, bp, bq, carry):
         f = super().outputs(bp, bq, carry)
@@ -528,7 +528,7 @@ def noise_gradient(denoiser, y: torch.Tensor, op, xi: torch.Tensor, loss_fn: Cal
     block = ChainBlock(pb.eps_fn, pb.op, pb.coeffs, pb.y, pb.xi, 0, n, pb.z)
     idx = torch.arange(pb.xi.shape[0], device=pb.xi.device)
     with torch.no_grad():
-        f = block.outputs(*block.increments(lin.eps, idx), block.carry0)
+        f = block.outputs(*block.increments(lin.eps, lin.inputs, idx), block.carry0)
         fres = float((_norms(f - traj) / _norms(f).clamp_min(1e-300)).max())
     image = f[:, -1]
     loss, dl_last = _loss_grad(loss_fn, image)
@@ -567,7 +567,7 @@ def _noise_gradient_distributed(pb: _Problem, comm, loss_fn, solver: str, tol: f
     n, b = pb.steps, pb.xi.shape[0]
     blocks = split_rows(n, comm.size)
     lo, hi = blocks[comm.rank]
-    comm.block_decays = [float(torch.prod(1 - pb.coeffs.lam[a:c])) for a, c in blocks]
+    comm.block_decays = [(1.0, float(torch.prod(1 - pb.coeffs.lam[a:c]))) for a, c in blocks]   # eps form: P decay 1
     z_check = None if pb.z is None else [float(pb.z.double().sum()), float(pb.z.double().abs().sum())]
     check_same_inputs(comm, problem_digest(pb.y, pb.xi, pb.op,
                                            {**config, "a": pb.coeffs.a.tolist(), "z": z_check}))
@@ -606,7 +606,7 @@ def _noise_gradient_distributed(pb: _Problem, comm, loss_fn, solver: str, tol: f
     fblock = ChainBlock(pb.eps_fn, pb.op, pb.coeffs, pb.y, pb.xi, lo, hi, z_local)
     idx = torch.arange(b, device=pb.xi.device)
     with torch.no_grad():
-        bp, bq = fblock.increments(lin.eps, idx)
+        bp, bq = fblock.increments(lin.eps, lin.inputs, idx)
         carry = comm.carry(fblock.carry0, fblock.summary(bp, bq), fblock.range_recurrent)
         f = fblock.outputs(bp, bq, carry)
         sq = comm.all_sum(torch.stack([(f - traj).flatten(1).double().pow(2).sum(1),
@@ -662,8 +662,8 @@ def _phantom(pb: _Problem, traj: torch.Tensor, k_fwd: int, loss_fn, tau: float, 
         row0 = pb.xi.detach()                 # the state's row 0: the detached xi, re-inserted as xi by F
         x = traj.detach()
         for _ in range(k):
-            eps = _eps_rows(pb.eps_fn, torch.cat([row0.unsqueeze(1), x[:, :-1]], 1), taus)
-            f = block.outputs(*block.increments(eps, idx), block.carry0)
+            inputs = torch.cat([row0.unsqueeze(1), x[:, :-1]], 1)
+            f = block.outputs(*block.increments(_eps_rows(pb.eps_fn, inputs, taus), inputs, idx), block.carry0)
             x = (1 - tau) * x + tau * f
             row0 = (1 - tau) * row0 + tau * xi
         image = x[:, -1]

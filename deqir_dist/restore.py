@@ -10,7 +10,7 @@ from .chain import ChainBlock
 from .comm import LocalComm, split_rows
 from .denoiser import EpsFn, model_device
 from .errors import DeqirError
-from .schedule import chain_coefficients
+from .schedule import chain_coefficients, null_coordinates
 from .serial import coarse_trajectory, sample_serial
 from .solvers import SolverOptions, solve_chain
 
@@ -135,7 +135,9 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "ander
             raise DeqirError(f"{comm.size} ranks for a chain of {steps} rows: use at most one rank per row")
         else:
             blocks = split_rows(steps, comm.size)
-            comm.block_decays = [float(torch.prod(1 - coeffs.lam[a:b])) for a, b in blocks]
+            p_decay = null_coordinates(coeffs, opts.data_std).decay
+            comm.block_decays = [(float(torch.prod(p_decay[a:b])), float(torch.prod(1 - coeffs.lam[a:b])))
+                                 for a, b in blocks]
     lo, hi = blocks[comm.rank]
     z_check = None
     if step_noise is not None:
@@ -160,7 +162,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "ander
         config = {"steps": steps, "start": start, "etw": etw, "nw": nw, "sigma_y": sigma_y, "dtype": str(dtype),
                   "options": opts.__dict__, "a": coeffs.a.tolist(), "z": z_check}
         check_same_inputs(comm, problem_digest(y, xi, op, config))
-    block = ChainBlock(eps_fn, op, coeffs, y, xi, lo, hi, step_noise)
+    block = ChainBlock(eps_fn, op, coeffs, y, xi, lo, hi, step_noise, opts.data_std)
     x0 = None
     if init is not None:
         x0 = check_tensor(init, "init", (batch, steps, *image_shape))[:, lo:hi].to(device=device, dtype=dtype)

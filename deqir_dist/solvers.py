@@ -49,6 +49,7 @@ class SolverOptions:
     ridge: float = 1e-4
     beta: float = 1.0
     safeguard: float = 2.0
+    data_std: float | None = 0.5
 
     @staticmethod
     def make(solver: str, stop: str, stop_tol: float | None, max_iter: int | None, steps: int,
@@ -64,9 +65,12 @@ class SolverOptions:
         k = steps if max_iter is None else max_iter
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise DeqirError(f"max_iter must be a positive integer, got {max_iter!r}")
-        unknown = sorted(set(kw) - {"m", "ridge", "beta", "safeguard"})
+        unknown = sorted(set(kw) - {"m", "ridge", "beta", "safeguard", "data_std"})
         if unknown:
-            raise DeqirError(f"unknown solver option(s) {', '.join(unknown)}; valid: m, ridge, beta, safeguard")
+            raise DeqirError(f"unknown solver option(s) {', '.join(unknown)}; valid: m, ridge, beta, safeguard, data_std")
+        c = kw.get("data_std", 0.5)
+        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < math.inf):
+            raise DeqirError(f"data_std must be a positive number or None, got {c!r}")
         opts = SolverOptions(solver=solver, stop=stop, stop_tol=tol, max_iter=k, **kw)
         if opts.m < 1 or opts.ridge < 0 or opts.safeguard <= 1:
             raise DeqirError("anderson needs m >= 1, ridge >= 0 and safeguard > 1")
@@ -155,9 +159,10 @@ def solve_chain(block, comm, opts: SolverOptions, x0: torch.Tensor | None = None
         comm_s0, bytes0 = comm.stats.seconds, comm.stats.bytes_sent
         halo = comm.halo(x[:, -1], xi[idx])
         t0 = time.perf_counter()
-        eps = block.denoise(x, halo)
+        inputs = block.inputs(x, halo)
+        eps = block.denoise(inputs)
         t_den = time.perf_counter() - t0
-        bp, bq = block.increments(eps, idx)
+        bp, bq = block.increments(eps, inputs, idx)
         carry0 = block.carry0.index(idx)
         carry = carry0 if comm.size == 1 else comm.carry(carry0, block.summary(bp, bq), block.range_recurrent)
         f = block.outputs(bp, bq, carry)

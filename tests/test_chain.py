@@ -199,7 +199,8 @@ def test_residual_and_none_stopping(gmm):
     assert n.iterations == 6 and len(n.trace) == 6
 
 
-def test_prefix_rows_exact_after_k_sweeps(gmm):
+@pytest.mark.parametrize("data_std", [None, 0.5])
+def test_prefix_rows_exact_after_k_sweeps(gmm, data_std):
     """Causality: after k Picard sweeps from any start, rows 1..k equal the serial states."""
     steps = 8
     op, _, y, xi, _ = problem(gmm, "sr_avgpool", {"scale": 2}, steps=steps)
@@ -208,34 +209,36 @@ def test_prefix_rows_exact_after_k_sweeps(gmm):
     restore(gmm, y, op, steps=steps, solver="serial", noise=xi, dtype=torch.float64,
             callback=lambda i, h: states.append(h.clone()))
     coeffs = chain_coefficients(steps)
-    block = ChainBlock(EpsFn(gmm, 3, torch.float64), op, coeffs, y, xi, 0, steps)
+    block = ChainBlock(EpsFn(gmm, 3, torch.float64), op, coeffs, y, xi, 0, steps, data_std=data_std)
     idx = torch.arange(1)
     x = torch.randn(1, steps, *SHAPE, dtype=torch.float64)
     for k in range(1, steps + 1):
-        eps = block.denoise(x, xi)
-        x = block.outputs(*block.increments(eps, idx), block.carry0)
+        inputs = block.inputs(x, xi)
+        x = block.outputs(*block.increments(block.denoise(inputs), inputs, idx), block.carry0)
         for i in range(k):
             assert (x[:, i] - states[i]).abs().max() < 1e-9
 
 
 @pytest.mark.parametrize("parts", [2, 3, 4])
 @pytest.mark.parametrize("sigma_y", [0.0, 0.2])
-def test_blocks_with_halo_and_carry_equal_whole_map(gmm, parts, sigma_y):
+@pytest.mark.parametrize("data_std", [None, 0.5])
+def test_blocks_with_halo_and_carry_equal_whole_map(gmm, parts, sigma_y, data_std):
     """The unit of distributed work: blocks + halo rows + exclusive scan of summaries == one map."""
     steps = 10
     op, _, y, xi, z = problem(gmm, "deblur_aniso", {}, batch=2, steps=steps, nw=0.2, sigma_y=sigma_y)
-    coeffs = chain_coefficients(steps, nw=0.2, sigma_y=sigma_y)
+    coeffs = chain_coefficients(steps, etw=0.3, nw=0.2, sigma_y=sigma_y)
     eps_fn = EpsFn(gmm, 3, torch.float64)
     y, xi, z = y.double(), xi.double(), z.double()
     idx = torch.arange(2)
     x = torch.randn(2, steps, *SHAPE, dtype=torch.float64)
-    whole = ChainBlock(eps_fn, op, coeffs, y, xi, 0, steps, z)
-    want = whole.outputs(*whole.increments(whole.denoise(x, xi), idx), whole.carry0)
+    whole = ChainBlock(eps_fn, op, coeffs, y, xi, 0, steps, z, data_std)
+    inputs = whole.inputs(x, xi)
+    want = whole.outputs(*whole.increments(whole.denoise(inputs), inputs, idx), whole.carry0)
     carry, outs = whole.carry0, []
     for lo, hi in split_rows(steps, parts):
-        blk = ChainBlock(eps_fn, op, coeffs, y, xi, lo, hi, z[:, lo:hi])
-        halo = xi if lo == 0 else x[:, lo - 1]
-        bp, bq = blk.increments(blk.denoise(x[:, lo:hi], halo), idx)
+        blk = ChainBlock(eps_fn, op, coeffs, y, xi, lo, hi, z[:, lo:hi], data_std)
+        inputs = blk.inputs(x[:, lo:hi], xi if lo == 0 else x[:, lo - 1])
+        bp, bq = blk.increments(blk.denoise(inputs), inputs, idx)
         outs.append(blk.outputs(bp, bq, carry))
         carry = blk.summary(bp, bq).apply(carry)
     assert (torch.cat(outs, 1) - want).abs().max() < 1e-10

@@ -109,7 +109,8 @@ def test_adjoint_block_is_the_vjp_of_the_joint_map(gmm, name, params, sigma_y):
     lam = torch.randn(h.shape, generator=g, dtype=torch.float64)
     hh, xx = h.clone().requires_grad_(True), xi.clone().requires_grad_(True)
     block = ChainBlock(eps_fn, op, c, y, xx, 0, STEPS, z)
-    f = block.outputs(*block.increments(block.denoise(hh, xx), torch.arange(2)), block.carry0)
+    inputs = block.inputs(hh, xx)
+    f = block.outputs(*block.increments(block.denoise(inputs), inputs, torch.arange(2)), block.carry0)
     want_h, want_xi = torch.autograd.grad(f, (hh, xx), grad_outputs=lam)
 
     adj = AdjointBlock(op, c, 0, STEPS)

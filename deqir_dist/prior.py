@@ -69,7 +69,7 @@ def load_skimage_photo(name: str) -> np.ndarray:
     try:
         from skimage import data
     except ImportError:
-        raise DeqirError("training the prior needs scikit-image (pip install scikit-image): "
+        raise DeqirError("training the prior needs scikit-image (pip install -e '.[train]'): "
                          "its bundled photographs are the training data") from None
     if name in ("motorcycle_left", "motorcycle_right"):
         left, right, _ = data.stereo_motorcycle()

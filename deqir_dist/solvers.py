@@ -20,6 +20,9 @@ Stopping rules, evaluated per image after every evaluation of F:
   10 log10(4 / mse(f_k[N], x_k[N])) >= stop_tol (images in [-1, 1]). For Picard, x_k = f_{k-1}:
   the final row changed by less than stop_tol dB between two evaluations. For Anderson it is the
   final-row residual of the mixed iterate, which does not stop on a lucky extrapolation;
+* ``rows``: every row has settled in units of its noise level, max_i rms(f_k[i] - x_k[i]) / sigma_i
+  <= stop_tol with sigma_i = sqrt(max(1 - a'_i, 1e-3)) (ParaDiGMS' per-row tolerance). It also
+  watches the rows whose change has not reached the final row yet;
 * ``residual``: |f_k - x_k| / |f_k| <= stop_tol over all rows;
 * ``none``: run exactly ``max_iter`` evaluations.
 The result of an image is the final row of its last f_k.
@@ -35,8 +38,8 @@ import torch
 from .errors import DeqirError
 
 SOLVERS = ("picard", "anderson")
-STOP_RULES = ("final", "residual", "none")
-DEFAULT_STOP_TOL = {"final": 43.0, "residual": 1e-3, "none": 0.0}
+STOP_RULES = ("final", "rows", "residual", "none")
+DEFAULT_STOP_TOL = {"final": 43.0, "rows": 0.03, "residual": 1e-3, "none": 0.0}
 
 
 @dataclass(frozen=True)
@@ -60,8 +63,8 @@ class SolverOptions:
         if stop not in STOP_RULES:
             raise DeqirError(f"unknown stop rule {stop!r}; choose from {', '.join(STOP_RULES)}")
         tol = DEFAULT_STOP_TOL[stop] if stop_tol is None else float(stop_tol)
-        if not math.isfinite(tol) or (stop == "residual" and tol <= 0):
-            raise DeqirError(f"stop_tol must be a finite number (> 0 for 'residual'), got {stop_tol!r}")
+        if not math.isfinite(tol) or (stop in ("rows", "residual") and tol <= 0):
+            raise DeqirError(f"stop_tol must be a finite number (> 0 for '{stop}'), got {stop_tol!r}")
         k = steps if max_iter is None else max_iter
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise DeqirError(f"max_iter must be a positive integer, got {max_iter!r}")
@@ -99,18 +102,24 @@ class SolveOutput:
     state_rows: int = 0                  # rows of chain state this process held
 
 
-def stop_quantity(stop: str, stats: torch.Tensor, numel_row: int) -> torch.Tensor:
-    """Per-image stopping quantity from the summed statistics [|r|^2, |f|^2, |r_N|^2]."""
+def stop_quantity(stop: str, stats: torch.Tensor, numel_row: int, rows_at: int) -> torch.Tensor:
+    """Per-image stopping quantity from the summed statistics.
+
+    Columns: [|r|^2, |f|^2, |r_N|^2, ...]; from ``rows_at`` on, one slot per rank holding that
+    rank's max_i |r_i|^2 / sigma_i^2 (zero elsewhere, so the all-sum gathers them).
+    """
     if stop == "final":
         mse = stats[:, 2] / numel_row
         return 10 * torch.log10(4.0 / mse)      # +inf when the final row did not change
+    if stop == "rows":
+        return torch.sqrt(stats[:, rows_at:].max(1).values / numel_row)
     return torch.sqrt(stats[:, 0] / stats[:, 1].clamp_min(1e-300))
 
 
 def _is_done(stop: str, q: torch.Tensor, tol: float) -> torch.Tensor:
     if stop == "final":
         return q >= tol
-    if stop == "residual":
+    if stop in ("rows", "residual"):
         return q <= tol
     return torch.zeros_like(q, dtype=torch.bool)
 
@@ -153,6 +162,9 @@ def solve_chain(block, comm, opts: SolverOptions, x0: torch.Tensor | None = None
         gram = torch.zeros((nimg, m, m), dtype=torch.float64)
         valid = torch.zeros((nimg, m), dtype=torch.bool)
         best = torch.full((nimg,), float("inf"), dtype=torch.float64)
+    rows_at = 3 + m                              # first per-rank slot of the "rows" statistic
+    width = rows_at + (comm.size if opts.stop == "rows" else 0)
+    inv_var = block.row_weight.view(1, -1).double().cpu()
     bar = _progress(progress and comm.is_first, opts.max_iter)
     for k in range(opts.max_iter):
         t_start = time.perf_counter()
@@ -167,20 +179,22 @@ def solve_chain(block, comm, opts: SolverOptions, x0: torch.Tensor | None = None
         carry = carry0 if comm.size == 1 else comm.carry(carry0, block.summary(bp, bq), block.range_recurrent)
         f = block.outputs(bp, bq, carry)
         r = f - x
-        stats = torch.zeros((len(ids), 3 + m), dtype=torch.float64, device=x.device)
+        stats = torch.zeros((len(ids), width), dtype=torch.float64, device=x.device)
         # per-row sums (independent of how rows are split), then summed over rows in float64
         r2 = r.flatten(2).pow(2).sum(2).double()
         stats[:, 0] = r2.sum(1)
         stats[:, 1] = f.flatten(2).pow(2).sum(2).double().sum(1)
         if comm.is_last:
             stats[:, 2] = r2[:, -1]
+        if opts.stop == "rows":
+            stats[:, rows_at + comm.rank] = (r2 * inv_var.to(r2.device)).max(1).values
         if anderson:
             slot, nh = k % m, min(k + 1, m)
             xh[slot], rh[slot] = x, r
             rw = r * block.row_weight
             stats[:, 3:3 + nh] = torch.einsum("jbnd,bnd->bjn", rh[:nh].flatten(3), rw.flatten(2)).double().sum(2)
         stats = comm.all_sum(stats).cpu()        # the one host synchronisation of an iteration
-        q = stop_quantity(opts.stop, stats, numel_row)
+        q = stop_quantity(opts.stop, stats, numel_row, rows_at)
         done = _is_done(opts.stop, q, opts.stop_tol)
         if opts.solver == "picard" and opts.stop != "none" and k + 1 >= block.total_rows:
             done[:] = True                       # exact: every row has been swept

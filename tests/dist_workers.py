@@ -35,16 +35,17 @@ def equivalence(rank, world, port, out_dir):
     for steps in (10, 25):
         for solver in ("picard", "anderson"):
             for batch in (1, 2):
-                for nw, task in ((0.0, "sr_avgpool"), (0.3, "inpaint")):
-                    if nw and (steps, batch) != (10, 2):
+                for nw, task, stop in ((0.0, "sr_avgpool", "final"), (0.3, "inpaint", "final"),
+                                       (0.0, "inpaint", "rows")):
+                    if (nw and (steps, batch) != (10, 2)) or (stop == "rows" and (steps, batch) != (25, 2)):
                         continue
                     model, op, y, xi = _problem(batch, seed=steps + batch, task=task)
-                    kw = dict(steps=steps, solver=solver, noise=xi, nw=nw,
+                    kw = dict(steps=steps, solver=solver, noise=xi, nw=nw, stop=stop,
                               generator=torch.Generator().manual_seed(5))
                     single = restore(model, y, op, **kw)
                     kw["generator"] = torch.Generator().manual_seed(5)
                     multi = restore(model, y, op, distributed=True, **kw)
-                    rows.append({"steps": steps, "solver": solver, "batch": batch, "nw": nw,
+                    rows.append({"steps": steps, "solver": solver, "batch": batch, "nw": nw, "stop": stop,
                                  "diff": float((multi.image - single.image).abs().max()),
                                  "k_single": single.iterations_per_image, "k_multi": multi.iterations_per_image,
                                  "rows": list(multi.rank_rows), "state_rows": multi.state_rows,

@@ -191,6 +191,20 @@ def test_batch_equals_each_image_alone(gmm):
         assert (one.image[0] - both.image[i]).abs().max() < 1e-9
 
 
+@pytest.mark.parametrize("solver", ["picard", "anderson"])
+def test_rows_stopping_bounds_every_row(gmm, solver):
+    """The per-row rule stops once every row moved by <= tol of its noise level, and not before."""
+    op, _, y, xi, _ = problem(gmm, "inpaint", {"mask": "box"}, batch=2, steps=25)
+    s = restore(gmm, y, op, steps=25, solver="serial", noise=xi).image
+    r = restore(gmm, y, op, steps=25, solver=solver, noise=xi, stop="rows", stop_tol=0.03)
+    for i, k in enumerate(r.iterations_per_image):
+        q = [row[i] for row in r.trace[:k]]
+        assert q[-1] <= 0.03 and all(v > 0.03 for v in q[:-1])
+    assert float(psnr(r.image, s).min()) >= 45
+    loose = restore(gmm, y, op, steps=25, solver=solver, noise=xi, stop="rows", stop_tol=1.0)
+    assert loose.iterations < r.iterations
+
+
 def test_residual_and_none_stopping(gmm):
     op, _, y, xi, _ = problem(gmm, "colorize", {}, steps=25)
     r = restore(gmm, y, op, steps=25, solver="picard", noise=xi, stop="residual", stop_tol=1e-3)

@@ -1,54 +1,84 @@
-"""Sweep solver settings on the analytic oracle: mean K and the worst PSNR against serial.
+"""Sweep solver settings: K (mean / max over images) and the worst PSNR against serial, per N.
 
-    python bench/stopping_sweep.py "{'solver': 'anderson'}" "{'solver': 'anderson', 'stop_tol': 40}"
+    python bench/stopping_sweep.py "{'solver': 'anderson'}" "{'solver': 'anderson', 'stop': 'rows'}"
+    python bench/stopping_sweep.py --model builtin --steps 25 100 "{'solver': 'anderson'}"
 
-Cases: sr_avgpool x2, inpaint (box), colorize; 3 images of 3x16x16 from the Gaussian-mixture
-prior; N = 25 and 100; without and with injected noise (nw = 0.3). Each argument is a Python
-dict literal of keyword arguments for ``deqir_dist.restore``.
+analytic: sr_avgpool x2, inpaint (box), colorize; 3 images of 3x16x16 from the Gaussian-mixture
+prior; without and with injected noise (nw = 0.3). builtin: sr_bicubic x4, inpaint (box),
+deblur_gauss on 3 held-out 3x32x32 crops (``demo.builtin_bench_images``), nw = 0. Each
+positional argument is a Python dict literal of keyword arguments for ``deqir_dist.restore``.
 """
+import argparse
 import ast
-import sys
+import json
 
 import torch
 
-from deqir_dist import make_operator, restore
+from deqir_dist import load_denoiser, make_operator, restore
 from deqir_dist.metrics import psnr
-from deqir_dist.models import GaussianMixtureDenoiser
+
+TASKS = {
+    "analytic": [("sr_avgpool", {"scale": 2}), ("inpaint", {"mask": "box"}), ("colorize", {})],
+    "builtin": [("sr_bicubic", {"scale": 4}), ("inpaint", {"mask": "box"}), ("deblur_gauss", {})],
+}
 
 
-def cases(model):
+def cases(model_name: str, model, steps_list):
+    """(nw, steps, task, op, y, xi, z, serial result) for every case of the sweep."""
+    size = 16 if model_name == "analytic" else 32
+    shape = (3, size, size)
+    if model_name == "builtin":
+        from deqir_dist.demo import builtin_bench_images
+        clean = builtin_bench_images(3, size)
     out = []
-    for name, params in [("sr_avgpool", {"scale": 2}), ("inpaint", {"mask": "box"}), ("colorize", {})]:
-        for nw in (0.0, 0.3):
+    for name, params in TASKS[model_name]:
+        for nw in ((0.0, 0.3) if model_name == "analytic" else (0.0,)):
             g = torch.Generator().manual_seed(1)
-            op = make_operator(name, (3, 16, 16), **params)
-            x = model.sample(3, (3, 16, 16), g)
-            y, xi = op.A(x), torch.randn(3, 3, 16, 16, generator=g)
-            for steps in (25, 100):
-                z = torch.randn(3, steps, 3, 16, 16, generator=g) if nw else None
+            op = make_operator(name, shape, **params)
+            x = model.sample(3, shape, g) if model_name == "analytic" else clean
+            y, xi = op.A(x), torch.randn(3, *shape, generator=g)
+            for steps in steps_list:
+                z = torch.randn(3, steps, *shape, generator=g) if nw else None
                 ref = restore(model, y, op, steps=steps, solver="serial", noise=xi, nw=nw, step_noise=z).image
-                out.append((nw, steps, op, y, xi, z, ref))
+                out.append((nw, steps, name, op, y, xi, z, ref))
     return out
 
 
-def main(argv):
-    torch.set_num_threads(1)
-    model = GaussianMixtureDenoiser()
-    data = cases(model)
-    for text in argv or ["{'solver': 'anderson'}"]:
-        cfg = ast.literal_eval(text)
-        ks, worst = {0.0: [], 0.3: []}, {0.0: float("inf"), 0.3: float("inf")}
-        k_by_steps = {}
-        for nw, steps, op, y, xi, z, ref in data:
-            r = restore(model, y, op, steps=steps, noise=xi, nw=nw, step_noise=z, **cfg)
-            ks[nw] += r.iterations_per_image
-            worst[nw] = min(worst[nw], float(psnr(r.image, ref).min()))
-            if nw == 0:
-                k_by_steps.setdefault(steps, []).extend(r.iterations_per_image)
-        per = ", ".join(f"N={n}: K mean {sum(v) / len(v):.1f} max {max(v)}" for n, v in k_by_steps.items())
-        print(f"{cfg}\n  nw=0:   K mean {sum(ks[0.0]) / len(ks[0.0]):.1f}, worst {worst[0.0]:.1f} dB vs serial ({per})"
-              f"\n  nw=0.3: K mean {sum(ks[0.3]) / len(ks[0.3]):.1f}, worst {worst[0.3]:.1f} dB vs serial")
+def sweep(model_name: str, steps_list, configs) -> list[dict]:
+    model = load_denoiser(model_name)
+    data = cases(model_name, model, steps_list)
+    rows = []
+    for cfg in configs:
+        for nw in sorted({c[0] for c in data}):
+            for steps in steps_list:
+                ks, worst = [], float("inf")
+                for c_nw, c_steps, _, op, y, xi, z, ref in data:
+                    if (c_nw, c_steps) != (nw, steps):
+                        continue
+                    r = restore(model, y, op, steps=steps, noise=xi, nw=nw, step_noise=z, **cfg)
+                    ks += r.iterations_per_image
+                    worst = min(worst, float(psnr(r.image, ref).min()))
+                rows.append({"config": cfg, "nw": nw, "steps": steps, "K_mean": round(sum(ks) / len(ks), 2),
+                             "K_max": max(ks), "worst_psnr_vs_serial": round(worst, 2)})
+                print(f"{cfg} nw={nw} N={steps}: K mean {sum(ks) / len(ks):.1f} max {max(ks)}, "
+                      f"worst {worst:.1f} dB vs serial", flush=True)
+    return rows
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("configs", nargs="*", default=["{'solver': 'anderson'}"])
+    ap.add_argument("--model", default="analytic", choices=sorted(TASKS))
+    ap.add_argument("--steps", type=int, nargs="+", default=[25, 100])
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--json", help="write the rows here")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    rows = sweep(args.model, args.steps, [ast.literal_eval(c) for c in args.configs])
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"model": args.model, "torch": torch.__version__, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    main()

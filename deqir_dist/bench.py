@@ -100,4 +100,5 @@ def format_profile(result: dict) -> str:
             f"graph={result['graph']}\nc(b), ms: " + "  ".join(f"b={b}: {v:.3g}" for b, v in c.items()))
     cols = ["steps", "procs", "K", "serial_ms", "parallel_ms", "speedup"]
     return head + "\n" + format_table(result["model_rows"], cols) + \
-        "\n(parallel = warm start + K c(ceil(N/P)); K from the oracle benchmark; no communication cost)"
+        "\n(parallel = warm start + K c(ceil(N/P)); K measured on the built-in prior (profile.EXPECTED_K); "
+        "no communication cost)"

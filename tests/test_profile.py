@@ -35,10 +35,10 @@ def test_restore_auto_follows_the_profile(gmm):
     op = make_operator("sr_avgpool", (3, 8, 8), scale=2)
     g = torch.Generator().manual_seed(0)
     y = op.A(gmm.sample(1, (3, 8, 8), g))
-    r = restore(gmm, y, op, steps=10, solver="auto", profile={1: 1.0, 10: 10.0}, generator=g)
+    r = restore(gmm, y, op, steps=25, solver="auto", profile={1: 1.0, 25: 25.0}, generator=g)
     assert r.solver == "serial" and r.plan["chosen"] == "serial"
-    r = restore(gmm, y, op, steps=10, solver="auto", profile={1: 1.0, 10: 1.1}, generator=g)
-    assert r.solver == "anderson" and r.iterations < 10
+    r = restore(gmm, y, op, steps=25, solver="auto", profile={1: 1.0, 25: 1.1}, generator=g)
+    assert r.solver == "anderson" and r.iterations < 25
     r = restore(gmm, y, op, steps=10, solver="auto", generator=g)    # measures on the fly
     assert r.solver in ("serial", "anderson") and "c_ms" in r.plan
 

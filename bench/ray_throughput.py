@@ -71,7 +71,7 @@ def plain_loop(data: Path, out: Path, a) -> dict:
 
 
 def restore_kw(a) -> dict:
-    return dict(steps=a.steps, start=1000, solver=a.solver, stop="final", stop_tol=None, max_iter=None,
+    return dict(steps=a.steps, start=1000, solver=a.solver, stop="rows", stop_tol=None, max_iter=None,
                 etw=0.0, nw=0.0, sigma_y=0.0)
 
 

@@ -30,7 +30,7 @@ def _clean_images(model_name: str, model, n: int, shape, gen: torch.Generator) -
 
 
 def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), task: str = "sr_avgpool",
-              scale: int = 2, size: int = 32, images: int = 3, stop: str = "final",
+              scale: int = 2, size: int = 32, images: int = 3, stop: str = "rows",
               stop_tol: float | None = None, seed: int = 0, device=None,
               solvers=("picard", "anderson"), warm_start: int = 1) -> dict:
     """Run the comparison; returns a JSON-ready dict with one row per (N, solver)."""
@@ -99,6 +99,6 @@ def format_profile(result: dict) -> str:
     head = (f"model={result['model']} image={tuple(result['image_shape'])} device={result['device']} "
             f"graph={result['graph']}\nc(b), ms: " + "  ".join(f"b={b}: {v:.3g}" for b, v in c.items()))
     cols = ["steps", "procs", "K", "serial_ms", "parallel_ms", "speedup"]
-    return head + "\n" + format_table(result["model_rows"], cols) + \
-        "\n(parallel = warm start + K c(ceil(N/P)); K measured on the built-in prior (profile.EXPECTED_K); "
-        "no communication cost)"
+    return (head + "\n" + format_table(result["model_rows"], cols)
+            + "\n(parallel = warm start + K c(ceil(N/P)); K measured on the built-in prior (profile.EXPECTED_K); "
+              "no communication cost)")

@@ -72,9 +72,9 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--profile", help="solver auto: cost profile JSON from 'deqir bench --profile'")
     g.add_argument("--steps", type=int, default=25, help="sampling steps N (default 25)")
     g.add_argument("--start", type=int, default=1000, help="start timestep S (default 1000)")
-    g.add_argument("--stop", default="final", choices=("final", "rows", "residual", "none"))
-    g.add_argument("--stop-tol", type=float, help="final: dB (default 43); rows: in units of each row's noise "
-                                                   "level (0.03); residual: relative (1e-3)")
+    g.add_argument("--stop", default="rows", choices=("final", "rows", "residual", "none"))
+    g.add_argument("--stop-tol", type=float, help="rows: largest row change in units of its noise level "
+                                                   "(default 0.03); final: dB (43); residual: relative (1e-3)")
     g.add_argument("--max-iter", type=int, help="most joint-map evaluations (default N)")
     g.add_argument("--warm-start", type=int, default=1, metavar="S",
                    help="start the parallel solver from a serial pass over S of the N steps (default 1; 0: from xi)")
@@ -140,7 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--scale", type=int, default=2)
     p.add_argument("--size", type=int, default=32, help="image side (default 32)")
     p.add_argument("--images", type=int, default=3, help="images to average over (default 3)")
-    p.add_argument("--stop", default="final", choices=("final", "rows", "residual", "none"))
+    p.add_argument("--stop", default="rows", choices=("final", "rows", "residual", "none"))
     p.add_argument("--stop-tol", type=float)
     p.add_argument("--warm-start", type=int, default=1, metavar="S")
     p.add_argument("--profile", action="store_true",

@@ -70,7 +70,7 @@ def draw_noise(batch: int, image_shape, steps: int, nw: float, generator: torch.
 
 
 def check_settings(steps: int, solver: str = "anderson", start: int = 1000, etw: float = 0.0, nw: float = 0.0,
-                   sigma_y: float = 0.0, stop: str = "final", stop_tol: float | None = None,
+                   sigma_y: float = 0.0, stop: str = "rows", stop_tol: float | None = None,
                    max_iter: int | None = None, alphas_cumprod=None, warm_start: int = 1, profile=None,
                    **solver_options):
     """Validate the sampler settings (DeqirError on bad ones): (ChainCoefficients, SolverOptions | None).
@@ -91,7 +91,7 @@ def check_settings(steps: int, solver: str = "anderson", start: int = 1000, etw:
 @torch.no_grad()
 def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "anderson",
             noise: torch.Tensor | None = None, etw: float = 0.0, nw: float = 0.0, start: int = 1000,
-            stop: str = "final", stop_tol: float | None = None, max_iter: int | None = None,
+            stop: str = "rows", stop_tol: float | None = None, max_iter: int | None = None,
             generator: torch.Generator | None = None, alphas_cumprod: torch.Tensor | None = None,
             sigma_y: float = 0.0, step_noise: torch.Tensor | None = None, init: torch.Tensor | None = None,
             warm_start: int = 1, progress: bool = False, callback=None, dtype: torch.dtype = torch.float32,

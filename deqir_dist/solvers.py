@@ -16,13 +16,14 @@ its own stopping decision; once an image stops it leaves the batch.
   ``safeguard`` times its best so far, its history restarts and it takes a Picard step.
 
 Stopping rules, evaluated per image after every evaluation of F:
+* ``rows`` (default): every row has settled in units of its noise level,
+  max_i rms(f_k[i] - x_k[i]) / sigma_i <= stop_tol with sigma_i = sqrt(max(1 - a'_i, 1e-3))
+  (ParaDiGMS' per-row tolerance). Measured (README): the output stays >= 40 dB from serial on
+  the analytic oracle and on the built-in prior at N = 25..100;
 * ``final``: the final row is within ``stop_tol`` dB PSNR of its own image under F,
-  10 log10(4 / mse(f_k[N], x_k[N])) >= stop_tol (images in [-1, 1]). For Picard, x_k = f_{k-1}:
-  the final row changed by less than stop_tol dB between two evaluations. For Anderson it is the
-  final-row residual of the mixed iterate, which does not stop on a lucky extrapolation;
-* ``rows``: every row has settled in units of its noise level, max_i rms(f_k[i] - x_k[i]) / sigma_i
-  <= stop_tol with sigma_i = sqrt(max(1 - a'_i, 1e-3)) (ParaDiGMS' per-row tolerance). It also
-  watches the rows whose change has not reached the final row yet;
+  10 log10(4 / mse(f_k[N], x_k[N])) >= stop_tol (images in [-1, 1]): cheap and safe on the
+  oracle, but with a learned prior the final row can sit still while earlier rows are still
+  moving (32-38 dB from serial measured), so it is not the default;
 * ``residual``: |f_k - x_k| / |f_k| <= stop_tol over all rows;
 * ``none``: run exactly ``max_iter`` evaluations.
 The result of an image is the final row of its last f_k.
@@ -45,8 +46,8 @@ DEFAULT_STOP_TOL = {"final": 43.0, "rows": 0.03, "residual": 1e-3, "none": 0.0}
 @dataclass(frozen=True)
 class SolverOptions:
     solver: str = "anderson"
-    stop: str = "final"
-    stop_tol: float = 43.0
+    stop: str = "rows"
+    stop_tol: float = 0.03
     max_iter: int = 25
     m: int = 5
     ridge: float = 1e-4

@@ -105,7 +105,9 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "ander
     ``generator`` (xi first). ``init`` warm-starts the parallel solvers with a trajectory
     (B, N, C, H, W); ``warm_start=S`` builds one from a deterministic serial pass over S of the
     N timesteps (S single-row denoiser calls, not counted in K; every rank computes it).
-    Extra keyword arguments (m, ridge, beta, safeguard) tune Anderson.
+    Extra keyword arguments: ``data_std`` (the null-space coordinates of the joint map,
+    ``schedule.null_coordinates``; None: DeqIR's prefix sum of eps), and m, ridge, beta,
+    safeguard tune Anderson. The default stop rule is "rows" (see ``solvers``).
 
     ``solver="auto"`` picks serial or anderson from the cost model of DESIGN section 5 with
     measured c(b): ``profile`` (a dict {b: ms} or a JSON file from ``deqir bench --profile``),

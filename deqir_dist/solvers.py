@@ -165,7 +165,7 @@ def solve_chain(block, comm, opts: SolverOptions, x0: torch.Tensor | None = None
         best = torch.full((nimg,), float("inf"), dtype=torch.float64)
     rows_at = 3 + m                              # first per-rank slot of the "rows" statistic
     width = rows_at + (comm.size if opts.stop == "rows" else 0)
-    inv_var = block.row_weight.view(1, -1).double().cpu()
+    inv_var = block.row_weight.view(1, -1).double()       # 1 / sigma_i^2 of the block's rows
     bar = _progress(progress and comm.is_first, opts.max_iter)
     for k in range(opts.max_iter):
         t_start = time.perf_counter()
@@ -188,7 +188,7 @@ def solve_chain(block, comm, opts: SolverOptions, x0: torch.Tensor | None = None
         if comm.is_last:
             stats[:, 2] = r2[:, -1]
         if opts.stop == "rows":
-            stats[:, rows_at + comm.rank] = (r2 * inv_var.to(r2.device)).max(1).values
+            stats[:, rows_at + comm.rank] = (r2 * inv_var).max(1).values
         if anderson:
             slot, nh = k % m, min(k + 1, m)
             xh[slot], rh[slot] = x, r

@@ -13,7 +13,9 @@ its own stopping decision; once an image stops it leaves the batch.
   noisy ones); x_{k+1} = sum_j alpha_j (x_j + beta R_j). Two safeguards: rows whose inputs are
   already exact (rows 1..k after k evaluations, by causality) take the Picard value, so Anderson
   is exact after N evaluations like Picard; and when an image's residual grows past
-  ``safeguard`` times its best so far, its history restarts and it takes a Picard step.
+  ``safeguard`` times its best so far, its history restarts and it takes a Picard step. Under
+  the ``rows`` rule an image whose stopping quantity has not improved by 10% for more than m
+  evaluations takes Picard steps from then on (global mixing weights can stall single rows).
 
 Stopping rules, evaluated per image after every evaluation of F:
 * ``rows`` (default): every row has settled in units of its noise level,
@@ -163,6 +165,9 @@ def solve_chain(block, comm, opts: SolverOptions, x0: torch.Tensor | None = None
         gram = torch.zeros((nimg, m, m), dtype=torch.float64)
         valid = torch.zeros((nimg, m), dtype=torch.bool)
         best = torch.full((nimg,), float("inf"), dtype=torch.float64)
+        q_best = torch.full((nimg,), float("inf"), dtype=torch.float64)
+        q_stale = torch.zeros((nimg,), dtype=torch.long)
+        picard_only = torch.zeros((nimg,), dtype=torch.bool)
     rows_at = 3 + m                              # first per-rank slot of the "rows" statistic
     width = rows_at + (comm.size if opts.stop == "rows" else 0)
     inv_var = block.row_weight.view(1, -1).double()       # 1 / sigma_i^2 of the block's rows
@@ -221,6 +226,11 @@ def solve_chain(block, comm, opts: SolverOptions, x0: torch.Tensor | None = None
                 valid[:, slot] = True
                 restart = res > opts.safeguard * best
                 best = torch.minimum(best, res)
+                if opts.stop == "rows":    # the stopping quantity stalls: Picard steps from here on
+                    q_stale = torch.where(q < 0.9 * q_best, torch.zeros_like(q_stale), q_stale + 1)
+                    q_best = torch.minimum(q_best, q)
+                    picard_only |= q_stale > opts.m
+                    restart |= picard_only
                 valid[restart] = False
                 valid[restart, slot] = True
                 w = _anderson_weights(gram[:, :nh, :nh], valid[:, :nh], opts.ridge)
@@ -242,6 +252,7 @@ def solve_chain(block, comm, opts: SolverOptions, x0: torch.Tensor | None = None
             if anderson:
                 xh, rh = xh[:, kd], rh[:, kd]
                 gram, valid, best = gram[keep], valid[keep], best[keep]
+                q_best, q_stale, picard_only = q_best[keep], q_stale[keep], picard_only[keep]
         timings.append(IterationTiming(time.perf_counter() - t_start, t_den,
                                        comm.stats.seconds - comm_s0, comm.stats.bytes_sent - bytes0,
                                        int(done.numel())))

@@ -207,6 +207,15 @@ def test_rows_stopping_bounds_every_row(gmm, solver):
     assert loose.iterations < r.iterations
 
 
+def test_anderson_under_rows_rule_does_not_stall():
+    """N = 100, sr_avgpool: without the stall fallback one image needed 36 evaluations (Picard: 20)."""
+    from deqir_dist.bench import run_bench
+    rows = run_bench("analytic", steps=(100,), images=3)["rows"]
+    k = {r["solver"]: r["K"] for r in rows}
+    assert k["anderson"] <= k["picard"]
+    assert min(r["psnr_vs_serial"] for r in rows) >= 60
+
+
 def test_residual_and_none_stopping(gmm):
     op, _, y, xi, _ = problem(gmm, "colorize", {}, steps=25)
     r = restore(gmm, y, op, steps=25, solver="picard", noise=xi, stop="residual", stop_tol=1e-3)

@@ -129,7 +129,7 @@ class NullCoordinates:
 def null_coordinates(coeffs: ChainCoefficients, data_std: float | None) -> NullCoordinates:
     """The null-space recurrence in coordinates n(t) = sqrt(abar c^2 + 1 - abar), c = data_std.
 
-    For data drawn from N(0, c^2) the DDIM trajectory keeps h / n(t) constant, so in these
+    For data drawn from N(0, c^2) the DDIM ODE keeps h / n(t) constant (and d = 0), so in these
     coordinates Picard iteration only has to resolve what the prior adds beyond a Gaussian of
     variance c^2. With alpha = sqrt(abar), sigma = sqrt(1 - abar), c_w = sqrt(1 - w^2), input
     time tau_i and output time next(tau_i) (primed):

@@ -67,8 +67,9 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
                    help="builtin (the default without --checkpoint: the shipped prior), analytic (exact "
                         "oracle), adm-256-uncond, sdedit-celeba-hq, or a checkpoint file")
     g.add_argument("--checkpoint", help="weights file for the model")
-    g.add_argument("--solver", default="anderson", choices=("serial", "picard", "anderson", "auto"),
-                   help="auto: serial or anderson, whichever the measured cost model predicts is faster")
+    g.add_argument("--solver", default="picard", choices=("serial", "picard", "anderson", "auto"),
+                   help="picard (default) or anderson: the chain-parallel solvers; auto: serial or picard, whichever "
+                        "the measured cost model predicts is faster")
     g.add_argument("--profile", help="solver auto: cost profile JSON from 'deqir bench --profile'")
     g.add_argument("--steps", type=int, default=25, help="sampling steps N (default 25)")
     g.add_argument("--start", type=int, default=1000, help="start timestep S (default 1000)")

@@ -227,7 +227,7 @@ def _mean(v):
 
 
 def run_demo(out_dir="demo-out", size: int = 64, images=None, crops: int = 1, tasks=None, steps: int = 25,
-             solver: str = "anderson", stop_tol: float | None = None, etw: float = DEMO_ETW, nw: float = DEMO_NW,
+             solver: str = "picard", stop_tol: float | None = None, etw: float = DEMO_ETW, nw: float = DEMO_NW,
              samples: int = 1, seed: int = 0, model=None, weights=None, device=None, progress: bool = True,
              write: bool = True, warm_start: int = 1, inversion: bool = True,
              inversion_iters: int | None = None) -> dict:
@@ -460,7 +460,7 @@ def add_parser(subparsers):
     p.add_argument("--crops", type=int, default=1, help="crops per photograph (default 1: the centre)")
     p.add_argument("--tasks", help=f"comma list from {','.join(DEMO_TASKS)} (default all)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps T (default 25)")
-    p.add_argument("--solver", default="anderson", choices=("picard", "anderson"), help="parallel solver")
+    p.add_argument("--solver", default="picard", choices=("picard", "anderson"), help="parallel solver")
     p.add_argument("--stop-tol", type=float, help="stop when every row changes by less than this fraction of its "
                                                    "noise level (default 0.03)")
     p.add_argument("--warm-start", type=int, default=1,

@@ -204,9 +204,9 @@ def _optimize(model, item: Item, spec: NoiseOptimizationSpec, generator, kw: dic
     if kw.get("distributed"):
         raise DeqirError("--optimize-noise runs in one process; it cannot be combined with --distributed")
     keep = ("steps", "etw", "nw", "start", "sigma_y")
-    solver = kw.get("solver", "anderson")
+    solver = kw.get("solver", "picard")
     res = optimize_noise(model, item.y, item.op, loss=spec.loss, target=spec.target(item), iters=spec.iters,
-                         lr=spec.lr, generator=generator, solver="anderson" if solver == "auto" else solver,
+                         lr=spec.lr, generator=generator, solver="picard" if solver == "auto" else solver,
                          **{k: kw[k] for k in keep if k in kw})
     hist = res.history
     extra = {"optimize_noise": spec.loss, "oracle": res.oracle, "opt_iters": spec.iters,

@@ -92,9 +92,9 @@ def predict_ms(c_ms: dict, steps: int, procs: int = 1, iterations: int | None = 
 
 def choose_solver(c_ms: dict, steps: int, procs: int = 1, iterations: int | None = None,
                   overhead_ms: float = 0.0) -> tuple[str, dict]:
-    """'anderson' only where the model predicts it beats serial; otherwise 'serial'."""
+    """'picard' only where the model predicts it beats serial; otherwise 'serial'."""
     p = predict_ms(c_ms, steps, procs, iterations, overhead_ms=overhead_ms)
-    return ("anderson" if p["parallel_ms"] < p["serial_ms"] else "serial"), p
+    return ("picard" if p["parallel_ms"] < p["serial_ms"] else "serial"), p
 
 
 def save_profile(path, model_name: str, image_shape, device, c_ms: dict, graph: bool) -> None:

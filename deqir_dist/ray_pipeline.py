@@ -545,10 +545,10 @@ class RayRestoreJob:
             if not isinstance(self.restore_kw["profile"], dict):
                 from .profile import load_profile
                 self.restore_kw = {**self.restore_kw, "profile": load_profile(self.restore_kw["profile"])}
-            settings["solver"] = "anderson"       # auto picks serial or anderson: check the latter's settings
+            settings["solver"] = "picard"         # auto picks serial or picard: check the latter's settings
         check_settings(**settings)
         if self.gpus_per_worker > 1:
-            if self.restore_kw.get("solver", "anderson") == "serial":
+            if self.restore_kw.get("solver", "picard") == "serial":
                 raise DeqirError("gangs (--gpus-per-worker > 1) shard the chain: use --solver picard or anderson")
             if self.gpus_per_worker > self.restore_kw.get("steps", 25):
                 raise DeqirError(f"{self.gpus_per_worker} ranks for a chain of {self.restore_kw.get('steps')} rows")

@@ -69,17 +69,17 @@ def draw_noise(batch: int, image_shape, steps: int, nw: float, generator: torch.
     return xi, z
 
 
-def check_settings(steps: int, solver: str = "anderson", start: int = 1000, etw: float = 0.0, nw: float = 0.0,
+def check_settings(steps: int, solver: str = "picard", start: int = 1000, etw: float = 0.0, nw: float = 0.0,
                    sigma_y: float = 0.0, stop: str = "rows", stop_tol: float | None = None,
                    max_iter: int | None = None, alphas_cumprod=None, warm_start: int = 1, profile=None,
                    **solver_options):
     """Validate the sampler settings (DeqirError on bad ones): (ChainCoefficients, SolverOptions | None).
 
-    ``solver="auto"`` is validated as "anderson" (what it may choose besides serial)."""
+    ``solver="auto"`` is validated as "picard" (what it may choose besides serial)."""
     if solver not in METHODS:
         raise DeqirError(f"unknown solver {solver!r}; choose from {', '.join(METHODS)}")
     if solver == "auto":
-        solver = "anderson"
+        solver = "picard"
     if isinstance(warm_start, bool) or not isinstance(warm_start, int) or warm_start < 0:
         raise DeqirError(f"warm_start must be a non-negative integer, got {warm_start!r}")
     coeffs = chain_coefficients(steps, start, etw, nw, sigma_y, alphas_cumprod)
@@ -89,7 +89,7 @@ def check_settings(steps: int, solver: str = "anderson", start: int = 1000, etw:
 
 
 @torch.no_grad()
-def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "anderson",
+def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picard",
             noise: torch.Tensor | None = None, etw: float = 0.0, nw: float = 0.0, start: int = 1000,
             stop: str = "rows", stop_tol: float | None = None, max_iter: int | None = None,
             generator: torch.Generator | None = None, alphas_cumprod: torch.Tensor | None = None,
@@ -109,7 +109,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "ander
     ``schedule.null_coordinates``; None: DeqIR's prefix sum of eps), and m, ridge, beta,
     safeguard tune Anderson. The default stop rule is "rows" (see ``solvers``).
 
-    ``solver="auto"`` picks serial or anderson from the cost model of DESIGN section 5 with
+    ``solver="auto"`` picks serial or picard from the cost model of DESIGN section 5 with
     measured c(b): ``profile`` (a dict {b: ms} or a JSON file from ``deqir bench --profile``),
     or, in a single process without one, two quick timings of this denoiser on this input size.
 
@@ -178,7 +178,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "ander
 
 
 def _plan(denoiser, op, steps: int, profile, distributed: bool, group) -> tuple[str, dict]:
-    """solver="auto": serial or anderson, whichever the latency model predicts is faster."""
+    """solver="auto": serial or picard, whichever the latency model predicts is faster."""
     from .profile import choose_solver, load_profile, measure_cost
     procs = 1
     if distributed:

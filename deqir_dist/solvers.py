@@ -47,7 +47,7 @@ DEFAULT_STOP_TOL = {"final": 43.0, "rows": 0.03, "residual": 1e-3, "none": 0.0}
 
 @dataclass(frozen=True)
 class SolverOptions:
-    solver: str = "anderson"
+    solver: str = "picard"
     stop: str = "rows"
     stop_tol: float = 0.03
     max_iter: int = 25

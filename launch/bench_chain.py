@@ -29,7 +29,7 @@ def main(argv=None):
     ap.add_argument("--model", default="analytic", help="analytic (default) or builtin, or a checkpoint")
     ap.add_argument("--size", type=int, default=32)
     ap.add_argument("--images", type=int, default=1)
-    ap.add_argument("--solver", default="anderson", choices=("picard", "anderson"))
+    ap.add_argument("--solver", default="picard", choices=("picard", "anderson"))
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     device = init_distributed()

@@ -44,7 +44,7 @@ def test_degrade_then_restore_then_eval(photos, tmp_path, capsys):
                          "--steps", "10", "--no-progress"], capsys)
     assert code == 0, out
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["summary"]["images"] == 2 and summary["solver"] == "anderson"
+    assert summary["summary"]["images"] == 2 and summary["solver"] == "picard"
     assert read_image(out_dir / "img1.png").shape == (3, 32, 32)
     code, out, _ = _run(["eval", out_dir, photos, "--json", tmp_path / "ev.json"], capsys)
     assert code == 0 and "mean" in out

@@ -20,7 +20,7 @@ def test_planner_never_picks_parallel_when_predicted_slower():
         choice, p = choose_solver(linear, steps, procs=1)
         assert choice == "serial" and p["parallel_ms"] >= p["serial_ms"]
         choice, p = choose_solver(flat, steps, procs=1)
-        assert choice == "anderson" and p["speedup"] > 1
+        assert choice == "picard" and p["speedup"] > 1
     # more devices shrink the rows per call: at P = N, one row per device
     p = predict_ms(linear, 100, procs=100, iterations=7)
     assert p["parallel_ms"] == pytest.approx(1.0 + 7 * 1.0)
@@ -38,9 +38,9 @@ def test_restore_auto_follows_the_profile(gmm):
     r = restore(gmm, y, op, steps=25, solver="auto", profile={1: 1.0, 25: 25.0}, generator=g)
     assert r.solver == "serial" and r.plan["chosen"] == "serial"
     r = restore(gmm, y, op, steps=25, solver="auto", profile={1: 1.0, 25: 1.1}, generator=g)
-    assert r.solver == "anderson" and r.iterations < 25
+    assert r.solver == "picard" and r.iterations < 25
     r = restore(gmm, y, op, steps=10, solver="auto", generator=g)    # measures on the fly
-    assert r.solver in ("serial", "anderson") and "c_ms" in r.plan
+    assert r.solver in ("serial", "picard") and "c_ms" in r.plan
 
 
 def test_bad_profile_file(gmm, tmp_path):

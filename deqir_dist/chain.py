@@ -58,6 +58,13 @@ def linear_scan(decay: torch.Tensor, b: torch.Tensor, init: torch.Tensor | None)
     return out
 
 
+def block_decays(coeffs: ChainCoefficients, blocks, data_std: float | None) -> list[tuple[float, float]]:
+    """(P decay, Q decay) products of each block's rows: what a rank needs to fold the other
+    ranks' ``Summary`` tails into its carry (``Summary.p_decay``, ``Summary.q_decay``)."""
+    p_decay, q_decay = null_coordinates(coeffs, data_std).decay, 1 - coeffs.lam
+    return [(float(torch.prod(p_decay[a:b])), float(torch.prod(q_decay[a:b]))) for a, b in blocks]
+
+
 @dataclass
 class Carry:
     """The chain state entering a block: P w_{lo-1} and Q u_{lo-1}, (B, C, H, W) each."""

@@ -134,16 +134,19 @@ class DistComm(LocalComm):
             return first if recv is None else recv.to(first.device)
         return self._run("halo", go)
 
-    def carry(self, initial: Carry, summary: Summary, with_q: bool) -> Carry:
-        """Exclusive scan of the block summaries: fold ranks 0..r-1 into the initial carry."""
+    def _gather_summaries(self, what: str, p: torch.Tensor, q: torch.Tensor, with_q: bool) -> list[torch.Tensor]:
+        """all_gather of every rank's block summary: (p, q) stacked, or p alone without range memory."""
         def go():
-            mine = torch.stack([summary.p_tail, summary.q_tail]) if with_q else summary.p_tail[None]
-            mine = self._dev(mine)
+            mine = self._dev(torch.stack([p, q]) if with_q else p[None])
             parts = [torch.empty_like(mine) for _ in range(self.size)]
             dist.all_gather(parts, mine, group=self.group)
             self.stats.bytes_sent += mine.numel() * mine.element_size() * (self.size - 1)
             return parts
-        parts = self._run("carry", go)
+        return self._run(what, go)
+
+    def carry(self, initial: Carry, summary: Summary, with_q: bool) -> Carry:
+        """Exclusive scan of the block summaries: fold ranks 0..r-1 into the initial carry."""
+        parts = self._gather_summaries("carry", summary.p_tail, summary.q_tail, with_q)
         carry = initial
         for r in range(self.rank):
             p = parts[r][0].to(initial.p.device)
@@ -195,14 +198,7 @@ class DistComm(LocalComm):
         """
         from .inversion import ReverseCarry, ReverseSummary
 
-        def go():
-            mine = torch.stack([summary.p_total, summary.q_head]) if with_q else summary.p_total[None]
-            mine = self._dev(mine)
-            parts = [torch.empty_like(mine) for _ in range(self.size)]
-            dist.all_gather(parts, mine, group=self.group)
-            self.stats.bytes_sent += mine.numel() * mine.element_size() * (self.size - 1)
-            return parts
-        parts = self._run("reverse carry", go)
+        parts = self._gather_summaries("reverse carry", summary.p_total, summary.q_head, with_q)
         if self.is_last:
             return None
         dev = summary.p_total.device

@@ -67,7 +67,7 @@ from typing import Callable
 
 import torch
 
-from .chain import ChainBlock, linear_scan
+from .chain import ChainBlock, block_decays, linear_scan
 from .comm import LocalComm
 from .denoiser import EpsFn, model_device
 from .errors import DeqirError
@@ -567,7 +567,7 @@ def _noise_gradient_distributed(pb: _Problem, comm, loss_fn, solver: str, tol: f
     n, b = pb.steps, pb.xi.shape[0]
     blocks = split_rows(n, comm.size)
     lo, hi = blocks[comm.rank]
-    comm.block_decays = [(1.0, float(torch.prod(1 - pb.coeffs.lam[a:c]))) for a, c in blocks]   # eps form: P decay 1
+    comm.block_decays = block_decays(pb.coeffs, blocks, None)        # the eps form the adjoint is written for
     z_check = None if pb.z is None else [float(pb.z.double().sum()), float(pb.z.double().abs().sum())]
     check_same_inputs(comm, problem_digest(pb.y, pb.xi, pb.op,
                                            {**config, "a": pb.coeffs.a.tolist(), "z": z_check}))

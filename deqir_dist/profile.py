@@ -18,7 +18,7 @@ from .errors import DeqirError
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 13, 16, 25, 50, 100)
 # K to plan with: the built-in prior's measured K at a rule that keeps the output >= 40 dB from
-# serial ('rows', picard, max over images: bench/results/builtin-sr_avgpool-rows-cpu.json). A
+# serial ('rows', picard, max over images: bench/results/builtin-sr_avgpool-cpu.json). A
 # learned prior needs far more than the analytic oracle (4), and planning with the oracle's K
 # would pick the parallel solver where it is slower.
 EXPECTED_K = {25: 14, 50: 19, 100: 27}

@@ -6,11 +6,11 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .chain import ChainBlock
+from .chain import ChainBlock, block_decays
 from .comm import LocalComm, split_rows
 from .denoiser import EpsFn, model_device
 from .errors import DeqirError
-from .schedule import chain_coefficients, null_coordinates
+from .schedule import chain_coefficients
 from .serial import coarse_trajectory, sample_serial
 from .solvers import SolverOptions, solve_chain
 
@@ -137,9 +137,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
             raise DeqirError(f"{comm.size} ranks for a chain of {steps} rows: use at most one rank per row")
         else:
             blocks = split_rows(steps, comm.size)
-            p_decay = null_coordinates(coeffs, opts.data_std).decay
-            comm.block_decays = [(float(torch.prod(p_decay[a:b])), float(torch.prod(1 - coeffs.lam[a:b])))
-                                 for a, b in blocks]
+            comm.block_decays = block_decays(coeffs, blocks, opts.data_std)
     lo, hi = blocks[comm.rank]
     z_check = None
     if step_noise is not None:

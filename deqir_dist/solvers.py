@@ -74,7 +74,7 @@ class SolverOptions:
         unknown = sorted(set(kw) - {"m", "ridge", "beta", "safeguard", "data_std"})
         if unknown:
             raise DeqirError(f"unknown solver option(s) {', '.join(unknown)}; valid: m, ridge, beta, safeguard, data_std")
-        c = kw.get("data_std", 0.5)
+        c = kw.get("data_std", SolverOptions.data_std)
         if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < math.inf):
             raise DeqirError(f"data_std must be a positive number or None, got {c!r}")
         opts = SolverOptions(solver=solver, stop=stop, stop_tol=tol, max_iter=k, **kw)

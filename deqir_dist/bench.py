@@ -1,8 +1,10 @@
 """``deqir bench``: serial vs Picard vs Anderson on the same measurements.
 
-For each N it reports K (joint-map evaluations), wall-clock seconds, PSNR of the parallel result
-against the serial one (the reference: higher is closer; inf = identical) and PSNR against the
-ground truth. Images are drawn from the model's own prior when it has one (the analytic oracle).
+For each N it reports K (joint-map evaluations), the denoiser rows evaluated per image (N per
+sweep without a window; fewer with a frozen prefix), wall-clock seconds, PSNR of the parallel
+result against the serial one (the reference: higher is closer; inf = identical) and PSNR
+against the ground truth. ``windows`` adds Picard with a sliding window of round(f N) rows
+(f = 0: plain Picard, every row in every sweep; plain ``picard`` freezes the settled prefix). Images are drawn from the model's own prior when it has one (the analytic oracle).
 """
 from __future__ import annotations
 
@@ -32,7 +34,7 @@ def _clean_images(model_name: str, model, n: int, shape, gen: torch.Generator) -
 def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), task: str = "sr_avgpool",
               scale: int = 2, size: int = 32, images: int = 3, stop: str = "rows",
               stop_tol: float | None = None, seed: int = 0, device=None,
-              solvers=("picard", "anderson"), warm_start: int = 1) -> dict:
+              solvers=("picard", "anderson"), warm_start: int = 1, windows=()) -> dict:
     """Run the comparison; returns a JSON-ready dict with one row per (N, solver)."""
     den = load_denoiser(model, checkpoint=checkpoint, device=device)
     shape = (3, size, size)
@@ -44,27 +46,36 @@ def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), tas
     xi = torch.randn((images, *shape), generator=gen)
     gt_dev = gt
     restore(den, y, op, steps=min(steps), solver="anderson", noise=xi)   # warm-up: first calls are slow
+    for f in windows:
+        if not 0 <= f <= 1:
+            raise DeqirError(f"window fractions must lie in [0, 1], got {f}")
     rows = []
     for n in steps:
         t0 = time.perf_counter()
         ref = restore(den, y, op, steps=n, solver="serial", noise=xi)
         t_serial = time.perf_counter() - t0
-        rows.append({"steps": n, "solver": "serial", "K": n, "K_mean": float(n), "seconds": round(t_serial, 4),
+        rows.append({"steps": n, "solver": "serial", "K": n, "K_mean": float(n), "rows": float(n),
+                     "seconds": round(t_serial, 4),
                      "psnr_vs_serial": math.inf,
                      "psnr_gt": round(float(psnr(ref.image.clamp(-1, 1).cpu(), gt_dev).mean()), 3)})
-        for solver in solvers:
+        variants = [(s, None) for s in solvers] + [("picard", max(1, round(f * n)) if f else 0) for f in windows]
+        for solver, window in variants:
+            extra = {} if window is None else {"window": window}
             t0 = time.perf_counter()
             res = restore(den, y, op, steps=n, solver=solver, noise=xi, stop=stop, stop_tol=stop_tol,
-                          warm_start=warm_start)
+                          warm_start=warm_start, **extra)
             secs = time.perf_counter() - t0
             vs = psnr(res.image.cpu(), ref.image.cpu())
-            rows.append({"steps": n, "solver": solver, "K": res.iterations,
+            label = solver if window is None else (f"picard W={window}" if window else "picard plain")
+            rows.append({"steps": n, "solver": label,
+                         "K": res.iterations, "rows": round(sum(t.rows for t in res.timings) / images, 1),
                          "K_mean": sum(res.iterations_per_image) / images, "seconds": round(secs, 4),
                          "psnr_vs_serial": round(float(vs.min()), 2),
                          "psnr_gt": round(float(psnr(res.image.clamp(-1, 1).cpu(), gt_dev).mean()), 3),
                          "stop": res.stop, "stop_tol": res.stop_tol})
     return {"model": model, "task": task, "operator": op.describe()["params"], "image_shape": list(shape),
-            "images": images, "stop": stop, "seed": seed, "warm_start": warm_start, "device": str(device or "cpu"),
+            "images": images, "stop": stop, "seed": seed, "warm_start": warm_start, "windows": list(windows),
+            "device": str(device or "cpu"),
             "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
             "rows": rows}
 
@@ -73,9 +84,10 @@ def format_bench(result: dict) -> str:
     from .jobs import format_table
     head = (f"model={result['model']} task={result['task']} {result['operator']} "
             f"image={tuple(result['image_shape'])} images={result['images']} stop={result['stop']}")
-    cols = ["steps", "solver", "K", "K_mean", "seconds", "psnr_vs_serial", "psnr_gt"]
+    cols = ["steps", "solver", "K", "K_mean", "rows", "seconds", "psnr_vs_serial", "psnr_gt"]
     return head + "\n" + format_table(result["rows"], cols) + \
-        "\n(K: joint-map evaluations, max over images; psnr_vs_serial: worst image, dB)"
+        ("\n(K: joint-map evaluations, max over images; rows: denoiser rows evaluated per image, mean; "
+         "psnr_vs_serial: worst image, dB)")
 
 
 def run_profile(model: str = "analytic", checkpoint=None, size: int = 32, device=None, steps=(25, 50, 100),

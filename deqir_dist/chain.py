@@ -141,6 +141,30 @@ class ChainBlock:
     def rows(self) -> int:
         return self.hi - self.lo
 
+    _ROW_TENSORS = ("g", "n_out", "coef_p", "shift", "coef_q", "row_weight", "const_q", "const_p")
+
+    def view(self, lo: int, hi: int) -> "ChainBlock":
+        """The rows [lo, hi) of this block (global indices) as a block sharing its tensors.
+
+        The incoming carry and halo of the view are the caller's business (``carry0`` stays the
+        chain's initial carry). Used by the sliding window, which re-slices every iteration."""
+        if not self.lo <= lo < hi <= self.hi:
+            raise ValueError(f"bad view [{lo}, {hi}) of block [{self.lo}, {self.hi})")
+        a, b = lo - self.lo, hi - self.lo
+        v = object.__new__(ChainBlock)
+        v.__dict__.update(self.__dict__)
+        v.lo, v.hi = lo, hi
+        v.taus, v.p_decay, v.decay = self.taus[a:b], self.p_decay[a:b], self.decay[a:b]
+        for name in self._ROW_TENSORS:
+            t = getattr(self, name)
+            setattr(v, name, None if t is None else t[:, a:b])
+        return v
+
+    def decay_products(self, blocks) -> list[tuple[float, float]]:
+        """(P decay, Q decay) products over each global block [a, b) inside this block's rows."""
+        return [(float(torch.prod(self.p_decay[a - self.lo:b - self.lo])),
+                 float(torch.prod(self.decay[a - self.lo:b - self.lo]))) for a, b in blocks]
+
     @staticmethod
     def _apply(fn, t: torch.Tensor) -> torch.Tensor:
         """Apply an image operator to a (B, n, C, H, W) stack."""
@@ -174,13 +198,21 @@ class ChainBlock:
         return Summary(linear_scan(self.p_decay, bp, None)[:, -1], q_tail,
                        float(torch.prod(self.p_decay)), float(torch.prod(self.decay)))
 
-    def outputs(self, bp: torch.Tensor, bq: torch.Tensor, carry: Carry) -> torch.Tensor:
-        """h'_i = n'_i P w_i + g_i Q u_i for the block's rows, given the incoming carry.
+    def scans(self, bp: torch.Tensor, bq: torch.Tensor, carry: Carry) -> Carry:
+        """(P w_i, Q u_i) of the block's rows given the incoming carry, (b, n, C, H, W) float64.
 
         The scans accumulate in float64: with data_std=None, w sums terms of size 1/sqrt(a_1)
         (about 100) that cancel to O(1), so float32 accumulation would leave errors near 1e-5
-        that depend on how the rows are split.
+        that depend on how the rows are split. Row j of the result is the carry into row j + 1.
         """
         pw = linear_scan(self.p_decay, bp.to(ACC), carry.p)
         qu = linear_scan(self.decay, bq.to(ACC), carry.q if self.range_recurrent else None)
-        return (self.n_out.to(ACC) * pw + self.g.to(ACC) * qu).to(bp.dtype)
+        return Carry(pw, qu)
+
+    def combine(self, state: Carry, dtype: torch.dtype) -> torch.Tensor:
+        """h_i = n'_i P w_i + g_i Q u_i from the scanned state."""
+        return (self.n_out.to(ACC) * state.p + self.g.to(ACC) * state.q).to(dtype)
+
+    def outputs(self, bp: torch.Tensor, bq: torch.Tensor, carry: Carry) -> torch.Tensor:
+        """h'_i = n'_i P w_i + g_i Q u_i for the block's rows, given the incoming carry."""
+        return self.combine(self.scans(bp, bq, carry), bp.dtype)

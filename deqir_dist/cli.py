@@ -79,6 +79,9 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-iter", type=int, help="most joint-map evaluations (default N)")
     g.add_argument("--warm-start", type=int, default=1, metavar="S",
                    help="start the parallel solver from a serial pass over S of the N steps (default 1; 0: from xi)")
+    g.add_argument("--window", type=int, metavar="W",
+                   help="picard + rows only: evaluate a sliding window of W rows and freeze the settled prefix "
+                        "(W >= steps: frozen prefix only; default: every row, every iteration)")
     g.add_argument("--etw", type=float, default=0.0, help="w: shrinks the eps term (default 0)")
     g.add_argument("--nw", type=float, default=0.0, help="v: injected noise weight (default 0)")
     g.add_argument("--seed", type=int, default=0, help="noise seed; each image draws from (seed, id)")
@@ -88,7 +91,8 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
 def _restore_kwargs(args) -> dict:
     return dict(steps=args.steps, start=args.start, solver=args.solver, stop=args.stop,
                 stop_tol=args.stop_tol, max_iter=args.max_iter, etw=args.etw, nw=args.nw,
-                sigma_y=args.sigma_y, warm_start=args.warm_start, profile=args.profile)
+                sigma_y=args.sigma_y, warm_start=args.warm_start, profile=args.profile,
+                **({"window": args.window} if args.window is not None else {}))
 
 
 def _device(args):
@@ -144,6 +148,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--stop", default="rows", choices=("final", "rows", "residual", "none"))
     p.add_argument("--stop-tol", type=float)
     p.add_argument("--warm-start", type=int, default=1, metavar="S")
+    p.add_argument("--windows", type=float, nargs="+", default=[], metavar="FRAC",
+                   help="also run picard with a sliding window of round(FRAC x N) rows and a frozen prefix "
+                        "(1: frozen prefix only, picard's default; 0: plain sweeps of every row)")
     p.add_argument("--profile", action="store_true",
                    help="instead: measure c(b), one denoiser call on b rows, and the modelled speed-ups")
     p.add_argument("--graph", action="store_true", help="--profile with CUDA graphs (GPU only)")
@@ -295,7 +302,8 @@ def cmd_bench(args) -> int:
         return 0
     result = run_bench(model=args.model, checkpoint=args.checkpoint, steps=args.steps, task=args.task,
                        scale=args.scale, size=args.size, images=args.images, stop=args.stop,
-                       stop_tol=args.stop_tol, seed=args.seed, device=_device(args), warm_start=args.warm_start)
+                       stop_tol=args.stop_tol, seed=args.seed, device=_device(args), warm_start=args.warm_start,
+                       windows=args.windows)
     print(format_bench(result))
     if args.json:
         write_json(args.json, result)

@@ -432,7 +432,7 @@ def format_demo(result: dict) -> str:
     cols = ["task", "baseline", "psnr_base", "ssim_base", "psnr_serial", "ssim_serial", "psnr_par", "ssim_par",
             "K", "par_vs_serial"]
     if result["table"] and "psnr_mmse" in result["table"][0]:
-        cols[7:7] = ["psnr_mmse", "ssim_mmse"]
+        cols[8:8] = ["psnr_mmse", "ssim_mmse"]
     head = (f"model={result['model']} images={len(result['images'])} ({', '.join(result['images'])}) "
             f"size={result['size']} steps={result['steps']} solver={result['solver']} stop={result['stop']} "
             f"tol={result['stop_tol']} etw={result['etw']} nw={result['nw']}")

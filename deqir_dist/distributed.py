@@ -117,12 +117,19 @@ class DistComm(LocalComm):
         return t.to(self.device).contiguous()
 
     # ------------------------------------------------------------------ collectives
-    def halo(self, last_row: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
-        """Send my last row to rank r+1; receive rank r-1's last row (rank 0 uses ``first``)."""
+    def halo(self, last_row: torch.Tensor, first: torch.Tensor, active: int | None = None) -> torch.Tensor:
+        """Send my last row to rank r+1; receive rank r-1's last row (rank 0 uses ``first``).
+
+        ``active``: only ranks 0..active-1 hold rows (a window shorter than the group); the others
+        neither send nor receive and get ``first`` back."""
+        active = self.size if active is None else active
+
         def go():
             ops = []
             recv = None
-            if self.rank + 1 < self.size:
+            if self.rank >= active:
+                return first
+            if self.rank + 1 < active:
                 ops.append(dist.P2POp(dist.isend, self._dev(last_row), self.global_ranks[self.rank + 1], self.group))
                 self.stats.bytes_sent += last_row.numel() * last_row.element_size()
             if self.rank > 0:
@@ -163,13 +170,51 @@ class DistComm(LocalComm):
         return self._run("all_sum", go)
 
     def from_last(self, t: torch.Tensor) -> torch.Tensor:
+        return self.from_rank(t, self.size - 1, "final broadcast")
+
+    def from_rank(self, t: torch.Tensor, src: int, what: str = "broadcast") -> torch.Tensor:
+        """Broadcast ``t`` from rank ``src`` (every rank passes a tensor of the same shape and dtype)."""
         def go():
             buf = self._dev(t)
-            dist.broadcast(buf, src=self.global_ranks[self.size - 1], group=self.group)
-            if self.is_last:
+            dist.broadcast(buf, src=self.global_ranks[src], group=self.group)
+            if self.rank == src:
                 self.stats.bytes_sent += buf.numel() * buf.element_size() * (self.size - 1)
             return buf.to(t.device)
-        return self._run("final broadcast", go)
+        return self._run(what, go)
+
+    def reshard(self, rows: torch.Tensor, old, new, end: int) -> torch.Tensor:
+        """Point-to-point row moves of ``comm.reshard_plan``; returns this rank's new rows."""
+        from .comm import reshard_plan
+
+        def go():
+            a, b = new[self.rank]
+            out = torch.empty((rows.shape[0], b - a, *rows.shape[2:]), dtype=rows.dtype, device=rows.device)
+            ops, recvs = [], []
+            for src, dst, idx in reshard_plan(old, new, end):
+                if src == self.rank and dst == self.rank:
+                    continue
+                if src == self.rank:
+                    buf = self._dev(rows[:, idx])
+                    ops.append(dist.P2POp(dist.isend, buf, self.global_ranks[dst], self.group))
+                    self.stats.bytes_sent += buf.numel() * buf.element_size()
+                elif dst == self.rank:
+                    buf = torch.empty((rows.shape[0], len(idx), *rows.shape[2:]), dtype=rows.dtype, device=self.device)
+                    ops.append(dist.P2POp(dist.irecv, buf, self.global_ranks[src], self.group))
+                    recvs.append((src, buf))
+            if ops:
+                for w in dist.batch_isend_irecv(ops):
+                    w.wait()
+            # place received and kept rows in new-row order: sources own increasing row ranges
+            pos = 0
+            parts = {src: buf for src, buf in recvs}
+            for src, dst, idx in reshard_plan(old, new, end):
+                if dst != self.rank:
+                    continue
+                piece = rows[:, idx] if src == self.rank else parts[src].to(rows.device)
+                out[:, pos:pos + len(idx)] = piece
+                pos += len(idx)
+            return out
+        return self._run("reshard", go)
 
     # ------------------------------------------------------------------ adjoint (reverse) collectives
     def halo_back(self, first_row: torch.Tensor, last_default: torch.Tensor) -> torch.Tensor:
@@ -211,14 +256,7 @@ class DistComm(LocalComm):
         return carry
 
     def from_first(self, t: torch.Tensor) -> torch.Tensor:
-        """Broadcast ``t`` from rank 0 (every rank passes a tensor of the same shape and dtype)."""
-        def go():
-            buf = self._dev(t)
-            dist.broadcast(buf, src=self.global_ranks[0], group=self.group)
-            if self.is_first:
-                self.stats.bytes_sent += buf.numel() * buf.element_size() * (self.size - 1)
-            return buf.to(t.device)
-        return self._run("first broadcast", go)
+        return self.from_rank(t, 0, "first broadcast")
 
     def agree(self, payload: bytes) -> list[bytes]:
         """All ranks' 32-byte digests (all_gather)."""

@@ -7,12 +7,13 @@ from dataclasses import dataclass, field
 import torch
 
 from .chain import ChainBlock, block_decays
-from .comm import LocalComm, split_rows
+from .comm import LocalComm, offset_split, split_rows
 from .denoiser import EpsFn, model_device
 from .errors import DeqirError
 from .schedule import chain_coefficients
 from .serial import coarse_trajectory, sample_serial
 from .solvers import SolverOptions, solve_chain
+from .window import solve_window
 
 METHODS = ("serial", "picard", "anderson", "auto")
 
@@ -29,7 +30,8 @@ class RestoreResult:
     stop_tol: float
     seconds: float
     timings: list = field(default_factory=list)   # per-iteration IterationTiming (parallel only)
-    rank_rows: tuple[int, int] | None = None      # rows [lo, hi) this process owned (parallel only)
+    rank_rows: tuple[int, int] | None = None      # rows [lo, hi) this process owned (parallel only;
+    #                                               with a window: in the first sweep, the most it holds)
     state_rows: int | None = None                 # rows of chain state this process held
     plan: dict | None = None                      # solver="auto": the prediction it chose by
 
@@ -106,7 +108,9 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
     (B, N, C, H, W); ``warm_start=S`` builds one from a deterministic serial pass over S of the
     N timesteps (S single-row denoiser calls, not counted in K; every rank computes it).
     Extra keyword arguments: ``data_std`` (the null-space coordinates of the joint map,
-    ``schedule.null_coordinates``; None: DeqIR's prefix sum of eps), and m, ridge, beta,
+    ``schedule.null_coordinates``; None: DeqIR's prefix sum of eps), ``window`` (picard with the
+    "rows" rule: rows of the sliding window, ``window.solve_window``; default N, the settled
+    prefix is frozen and nothing slides; 0: every row in every sweep), and m, ridge, beta,
     safeguard tune Anderson. The default stop rule is "rows" (see ``solvers``).
 
     ``solver="auto"`` picks serial or picard from the cost model of DESIGN section 5 with
@@ -138,7 +142,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
         else:
             blocks = split_rows(steps, comm.size)
             comm.block_decays = block_decays(coeffs, blocks, opts.data_std)
-    lo, hi = blocks[comm.rank]
+    lo, hi = (0, steps) if opts is not None and opts.window else blocks[comm.rank]   # a window holds all rows
     z_check = None
     if step_noise is not None:
         step_noise = check_tensor(step_noise, "step_noise", (batch, steps, *image_shape))
@@ -168,9 +172,11 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
         x0 = check_tensor(init, "init", (batch, steps, *image_shape))[:, lo:hi].to(device=device, dtype=dtype)
     elif warm_start:
         x0 = coarse_trajectory(eps_fn, op, coeffs, warm_start, y, xi, alphas_cumprod)[:, lo:hi]
-    sol = solve_chain(block, comm, opts, x0=x0, progress=progress, callback=callback)
+    solve = solve_window if opts.window else solve_chain
+    sol = solve(block, comm, opts, x0=x0, progress=progress, callback=callback)
+    owned = offset_split(0, min(opts.window, steps), comm.size)[comm.rank] if opts.window else (lo, hi)
     return RestoreResult(sol.final, max(sol.iterations), sol.iterations, sol.trace, solver, steps,
-                         opts.stop, opts.stop_tol, time.perf_counter() - t0, sol.timings, (lo, hi),
+                         opts.stop, opts.stop_tol, time.perf_counter() - t0, sol.timings, owned,
                          sol.state_rows, plan)
 
 

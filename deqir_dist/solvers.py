@@ -4,7 +4,9 @@ Both solvers iterate x_{k+1} = update(x_k, f_k), f_k = F(x_k), over the rows of 
 (the whole chain in a single process). Each image is its own problem: its own Anderson weights,
 its own stopping decision; once an image stops it leaves the batch.
 
-* ``picard``: x_{k+1} = f_k. Exact after N evaluations (the map is causal).
+* ``picard``: x_{k+1} = f_k. Exact after N evaluations (the map is causal). With the ``rows``
+  rule it runs in ``window.solve_window`` by default (``window`` rows, default N): rows whose
+  change is far below the tolerance are frozen and leave the denoiser batch.
 * ``anderson``: one set of mixing weights per image for the whole chain (DESIGN section 3):
   alpha = argmin |sum_j alpha_j R_j|_W^2 + lam |alpha|^2 s.t. sum alpha = 1, over the last m
   residuals R_j = f_j - x_j, with lam = ridge * mean(diag Gram) (relative, so it scales with the
@@ -56,6 +58,7 @@ class SolverOptions:
     beta: float = 1.0
     safeguard: float = 2.0
     data_std: float | None = 0.5
+    window: int = 0             # rows of the sliding window (window.solve_window); 0: every row, every sweep
 
     @staticmethod
     def make(solver: str, stop: str, stop_tol: float | None, max_iter: int | None, steps: int,
@@ -71,9 +74,17 @@ class SolverOptions:
         k = steps if max_iter is None else max_iter
         if isinstance(k, bool) or not isinstance(k, int) or k < 1:
             raise DeqirError(f"max_iter must be a positive integer, got {max_iter!r}")
-        unknown = sorted(set(kw) - {"m", "ridge", "beta", "safeguard", "data_std"})
+        unknown = sorted(set(kw) - {"m", "ridge", "beta", "safeguard", "data_std", "window"})
         if unknown:
-            raise DeqirError(f"unknown solver option(s) {', '.join(unknown)}; valid: m, ridge, beta, safeguard, data_std")
+            raise DeqirError(f"unknown solver option(s) {', '.join(unknown)}; "
+                             "valid: m, ridge, beta, safeguard, data_std, window")
+        w = kw.get("window")
+        if w is None:       # default: the frozen prefix for picard + rows, plain sweeps otherwise
+            kw["window"] = steps if solver == "picard" and stop == "rows" else 0
+        elif isinstance(w, bool) or not isinstance(w, int) or w < 0:
+            raise DeqirError(f"window must be a number of rows >= 0 (0: every row every sweep), got {w!r}")
+        elif w and (solver != "picard" or stop != "rows"):
+            raise DeqirError(f"window={w} needs solver='picard' and stop='rows' (got {solver!r}, {stop!r})")
         c = kw.get("data_std", SolverOptions.data_std)
         if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < math.inf):
             raise DeqirError(f"data_std must be a positive number or None, got {c!r}")
@@ -89,7 +100,8 @@ class IterationTiming:
     denoiser_s: float
     comm_s: float
     bytes_sent: int
-    active: int
+    active: int                 # images in the batch
+    rows: int = 0               # denoiser evaluations (image rows) on this process
 
     @property
     def solver_s(self) -> float:
@@ -255,7 +267,7 @@ def solve_chain(block, comm, opts: SolverOptions, x0: torch.Tensor | None = None
                 q_best, q_stale, picard_only = q_best[keep], q_stale[keep], picard_only[keep]
         timings.append(IterationTiming(time.perf_counter() - t_start, t_den,
                                        comm.stats.seconds - comm_s0, comm.stats.bytes_sent - bytes0,
-                                       int(done.numel())))
+                                       int(done.numel()), int(done.numel()) * n))
         if bar is not None:
             finite = q[torch.isfinite(q)]
             bar.set_postfix_str(f"{opts.stop}={float(finite.min() if opts.stop == 'final' else finite.max()):.3g}"

@@ -55,6 +55,28 @@ def equivalence(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
+def window_equivalence(rank, world, port, out_dir):
+    """The sliding window sharded over the group vs the same window in one process."""
+    from deqir_dist import restore
+    _init(rank, world, port)
+    rows = []
+    for steps, window, nw, task in ((12, 12, 0.0, "sr_avgpool"), (25, 7, 0.0, "inpaint"), (25, 2, 0.3, "inpaint"),
+                                    (12, 5, 0.3, "sr_avgpool")):
+        model, op, y, xi = _problem(2, seed=steps + window, task=task)
+        kw = dict(steps=steps, noise=xi, nw=nw, window=window, generator=torch.Generator().manual_seed(5))
+        single = restore(model, y, op, **kw)
+        kw["generator"] = torch.Generator().manual_seed(5)
+        multi = restore(model, y, op, distributed=True, **kw)
+        rows.append({"steps": steps, "window": window, "nw": nw,
+                     "diff": float((multi.image - single.image).abs().max()),
+                     "k_single": single.iterations_per_image, "k_multi": multi.iterations_per_image,
+                     "state_rows": multi.state_rows, "image_sum": float(multi.image.double().sum()),
+                     "bytes": sum(t.bytes_sent for t in multi.timings)})
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump(rows, f)
+    dist.destroy_process_group()
+
+
 def dies_mid_solve(rank, world, port, out_dir):
     """Rank 1 exits abruptly in its third denoiser call; the others must fail fast, naming it."""
     from deqir_dist import DeqirError, restore

@@ -96,6 +96,8 @@ def test_bad_inputs_fail_cleanly(photos, tmp_path, capsys):
     _bad(capsys, [*restore, photos, "--task", "inpaint", "--model", "nope"], tmp_path, "unknown model")
     _bad(capsys, ["restore", photos / "img0.png", "--task", "sr_avgpool", "--max-iter", "0"], tmp_path, "max_iter")
     _bad(capsys, ["restore", photos / "img0.png", "--task", "sr_avgpool", "--etw", "nan"], tmp_path, "etw")
+    _bad(capsys, ["restore", photos / "img0.png", "--task", "sr_avgpool", "--window", "4", "--solver", "anderson"],
+         tmp_path, "window")
 
 
 def test_unwritable_output_fails_before_work(photos, tmp_path, capsys):
@@ -106,12 +108,14 @@ def test_unwritable_output_fails_before_work(photos, tmp_path, capsys):
 
 
 def test_bench_prints_and_writes_json(tmp_path, capsys):
-    code, out, _ = _run(["bench", "--steps", "10", "--size", "16", "--images", "2",
+    code, out, _ = _run(["bench", "--steps", "10", "--size", "16", "--images", "2", "--windows", "0", "0.5",
                          "--json", tmp_path / "b.json"], capsys)
     assert code == 0 and "anderson" in out
     rows = json.loads((tmp_path / "b.json").read_text())["rows"]
-    assert [r["solver"] for r in rows] == ["serial", "picard", "anderson"]
+    assert [r["solver"] for r in rows] == ["serial", "picard", "anderson", "picard plain", "picard W=5"]
     assert all(r["psnr_vs_serial"] >= 40 for r in rows)
+    plain, frozen = rows[3], rows[1]
+    assert plain["rows"] == plain["K_mean"] * 10 and frozen["rows"] < plain["rows"]
 
 
 def test_torchrun_launcher_matches_single_process(photos, tmp_path):

@@ -47,6 +47,20 @@ def test_distributed_equals_single_process(world, tmp_path):
         assert blocks[0][0] == 0 and blocks[-1][1] == case[0]["steps"]
 
 
+@pytest.mark.parametrize("world", [2, 3])
+def test_sharded_window_equals_single_process(world, tmp_path):
+    codes, _ = _run(dist_workers.window_equivalence, world, tmp_path)
+    assert codes == [0] * world
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    for case in zip(*ranks):
+        for row in case:
+            assert row["diff"] <= 1e-5, row
+            assert row["k_multi"] == row["k_single"], row
+            assert row["state_rows"] <= -(-row["window"] // world), row     # each rank holds its share only
+            assert row["image_sum"] == case[0]["image_sum"]
+        assert sum(row["bytes"] for row in case) > 0
+
+
 def test_dead_rank_makes_the_others_fail_fast(tmp_path):
     codes, secs = _run(dist_workers.dies_mid_solve, 3, tmp_path, timeout=60)
     assert codes[1] == 17

@@ -93,11 +93,16 @@ def format_bench(result: dict) -> str:
 def run_profile(model: str = "analytic", checkpoint=None, size: int = 32, device=None, steps=(25, 50, 100),
                 graph: bool = False, procs=(1, 2, 4, 8, 16)) -> dict:
     """c(b) for this model, size and device, and the modelled serial vs parallel latency."""
-    from .profile import DEFAULT_BATCHES, measure_cost, predict_ms
+    from .profile import DEFAULT_BATCHES, choose_solver, measure_cost
     den = load_denoiser(model, checkpoint=checkpoint, device=device)
     shape = (3, size, size)
     c_ms = measure_cost(den, shape, batches=sorted(set(DEFAULT_BATCHES) | set(steps)), graph=graph)
-    model_rows = [predict_ms(c_ms, n, p) for n in steps for p in procs if p <= n]
+    model_rows = []
+    for n in steps:
+        for p in procs:
+            if p <= n:
+                choice, best = choose_solver(c_ms, n, p)
+                model_rows.append({**best, "auto": choice})
     return {"model": model, "image_shape": list(shape), "device": str(device or "cpu"), "graph": graph,
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "c_ms": {str(k): round(v, 4) for k, v in c_ms.items()},
@@ -110,7 +115,8 @@ def format_profile(result: dict) -> str:
     c = result["c_ms"]
     head = (f"model={result['model']} image={tuple(result['image_shape'])} device={result['device']} "
             f"graph={result['graph']}\nc(b), ms: " + "  ".join(f"b={b}: {v:.3g}" for b, v in c.items()))
-    cols = ["steps", "procs", "K", "serial_ms", "parallel_ms", "speedup"]
+    cols = ["steps", "procs", "window", "K", "serial_ms", "parallel_ms", "speedup", "auto"]
     return (head + "\n" + format_table(result["model_rows"], cols)
-            + "\n(parallel = warm start + K c(ceil(N/P)); K measured on the built-in prior (profile.EXPECTED_K); "
+            + "\n(parallel = warm start + K c(ceil(W/P)) for the best window W of N, N/2, N/4; K measured on the "
+              "built-in prior per window (profile.EXPECTED_K); "
               "no communication cost)")

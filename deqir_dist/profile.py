@@ -17,11 +17,13 @@ import torch
 from .errors import DeqirError
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 13, 16, 25, 50, 100)
-# K to plan with: the built-in prior's measured K at a rule that keeps the output >= 40 dB from
-# serial ('rows', picard, max over images: bench/results/builtin-sr_avgpool-cpu.json). A
-# learned prior needs far more than the analytic oracle (4), and planning with the oracle's K
+# K to plan with, per N and window (fraction of N): the built-in prior's measured K at a rule
+# that keeps the output >= 40 dB from serial ('rows', picard, max over images;
+# ``deqir bench --model builtin --windows 0 0.5 0.25``, bench/results/builtin-sr_avgpool-cpu.json).
+# A learned prior needs far more than the analytic oracle (4), and planning with the oracle's K
 # would pick the parallel solver where it is slower.
-EXPECTED_K = {25: 14, 50: 19, 100: 27}
+EXPECTED_K = {25: {1.0: 14, 0.5: 15, 0.25: 21}, 50: {1.0: 19, 0.5: 27, 0.25: 40},
+              100: {1.0: 27, 0.5: 52, 0.25: 67}}
 
 
 def _sync(device: torch.device) -> None:
@@ -73,28 +75,38 @@ def cost_at(c_ms: dict, b: int) -> float:
     return c1 + slope * (b - b1)
 
 
-def expected_iterations(steps: int) -> int:
-    """K to plan with: the measured K of the nearest benchmarked N, at most N (Picard is exact there)."""
+def expected_iterations(steps: int, window: int | None = None) -> int:
+    """K to plan with: the measured K of the nearest benchmarked N and window fraction, at most N."""
     key = min(EXPECTED_K, key=lambda n: abs(math.log(n / steps)))
-    return min(EXPECTED_K[key], steps)
+    frac = (window or steps) / steps
+    f = min(EXPECTED_K[key], key=lambda v: abs(math.log(v / frac)))
+    return min(EXPECTED_K[key][f], steps)
 
 
 def predict_ms(c_ms: dict, steps: int, procs: int = 1, iterations: int | None = None,
                window: int | None = None, overhead_ms: float = 0.0, warm_start: int = 1) -> dict:
-    """Modelled milliseconds per image: serial T c(1) vs parallel S c(1) + K (c(ceil(W/P)) + overhead)."""
-    k = iterations or expected_iterations(steps)
-    w = window or steps
+    """Modelled milliseconds per image: serial T c(1) vs parallel S c(1) + K (c(ceil(W/P)) + overhead).
+
+    W rows per sweep is an upper bound: the frozen prefix only shrinks the batch."""
+    w = min(window or steps, steps)
+    k = iterations or expected_iterations(steps, w)
     serial = steps * cost_at(c_ms, 1)
     parallel = warm_start * cost_at(c_ms, 1) + k * (cost_at(c_ms, math.ceil(w / procs)) + overhead_ms)
-    return {"steps": steps, "procs": procs, "K": k, "serial_ms": serial, "parallel_ms": parallel,
+    return {"steps": steps, "procs": procs, "window": w, "K": k, "serial_ms": serial, "parallel_ms": parallel,
             "speedup": serial / parallel}
 
 
 def choose_solver(c_ms: dict, steps: int, procs: int = 1, iterations: int | None = None,
                   overhead_ms: float = 0.0) -> tuple[str, dict]:
-    """'picard' only where the model predicts it beats serial; otherwise 'serial'."""
-    p = predict_ms(c_ms, steps, procs, iterations, overhead_ms=overhead_ms)
-    return ("picard" if p["parallel_ms"] < p["serial_ms"] else "serial"), p
+    """'picard' only where the model predicts it beats serial; otherwise 'serial'.
+
+    Picard's window is the candidate (N, N/2 or N/4 rows, at least one row per device) with the
+    lowest predicted latency; with ``iterations`` given, only the whole chain is modelled."""
+    windows = [steps] if iterations else sorted({w for w in (steps, round(steps / 2), round(steps / 4))
+                                                if w >= procs} | {steps})
+    best = min((predict_ms(c_ms, steps, procs, iterations, w, overhead_ms) for w in windows),
+               key=lambda p: p["parallel_ms"])
+    return ("picard" if best["parallel_ms"] < best["serial_ms"] else "serial"), best
 
 
 def save_profile(path, model_name: str, image_shape, device, c_ms: dict, graph: bool) -> None:

@@ -125,6 +125,8 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
     plan = None
     if solver == "auto":
         solver, plan = _plan(denoiser, op, steps, profile, distributed, group)
+        if solver == "picard" and stop == "rows" and "window" not in solver_options:
+            solver_options["window"] = plan["window"]
     coeffs, opts = check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter,
                                   alphas_cumprod, warm_start, **solver_options)
     image_shape = tuple(op.image_shape)

@@ -21,6 +21,11 @@ def test_planner_never_picks_parallel_when_predicted_slower():
         assert choice == "serial" and p["parallel_ms"] >= p["serial_ms"]
         choice, p = choose_solver(flat, steps, procs=1)
         assert choice == "picard" and p["speedup"] > 1
+    # compute-bound beyond 8 rows, P = 4: the quarter window (7 rows per device) wins despite its K
+    knee = {1: 10.0, 8: 10.0, 100: 100.0}
+    choice, p = choose_solver(knee, 100, procs=4)
+    assert choice == "picard" and p["window"] == 25 and p["K"] == 67
+    assert p["parallel_ms"] < predict_ms(knee, 100, 4)["parallel_ms"] < p["serial_ms"]
     # more devices shrink the rows per call: at P = N, one row per device
     p = predict_ms(linear, 100, procs=100, iterations=7)
     assert p["parallel_ms"] == pytest.approx(1.0 + 7 * 1.0)
@@ -38,7 +43,9 @@ def test_restore_auto_follows_the_profile(gmm):
     r = restore(gmm, y, op, steps=25, solver="auto", profile={1: 1.0, 25: 25.0}, generator=g)
     assert r.solver == "serial" and r.plan["chosen"] == "serial"
     r = restore(gmm, y, op, steps=25, solver="auto", profile={1: 1.0, 25: 1.1}, generator=g)
-    assert r.solver == "picard" and r.iterations < 25
+    assert r.solver == "picard" and r.iterations < 25 and r.plan["window"] == 25 and r.state_rows == 25
+    r = restore(gmm, y, op, steps=24, solver="auto", profile={1: 1.0, 6: 1.0, 24: 4.0}, generator=g)
+    assert r.solver == "picard" and r.plan["window"] == 6 and r.state_rows == 6
     r = restore(gmm, y, op, steps=10, solver="auto", generator=g)    # measures on the fly
     assert r.solver in ("serial", "picard") and "c_ms" in r.plan
 

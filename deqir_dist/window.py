@@ -146,15 +146,17 @@ def solve_window(block, comm, opts: SolverOptions, x0: torch.Tensor | None = Non
         new_lo = int(prefix[keep].min())              # the batch shares the least converged image's window
         new_hi = min(new_lo + width, n_total)
         # the new frozen row h_{new_lo - 1} and the scan state after it, from the rank that owns it
+        # (without range-space memory the scan ignores the Q part of the state: not sent)
         src = next(r for r, (lo, hi) in enumerate(split) if lo <= new_lo - 1 < hi)
+        planes = 3 if block.range_recurrent else 2
         if rank == src:
             j = new_lo - 1 - a
-            packed = torch.stack([f[kd, j].to(ACC), state.p[kd, j], state.q[kd, j]], 1)
+            packed = torch.stack([f[kd, j].to(ACC), state.p[kd, j], state.q[kd, j]][:planes], 1)
         else:
-            packed = torch.zeros((keep.numel(), 3, *xi.shape[1:]), dtype=ACC, device=xi.device)
+            packed = torch.zeros((keep.numel(), planes, *xi.shape[1:]), dtype=ACC, device=xi.device)
         packed = comm.from_rank(packed.contiguous(), src)
         frozen_row = packed[:, 0].to(xi.dtype)
-        frozen_state = Carry(packed[:, 1], packed[:, 2])
+        frozen_state = Carry(packed[:, 1], packed[:, 2] if planes == 3 else torch.zeros_like(packed[:, 1]))
         new_split = offset_split(new_lo, new_hi, size)
         x = comm.reshard(f[kd] if b > a else x[kd], split, new_split, hi_w)
         split, (lo_w, hi_w) = new_split, (new_lo, new_hi)

@@ -60,10 +60,11 @@ def window_equivalence(rank, world, port, out_dir):
     from deqir_dist import restore
     _init(rank, world, port)
     rows = []
-    for steps, window, nw, task in ((12, 12, 0.0, "sr_avgpool"), (25, 7, 0.0, "inpaint"), (25, 2, 0.3, "inpaint"),
-                                    (12, 5, 0.3, "sr_avgpool")):
+    for steps, window, nw, sigma_y, task in ((12, 12, 0.0, 0.0, "sr_avgpool"), (25, 7, 0.0, 0.0, "inpaint"),
+                                             (25, 2, 0.3, 0.0, "inpaint"), (12, 5, 0.3, 0.1, "sr_avgpool")):
         model, op, y, xi = _problem(2, seed=steps + window, task=task)
-        kw = dict(steps=steps, noise=xi, nw=nw, window=window, generator=torch.Generator().manual_seed(5))
+        kw = dict(steps=steps, noise=xi, nw=nw, sigma_y=sigma_y, window=window,
+                  generator=torch.Generator().manual_seed(5))
         single = restore(model, y, op, **kw)
         kw["generator"] = torch.Generator().manual_seed(5)
         multi = restore(model, y, op, distributed=True, **kw)

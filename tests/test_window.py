@@ -19,13 +19,16 @@ def problem():
     return model, op, op.A(x), torch.randn((3, *SHAPE), generator=g)
 
 
-@pytest.mark.parametrize("nw", [0.0, 0.3])
-def test_window_of_one_row_is_the_serial_sampler(problem, nw):
-    model, op, y, xi = problem
+@pytest.mark.parametrize("nw, sigma_y", [(0.0, 0.0), (0.3, 0.0), (0.3, 0.1)])
+def test_window_of_one_row_is_the_serial_sampler(problem, nw, sigma_y):
+    model, op, y, xi = problem       # sigma_y > 0: the range space has memory, its state is carried too
     z = torch.randn((3, 12, *SHAPE), generator=torch.Generator().manual_seed(1))
-    ref = restore(model, y, op, steps=12, solver="serial", noise=xi, nw=nw, step_noise=z).image
-    out = restore(model, y, op, steps=12, noise=xi, nw=nw, step_noise=z, window=1)
+    kw = dict(steps=12, noise=xi, nw=nw, step_noise=z, sigma_y=sigma_y)
+    ref = restore(model, y, op, solver="serial", **kw).image
+    out = restore(model, y, op, window=1, **kw)
     assert out.iterations_per_image == [12, 12, 12]
+    assert float((out.image - ref).abs().max()) < 1e-5
+    out = restore(model, y, op, window=5, stop_tol=1e-12, **kw)
     assert float((out.image - ref).abs().max()) < 1e-5
 
 

@@ -93,7 +93,8 @@ def solve_window(block, comm, opts: SolverOptions, x0: torch.Tensor | None = Non
         t_den = 0.0
         bsz = len(ids)
         evaluated = bsz * (b - a)
-        stats = torch.zeros((bsz, 2 + 2 * size), dtype=torch.float64, device=xi.device)
+        # columns: per rank, its max_i |r_i|^2 / sigma_i^2, then per rank its leading settled rows
+        stats = torch.zeros((bsz, 2 * size), dtype=torch.float64, device=xi.device)
         if b > a:
             sub = block.view(a, b)
             t0 = time.perf_counter()
@@ -110,16 +111,15 @@ def solve_window(block, comm, opts: SolverOptions, x0: torch.Tensor | None = Non
             state = sub.scans(bp, bq, carry)
             f = sub.combine(state, x.dtype)
             r2 = (f - x).flatten(2).pow(2).sum(2).double()           # (bsz, rows)
-            settled = (r2 * sub.row_weight.view(1, -1).double()).div(numel_row) <= (FREEZE_FRACTION * opts.stop_tol) ** 2
+            rel = r2 * sub.row_weight.view(1, -1).double()            # |f_i - x_i|^2 / sigma_i^2
+            settled = rel / numel_row <= (FREEZE_FRACTION * opts.stop_tol) ** 2
             if a == lo_w:
                 settled[:, 0] = True        # its input was frozen: row F is final after one sweep
-            lead = torch.cumprod(settled.long(), 1).sum(1)
-            stats[:, 0] = r2.sum(1)
-            stats[:, 1 + rank] = (r2 * sub.row_weight.view(1, -1).double()).max(1).values
-            stats[:, 1 + size + rank] = lead.double()
+            stats[:, rank] = rel.max(1).values
+            stats[:, size + rank] = torch.cumprod(settled.long(), 1).sum(1).double()
         stats = comm.all_sum(stats).cpu()            # the one host synchronisation of an iteration
-        q = torch.sqrt(stats[:, 1:1 + size].max(1).values / numel_row)
-        prefix = lo_w + _prefix(stats[:, 1 + size:], [hi - lo for lo, hi in split])
+        q = torch.sqrt(stats[:, :size].max(1).values / numel_row)
+        prefix = lo_w + _prefix(stats[:, size:], [hi - lo for lo, hi in split])
         done = (prefix >= n_total) | ((q <= opts.stop_tol) & (hi_w == n_total))
         if k + 1 == opts.max_iter:
             done[:] = True

@@ -7,7 +7,9 @@ built-in prior, uniform noise images for another --model; sr_avgpool x2) with th
 over the P ranks (``--window``: the sliding window's rows, 0 for plain sweeps; default: the
 library's, a frozen prefix for picard), and reports per iteration: seconds in the denoiser, in the
 solver, in collectives (each the mean over iterations, max over ranks), bytes sent per rank, K,
-wall-clock, and PSNR against the serial sampler. Rank 0 prints the table; JSON with --json.
+wall-clock, and PSNR against the serial sampler; ``comm_idle_ms`` replays the same collectives
+with every rank idle (the transfer cost without waiting for the slowest rank). Rank 0 prints the
+table; JSON with --json.
 """
 import argparse
 import json
@@ -22,6 +24,39 @@ from deqir_dist import make_operator, restore
 from deqir_dist.distributed import init_distributed
 from deqir_dist.metrics import psnr
 from deqir_dist.models import GaussianMixtureDenoiser, load_denoiser
+
+
+def idle_comm_ms(images: int, shape, steps: int, frozen: bool, reps: int = 50) -> float:
+    """ms per iteration of the same collectives with every rank idle: the transfer cost alone.
+
+    Plain sweeps: halo row, summary all_gather, stats all_reduce. Frozen prefix: also the
+    float64 frozen-row broadcast and a re-split that moves one row per block boundary."""
+    from deqir_dist.chain import Carry, Summary
+    from deqir_dist.comm import offset_split
+    from deqir_dist.distributed import DistComm
+    comm = DistComm()
+    world = comm.size
+    comm.block_decays = [(1.0, 1.0)] * world
+    row = torch.zeros((images, *shape))
+    acc = torch.zeros((images, *shape), dtype=torch.float64)
+    stats = torch.zeros((images, 2 * world), dtype=torch.float64)
+    packed = torch.zeros((images, 2, *shape), dtype=torch.float64)
+    old, new = offset_split(0, steps, world), offset_split(1, steps, world)
+    mine = torch.zeros((images, old[comm.rank][1] - old[comm.rank][0], *shape))
+
+    def once():
+        comm.halo(row, row)
+        comm.carry(Carry(acc, acc), Summary(acc, acc, 1.0, 1.0), False)
+        comm.all_sum(stats)
+        if frozen:
+            comm.from_rank(packed, 0)
+            comm.reshard(mine, old, new, steps)
+    once()
+    dist.barrier()
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        once()
+    return 1e3 * (time.perf_counter() - t0) / reps
 
 
 def main(argv=None):
@@ -71,18 +106,20 @@ def main(argv=None):
             den = max(r["denoiser_s"] for r in per_rank)
             sol = max(r["solver_s"] for r in per_rank)
             com = max(r["comm_s"] for r in per_rank)
+        idle = idle_comm_ms(args.images, shape, steps, args.window != 0 and args.solver == "picard")
+        if rank == 0:
             rows.append({"P": world, "steps": steps, "K": res.iterations, "wall_s": round(wall, 4),
                          "denoiser_rows_max_rank": max(r["denoiser_rows"] for r in per_rank),
                          "iter_ms": round(1e3 * wall / res.iterations, 3),
                          "denoiser_ms": round(1e3 * den, 3), "solver_ms": round(1e3 * sol, 3),
-                         "comm_ms": round(1e3 * com, 3),
+                         "comm_ms": round(1e3 * com, 3), "comm_idle_ms": round(idle, 3),
                          "solver_comm_share": round((sol + com) / (den + sol + com), 4),
                          "bytes_per_iter_per_rank": int(max(r["bytes"] for r in per_rank)),
                          "psnr_vs_serial": round(float(psnr(res.image.cpu(), serial.image.cpu()).min()), 2),
                          "per_rank": per_rank})
     if rank == 0:
         cols = ["P", "steps", "K", "denoiser_rows_max_rank", "wall_s", "denoiser_ms", "solver_ms", "comm_ms",
-                "solver_comm_share", "bytes_per_iter_per_rank", "psnr_vs_serial"]
+                "comm_idle_ms", "solver_comm_share", "bytes_per_iter_per_rank", "psnr_vs_serial"]
         print(" ".join(f"{c:>12}" for c in cols))
         for r in rows:
             print(" ".join(f"{r[c]!s:>12}" for c in cols))

@@ -81,7 +81,7 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
                    help="start the parallel solver from a serial pass over S of the N steps (default 1; 0: from xi)")
     g.add_argument("--window", type=int, metavar="W",
                    help="picard + rows only: evaluate a sliding window of W rows and freeze the settled prefix "
-                        "(W >= steps: frozen prefix only; default: every row, every iteration)")
+                        "(default: W = steps, the frozen prefix only; 0: every row in every sweep)")
     g.add_argument("--etw", type=float, default=0.0, help="w: shrinks the eps term (default 0)")
     g.add_argument("--nw", type=float, default=0.0, help="v: injected noise weight (default 0)")
     g.add_argument("--seed", type=int, default=0, help="noise seed; each image draws from (seed, id)")

@@ -7,8 +7,9 @@ one small tensor), and once at the end ``from_last`` (the final row lives on the
 ``LocalComm`` is the single-process case: one block, no collectives.
 
 The sliding window (``window.solve_window``) re-splits its active rows over the ranks as it
-moves: ``reshard`` sends each rank the rows of its new block (``reshard_plan``), ``halo`` and the
-carry skip ranks left without rows, and ``from_rank`` broadcasts the frozen boundary row.
+moves: ``reshard`` sends each rank the rows of its new block (``reshard_plan``), ``halo`` skips
+ranks left without rows (they add a zero summary to the carry), and ``from_rank`` broadcasts the
+frozen boundary row and the final rows of images that finish.
 """
 from __future__ import annotations
 

@@ -186,11 +186,13 @@ class DistComm(LocalComm):
         """Point-to-point row moves of ``comm.reshard_plan``; returns this rank's new rows."""
         from .comm import reshard_plan
 
+        plan = reshard_plan(old, new, end)
+
         def go():
             a, b = new[self.rank]
             out = torch.empty((rows.shape[0], b - a, *rows.shape[2:]), dtype=rows.dtype, device=rows.device)
             ops, recvs = [], []
-            for src, dst, idx in reshard_plan(old, new, end):
+            for src, dst, idx in plan:
                 if src == self.rank and dst == self.rank:
                     continue
                 if src == self.rank:
@@ -207,7 +209,7 @@ class DistComm(LocalComm):
             # place received and kept rows in new-row order: sources own increasing row ranges
             pos = 0
             parts = {src: buf for src, buf in recvs}
-            for src, dst, idx in reshard_plan(old, new, end):
+            for src, dst, idx in plan:
                 if dst != self.rank:
                     continue
                 piece = rows[:, idx] if src == self.rank else parts[src].to(rows.device)

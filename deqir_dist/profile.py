@@ -97,14 +97,15 @@ def predict_ms(c_ms: dict, steps: int, procs: int = 1, iterations: int | None = 
 
 
 def choose_solver(c_ms: dict, steps: int, procs: int = 1, iterations: int | None = None,
-                  overhead_ms: float = 0.0) -> tuple[str, dict]:
+                  overhead_ms: float = 0.0, windows: bool = True) -> tuple[str, dict]:
     """'picard' only where the model predicts it beats serial; otherwise 'serial'.
 
     Picard's window is the candidate (N, N/2 or N/4 rows, at least one row per device) with the
-    lowest predicted latency; with ``iterations`` given, only the whole chain is modelled."""
-    windows = [steps] if iterations else sorted({w for w in (steps, round(steps / 2), round(steps / 4))
-                                                if w >= procs} | {steps})
-    best = min((predict_ms(c_ms, steps, procs, iterations, w, overhead_ms) for w in windows),
+    lowest predicted latency, the larger one on a tie; with ``iterations`` given or
+    ``windows=False`` (a stop rule other than 'rows'), only the whole chain is modelled."""
+    sizes = (steps, round(steps / 2), round(steps / 4)) if windows and not iterations else (steps,)
+    candidates = sorted({w for w in sizes if w >= procs} | {steps}, reverse=True)
+    best = min((predict_ms(c_ms, steps, procs, iterations, w, overhead_ms) for w in candidates),
                key=lambda p: p["parallel_ms"])
     return ("picard" if best["parallel_ms"] < best["serial_ms"] else "serial"), best
 

@@ -124,7 +124,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
     """
     plan = None
     if solver == "auto":
-        solver, plan = _plan(denoiser, op, steps, profile, distributed, group)
+        solver, plan = _plan(denoiser, op, steps, profile, distributed, group, stop == "rows")
         if solver == "picard" and stop == "rows" and "window" not in solver_options:
             solver_options["window"] = plan["window"]
     coeffs, opts = check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter,
@@ -183,7 +183,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
 
 
 
-def _plan(denoiser, op, steps: int, profile, distributed: bool, group) -> tuple[str, dict]:
+def _plan(denoiser, op, steps: int, profile, distributed: bool, group, windows: bool) -> tuple[str, dict]:
     """solver="auto": serial or picard, whichever the latency model predicts is faster."""
     from .profile import choose_solver, load_profile, measure_cost
     procs = 1
@@ -199,5 +199,5 @@ def _plan(denoiser, op, steps: int, profile, distributed: bool, group) -> tuple[
         c_ms = {int(k): float(v) for k, v in profile.items()}
     else:
         c_ms = load_profile(profile)
-    choice, prediction = choose_solver(c_ms, steps, procs)
+    choice, prediction = choose_solver(c_ms, steps, procs, windows=windows)
     return choice, {**prediction, "chosen": choice, "c_ms": c_ms}

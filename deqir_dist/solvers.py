@@ -85,6 +85,9 @@ class SolverOptions:
             raise DeqirError(f"window must be a number of rows >= 0 (0: every row every sweep), got {w!r}")
         elif w and (solver != "picard" or stop != "rows"):
             raise DeqirError(f"window={w} needs solver='picard' and stop='rows' (got {solver!r}, {stop!r})")
+        elif 0 < w < steps and k < steps:
+            raise DeqirError(f"a window of {w} < {steps} rows needs max_iter >= {steps}: stopped earlier, rows "
+                             "past the window would never have been evaluated")
         c = kw.get("data_std", SolverOptions.data_std)
         if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < math.inf):
             raise DeqirError(f"data_std must be a positive number or None, got {c!r}")

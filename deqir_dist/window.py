@@ -9,9 +9,11 @@ The chain's rows are causal, so rows that have settled need no more denoiser cal
   the two scans started from the frozen state, f = F(x) on the window;
 * then the prefix advances over every leading row whose change is within FREEZE_FRACTION x
   ``stop_tol`` of its noise level (|f_i - x_i|_rms / sigma_i), and always over row F, whose
-  input was frozen, so its value is final: F grows by at least one row per iteration and the
-  solve is exact after N iterations, like plain Picard;
-* the window end moves to min(F + W, N); new rows start as copies of the old window's last row;
+  input was frozen, so its value is final: F grows by at least one row per iteration, so the
+  solve ends within N iterations, like plain Picard (exact only as far as the frozen rows are:
+  they are within 0.1 x the tolerance, not equal to serial);
+* the window end moves to min(F + W, N); new rows start from the initial trajectory ``x0`` (the
+  warm start) or, without one, as copies of the old window's last row;
 * an image is done when the window has reached row N and the ``rows`` rule holds on its active
   rows (max_i |f_i - x_i|_rms / sigma_i <= stop_tol), or when every row is frozen; the batch
   shares one window (the least converged image's prefix).
@@ -20,9 +22,12 @@ Sharded (``DistComm``), the window, not the chain, is split: rank r owns block r
 ``offset_split(F, E, P)``, so every rank keeps evaluating about W / P rows while the window
 moves. The choice costs a re-split per iteration, point-to-point moves of the rows that change
 owner (``comm.reshard_plan``: at most the rows the window advanced, plus copies, per boundary),
-and one broadcast of the new frozen row from its owner; the alternative, a fixed split of the
-chain, would leave the ranks behind the window idle. A window shorter than P leaves the last
-ranks without rows (they skip the denoiser and the halo).
+one broadcast of the new frozen row from its owner, and one of the final rows of images that
+finish; the alternative, a fixed split of the chain, would leave the ranks behind the window
+idle. A window shorter than P leaves the last ranks without rows (they skip the denoiser and the
+halo, and add a zero summary to the carry's all_gather). Every rank keeps the loop-invariant rows
+(A+y, noise terms) and ``x0`` of the whole chain, so that memory still grows with N; the chain
+state (x, f, the scans) is W / P rows per rank.
 
 With W >= N nothing slides; only the frozen prefix saves denoiser calls.
 """
@@ -60,7 +65,8 @@ def solve_window(block, comm, opts: SolverOptions, x0: torch.Tensor | None = Non
 
     ``block`` holds ALL rows of the chain (every rank); ``x0`` (B, N, C, H, W) or None (xi
     everywhere). Returns the final row of every image on every rank. ``callback(k, ids, rows,
-    q)`` sees the window's last row (the current estimate of h_N) on the rank that owns it.
+    q)`` runs on the rank that holds the window's last row (it moves as the window shrinks) and
+    sees that row: h_N's current value once the window has reached row N, h_E before.
     """
     xi = block.xi
     nimg, n_total = xi.shape[0], block.total_rows
@@ -140,6 +146,7 @@ def solve_window(block, comm, opts: SolverOptions, x0: torch.Tensor | None = Non
             timings.append(IterationTiming(time.perf_counter() - t_start, t_den, comm.stats.seconds - comm_s0,
                                            comm.stats.bytes_sent - bytes0, int(done.numel()), evaluated))
             if bar is not None:
+                bar.set_postfix_str(f"rows={float(q.max()):.3g} window=[{lo_w},{hi_w})")
                 bar.update(1)
             break
         kd = keep.to(xi.device)
@@ -159,6 +166,10 @@ def solve_window(block, comm, opts: SolverOptions, x0: torch.Tensor | None = Non
         frozen_state = Carry(packed[:, 1], packed[:, 2] if planes == 3 else torch.zeros_like(packed[:, 1]))
         new_split = offset_split(new_lo, new_hi, size)
         x = comm.reshard(f[kd] if b > a else x[kd], split, new_split, hi_w)
+        na, nb = new_split[rank]
+        if x0 is not None and nb > max(na, hi_w):     # rows entering the window start from x0
+            fresh = max(na, hi_w)
+            x[:, fresh - na:] = x0[idx[kd], fresh:nb]
         split, (lo_w, hi_w) = new_split, (new_lo, new_hi)
         a, b = split[rank]
         idx = idx[kd]

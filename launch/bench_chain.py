@@ -26,7 +26,7 @@ from deqir_dist.metrics import psnr
 from deqir_dist.models import GaussianMixtureDenoiser, load_denoiser
 
 
-def idle_comm_ms(images: int, shape, steps: int, frozen: bool, reps: int = 50) -> float:
+def idle_comm_ms(images: int, shape, steps: int, frozen: bool, device, reps: int = 50) -> float:
     """ms per iteration of the same collectives with every rank idle: the transfer cost alone.
 
     Plain sweeps: halo row, summary all_gather, stats all_reduce. Frozen prefix: also the
@@ -34,15 +34,15 @@ def idle_comm_ms(images: int, shape, steps: int, frozen: bool, reps: int = 50) -
     from deqir_dist.chain import Carry, Summary
     from deqir_dist.comm import offset_split
     from deqir_dist.distributed import DistComm
-    comm = DistComm()
+    comm = DistComm(device=device)
     world = comm.size
     comm.block_decays = [(1.0, 1.0)] * world
-    row = torch.zeros((images, *shape))
-    acc = torch.zeros((images, *shape), dtype=torch.float64)
-    stats = torch.zeros((images, 2 * world), dtype=torch.float64)
-    packed = torch.zeros((images, 2, *shape), dtype=torch.float64)
+    row = torch.zeros((images, *shape), device=device)
+    acc = torch.zeros((images, *shape), dtype=torch.float64, device=device)
+    stats = torch.zeros((images, 2 * world), dtype=torch.float64, device=device)
+    packed = torch.zeros((images, 2, *shape), dtype=torch.float64, device=device)
     old, new = offset_split(0, steps, world), offset_split(1, steps, world)
-    mine = torch.zeros((images, old[comm.rank][1] - old[comm.rank][0], *shape))
+    mine = torch.zeros((images, old[comm.rank][1] - old[comm.rank][0], *shape), device=device)
 
     def once():
         comm.halo(row, row)
@@ -106,7 +106,7 @@ def main(argv=None):
             den = max(r["denoiser_s"] for r in per_rank)
             sol = max(r["solver_s"] for r in per_rank)
             com = max(r["comm_s"] for r in per_rank)
-        idle = idle_comm_ms(args.images, shape, steps, args.window != 0 and args.solver == "picard")
+        idle = idle_comm_ms(args.images, shape, steps, args.window != 0 and args.solver == "picard", device)
         if rank == 0:
             rows.append({"P": world, "steps": steps, "K": res.iterations, "wall_s": round(wall, 4),
                          "denoiser_rows_max_rank": max(r["denoiser_rows"] for r in per_rank),

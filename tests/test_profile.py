@@ -26,6 +26,8 @@ def test_planner_never_picks_parallel_when_predicted_slower():
     choice, p = choose_solver(knee, 100, procs=4)
     assert choice == "picard" and p["window"] == 25 and p["K"] == 67
     assert p["parallel_ms"] < predict_ms(knee, 100, 4)["parallel_ms"] < p["serial_ms"]
+    assert choose_solver(knee, 100, procs=4, windows=False)[1]["window"] == 100     # stop rule without windows
+    assert choose_solver({1: 5.0, 100: 5.0}, 10, procs=1)[1]["window"] == 10        # a tie: the larger window
     # more devices shrink the rows per call: at P = N, one row per device
     p = predict_ms(linear, 100, procs=100, iterations=7)
     assert p["parallel_ms"] == pytest.approx(1.0 + 7 * 1.0)

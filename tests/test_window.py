@@ -69,6 +69,25 @@ def test_window_is_the_default_only_for_picard_with_the_rows_rule(problem):
         assert all(t.rows == t.active * 20 for t in restore(model, y, op, steps=20, noise=xi, **kw).timings)
 
 
+def test_rows_entering_the_window_start_from_the_given_trajectory(problem):
+    model, op, y, xi = problem
+    states = []
+    ref = restore(model, y, op, steps=20, solver="serial", noise=xi,
+                  callback=lambda i, h: states.append(h.clone())).image
+    exact = torch.stack(states, 1)                                  # (B, N, C, H, W): the serial trajectory
+    for window in (20, 5):
+        out = restore(model, y, op, steps=20, noise=xi, init=exact, window=window)
+        assert max(out.iterations_per_image) <= 20 // window + 1, (window, out.iterations_per_image)
+        assert float((out.image - ref).abs().max()) < 1e-5
+
+
+def test_a_short_window_needs_the_full_sweep_budget(problem):
+    model, op, y, xi = problem
+    with pytest.raises(DeqirError, match="max_iter"):
+        restore(model, y, op, steps=20, noise=xi, window=5, max_iter=10)
+    assert restore(model, y, op, steps=20, noise=xi, max_iter=3).iterations == 3    # W = N: any budget
+
+
 def test_reshard_plan_moves_every_new_row_once_and_copies_forward():
     old, new = offset_split(3, 10, 3), offset_split(6, 13, 3)     # window [3, 10) -> [6, 13)
     moves = reshard_plan(old, new, 10)

@@ -174,8 +174,11 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
         x0 = check_tensor(init, "init", (batch, steps, *image_shape))[:, lo:hi].to(device=device, dtype=dtype)
     elif warm_start:
         x0 = coarse_trajectory(eps_fn, op, coeffs, warm_start, y, xi, alphas_cumprod)[:, lo:hi]
-    solve = solve_window if opts.window else solve_chain
-    sol = solve(block, comm, opts, x0=x0, progress=progress, callback=callback)
+    if opts.window:     # a given trajectory also seeds the rows that enter the window later
+        sol = solve_window(block, comm, opts, x0=x0, progress=progress, callback=callback,
+                           entering=x0 if init is not None else None)
+    else:
+        sol = solve_chain(block, comm, opts, x0=x0, progress=progress, callback=callback)
     owned = offset_split(0, min(opts.window, steps), comm.size)[comm.rank] if opts.window else (lo, hi)
     return RestoreResult(sol.final, max(sol.iterations), sol.iterations, sol.trace, solver, steps,
                          opts.stop, opts.stop_tol, time.perf_counter() - t0, sol.timings, owned,

@@ -8,12 +8,15 @@ over the P ranks (``--window``: the sliding window's rows, 0 for plain sweeps; d
 library's, a frozen prefix for picard), and reports per iteration: seconds in the denoiser, in the
 solver, in collectives (each the mean over iterations, max over ranks), bytes sent per rank, K,
 wall-clock, and PSNR against the serial sampler; ``comm_idle_ms`` replays the same collectives
-with every rank idle (the transfer cost without waiting for the slowest rank). Rank 0 prints the
-table; JSON with --json.
+with every rank idle (the transfer cost without waiting for the slowest rank); ``peak_mb`` is the
+rank's peak memory: CUDA memory allocated during the solve on a GPU, the process's peak resident
+set on CPU (model and Python included, the maximum so far: run the larger N last). Rank 0 prints
+the table; JSON with --json.
 """
 import argparse
 import json
 import platform
+import resource
 import sys
 import time
 
@@ -89,16 +92,20 @@ def main(argv=None):
     rows = []
     for steps in args.steps:
         dist.barrier()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         res = restore(model, y, op, steps=steps, solver=args.solver, noise=xi, distributed=True, **extra)
         wall = time.perf_counter() - t0
+        peak_mb = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+                   else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024) / 2**20
         its = res.timings
         mine = {"rank": rank, "rows": list(res.rank_rows),
                 "denoiser_s": sum(t.denoiser_s for t in its) / len(its),
                 "solver_s": sum(t.solver_s for t in its) / len(its),
                 "comm_s": sum(t.comm_s for t in its) / len(its),
                 "bytes": sum(t.bytes_sent for t in its) / len(its),
-                "denoiser_rows": sum(t.rows for t in its)}
+                "denoiser_rows": sum(t.rows for t in its), "peak_mb": round(peak_mb, 1)}
         per_rank = [None] * world
         dist.all_gather_object(per_rank, mine)
         if rank == 0:
@@ -110,6 +117,7 @@ def main(argv=None):
         if rank == 0:
             rows.append({"P": world, "steps": steps, "K": res.iterations, "wall_s": round(wall, 4),
                          "denoiser_rows_max_rank": max(r["denoiser_rows"] for r in per_rank),
+                         "peak_mb_max_rank": max(r["peak_mb"] for r in per_rank),
                          "iter_ms": round(1e3 * wall / res.iterations, 3),
                          "denoiser_ms": round(1e3 * den, 3), "solver_ms": round(1e3 * sol, 3),
                          "comm_ms": round(1e3 * com, 3), "comm_idle_ms": round(idle, 3),
@@ -119,7 +127,7 @@ def main(argv=None):
                          "per_rank": per_rank})
     if rank == 0:
         cols = ["P", "steps", "K", "denoiser_rows_max_rank", "wall_s", "denoiser_ms", "solver_ms", "comm_ms",
-                "comm_idle_ms", "solver_comm_share", "bytes_per_iter_per_rank", "psnr_vs_serial"]
+                "comm_idle_ms", "solver_comm_share", "peak_mb_max_rank", "bytes_per_iter_per_rank", "psnr_vs_serial"]
         print(" ".join(f"{c:>12}" for c in cols))
         for r in rows:
             print(" ".join(f"{r[c]!s:>12}" for c in cols))

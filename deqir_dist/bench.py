@@ -4,7 +4,8 @@ For each N it reports K (joint-map evaluations), the denoiser rows evaluated per
 sweep without a window; fewer with a frozen prefix), wall-clock seconds, PSNR of the parallel
 result against the serial one (the reference: higher is closer; inf = identical) and PSNR
 against the ground truth. ``windows`` adds Picard with a sliding window of round(f N) rows
-(f = 0: plain Picard, every row in every sweep; plain ``picard`` freezes the settled prefix). Images are drawn from the model's own prior when it has one (the analytic oracle).
+(f = 0: plain Picard, every row in every sweep; plain ``picard`` freezes the settled prefix).
+Images are drawn from the model's own prior when it has one (the analytic oracle).
 """
 from __future__ import annotations
 

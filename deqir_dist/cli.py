@@ -82,6 +82,9 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--window", type=int, metavar="W",
                    help="picard + rows only: evaluate a sliding window of W rows and freeze the settled prefix "
                         "(default: W = steps, the frozen prefix only; 0: every row in every sweep)")
+    g.add_argument("--clip-x0", action="store_true",
+                   help="clamp every x0 prediction to [-1, 1] inside the denoiser (not in DDNM/DeqIR; helps "
+                        "weak priors on colorize)")
     g.add_argument("--etw", type=float, default=0.0, help="w: shrinks the eps term (default 0)")
     g.add_argument("--nw", type=float, default=0.0, help="v: injected noise weight (default 0)")
     g.add_argument("--seed", type=int, default=0, help="noise seed; each image draws from (seed, id)")
@@ -92,7 +95,8 @@ def _restore_kwargs(args) -> dict:
     return dict(steps=args.steps, start=args.start, solver=args.solver, stop=args.stop,
                 stop_tol=args.stop_tol, max_iter=args.max_iter, etw=args.etw, nw=args.nw,
                 sigma_y=args.sigma_y, warm_start=args.warm_start, profile=args.profile,
-                **({"window": args.window} if args.window is not None else {}))
+                **({"window": args.window} if args.window is not None else {}),
+                **({"clip_x0": True} if args.clip_x0 else {}))
 
 
 def _device(args):
@@ -192,6 +196,9 @@ def cmd_restore(args) -> int:
         optimize = NoiseOptimizationSpec.parse(args.optimize_noise, args.opt_iters, args.opt_lr)
         if args.distributed:
             raise DeqirError("--optimize-noise runs in one process; it cannot be combined with --distributed")
+        if args.clip_x0:
+            raise DeqirError("--optimize-noise differentiates the unclipped chain; it cannot be combined with "
+                             "--clip-x0")
         if optimize.loss == "consistency" and args.sigma_y <= 0:
             raise DeqirError("--optimize-noise consistency needs --sigma-y > 0: without measurement noise every "
                              "step projects onto A x = y, so the consistency does not depend on the noise")

@@ -31,15 +31,24 @@ def model_dtype(model) -> torch.dtype | None:
 
 
 class EpsFn:
-    """Calls a denoiser in its own precision and returns eps (first C channels) in ``dtype``."""
+    """Calls a denoiser in its own precision and returns eps (first C channels) in ``dtype``.
 
-    def __init__(self, model, channels: int, dtype: torch.dtype = torch.float32):
+    ``clip_abar`` (the training schedule's alphas_cumprod, indexed by t) turns on x0 clipping
+    as a property of the denoiser: with x0 = (x - sqrt(1 - a) eps) / sqrt(a), a = abar[t], it
+    returns the eps whose x0 is clamp(x0, -1, 1), eps' = (x - sqrt(a) clamp(x0)) / sqrt(1 - a).
+    Every sampler (serial, the chain solvers) sees the same eps, so the chain keeps its linear
+    structure and its fixed point is the clipped serial trajectory (DDPM's ``clip_denoised``;
+    DDNM and DeqIR do not clip)."""
+
+    def __init__(self, model, channels: int, dtype: torch.dtype = torch.float32,
+                 clip_abar: torch.Tensor | None = None):
         if not callable(model):
             raise DeqirError("the denoiser must be callable as model(x, t)")
         self.model = model
         self.channels = channels
         self.dtype = dtype
         self.model_dtype = model_dtype(model)
+        self.clip_abar = None if clip_abar is None else torch.as_tensor(clip_abar, dtype=torch.float64)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         xin = x if self.model_dtype is None else x.to(self.model_dtype)
@@ -51,4 +60,10 @@ class EpsFn:
         c = self.channels
         if out.shape[1] not in (c, 2 * c):
             raise DeqirError(f"denoiser returned {out.shape[1]} channels; expected {c} or {2 * c}")
-        return out[:, :c].to(self.dtype)
+        eps = out[:, :c].to(self.dtype)
+        if self.clip_abar is None:
+            return eps
+        a = self.clip_abar.to(x.device)[t].to(x.dtype).view(-1, 1, 1, 1)
+        x = x.to(eps.dtype)
+        x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
+        return (x - a.sqrt() * x0) / (1 - a).sqrt()

@@ -203,6 +203,8 @@ def _optimize(model, item: Item, spec: NoiseOptimizationSpec, generator, kw: dic
     from .inversion import optimize_noise
     if kw.get("distributed"):
         raise DeqirError("--optimize-noise runs in one process; it cannot be combined with --distributed")
+    if kw.get("clip_x0"):
+        raise DeqirError("--optimize-noise differentiates the unclipped chain; it cannot be combined with --clip-x0")
     keep = ("steps", "etw", "nw", "start", "sigma_y")
     solver = kw.get("solver", "picard")
     res = optimize_noise(model, item.y, item.op, loss=spec.loss, target=spec.target(item), iters=spec.iters,

@@ -10,7 +10,7 @@ from .chain import ChainBlock, block_decays
 from .comm import LocalComm, offset_split, split_rows
 from .denoiser import EpsFn, model_device
 from .errors import DeqirError
-from .schedule import chain_coefficients
+from .schedule import chain_coefficients, linear_alphas_cumprod
 from .serial import coarse_trajectory, sample_serial
 from .solvers import SolverOptions, solve_chain
 from .window import solve_window
@@ -74,7 +74,7 @@ def draw_noise(batch: int, image_shape, steps: int, nw: float, generator: torch.
 def check_settings(steps: int, solver: str = "picard", start: int = 1000, etw: float = 0.0, nw: float = 0.0,
                    sigma_y: float = 0.0, stop: str = "rows", stop_tol: float | None = None,
                    max_iter: int | None = None, alphas_cumprod=None, warm_start: int = 1, profile=None,
-                   **solver_options):
+                   clip_x0: bool = False, **solver_options):
     """Validate the sampler settings (DeqirError on bad ones): (ChainCoefficients, SolverOptions | None).
 
     ``solver="auto"`` is validated as "picard" (what it may choose besides serial)."""
@@ -84,6 +84,8 @@ def check_settings(steps: int, solver: str = "picard", start: int = 1000, etw: f
         solver = "picard"
     if isinstance(warm_start, bool) or not isinstance(warm_start, int) or warm_start < 0:
         raise DeqirError(f"warm_start must be a non-negative integer, got {warm_start!r}")
+    if not isinstance(clip_x0, bool):
+        raise DeqirError(f"clip_x0 must be True or False, got {clip_x0!r}")
     coeffs = chain_coefficients(steps, start, etw, nw, sigma_y, alphas_cumprod)
     opts = None if solver == "serial" else SolverOptions.make(solver, stop, stop_tol, max_iter, steps,
                                                              **solver_options)
@@ -97,7 +99,8 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
             generator: torch.Generator | None = None, alphas_cumprod: torch.Tensor | None = None,
             sigma_y: float = 0.0, step_noise: torch.Tensor | None = None, init: torch.Tensor | None = None,
             warm_start: int = 1, progress: bool = False, callback=None, dtype: torch.dtype = torch.float32,
-            distributed: bool = False, group=None, profile=None, **solver_options) -> RestoreResult:
+            distributed: bool = False, group=None, profile=None, clip_x0: bool = False,
+            **solver_options) -> RestoreResult:
     """Restore images from measurements y = A(x) (+ noise of std sigma_y).
 
     denoiser(x, t) -> eps (C or 2C channels); y (B, *op.measurement_shape); op from
@@ -112,6 +115,10 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
     "rows" rule: rows of the sliding window, ``window.solve_window``; default N, the settled
     prefix is frozen and nothing slides; 0: every row in every sweep), and m, ridge, beta,
     safeguard tune Anderson. The default stop rule is "rows" (see ``solvers``).
+
+    ``clip_x0=True`` clamps every x0 prediction to [-1, 1] inside the denoiser (``EpsFn``): all
+    solvers then share the clipped trajectory. DDNM/DeqIR do not clip; it keeps the null space
+    from running away with a weak prior (the built-in one on colorisation).
 
     ``solver="auto"`` picks serial or picard from the cost model of DESIGN section 5 with
     measured c(b): ``profile`` (a dict {b: ms} or a JSON file from ``deqir bench --profile``),
@@ -128,7 +135,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
         if solver == "picard" and stop == "rows" and "window" not in solver_options:
             solver_options["window"] = plan["window"]
     coeffs, opts = check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter,
-                                  alphas_cumprod, warm_start, **solver_options)
+                                  alphas_cumprod, warm_start, clip_x0=clip_x0, **solver_options)
     image_shape = tuple(op.image_shape)
     y = check_tensor(y, "y", (None, *op.measurement_shape))
     batch = y.shape[0]
@@ -157,7 +164,8 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
     noise = check_tensor(noise, "noise", (batch, *image_shape))
     xi = noise.to(device=device, dtype=dtype)
     y = y.to(device=device, dtype=dtype)
-    eps_fn = EpsFn(denoiser, image_shape[0], dtype)
+    abar = (linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod) if clip_x0 else None
+    eps_fn = EpsFn(denoiser, image_shape[0], dtype, clip_abar=abar)
     t0 = time.perf_counter()
     if solver == "serial":
         out = sample_serial(eps_fn, op, coeffs, y, xi, step_noise, progress=progress, callback=callback)
@@ -166,6 +174,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
     if comm.size > 1:
         from .distributed import check_same_inputs, problem_digest
         config = {"steps": steps, "start": start, "etw": etw, "nw": nw, "sigma_y": sigma_y, "dtype": str(dtype),
+                  "clip_x0": clip_x0,
                   "options": opts.__dict__, "a": coeffs.a.tolist(), "z": z_check}
         check_same_inputs(comm, problem_digest(y, xi, op, config))
     block = ChainBlock(eps_fn, op, coeffs, y, xi, lo, hi, step_noise, opts.data_std)

@@ -17,8 +17,9 @@ OPS = [("sr_avgpool", {"scale": 2}), ("sr_bicubic", {"scale": 2}), ("deblur_gaus
        ("colorize", {}), ("cs_wht", {"ratio": 4}), ("denoise", {})]
 
 
-def reference_serial(model, op, y, xi, steps, etw=0.0, nw=0.0, z=None, sigma_y=0.0):
-    """DESIGN section 2 transcribed directly, float64, with its own schedule arithmetic."""
+def reference_serial(model, op, y, xi, steps, etw=0.0, nw=0.0, z=None, sigma_y=0.0, clip=False):
+    """DESIGN section 2 transcribed directly, float64, with its own schedule arithmetic
+    (``clip``: x0 clamped to [-1, 1] and eps re-derived from it, as DDIM's clip_sample does)."""
     betas = [1e-4 + (0.02 - 1e-4) * k / 999 for k in range(1000)]
     abar, acc = [], 1.0
     for b in betas:
@@ -34,6 +35,9 @@ def reference_serial(model, op, y, xi, steps, etw=0.0, nw=0.0, z=None, sigma_y=0
         a_next = abar[taus[i + 1]] if i + 1 < steps else 1.0
         eps = model(h, torch.full((h.shape[0],), t, dtype=torch.int64))[:, :3].double()
         x0 = (h - math.sqrt(1 - a) * eps) / math.sqrt(a)
+        if clip:
+            x0 = x0.clamp(-1, 1)
+            eps = (h - math.sqrt(a) * x0) / math.sqrt(1 - a)
         lam = 1.0 if sigma_y == 0 else min(1.0, math.sqrt(1 / a_next - 1) / sigma_y)
         x0t = x0 - lam * op.A_pinv(op.A(x0) - y)
         h = math.sqrt(a_next) * x0t + math.sqrt(1 - a_next) * math.sqrt(1 - etw**2) * eps
@@ -333,3 +337,27 @@ def test_warm_start_keeps_the_fixed_point(gmm, warm):
     with pytest.raises(DeqirError, match="warm_start"):
         restore(gmm, y, op, steps=25, noise=xi, warm_start=-1)
 
+
+
+# ---------------------------------------------------------------- x0 clipping (opt-in)
+
+@pytest.mark.parametrize("name,params", [("colorize", {}), ("inpaint", {"mask": "box"})])
+def test_clipped_x0_serial_matches_transcription_and_picard_reaches_it(gmm, name, params):
+    op, _, y, xi, _ = problem(gmm, name, params, batch=2, steps=10)
+    xi = 2.5 * xi                                              # push x0 predictions out of [-1, 1]
+    ref = reference_serial(gmm, op, y.double(), xi.double(), 10, clip=True)
+    plain = reference_serial(gmm, op, y.double(), xi.double(), 10)
+    ser = restore(gmm, y.double(), op, steps=10, solver="serial", noise=xi.double(), dtype=torch.float64,
+                  clip_x0=True)
+    assert float((ser.image - ref).abs().max()) < 1e-9
+    assert float((plain - ref).abs().max()) > 1e-3               # the clip is active here
+    for window in (10, 0, 3):
+        par = restore(gmm, y.double(), op, steps=10, noise=xi.double(), dtype=torch.float64, clip_x0=True,
+                      window=window, stop_tol=1e-12, warm_start=0)
+        assert float((par.image - ref).abs().max()) < 1e-9
+
+
+def test_clip_x0_must_be_a_bool(gmm):
+    op, _, y, xi, _ = problem(gmm, "denoise", {})
+    with pytest.raises(DeqirError, match="clip_x0"):
+        restore(gmm, y, op, steps=5, noise=xi, clip_x0="yes")

@@ -51,7 +51,7 @@ def test_degrade_then_restore_then_eval(photos, tmp_path, capsys):
     assert len(json.loads((tmp_path / "ev.json").read_text())["images"]) == 2
 
 
-@pytest.mark.parametrize("task,extra", [("inpaint", ["--mask", "random"]), ("colorize", []),
+@pytest.mark.parametrize("task,extra", [("inpaint", ["--mask", "random"]), ("colorize", ["--clip-x0"]),
                                         ("cs_wht", ["--ratio", "4"]), ("deblur_aniso", [])])
 def test_restore_from_clean_reports_metrics(photos, tmp_path, capsys, task, extra):
     out_dir = tmp_path / "o"
@@ -98,6 +98,8 @@ def test_bad_inputs_fail_cleanly(photos, tmp_path, capsys):
     _bad(capsys, ["restore", photos / "img0.png", "--task", "sr_avgpool", "--etw", "nan"], tmp_path, "etw")
     _bad(capsys, ["restore", photos / "img0.png", "--task", "sr_avgpool", "--window", "4", "--solver", "anderson"],
          tmp_path, "window")
+    _bad(capsys, ["restore", photos / "img0.png", "--task", "inpaint", "--clip-x0", "--sigma-y", "0.1",
+                  "--optimize-noise", "consistency"], tmp_path, "clip-x0")
 
 
 def test_unwritable_output_fails_before_work(photos, tmp_path, capsys):

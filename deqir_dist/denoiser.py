@@ -63,7 +63,9 @@ class EpsFn:
         eps = out[:, :c].to(self.dtype)
         if self.clip_abar is None:
             return eps
-        a = self.clip_abar.to(x.device)[t].to(x.dtype).view(-1, 1, 1, 1)
+        if self.clip_abar.device != x.device:          # once: no host copy per call
+            self.clip_abar = self.clip_abar.to(x.device)
+        a = self.clip_abar[t].to(x.dtype).view(-1, 1, 1, 1)
         x = x.to(eps.dtype)
         x0 = ((x - (1 - a).sqrt() * eps) / a.sqrt()).clamp(-1, 1)
         return (x - a.sqrt() * x0) / (1 - a).sqrt()

@@ -78,7 +78,12 @@ def window_equivalence(rank, world, port, out_dir):
     dist.destroy_process_group()
 
 
-def dies_mid_solve(rank, world, port, out_dir):
+def dies_mid_window(rank, world, port, out_dir):
+    """The same death inside the sliding window (re-split, frozen-row broadcast)."""
+    dies_mid_solve(rank, world, port, out_dir, stop="rows", stop_tol=1e-9, window=6)
+
+
+def dies_mid_solve(rank, world, port, out_dir, **solve):
     """Rank 1 exits abruptly in its third denoiser call; the others must fail fast, naming it."""
     from deqir_dist import DeqirError, restore
     _init(rank, world, port, timeout_s=20)
@@ -91,7 +96,7 @@ def dies_mid_solve(rank, world, port, out_dir):
             os._exit(17)
         return model(x, t)
     try:
-        restore(denoiser, y, op, steps=12, solver="picard", stop="none", noise=xi, distributed=True)
+        restore(denoiser, y, op, steps=12, solver="picard", noise=xi, distributed=True, **(solve or {"stop": "none"}))
     except DeqirError as e:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(str(e))

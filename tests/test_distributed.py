@@ -61,8 +61,9 @@ def test_sharded_window_equals_single_process(world, tmp_path):
         assert sum(row["bytes"] for row in case) > 0
 
 
-def test_dead_rank_makes_the_others_fail_fast(tmp_path):
-    codes, secs = _run(dist_workers.dies_mid_solve, 3, tmp_path, timeout=60)
+@pytest.mark.parametrize("worker", [dist_workers.dies_mid_solve, dist_workers.dies_mid_window])
+def test_dead_rank_makes_the_others_fail_fast(tmp_path, worker):
+    codes, secs = _run(worker, 3, tmp_path, timeout=60)
     assert codes[1] == 17
     assert codes[0] != 0 and codes[2] != 0
     assert secs < 45

@@ -132,7 +132,8 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
     plan = None
     if solver == "auto":
         solver, plan = _plan(denoiser, op, steps, profile, distributed, group, stop == "rows")
-        if solver == "picard" and stop == "rows" and "window" not in solver_options:
+        if solver == "picard" and stop == "rows" and "window" not in solver_options and \
+                (max_iter is None or max_iter >= steps or plan["window"] >= steps):
             solver_options["window"] = plan["window"]
     coeffs, opts = check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter,
                                   alphas_cumprod, warm_start, clip_x0=clip_x0, **solver_options)

@@ -92,12 +92,25 @@ def format_bench(result: dict) -> str:
 
 
 def run_profile(model: str = "analytic", checkpoint=None, size: int = 32, device=None, steps=(25, 50, 100),
-                graph: bool = False, procs=(1, 2, 4, 8, 16)) -> dict:
-    """c(b) for this model, size and device, and the modelled serial vs parallel latency."""
-    from .profile import DEFAULT_BATCHES, choose_solver, measure_cost
-    den = load_denoiser(model, checkpoint=checkpoint, device=device)
+                graph: bool = False, procs=(1, 2, 4, 8, 16), cost_file=None) -> dict:
+    """c(b) for this model, size and device, and the modelled serial vs parallel latency.
+
+    ``cost_file``: model a c(b) table from a profile JSON instead of measuring (``{"c_ms": {b: ms}}``,
+    as ``deqir bench --profile --json`` writes; its "model", "image_shape", "device", "graph" and
+    "source" fields, if any, are reported as given)."""
+    from .profile import DEFAULT_BATCHES, choose_solver, load_profile, measure_cost
     shape = (3, size, size)
-    c_ms = measure_cost(den, shape, batches=sorted(set(DEFAULT_BATCHES) | set(steps)), graph=graph)
+    meta = {}
+    if cost_file is not None:
+        import json
+        from pathlib import Path
+        c_ms = load_profile(cost_file)
+        meta = json.loads(Path(cost_file).read_text())
+        model, graph = meta.get("model", str(cost_file)), bool(meta.get("graph", False))
+        shape, device = meta.get("image_shape", ["?"]), meta.get("device", "?")
+    else:
+        den = load_denoiser(model, checkpoint=checkpoint, device=device)
+        c_ms = measure_cost(den, shape, batches=sorted(set(DEFAULT_BATCHES) | set(steps)), graph=graph)
     model_rows = []
     for n in steps:
         for p in procs:
@@ -105,6 +118,7 @@ def run_profile(model: str = "analytic", checkpoint=None, size: int = 32, device
                 choice, best = choose_solver(c_ms, n, p)
                 model_rows.append({**best, "auto": choice})
     return {"model": model, "image_shape": list(shape), "device": str(device or "cpu"), "graph": graph,
+            "source": meta.get("source", "measured by this command"), "cost_file": cost_file and str(cost_file),
             "torch": torch.__version__, "threads": torch.get_num_threads(),
             "c_ms": {str(k): round(v, 4) for k, v in c_ms.items()},
             "model_rows": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
@@ -115,7 +129,8 @@ def format_profile(result: dict) -> str:
     from .jobs import format_table
     c = result["c_ms"]
     head = (f"model={result['model']} image={tuple(result['image_shape'])} device={result['device']} "
-            f"graph={result['graph']}\nc(b), ms: " + "  ".join(f"b={b}: {v:.3g}" for b, v in c.items()))
+            f"graph={result['graph']} (c(b): {result['source']})\nc(b), ms: "
+            + "  ".join(f"b={b}: {v:.3g}" for b, v in c.items()))
     cols = ["steps", "procs", "window", "K", "serial_ms", "parallel_ms", "speedup", "auto"]
     return (head + "\n" + format_table(result["model_rows"], cols)
             + "\n(parallel = warm start + K c(ceil(W/P)) for the best window W of N, N/2, N/4; K measured on the "

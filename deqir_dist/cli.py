@@ -158,6 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="instead: measure c(b), one denoiser call on b rows, and the modelled speed-ups")
     p.add_argument("--graph", action="store_true", help="--profile with CUDA graphs (GPU only)")
+    p.add_argument("--cost-from", metavar="JSON", help="--profile: model this c(b) table instead of measuring")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device")
     p.add_argument("--json", help="write the results here")
@@ -302,7 +303,8 @@ def cmd_bench(args) -> int:
         ensure_writable_dir(Path(args.json).parent)
     if args.profile:
         from .bench import format_profile, run_profile
-        result = run_profile(args.model, args.checkpoint, args.size, _device(args), args.steps, args.graph)
+        result = run_profile(args.model, args.checkpoint, args.size, _device(args), args.steps, args.graph,
+                             cost_file=args.cost_from)
         print(format_profile(result))
         if args.json:
             write_json(args.json, result)

@@ -109,6 +109,20 @@ def test_unwritable_output_fails_before_work(photos, tmp_path, capsys):
     assert code == 2 and "deqir: error:" in err
 
 
+def test_bench_profile_models_a_given_cost_table(tmp_path, capsys):
+    table = tmp_path / "c.json"
+    table.write_text(json.dumps({"model": "m", "graph": True, "source": "a test", "c_ms": {"1": 1.0, "100": 1.1}}))
+    code, out, _ = _run(["bench", "--profile", "--cost-from", table, "--steps", "100",
+                         "--json", tmp_path / "p.json"], capsys)
+    assert code == 0 and "a test" in out
+    rows = json.loads((tmp_path / "p.json").read_text())["model_rows"]
+    assert rows and all(r["auto"] == "picard" for r in rows)                 # flat c(b): parallel wins
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    code, _, err = _run(["bench", "--profile", "--cost-from", bad], capsys)
+    assert code == 2 and "profile" in err
+
+
 def test_bench_prints_and_writes_json(tmp_path, capsys):
     code, out, _ = _run(["bench", "--steps", "10", "--size", "16", "--images", "2", "--windows", "0", "0.5",
                          "--json", tmp_path / "b.json"], capsys)

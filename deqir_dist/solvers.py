@@ -134,6 +134,15 @@ def stop_quantity(stop: str, stats: torch.Tensor, numel_row: int, rows_at: int) 
     return torch.sqrt(stats[:, 0] / stats[:, 1].clamp_min(1e-300))
 
 
+def record_evaluation(trace: list, iterations: list[int], ids: list[int], q: torch.Tensor) -> None:
+    """One evaluation of F for the active images ``ids``: count it, trace q (nan for the others)."""
+    row = [float("nan")] * len(iterations)
+    for j, i in enumerate(ids):
+        row[i] = float(q[j])
+        iterations[i] += 1
+    trace.append(row)
+
+
 def _is_done(stop: str, q: torch.Tensor, tol: float) -> torch.Tensor:
     if stop == "final":
         return q >= tol
@@ -221,11 +230,7 @@ def solve_chain(block, comm, opts: SolverOptions, x0: torch.Tensor | None = None
             done[:] = True                       # exact: every row has been swept
         if k + 1 == opts.max_iter:
             done[:] = True
-        row = [float("nan")] * nimg
-        for j, i in enumerate(ids):
-            row[i] = float(q[j])
-            iterations[i] += 1
-        trace.append(row)
+        record_evaluation(trace, iterations, ids, q)
         if callback is not None:
             callback(k, list(ids), f[:, -1], q)
         if done.any():

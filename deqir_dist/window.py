@@ -40,7 +40,7 @@ import torch
 
 from .chain import ACC, Carry, Summary
 from .comm import offset_split
-from .solvers import IterationTiming, SolveOutput, SolverOptions, _progress
+from .solvers import IterationTiming, SolveOutput, SolverOptions, _progress, record_evaluation
 
 # A row freezes when its change is within FREEZE_FRACTION x stop_tol of its noise level. At 1 the
 # frozen rows stop improving too early (built-in prior, deqir bench: 30-32 dB from serial); at 0.1
@@ -131,11 +131,7 @@ def solve_window(block, comm, opts: SolverOptions, x0: torch.Tensor | None = Non
         done = (prefix >= n_total) | ((q <= opts.stop_tol) & (hi_w == n_total))
         if k + 1 == opts.max_iter:
             done[:] = True
-        row = [float("nan")] * nimg
-        for j, i in enumerate(ids):
-            row[i] = float(q[j])
-            iterations[i] += 1
-        trace.append(row)
+        record_evaluation(trace, iterations, ids, q)
         owner_end = active - 1                        # holds the window's last row
         if callback is not None and rank == owner_end:
             callback(k, list(ids), f[:, -1], q)
@@ -145,42 +141,40 @@ def solve_window(block, comm, opts: SolverOptions, x0: torch.Tensor | None = Non
             final[idx[d.to(idx.device)]] = comm.from_rank(rows_d.contiguous(), owner_end)
         keep = torch.nonzero(~done).flatten()
         if keep.numel() == 0:
-            timings.append(IterationTiming(time.perf_counter() - t_start, t_den, comm.stats.seconds - comm_s0,
-                                           comm.stats.bytes_sent - bytes0, int(done.numel()), evaluated))
-            if bar is not None:
-                bar.set_postfix_str(f"rows={float(q.max()):.3g} window=[{lo_w},{hi_w})")
-                bar.update(1)
-            break
-        kd = keep.to(xi.device)
-        new_lo = int(prefix[keep].min())              # the batch shares the least converged image's window
-        new_hi = min(new_lo + width, n_total)
-        # the new frozen row h_{new_lo - 1} and the scan state after it, from the rank that owns it
-        # (without range-space memory the scan ignores the Q part of the state: not sent)
-        src = next(r for r, (lo, hi) in enumerate(split) if lo <= new_lo - 1 < hi)
-        planes = 3 if block.range_recurrent else 2
-        if rank == src:
-            j = new_lo - 1 - a
-            packed = torch.stack([f[kd, j].to(ACC), state.p[kd, j], state.q[kd, j]][:planes], 1)
+            ids = []
         else:
-            packed = torch.zeros((keep.numel(), planes, *xi.shape[1:]), dtype=ACC, device=xi.device)
-        packed = comm.from_rank(packed.contiguous(), src)
-        frozen_row = packed[:, 0].to(xi.dtype)
-        frozen_state = Carry(packed[:, 1], packed[:, 2] if planes == 3 else torch.zeros_like(packed[:, 1]))
-        new_split = offset_split(new_lo, new_hi, size)
-        x = comm.reshard(f[kd] if b > a else x[kd], split, new_split, hi_w)
-        na, nb = new_split[rank]
-        if entering is not None and nb > max(na, hi_w):     # rows entering the window
-            fresh = max(na, hi_w)
-            x[:, fresh - na:] = entering[idx[kd], fresh:nb]
-        split, (lo_w, hi_w) = new_split, (new_lo, new_hi)
-        a, b = split[rank]
-        idx = idx[kd]
-        ids = [ids[j] for j in keep.tolist()]
+            kd = keep.to(xi.device)
+            new_lo = int(prefix[keep].min())              # the batch shares the least converged image's window
+            new_hi = min(new_lo + width, n_total)
+            # the new frozen row h_{new_lo - 1} and the scan state after it, from the rank that owns it
+            # (without range-space memory the scan ignores the Q part of the state: not sent)
+            src = next(r for r, (lo, hi) in enumerate(split) if lo <= new_lo - 1 < hi)
+            planes = 3 if block.range_recurrent else 2
+            if rank == src:
+                j = new_lo - 1 - a
+                packed = torch.stack([f[kd, j].to(ACC), state.p[kd, j], state.q[kd, j]][:planes], 1)
+            else:
+                packed = torch.zeros((keep.numel(), planes, *xi.shape[1:]), dtype=ACC, device=xi.device)
+            packed = comm.from_rank(packed.contiguous(), src)
+            frozen_row = packed[:, 0].to(xi.dtype)
+            frozen_state = Carry(packed[:, 1], packed[:, 2] if planes == 3 else torch.zeros_like(packed[:, 1]))
+            new_split = offset_split(new_lo, new_hi, size)
+            x = comm.reshard(f[kd] if b > a else x[kd], split, new_split, hi_w)
+            na, nb = new_split[rank]
+            if entering is not None and nb > max(na, hi_w):     # rows entering the window
+                fresh = max(na, hi_w)
+                x[:, fresh - na:] = entering[idx[kd], fresh:nb]
+            split, (lo_w, hi_w) = new_split, (new_lo, new_hi)
+            a, b = split[rank]
+            idx = idx[kd]
+            ids = [ids[j] for j in keep.tolist()]
         timings.append(IterationTiming(time.perf_counter() - t_start, t_den, comm.stats.seconds - comm_s0,
                                        comm.stats.bytes_sent - bytes0, int(done.numel()), evaluated))
         if bar is not None:
             bar.set_postfix_str(f"rows={float(q.max()):.3g} window=[{lo_w},{hi_w})")
             bar.update(1)
+        if not ids:
+            break
     if bar is not None:
         bar.close()
     return SolveOutput(final, iterations, trace, timings, held)

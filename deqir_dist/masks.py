@@ -83,7 +83,11 @@ def make_mask(kind: str, H: int, W: int, **params) -> torch.Tensor:
         if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
             raise DeqirError(f"mask size {n} must be a positive integer, got {v!r}")
     p = mask_params(kind, **params)
-    return _GENERATORS[kind](int(H), int(W), **p)
+    mask = _GENERATORS[kind](int(H), int(W), **p)
+    if kind in ("stripes", "text") and bool(mask.all()):
+        raise DeqirError(f"mask {kind!r} with {p} removes no pixel of a {H}x{W} image: "
+                         f"{'use a narrower width' if kind == 'stripes' else 'use fewer lines or a larger image'}")
+    return mask
 
 
 def box_mask(H: int, W: int, fraction: float) -> torch.Tensor:

@@ -117,9 +117,20 @@ def save_profile(path, model_name: str, image_shape, device, c_ms: dict, graph: 
                       "c_ms": {str(k): round(v, 4) for k, v in c_ms.items()}})
 
 
+def cost_table(c_ms, source) -> dict[int, float]:
+    """{b: ms} from a mapping with integer-like keys b >= 1 and finite times > 0 (DeqirError otherwise)."""
+    try:
+        table = {int(k): float(v) for k, v in dict(c_ms).items()}
+    except (ValueError, TypeError) as e:
+        raise DeqirError(f"cost profile {source}: expected {{rows: milliseconds}}, got {c_ms!r:.80}") from e
+    if not table or any(b < 1 or not 0 < ms < math.inf for b, ms in table.items()):
+        raise DeqirError(f"cost profile {source}: needs rows >= 1 and finite milliseconds > 0, got {table!r:.80}")
+    return table
+
+
 def load_profile(path) -> dict[int, float]:
     try:
-        data = json.loads(Path(path).read_text())
-        return {int(k): float(v) for k, v in data["c_ms"].items()}
+        data = json.loads(Path(path).read_text())["c_ms"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise DeqirError(f"cannot read cost profile {path}: {e}") from e
+    return cost_table(data, path)

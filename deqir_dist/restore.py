@@ -87,9 +87,10 @@ def check_settings(steps: int, solver: str = "picard", start: int = 1000, etw: f
     if not isinstance(clip_x0, bool):
         raise DeqirError(f"clip_x0 must be True or False, got {clip_x0!r}")
     coeffs = chain_coefficients(steps, start, etw, nw, sigma_y, alphas_cumprod)
-    opts = None if solver == "serial" else SolverOptions.make(solver, stop, stop_tol, max_iter, steps,
-                                                             **solver_options)
-    return coeffs, opts
+    # the serial sampler ignores the solver options, but a typo in them is still an error
+    opts = SolverOptions.make("picard" if solver == "serial" else solver, stop, stop_tol, max_iter, coeffs.steps,
+                              **solver_options)
+    return coeffs, (None if solver == "serial" else opts)
 
 
 @torch.no_grad()
@@ -110,6 +111,10 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
     ``generator`` (xi first). ``init`` warm-starts the parallel solvers with a trajectory
     (B, N, C, H, W); ``warm_start=S`` builds one from a deterministic serial pass over S of the
     N timesteps (S single-row denoiser calls, not counted in K; every rank computes it).
+    ``callback(k, image_ids, rows, q)``, for every solver, sees the newest estimate after
+    evaluation (parallel) or step (serial) k = 0, 1, ...: for picard / anderson the final rows of
+    the active images ``image_ids`` and their stopping quantities q (on the rank holding the final
+    row); for serial the state h_{k+1} of every image, with q = None.
     Extra keyword arguments: ``data_std`` (the null-space coordinates of the joint map,
     ``schedule.null_coordinates``; None: DeqIR's prefix sum of eps), ``window`` (picard with the
     "rows" rule: rows of the sliding window, ``window.solve_window``; default N, the settled
@@ -130,16 +135,24 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
     solver runs in full on every rank.
     """
     plan = None
-    if solver == "auto":
+    if dtype not in (torch.float32, torch.float64):
+        raise DeqirError(f"dtype is the precision of the chain state: torch.float32 or torch.float64, got {dtype!r} "
+                         "(the denoiser runs in its own precision)")
+    if solver == "auto":    # validate before the planner times anything
+        check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter, alphas_cumprod, warm_start,
+                       clip_x0=clip_x0, **solver_options)
         solver, plan = _plan(denoiser, op, steps, profile, distributed, group, stop == "rows")
         if solver == "picard" and stop == "rows" and "window" not in solver_options and \
                 (max_iter is None or max_iter >= steps or plan["window"] >= steps):
             solver_options["window"] = plan["window"]
     coeffs, opts = check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter,
                                   alphas_cumprod, warm_start, clip_x0=clip_x0, **solver_options)
+    steps = coeffs.steps
     image_shape = tuple(op.image_shape)
     y = check_tensor(y, "y", (None, *op.measurement_shape))
     batch = y.shape[0]
+    if batch < 1:
+        raise DeqirError("y holds no images (a batch of 0)")
     device = model_device(denoiser, default=y.device)
     comm, blocks = LocalComm(), [(0, steps)]
     if distributed and solver != "serial":
@@ -169,7 +182,8 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
     eps_fn = EpsFn(denoiser, image_shape[0], dtype, clip_abar=abar)
     t0 = time.perf_counter()
     if solver == "serial":
-        out = sample_serial(eps_fn, op, coeffs, y, xi, step_noise, progress=progress, callback=callback)
+        step_cb = None if callback is None else (lambda i, h: callback(i - 1, list(range(batch)), h, None))
+        out = sample_serial(eps_fn, op, coeffs, y, xi, step_noise, progress=progress, callback=step_cb)
         return RestoreResult(out, steps, [steps] * batch, [], "serial", steps, "none", 0.0,
                              time.perf_counter() - t0, plan=plan)
     if comm.size > 1:
@@ -198,7 +212,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
 
 def _plan(denoiser, op, steps: int, profile, distributed: bool, group, windows: bool) -> tuple[str, dict]:
     """solver="auto": serial or picard, whichever the latency model predicts is faster."""
-    from .profile import choose_solver, load_profile, measure_cost
+    from .profile import choose_solver, cost_table, load_profile, measure_cost
     procs = 1
     if distributed:
         import torch.distributed as dist
@@ -209,7 +223,7 @@ def _plan(denoiser, op, steps: int, profile, distributed: bool, group, windows: 
                              "so that every rank makes the same choice")
         c_ms = measure_cost(denoiser, tuple(op.image_shape), batches=(1, steps), repeats=3, warmup=1)
     elif isinstance(profile, dict):
-        c_ms = {int(k): float(v) for k, v in profile.items()}
+        c_ms = cost_table(profile, "profile")
     else:
         c_ms = load_profile(profile)
     choice, prediction = choose_solver(c_ms, steps, procs, windows=windows)

@@ -8,7 +8,9 @@ for tau_N. All coefficients are float64; cast where they are used.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from numbers import Integral, Real
 
 import torch
 
@@ -25,10 +27,11 @@ def linear_alphas_cumprod(n: int = TRAIN_STEPS, beta_start: float = 1e-4, beta_e
 
 def timestep_grid(steps: int, start: int = TRAIN_STEPS) -> torch.Tensor:
     """tau_1..tau_N (descending, int64): the N sampling times, noisiest first."""
-    if isinstance(steps, bool) or not isinstance(steps, int):
+    if isinstance(steps, bool) or not isinstance(steps, Integral):
         raise DeqirError(f"steps must be an integer, got {steps!r}")
-    if isinstance(start, bool) or not isinstance(start, int) or start < 1:
+    if isinstance(start, bool) or not isinstance(start, Integral) or start < 1:
         raise DeqirError(f"start must be a positive integer, got {start!r}")
+    steps, start = int(steps), int(start)
     if steps < 1 or steps > start:
         raise DeqirError(f"steps must be in 1..start={start}, got {steps}")
     skip = start // steps
@@ -88,8 +91,9 @@ def chain_coefficients(
     taus = timestep_grid(steps, start)
     ac = _check_schedule(linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod, start)
     for name, val in (("etw", etw), ("nw", nw), ("sigma_y", sigma_y)):
-        if not (isinstance(val, (int, float)) and val == val and abs(val) != float("inf")):
+        if isinstance(val, bool) or not (isinstance(val, Real) and math.isfinite(val)):
             raise DeqirError(f"{name} must be a finite number, got {val!r}")
+    etw, nw, sigma_y = float(etw), float(nw), float(sigma_y)
     if not 0.0 <= etw <= 1.0:
         raise DeqirError(f"etw must be in [0, 1], got {etw}")
     if nw < 0 or sigma_y < 0:

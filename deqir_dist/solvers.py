@@ -37,6 +37,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from numbers import Integral, Real
 
 import torch
 
@@ -68,11 +69,11 @@ class SolverOptions:
             raise DeqirError(f"unknown solver {solver!r}; choose from serial, {', '.join(SOLVERS)}")
         if stop not in STOP_RULES:
             raise DeqirError(f"unknown stop rule {stop!r}; choose from {', '.join(STOP_RULES)}")
-        tol = DEFAULT_STOP_TOL[stop] if stop_tol is None else float(stop_tol)
-        if not math.isfinite(tol) or (stop in ("rows", "residual") and tol <= 0):
+        tol = DEFAULT_STOP_TOL[stop] if stop_tol is None else stop_tol
+        if not _is_real(tol) or not math.isfinite(tol) or (stop in ("rows", "residual") and tol <= 0):
             raise DeqirError(f"stop_tol must be a finite number (> 0 for '{stop}'), got {stop_tol!r}")
         k = steps if max_iter is None else max_iter
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+        if not _is_int(k) or k < 1:
             raise DeqirError(f"max_iter must be a positive integer, got {max_iter!r}")
         unknown = sorted(set(kw) - {"m", "ridge", "beta", "safeguard", "data_std", "window"})
         if unknown:
@@ -81,7 +82,7 @@ class SolverOptions:
         w = kw.get("window")
         if w is None:       # default: the frozen prefix for picard + rows, plain sweeps otherwise
             kw["window"] = steps if solver == "picard" and stop == "rows" else 0
-        elif isinstance(w, bool) or not isinstance(w, int) or w < 0:
+        elif not _is_int(w) or w < 0:
             raise DeqirError(f"window must be a number of rows >= 0 (0: every row every sweep), got {w!r}")
         elif w and (solver != "picard" or stop != "rows"):
             raise DeqirError(f"window={w} needs solver='picard' and stop='rows' (got {solver!r}, {stop!r})")
@@ -89,12 +90,25 @@ class SolverOptions:
             raise DeqirError(f"a window of {w} < {steps} rows needs max_iter >= {steps}: stopped earlier, rows "
                              "past the window would never have been evaluated")
         c = kw.get("data_std", SolverOptions.data_std)
-        if c is not None and (isinstance(c, bool) or not isinstance(c, (int, float)) or not 0 < c < math.inf):
+        if c is not None and (not _is_real(c) or not 0 < c < math.inf):
             raise DeqirError(f"data_std must be a positive number or None, got {c!r}")
-        opts = SolverOptions(solver=solver, stop=stop, stop_tol=tol, max_iter=k, **kw)
-        if opts.m < 1 or opts.ridge < 0 or opts.safeguard <= 1:
-            raise DeqirError("anderson needs m >= 1, ridge >= 0 and safeguard > 1")
-        return opts
+        m = kw.get("m", SolverOptions.m)
+        if not _is_int(m) or m < 1:
+            raise DeqirError(f"m (Anderson history) must be an integer >= 1, got {m!r}")
+        for key, low in (("ridge", 0.0), ("beta", 0.0), ("safeguard", 1.0)):
+            v = kw.get(key, getattr(SolverOptions, key))
+            if not _is_real(v) or not low < v < math.inf:
+                raise DeqirError(f"{key} must be a finite number > {low:g}, got {v!r}")
+        kw = {key: (None if v is None else (int(v) if key in ("m", "window") else float(v))) for key, v in kw.items()}
+        return SolverOptions(solver=solver, stop=stop, stop_tol=float(tol), max_iter=int(k), **kw)
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, Integral) and not isinstance(v, bool)
+
+
+def _is_real(v) -> bool:
+    return isinstance(v, Real) and not isinstance(v, bool)
 
 
 @dataclass
@@ -151,8 +165,10 @@ def _is_done(stop: str, q: torch.Tensor, tol: float) -> torch.Tensor:
     return torch.zeros_like(q, dtype=torch.bool)
 
 
-def _anderson_weights(gram: torch.Tensor, valid: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Constrained least-squares mixing weights (b, m) from Gram matrices (b, m, m), float64."""
+def _anderson_weights(gram: torch.Tensor, valid: torch.Tensor, ridge: float, newest: int) -> torch.Tensor:
+    """Constrained least-squares mixing weights (b, m) from Gram matrices (b, m, m), float64.
+
+    An image whose system is numerically singular takes weight 1 on slot ``newest`` (Picard)."""
     v = valid.to(gram.dtype)
     g = gram * v.unsqueeze(1) * v.unsqueeze(2)
     diag = torch.diagonal(g, dim1=1, dim2=2)
@@ -160,8 +176,12 @@ def _anderson_weights(gram: torch.Tensor, valid: torch.Tensor, ridge: float) -> 
     eye = torch.eye(g.shape[1], dtype=g.dtype)
     # invalid slots: identity rows, zero right-hand side -> weight exactly 0
     system = g + (ridge * scale).view(-1, 1, 1) * eye * v.unsqueeze(2) + eye * (1 - v).unsqueeze(2)
-    w = torch.linalg.solve(system, v.unsqueeze(2)).squeeze(2)
-    return w / w.sum(1, keepdim=True)
+    w, info = torch.linalg.solve_ex(system, v.unsqueeze(2))
+    w = w.squeeze(2)
+    w = w / w.sum(1, keepdim=True)
+    bad = (info != 0) | ~torch.isfinite(w).all(1)     # numerically singular: a plain Picard step
+    w[bad] = torch.nn.functional.one_hot(torch.tensor(newest), g.shape[1]).to(w.dtype)
+    return w
 
 
 def solve_chain(block, comm, opts: SolverOptions, x0: torch.Tensor | None = None,
@@ -226,8 +246,8 @@ def solve_chain(block, comm, opts: SolverOptions, x0: torch.Tensor | None = None
         stats = comm.all_sum(stats).cpu()        # the one host synchronisation of an iteration
         q = stop_quantity(opts.stop, stats, numel_row, rows_at)
         done = _is_done(opts.stop, q, opts.stop_tol)
-        if opts.solver == "picard" and opts.stop != "none" and k + 1 >= block.total_rows:
-            done[:] = True                       # exact: every row has been swept
+        if opts.stop != "none" and k + 1 >= block.total_rows:
+            done[:] = True                       # exact: every row has been swept (Anderson keeps exact rows)
         if k + 1 == opts.max_iter:
             done[:] = True
         record_evaluation(trace, iterations, ids, q)
@@ -253,7 +273,7 @@ def solve_chain(block, comm, opts: SolverOptions, x0: torch.Tensor | None = None
                     restart |= picard_only
                 valid[restart] = False
                 valid[restart, slot] = True
-                w = _anderson_weights(gram[:, :nh, :nh], valid[:, :nh], opts.ridge)
+                w = _anderson_weights(gram[:, :nh, :nh], valid[:, :nh], opts.ridge, slot)
                 w[restart] = 0.0
                 w[restart, slot] = 1.0
                 w = w.to(device=x.device, dtype=x.dtype)

@@ -236,7 +236,7 @@ def test_prefix_rows_exact_after_k_sweeps(gmm, data_std):
     xi, y = xi.double(), y.double()
     states = []
     restore(gmm, y, op, steps=steps, solver="serial", noise=xi, dtype=torch.float64,
-            callback=lambda i, h: states.append(h.clone()))
+            callback=lambda k, ids, h, q: states.append(h.clone()))
     coeffs = chain_coefficients(steps)
     block = ChainBlock(EpsFn(gmm, 3, torch.float64), op, coeffs, y, xi, 0, steps, data_std=data_std)
     idx = torch.arange(1)
@@ -302,7 +302,17 @@ def test_low_precision_denoiser_keeps_float32_state(gmm):
 @pytest.mark.parametrize("kw,match", [
     (dict(steps=1001), "steps"), (dict(steps=0), "steps"), (dict(solver="newton"), "unknown solver"),
     (dict(stop="never"), "unknown stop"), (dict(max_iter=0), "max_iter"), (dict(etw=2.0), "etw"),
-    (dict(stop="residual", stop_tol=0.0), "stop_tol"),
+    (dict(stop="residual", stop_tol=0.0), "stop_tol"), (dict(stop_tol="abc"), "stop_tol"),
+    (dict(solver="anderson", m=2.5), "m "), (dict(solver="anderson", m="3"), "m "),
+    (dict(solver="anderson", ridge=0.0), "ridge"), (dict(solver="anderson", ridge=float("nan")), "ridge"),
+    (dict(solver="anderson", beta=float("inf")), "beta"), (dict(solver="anderson", beta="1"), "beta"),
+    (dict(safeguard=1.0), "safeguard"), (dict(dtype=torch.bfloat16), "dtype"), (dict(dtype="float32"), "dtype"),
+    # the serial sampler checks the solver options too
+    (dict(solver="serial", bogus=1), "unknown solver option"), (dict(solver="serial", window=-5), "window"),
+    (dict(solver="serial", stop="nonsense"), "unknown stop"), (dict(solver="serial", max_iter=-3), "max_iter"),
+    # solver="auto" checks before it times the denoiser
+    (dict(solver="auto", steps=0), "steps"), (dict(solver="auto", steps=2.5), "steps"),
+    (dict(solver="auto", profile={"a": 1.0}), "cost profile"), (dict(solver="auto", profile={4: -1.0}), "cost profile"),
 ])
 def test_bad_arguments(gmm, kw, match):
     op, _, y, xi, _ = problem(gmm, "sr_avgpool", {"scale": 2})
@@ -324,6 +334,46 @@ def test_bad_tensors(gmm):
         restore(gmm, y, op, steps=5, noise=xi[:, :, :8])
     with pytest.raises(DeqirError, match="step_noise"):
         restore(gmm, y, op, steps=5, noise=xi, nw=0.5, step_noise=torch.zeros(1, 4, *SHAPE))
+    for solver in ("serial", "picard"):
+        with pytest.raises(DeqirError, match="no images"):
+            restore(gmm, y[:0], op, steps=5, solver=solver)
+
+
+def test_numpy_scalars_are_accepted(gmm):
+    np = pytest.importorskip("numpy")
+    op, _, y, xi, _ = problem(gmm, "sr_avgpool", {"scale": 2})
+    a = restore(gmm, y, op, steps=np.int64(6), etw=np.float32(0.25), noise=xi, max_iter=np.int64(6))
+    b = restore(gmm, y, op, steps=6, etw=0.25, noise=xi)
+    assert torch.equal(a.image, b.image) and a.iterations_per_image == b.iterations_per_image
+
+
+def test_anderson_is_exact_and_stops_after_n_evaluations(gmm):
+    """Anderson keeps the exact prefix rows, so like Picard it is done after N evaluations."""
+    op, _, y, xi, _ = problem(gmm, "sr_avgpool", {"scale": 2})
+    ref = restore(gmm, y, op, steps=6, solver="serial", noise=xi).image
+    r = restore(gmm, y, op, steps=6, solver="anderson", noise=xi, stop="rows", stop_tol=1e-12, warm_start=0)
+    assert r.iterations == 6
+    assert (r.image - ref).abs().max() < 1e-5
+
+
+def test_anderson_survives_a_singular_history(gmm):
+    """Past N evaluations the residuals are exactly zero: the Gram system is singular, the step is Picard."""
+    op, _, y, xi, _ = problem(gmm, "sr_avgpool", {"scale": 2})
+    ref = restore(gmm, y, op, steps=4, solver="serial", noise=xi).image
+    r = restore(gmm, y, op, steps=4, solver="anderson", noise=xi, stop="none", max_iter=12, m=5, ridge=1e-300)
+    assert r.iterations == 12 and torch.isfinite(r.image).all()
+    assert (r.image - ref).abs().max() < 1e-5
+
+
+def test_callback_has_one_signature_for_every_solver(gmm):
+    op, _, y, xi, _ = problem(gmm, "sr_avgpool", {"scale": 2}, batch=2)
+    for solver in ("serial", "picard", "anderson"):
+        seen = []
+        r = restore(gmm, y, op, steps=5, solver=solver, noise=xi,
+                    callback=lambda k, ids, rows, q: seen.append((k, list(ids), rows.clone(), q)))
+        assert [s[0] for s in seen] == list(range(len(seen))) and seen[0][1] == [0, 1]
+        assert (seen[-1][3] is None) == (solver == "serial")
+        assert torch.allclose(seen[-1][2][-1], r.image[seen[-1][1][-1]].to(seen[-1][2]), atol=1e-6)
 
 
 @pytest.mark.parametrize("warm", [1, 3])

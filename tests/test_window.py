@@ -73,7 +73,7 @@ def test_rows_entering_the_window_start_from_the_given_trajectory(problem):
     model, op, y, xi = problem
     states = []
     ref = restore(model, y, op, steps=20, solver="serial", noise=xi,
-                  callback=lambda i, h: states.append(h.clone())).image
+                  callback=lambda k, ids, h, q: states.append(h.clone())).image
     exact = torch.stack(states, 1)                                  # (B, N, C, H, W): the serial trajectory
     for window in (20, 5):
         out = restore(model, y, op, steps=20, noise=xi, init=exact, window=window)

@@ -2,7 +2,7 @@
 
 For each N it reports K (joint-map evaluations), the denoiser rows evaluated per image (N per
 sweep without a window; fewer with a frozen prefix), wall-clock seconds, PSNR of the parallel
-result against the serial one (the reference: higher is closer; inf = identical) and PSNR
+result against the serial one (the reference: higher is closer; inf = identical, null in JSON) and PSNR
 against the ground truth. ``windows`` adds Picard with a sliding window of round(f N) rows
 (f = 0: plain Picard, every row in every sweep; plain ``picard`` freezes the settled prefix).
 Images are drawn from the model's own prior when it has one (the analytic oracle).
@@ -35,8 +35,15 @@ def _clean_images(model_name: str, model, n: int, shape, gen: torch.Generator) -
 def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), task: str = "sr_avgpool",
               scale: int = 2, size: int = 32, images: int = 3, stop: str = "rows",
               stop_tol: float | None = None, seed: int = 0, device=None,
-              solvers=("picard", "anderson"), warm_start: int = 1, windows=()) -> dict:
-    """Run the comparison; returns a JSON-ready dict with one row per (N, solver)."""
+              solvers=("picard", "anderson"), warm_start: int = 1, windows=(), progress: bool = False) -> dict:
+    """Run the comparison; returns a JSON-ready dict with one row per (N, solver); a progress bar
+    over the cases when ``progress``."""
+    for key, v in (("images", images), ("size", size)):
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise DeqirError(f"{key} must be a positive integer, got {v!r}")
+    for f in windows:
+        if not 0 <= f <= 1:
+            raise DeqirError(f"window fractions must lie in [0, 1], got {f}")
     den = load_denoiser(model, checkpoint=checkpoint, device=device)
     shape = (3, size, size)
     gen = torch.Generator().manual_seed(seed)
@@ -47,11 +54,14 @@ def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), tas
     xi = torch.randn((images, *shape), generator=gen)
     gt_dev = gt
     restore(den, y, op, steps=min(steps), solver="anderson", noise=xi)   # warm-up: first calls are slow
-    for f in windows:
-        if not 0 <= f <= 1:
-            raise DeqirError(f"window fractions must lie in [0, 1], got {f}")
     rows = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(steps) * (1 + len(solvers) + len(windows)), desc="bench", unit="run", dynamic_ncols=True)
     for n in steps:
+        if bar is not None:
+            bar.set_postfix_str(f"N={n} serial")
         t0 = time.perf_counter()
         ref = restore(den, y, op, steps=n, solver="serial", noise=xi)
         t_serial = time.perf_counter() - t0
@@ -59,9 +69,13 @@ def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), tas
                      "seconds": round(t_serial, 4),
                      "psnr_vs_serial": math.inf,
                      "psnr_gt": round(float(psnr(ref.image.clamp(-1, 1).cpu(), gt_dev).mean()), 3)})
+        if bar is not None:
+            bar.update(1)
         variants = [(s, None) for s in solvers] + [("picard", max(1, round(f * n)) if f else 0) for f in windows]
         for solver, window in variants:
             extra = {} if window is None else {"window": window}
+            if bar is not None:
+                bar.set_postfix_str(f"N={n} {solver}" + ("" if window is None else f" W={window}"))
             t0 = time.perf_counter()
             res = restore(den, y, op, steps=n, solver=solver, noise=xi, stop=stop, stop_tol=stop_tol,
                           warm_start=warm_start, **extra)
@@ -74,6 +88,10 @@ def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), tas
                          "psnr_vs_serial": round(float(vs.min()), 2),
                          "psnr_gt": round(float(psnr(res.image.clamp(-1, 1).cpu(), gt_dev).mean()), 3),
                          "stop": res.stop, "stop_tol": res.stop_tol})
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
     return {"model": model, "task": task, "operator": op.describe()["params"], "image_shape": list(shape),
             "images": images, "stop": stop, "seed": seed, "warm_start": warm_start, "windows": list(windows),
             "device": str(device or "cpu"),

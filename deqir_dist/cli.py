@@ -68,8 +68,9 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
                         "oracle), adm-256-uncond, sdedit-celeba-hq, or a checkpoint file")
     g.add_argument("--checkpoint", help="weights file for the model")
     g.add_argument("--solver", default="picard", choices=("serial", "picard", "anderson", "auto"),
-                   help="picard (default) or anderson: the chain-parallel solvers; auto: serial or picard, whichever "
-                        "the measured cost model predicts is faster")
+                   help="serial: the reference sampler, one step after another; picard (default) or anderson: the "
+                        "chain-parallel solvers; auto: serial or picard, whichever the measured cost model predicts "
+                        "is faster")
     g.add_argument("--profile", help="solver auto: cost profile JSON from 'deqir bench --profile'")
     g.add_argument("--steps", type=int, default=25, help="sampling steps N (default 25)")
     g.add_argument("--start", type=int, default=1000, help="start timestep S (default 1000)")
@@ -91,6 +92,27 @@ def _add_sampler_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
 
+def _check_sampler_flags(args) -> None:
+    """Flag combinations argparse cannot see."""
+    from .models.loading import PRESETS
+    if args.profile and args.solver != "auto":
+        raise DeqirError("--profile is the cost model of --solver auto; add --solver auto or drop --profile")
+    if args.window is not None and args.solver not in ("picard", "auto"):
+        raise DeqirError(f"--window is a picard option; it does nothing with --solver {args.solver}")
+    if args.model in PRESETS and not args.checkpoint:
+        raise DeqirError(f"--model {args.model} needs --checkpoint FILE (its weights); without it the network "
+                         "is untrained")
+    _set_threads(getattr(args, "threads", None))
+
+
+def _set_threads(n) -> None:
+    if n is not None:
+        if n < 1:
+            raise DeqirError(f"--threads must be >= 1, got {n}")
+        import torch
+        torch.set_num_threads(n)
+
+
 def _restore_kwargs(args) -> dict:
     return dict(steps=args.steps, start=args.start, solver=args.solver, stop=args.stop,
                 stop_tol=args.stop_tol, max_iter=args.max_iter, etw=args.etw, nw=args.nw,
@@ -100,10 +122,8 @@ def _restore_kwargs(args) -> dict:
 
 
 def _device(args):
-    import torch
-    if args.device:
-        return torch.device(args.device)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    from .denoiser import resolve_device
+    return resolve_device(args.device)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -135,23 +155,27 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds any collective may wait before the ranks give up (default 300)")
     _add_task_flags(p)
     _add_sampler_flags(p)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
     p = sub.add_parser("eval", help="PSNR/SSIM of restored images against ground truth")
     p.add_argument("restored", help="folder of restored images")
     p.add_argument("truth", help="folder of ground-truth images (matched by file stem)")
-    p.add_argument("--json", help="write the per-image metrics here")
+    p.add_argument("--json", help="write the per-image metrics here (missing folders are created)")
 
     p = sub.add_parser("bench", help="serial vs picard vs anderson on the same input: K, time, PSNR")
-    p.add_argument("--model", default="analytic", help="analytic (default) or builtin (held-out photographs)")
-    p.add_argument("--checkpoint")
-    p.add_argument("--steps", type=int, nargs="+", default=[25, 50, 100])
-    p.add_argument("--task", default="sr_avgpool", choices=TASKS)
-    p.add_argument("--scale", type=int, default=2)
+    p.add_argument("--model", default="analytic", help="analytic (default; its own samples as images) or builtin "
+                   "(held-out photograph crops); with --profile also any model name or checkpoint")
+    p.add_argument("--checkpoint", help="--profile: weights file for the model")
+    p.add_argument("--steps", type=int, nargs="+", default=[25, 50, 100], help="chain lengths N (default 25 50 100)")
+    p.add_argument("--task", default="sr_avgpool", choices=TASKS, help="degradation (default sr_avgpool)")
+    p.add_argument("--scale", type=int, default=2, help="sr_*: downsampling factor (default 2)")
     p.add_argument("--size", type=int, default=32, help="image side (default 32)")
     p.add_argument("--images", type=int, default=3, help="images to average over (default 3)")
-    p.add_argument("--stop", default="rows", choices=("final", "rows", "residual", "none"))
-    p.add_argument("--stop-tol", type=float)
-    p.add_argument("--warm-start", type=int, default=1, metavar="S")
+    p.add_argument("--stop", default="rows", choices=("final", "rows", "residual", "none"),
+                   help="stopping rule of the parallel solvers (default rows)")
+    p.add_argument("--stop-tol", type=float, help="its tolerance (default: the rule's default)")
+    p.add_argument("--warm-start", type=int, default=1, metavar="S",
+                   help="serial pass over S of the N steps that starts the parallel solvers (default 1)")
     p.add_argument("--windows", type=float, nargs="+", default=[], metavar="FRAC",
                    help="also run picard with a sliding window of round(FRAC x N) rows and a frozen prefix "
                         "(1: frozen prefix only, picard's default; 0: plain sweeps of every row)")
@@ -159,9 +183,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: measure c(b), one denoiser call on b rows, and the modelled speed-ups")
     p.add_argument("--graph", action="store_true", help="--profile with CUDA graphs (GPU only)")
     p.add_argument("--cost-from", metavar="JSON", help="--profile: model this c(b) table instead of measuring")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device")
+    p.add_argument("--seed", type=int, default=0, help="image and noise seed (default 0)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
     p.add_argument("--json", help="write the results here")
+    p.add_argument("--no-progress", action="store_true")
 
     from .demo import add_parser as add_demo_parser
     from .prior import add_parser as add_prior_parser
@@ -181,11 +207,14 @@ def cmd_degrade(args) -> int:
 
 
 def cmd_restore(args) -> int:
-    from .jobs import (ensure_writable_dir, expand_inputs, format_table, load_items, restore_items,
-                       summarize, write_json)
+    from .jobs import (check_model_fits, check_outputs_apart, ensure_writable_dir, expand_inputs, format_table,
+                       load_items, restore_items, summarize, write_json)
     from .models import load_denoiser
-    rank, world, device = 0, 1, _device(args)
-    if args.distributed:
+    _check_sampler_flags(args)
+    rank, world, device = 0, 1, None
+    if not args.distributed:
+        device = _device(args)
+    else:
         from .distributed import init_distributed
         device = init_distributed(args.backend, args.dist_timeout, args.device)
         import torch.distributed as dist
@@ -207,21 +236,27 @@ def cmd_restore(args) -> int:
     def prepare():
         from .restore import check_settings
         check_settings(**_restore_kwargs(args))
+        if args.profile:
+            from .profile import load_profile
+            load_profile(args.profile)
         items = load_items(expand_inputs(args.inputs), args.task, _operator_params(args), args.from_clean,
                            sigma_y=args.sigma_y, seed=args.seed)
         if optimize is not None:
             for it in items:
                 optimize.target(it)       # every target exists and fits, before any work
         json_path = Path(args.json) if args.json else Path(args.out) / "summary.json"
+        check_outputs_apart([Path(args.out) / f"{it.name}.png" for it in items] + [json_path],
+                            [it.source for it in items] + (optimize.files() if optimize else []))
+        model = load_denoiser(args.model, checkpoint=args.checkpoint, device=device)
+        check_model_fits(model, items)
         if lead:                      # only rank 0 writes
+            _check_json_path(json_path)
             ensure_writable_dir(args.out)
-            ensure_writable_dir(json_path.parent)
-        return items, json_path
+        return items, json_path, model
     if args.distributed:
-        items, json_path = _all_ranks_ok(prepare, rank)
+        items, json_path, model = _all_ranks_ok(prepare, rank)
     else:
-        items, json_path = prepare()
-    model = load_denoiser(args.model, checkpoint=args.checkpoint, device=device)
+        items, json_path, model = prepare()
     kw = _restore_kwargs(args)
     show = lead and not args.no_progress
     records = restore_items(model, items, args.out, dict(kw, progress=show, distributed=args.distributed),
@@ -231,7 +266,8 @@ def cmd_restore(args) -> int:
         dist.destroy_process_group()
     if not lead:
         return 0
-    summary = {"command": "restore", "model": args.model or args.checkpoint or "builtin", "task": args.task,
+    label = f"{args.checkpoint} ({type(model).__name__})" if args.checkpoint else (args.model or "builtin")
+    summary = {"command": "restore", "model": label, "task": args.task,
                "operator": items[0].op.describe()["params"], **kw, "seed": args.seed,
                "world_size": world, "summary": summarize(records), "images": records}
     cols = ["id", "iterations", "seconds"] + [c for c in ("psnr", "ssim") if c in records[0]]
@@ -275,6 +311,8 @@ def cmd_eval(args) -> int:
     from .metrics import psnr, ssim
     restored = {p.stem: p for p in list_images(args.restored)}
     truth = {p.stem: p for p in list_images(args.truth)}
+    if args.json:
+        _check_json_path(args.json)
     common = sorted(set(restored) & set(truth))
     if not common:
         raise DeqirError(f"no image in {args.restored} has a same-named ground truth in {args.truth}")
@@ -295,15 +333,30 @@ def cmd_eval(args) -> int:
     return 0
 
 
+def _check_json_path(path) -> Path:
+    """A JSON output path: its folder is created (and must be writable); it must not be a folder."""
+    from .imageio import ensure_writable_dir
+    p = Path(path)
+    if p.is_dir():
+        raise DeqirError(f"--json {p} is a folder; give a file name")
+    ensure_writable_dir(p.parent)
+    return p
+
+
 def cmd_bench(args) -> int:
     from .bench import format_bench, run_bench
     from .jobs import write_json
+    if not args.profile and (args.graph or args.cost_from):
+        raise DeqirError(f"{'--graph' if args.graph else '--cost-from'} belongs to --profile; add --profile")
+    if args.size < 1 or args.images < 1 or min(args.steps) < 1:
+        raise DeqirError("--size, --images and --steps must be positive")
+    _set_threads(args.threads)
+    device = _device(args)
     if args.json:
-        from .imageio import ensure_writable_dir
-        ensure_writable_dir(Path(args.json).parent)
+        _check_json_path(args.json)
     if args.profile:
         from .bench import format_profile, run_profile
-        result = run_profile(args.model, args.checkpoint, args.size, _device(args), args.steps, args.graph,
+        result = run_profile(args.model, args.checkpoint, args.size, device, args.steps, args.graph,
                              cost_file=args.cost_from)
         print(format_profile(result))
         if args.json:
@@ -311,8 +364,8 @@ def cmd_bench(args) -> int:
         return 0
     result = run_bench(model=args.model, checkpoint=args.checkpoint, steps=args.steps, task=args.task,
                        scale=args.scale, size=args.size, images=args.images, stop=args.stop,
-                       stop_tol=args.stop_tol, seed=args.seed, device=_device(args), warm_start=args.warm_start,
-                       windows=args.windows)
+                       stop_tol=args.stop_tol, seed=args.seed, device=device, warm_start=args.warm_start,
+                       windows=args.windows, progress=not args.no_progress)
     print(format_bench(result))
     if args.json:
         write_json(args.json, result)

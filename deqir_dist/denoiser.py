@@ -21,6 +21,25 @@ def model_device(model, default: torch.device | str = "cpu") -> torch.device:
     return torch.device(default)
 
 
+def resolve_device(name: str | None = None) -> torch.device:
+    """``name`` ("cpu", "cuda", "cuda:1", ...) as an available torch.device; None: cuda if available, else cpu."""
+    if name is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(name)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeqirError(f"unknown device {name!r}; use cpu, cuda or cuda:INDEX") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise DeqirError(f"device {name!r}: this torch build sees no CUDA device")
+        if dev.index is not None and dev.index >= count:
+            raise DeqirError(f"device {name!r}: only {count} CUDA device(s) visible")
+    elif dev.type != "cpu":
+        raise DeqirError(f"unsupported device {name!r}; use cpu or cuda[:INDEX]")
+    return dev
+
+
 def model_dtype(model) -> torch.dtype | None:
     """Floating dtype of the first floating parameter of a module, or None."""
     if isinstance(model, torch.nn.Module):

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -128,6 +129,10 @@ def load_items(paths: list[Path], task: str, params: dict, from_clean: bool,
             if desc.get("name") != task:
                 raise DeqirError(f"{p} is a {desc.get('name')!r} measurement, but the task is {task!r}")
             op = ops.get(tuple(desc["image_shape"]))
+            stored, given = desc.get("params", {}), json.loads(json.dumps(op.describe()))["params"]
+            if stored != given:
+                raise DeqirError(f"{p} was degraded with {task} parameters {stored}, the flags give {given}: "
+                                 "pass the same flags as to deqir degrade")
             y = y[None]
         else:
             img = read_image(p, channels=measurement_channels(task))
@@ -144,10 +149,32 @@ def load_items(paths: list[Path], task: str, params: dict, from_clean: bool,
     return items
 
 
+def check_outputs_apart(outputs, inputs) -> None:
+    """No file a command will write (``outputs``) may be one of its ``inputs``."""
+    ins = {Path(p).resolve() for p in inputs}
+    for path in outputs:
+        if Path(path).resolve() in ins:
+            raise DeqirError(f"output {path} would overwrite an input; choose another output folder")
+
+
+def check_model_fits(model, items) -> None:
+    """Every item's image size suits the model (channels, size multiple), before any work."""
+    multiple, channels = getattr(model, "size_multiple", 1), getattr(model, "in_channels", None)
+    for it in items:
+        c, h, w = it.op.image_shape
+        if channels is not None and c != channels:
+            raise DeqirError(f"{it.source}: {c} channels, the model takes {channels}")
+        if h % multiple or w % multiple:
+            raise DeqirError(f"{it.source}: image size {h}x{w} is not a multiple of {multiple}, which the model "
+                             "needs; pad or crop it")
+
+
 def degrade_files(paths: list[Path], task: str, params: dict, out_dir: str, sigma_y: float = 0.0,
                   seed: int = 0, bits: int = 8) -> list[Path]:
     """Write A(x) (+ noise) of each clean image: PNG where the measurement is an image, else .pt."""
     items = load_items(paths, task, params, from_clean=True, sigma_y=sigma_y, seed=seed)
+    check_outputs_apart([Path(out_dir) / f"{it.name}{suf}" for it in items for suf in (".png", MEASUREMENT_SUFFIX)],
+                        paths)
     out = ensure_writable_dir(out_dir)
     written = []
     for it in items:
@@ -178,10 +205,20 @@ class NoiseOptimizationSpec:
             raise DeqirError(f"--optimize-noise takes consistency, reference:PATH or oracle:PATH, got {spec!r}")
         if (kind == "consistency") != (path == ""):
             raise DeqirError(f"--optimize-noise {kind} {'takes no' if kind == 'consistency' else 'needs a'} PATH")
+        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
+            raise DeqirError(f"--opt-iters must be a positive integer, got {iters!r}")
+        if not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
+            raise DeqirError(f"--opt-lr must be a finite number > 0, got {lr!r}")
         p = Path(path) if path else None
         if p is not None and not p.exists():
             raise DeqirError(f"--optimize-noise: {p} not found")
         return NoiseOptimizationSpec(kind, p, iters, lr)
+
+    def files(self) -> list[Path]:
+        """The target image files (to keep outputs from overwriting them)."""
+        if self.path is None:
+            return []
+        return list_images(self.path) if self.path.is_dir() else [self.path]
 
     def target(self, item: Item) -> torch.Tensor | None:
         if self.path is None:
@@ -269,8 +306,20 @@ def summarize(records: list[dict]) -> dict:
     return out
 
 
+def json_safe(obj):
+    """``obj`` with every non-finite float (an identical image's PSNR, inf) as None: strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {k: json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    return obj
+
+
 def write_json(path: str | Path, obj) -> None:
-    data = (json.dumps(obj, indent=2) + "\n").encode()
+    """Strict JSON (non-finite numbers as null), written atomically."""
+    data = (json.dumps(json_safe(obj), indent=2, allow_nan=False) + "\n").encode()
     atomic_write(Path(path), lambda fh: fh.write(data))
 
 

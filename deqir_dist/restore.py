@@ -87,6 +87,8 @@ def check_settings(steps: int, solver: str = "picard", start: int = 1000, etw: f
     if not isinstance(clip_x0, bool):
         raise DeqirError(f"clip_x0 must be True or False, got {clip_x0!r}")
     coeffs = chain_coefficients(steps, start, etw, nw, sigma_y, alphas_cumprod)
+    if warm_start > coeffs.steps:
+        raise DeqirError(f"warm_start={warm_start} is more than the {coeffs.steps} steps of the chain")
     # the serial sampler ignores the solver options, but a typo in them is still an error
     opts = SolverOptions.make("picard" if solver == "serial" else solver, stop, stop_tol, max_iter, coeffs.steps,
                               **solver_options)

@@ -25,25 +25,45 @@ def _add_task_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("task (the forward model)")
     g.add_argument("--task", required=True, choices=TASKS, help="degradation to invert")
     g.add_argument("--scale", type=int, help="sr_*: downsampling factor (default 4)")
-    g.add_argument("--kernel-size", type=int, help="deblur_*: kernel size (odd)")
+    g.add_argument("--kernel-size", type=int, help="deblur_*: kernel size, odd (default 5 gauss, 9 uniform/aniso)")
     g.add_argument("--blur-sigma", type=float, help="deblur_gauss: Gaussian sigma (default 10)")
     g.add_argument("--sigma-h", type=float, help="deblur_aniso: sigma along H (default 1)")
     g.add_argument("--sigma-w", type=float, help="deblur_aniso: sigma along W (default 20)")
     g.add_argument("--mask", help="inpaint: box | random | stripes | text, or a mask image (white = keep)")
-    g.add_argument("--mask-fraction", type=float, help="inpaint box/random: fraction missing")
-    g.add_argument("--mask-seed", type=int, help="inpaint random: seed")
+    g.add_argument("--mask-fraction", type=float, help="inpaint box/random: fraction missing (default 0.25 box, "
+                                                         "0.5 random)")
+    g.add_argument("--mask-seed", type=int, help="inpaint random: seed (default 0)")
     g.add_argument("--ratio", type=int, help="cs_wht: compression ratio (default 2)")
     g.add_argument("--cs-seed", type=int, help="cs_wht: permutation seed (default 0)")
     g.add_argument("--sigma-y", type=float, default=0.0,
                    help="std of the measurement noise in the [-1, 1] scale (default 0)")
 
 
+# flags that belong to one task only (their keys are shared: both seeds are "seed")
+_FLAG_TASK = {"mask": "inpaint", "mask_fraction": "inpaint", "mask_seed": "inpaint", "ratio": "cs_wht",
+              "cs_seed": "cs_wht"}
+
+
+def _task_flags(task: str) -> list[str]:
+    """The task flags (attribute names) that apply to ``task``."""
+    import inspect
+    from .operators import _REGISTRY
+    sig = inspect.signature(_REGISTRY[task].__init__).parameters
+    keys = set(sig) | ({"fraction", "seed"} if task == "inpaint" else set())    # inpaint: the mask's parameters
+    return [f for f, k in _OP_FLAGS.items() if k in keys and _FLAG_TASK.get(f, task) == task]
+
+
 def _operator_params(args) -> dict:
     params = {}
+    valid = _task_flags(args.task)
     for flag, key in _OP_FLAGS.items():
         v = getattr(args, flag, None)
-        if v is not None:
-            params[key] = v
+        if v is None:
+            continue
+        if flag not in valid:
+            names = ", ".join("--" + f.replace("_", "-") for f in valid) or "none"
+            raise DeqirError(f"--{flag.replace('_', '-')} does not apply to --task {args.task} (its flags: {names})")
+        params[key] = v
     mask = params.get("mask")
     if mask is not None and Path(mask).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
         from .imageio import read_image

@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,9 @@ def load_measurement(path: Path) -> tuple[torch.Tensor, dict]:
         y, desc = obj["y"], json.loads(obj["operator"])
         if not isinstance(y, torch.Tensor):
             raise TypeError("y is not a tensor")
+    except pickle.UnpicklingError as e:
+        raise DeqirError(f"cannot read measurement file {path}: it holds pickled objects beyond tensors, which "
+                         "are never loaded (deqir degrade writes only tensors)") from e
     except Exception as e:
         raise DeqirError(f"cannot read measurement file {path}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from e
     return y, desc

@@ -93,6 +93,7 @@ def test_bad_inputs_fail_cleanly(photos, tmp_path, capsys):
     _bad(capsys, [*restore, tmp_path / "missing.png", "--task", "colorize"], tmp_path, "not found")
     _bad(capsys, [*restore, odd, "--task", "cs_wht"], tmp_path, "power of two")
     _bad(capsys, [*restore, photos, "--task", "inpaint", "--scale", "2"], tmp_path, "scale")
+    _bad(capsys, [*restore, photos, "--task", "cs_wht", "--mask-seed", "3"], tmp_path, "--mask-seed does not apply")
     _bad(capsys, [*restore, photos, "--task", "inpaint", "--model", "nope"], tmp_path, "unknown model")
     _bad(capsys, ["restore", photos / "img0.png", "--task", "sr_avgpool", "--max-iter", "0"], tmp_path, "max_iter")
     _bad(capsys, ["restore", photos / "img0.png", "--task", "sr_avgpool", "--etw", "nan"], tmp_path, "etw")

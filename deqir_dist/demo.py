@@ -235,14 +235,19 @@ def run_demo(out_dir="demo-out", size: int = 64, images=None, crops: int = 1, ta
              solver: str = "picard", stop_tol: float | None = None, etw: float = DEMO_ETW, nw: float = DEMO_NW,
              samples: int = 1, seed: int = 0, model=None, weights=None, device=None, progress: bool = True,
              write: bool = True, warm_start: int = 1, inversion: bool = True,
-             inversion_iters: int | None = None, clip: str = "auto") -> dict:
+             inversion_iters: int | None = None, clip: str = "auto", json_path=None) -> dict:
     """Run the demo; returns the metrics dict (also written to ``out_dir/metrics.json``).
 
     ``model``: a denoiser (default: the built-in prior, or the prior in ``weights``);
     ``images``: held-out photograph names (default all stored ones); ``crops`` per photograph;
     ``inversion``: add the noise-optimisation stage (``inversion_iters`` gradient evaluations per
     loss, default ``demo_inversion.INVERSION_ITERS``); ``clip``: which tasks clip x0 ("auto":
-    ``DEMO_CLIP``, "all", "none").
+    ``DEMO_CLIP``, "all", "none"); ``json_path``: also write the metrics there (missing parent
+    folders are created, as ``deqir restore --json`` does). ``device``: checked before any work
+    (a name torch knows, and present here).
+
+    Every setting, the model and the output locations are checked before the first image is
+    restored; nothing is written when one of them is wrong.
     """
     from .baselines import baselines_for
     from .imageio import ensure_writable_dir, write_image
@@ -250,10 +255,12 @@ def run_demo(out_dir="demo-out", size: int = 64, images=None, crops: int = 1, ta
     from .metrics import psnr, ssim
     from .models.builtin import BUILTIN_SIZE_MULTIPLE, load_builtin, read_builtin_file
     from .operators import make_operator
+    from .denoiser import resolve_device
     from .prior import heldout_crops
     from .restore import check_settings, restore
 
     t_all = time.perf_counter()
+    device = None if device is None else resolve_device(device)
     clipped_tasks = {"auto": DEMO_CLIP, "all": frozenset(DEMO_TASKS), "none": frozenset()}.get(clip)
     if clipped_tasks is None:
         raise DeqirError(f"clip must be auto, all or none, got {clip!r}")
@@ -268,7 +275,7 @@ def run_demo(out_dir="demo-out", size: int = 64, images=None, crops: int = 1, ta
     for key, v in (("crops", crops), ("samples", samples), ("inversion_iters", inversion_iters)):
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise DeqirError(f"{key} must be a positive integer, got {v!r}")
-    check_settings(steps, solver, 1000, etw, nw, 0.0, DEMO_STOP, stop_tol, None)
+    check_settings(steps, solver, 1000, etw, nw, 0.0, DEMO_STOP, stop_tol, None, warm_start=warm_start)
     held = heldout_images(weights)
     if images:
         missing = [n for n in images if n not in held]
@@ -289,8 +296,18 @@ def run_demo(out_dir="demo-out", size: int = 64, images=None, crops: int = 1, ta
     except DeqirError:
         pass
     out = Path(out_dir)
+    json_file = None if json_path is None else Path(json_path)
+    if json_file is not None:
+        from .imageio import check_dir_creatable
+        if json_file.is_dir():
+            raise DeqirError(f"--json {json_file} is a folder; give a file name")
+        check_dir_creatable(json_file.parent)         # before the output folder is made
+        if write and json_file.resolve() == (out / "metrics.json").resolve():
+            json_file = None                          # the same file: written once
     if write:
         ensure_writable_dir(out)
+    if json_file is not None:
+        ensure_writable_dir(json_file.parent)         # created if missing, like deqir restore --json
     shape = tuple(x.shape[1:])
     result = {"command": "demo", "model": model_name, **card_info, "size": size, "images": names,
               "photographs": list(held), "crop_rule": "short side resized to 2 x size, centre crop (then a ring "
@@ -437,6 +454,8 @@ def run_demo(out_dir="demo-out", size: int = 64, images=None, crops: int = 1, ta
     result["runtime_seconds"] = round(time.perf_counter() - t_all, 1)
     if write:
         write_json(out / "metrics.json", result)
+    if json_file is not None:
+        write_json(json_file, result)
     return result
 
 
@@ -491,9 +510,10 @@ def add_parser(subparsers):
                    help=f"gradient evaluations per loss in that stage (default {INVERSION_ITERS})")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--weights", help="a prior written by deqir train-prior (default: the built-in one)")
-    p.add_argument("--device", help="cpu, cuda, ... (default cpu)")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--json", help="also write the metrics here")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
+    p.add_argument("--threads", type=int, help="torch CPU threads, >= 1 (default: torch's choice)")
+    p.add_argument("--json", help="also write the metrics here (missing parent folders are created, as with "
+                                  "deqir restore --json)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=cmd_demo)
     return p
@@ -520,6 +540,11 @@ def keep_freed_memory() -> bool:
 
 
 def cmd_demo(args) -> int:
+    from .denoiser import resolve_device
+    from .prior import check_threads
+    check_threads(args.threads, "--threads")
+    if args.device:
+        resolve_device(args.device)
     keep_freed_memory()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -529,10 +554,7 @@ def cmd_demo(args) -> int:
                       warm_start=args.warm_start,
                       etw=args.etw, nw=args.nw, samples=args.samples, seed=args.seed, weights=args.weights,
                       device=args.device, progress=not args.no_progress, inversion=not args.no_inversion,
-                      inversion_iters=args.inversion_iters, clip=args.clip)
-    if args.json:
-        from .jobs import write_json
-        write_json(args.json, result)
+                      inversion_iters=args.inversion_iters, clip=args.clip, json_path=args.json)
     print(format_demo(result))
     extra = f", {grid_name(result['inversion']['task'])}" if "inversion" in result else ""
     print(f"wrote {args.out}/: grid_<task>.png{extra}, convergence.png, metrics.json, images/")

@@ -400,10 +400,26 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
         d.mkdir(parents=True, exist_ok=True)
     except OSError as e:
         raise DeqirError(f"cannot create directory {d}: {_one_line(e)}") from e
+    _probe_writable(d, f"directory {d} is not writable")
+    return d
+
+
+def _probe_writable(d: Path, what: str) -> None:
     probe = d / f".deqir-write-test-{uuid.uuid4().hex[:12]}"
     try:
         probe.open("xb").close()
         probe.unlink()
     except OSError as e:
-        raise DeqirError(f"directory {d} is not writable: {_one_line(e)}") from e
-    return d
+        raise DeqirError(f"{what}: {_one_line(e)}") from e
+
+
+def check_dir_creatable(path: str | os.PathLike) -> None:
+    """Directory ``path`` exists and is writable, or can be created: checked without creating anything."""
+    d = p = Path(path)
+    while not p.exists():
+        if p.is_symlink() or p == p.parent:
+            raise DeqirError(f"cannot create directory {d}: {p} is a broken link")
+        p = p.parent
+    if not p.is_dir():
+        raise DeqirError(f"cannot create directory {d}: {p} is not a directory")
+    _probe_writable(p, f"directory {d} is not writable" if p == d else f"cannot create directory {d} in {p}")

@@ -45,12 +45,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .denoiser import resolve_device
 from .errors import DeqirError
 from .schedule import TRAIN_STEPS, linear_alphas_cumprod
 
 __all__ = ["TRAIN_IMAGES", "HELDOUT_IMAGES", "load_skimage_photo", "resize_short", "CropSampler",
-           "TrainConfig", "train_prior", "write_prior", "read_heldout_png", "add_parser", "cmd_train_prior",
-           "CARD_FORMAT"]
+           "TrainConfig", "train_prior", "write_prior", "write_together", "check_outputs",
+           "check_threads", "read_heldout_png", "add_parser", "cmd_train_prior", "CARD_FORMAT"]
 
 # Natural colour photographs shipped inside scikit-image (checked: all load offline from
 # skimage/data). motorcycle_left/right are the two views of one stereo pair (both trained on).
@@ -64,13 +65,18 @@ VAL_TIMES = (25, 100, 250, 500, 750)
 
 # ----------------------------------------------------------------------------- data
 
-def load_skimage_photo(name: str) -> np.ndarray:
-    """(H, W, 3) uint8 RGB photograph ``name`` from scikit-image's bundled data (no network)."""
+def _skimage_data():
     try:
         from skimage import data
     except ImportError:
         raise DeqirError("training the prior needs scikit-image (pip install -e '.[train]'): "
                          "its bundled photographs are the training data") from None
+    return data
+
+
+def load_skimage_photo(name: str) -> np.ndarray:
+    """(H, W, 3) uint8 RGB photograph ``name`` from scikit-image's bundled data (no network)."""
+    data = _skimage_data()
     if name in ("motorcycle_left", "motorcycle_right"):
         left, right, _ = data.stereo_motorcycle()
         img = left if name == "motorcycle_left" else right
@@ -243,11 +249,35 @@ def _amp_ctx(amp: str, device: torch.device):
     return contextlib.nullcontext()
 
 
+def check_threads(threads, flag: str = "--threads") -> int | None:
+    """None (torch's choice) or a positive integer."""
+    if threads is None:
+        return None
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise DeqirError(f"{flag} must be a positive integer, got {threads!r}")
+    return threads
+
+
 def _check_cfg(cfg) -> None:
     for key in ("steps", "batch", "val_crops", "val_size", "pyramid_levels", "min_short", "max_short"):
         v = cfg[key]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise DeqirError(f"{key} must be a positive integer, got {v!r}")
+    for key in ("warmup", "val_every"):
+        v = cfg[key]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+            raise DeqirError(f"{key} must be a non-negative integer, got {v!r}")
+    check_threads(cfg["threads"], "threads")
+    resolve_device(cfg["device"])
+    limit = cfg["time_limit_min"]
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
+                              or not math.isfinite(limit) or limit <= 0):
+        raise DeqirError(f"time limit must be a positive number of minutes, got {limit!r}")
+    for key in ("weight_decay", "grad_clip"):
+        if not (isinstance(cfg[key], (int, float)) and math.isfinite(cfg[key]) and cfg[key] >= 0):
+            raise DeqirError(f"{key} must be a finite number >= 0, got {cfg[key]!r}")
+    if not (isinstance(cfg["min_lr_frac"], (int, float)) and 0 <= cfg["min_lr_frac"] <= 1):
+        raise DeqirError(f"min_lr_frac must be in [0, 1], got {cfg['min_lr_frac']!r}")
     crops = tuple(int(c) for c in cfg["crops"])
     mult = 2 ** (len(cfg["model"]["ch_mult"]) - 1)
     if not crops or any(c < 8 or c % mult for c in crops):
@@ -261,8 +291,8 @@ def _check_cfg(cfg) -> None:
         raise DeqirError(f"amp must be bf16 or none, got {cfg['amp']!r}")
     if cfg["store_dtype"] not in ("float16", "float32"):
         raise DeqirError(f"store_dtype must be float16 or float32, got {cfg['store_dtype']!r}")
-    if not (0 <= cfg["ema"] < 1) or not cfg["lr"] > 0:
-        raise DeqirError("need 0 <= ema < 1 and lr > 0")
+    if not (0 <= cfg["ema"] < 1) or not (cfg["lr"] > 0 and math.isfinite(cfg["lr"])):
+        raise DeqirError(f"need 0 <= ema < 1 and a finite lr > 0, got ema {cfg['ema']!r} and lr {cfg['lr']!r}")
     overlap = set(cfg["train_images"]) & set(cfg["heldout_images"])
     if overlap or ("cat" in cfg["train_images"] and "chelsea" in cfg["heldout_images"]):
         raise DeqirError(f"training and held-out images overlap: {sorted(overlap) or ['cat/chelsea']}")
@@ -316,7 +346,7 @@ def train_prior(cfg: TrainConfig, progress: bool = True, log_path: str | os.Path
     """
     from .models.ddpm import DDPMUNet
     _check_cfg(cfg)
-    device = torch.device(cfg["device"])
+    device = resolve_device(cfg["device"])
     if cfg["threads"]:
         torch.set_num_threads(int(cfg["threads"]))
     amp = cfg["amp"]
@@ -467,28 +497,18 @@ def _device_name(device: torch.device) -> str:
     return name
 
 
-def _sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def write_prior(result: dict, out: str | os.PathLike, card_path: str | os.PathLike | None = None,
-                command: str | None = None, invocation: str | None = None) -> tuple[Path, Path]:
-    """Write the EMA weights (safetensors) and the model card (JSON); returns both paths."""
+                command: str | None = None, invocation: str | None = None,
+                extra: list | None = None) -> tuple[Path, Path]:
+    """Write the EMA weights (safetensors) and the model card (JSON) together (``write_together``:
+    both or neither, with ``extra`` [(path, bytes)] such as the loss log); returns
+    both paths. Missing parent folders are created."""
     from safetensors.torch import save as st_save
-
-    from .imageio import atomic_write
-    from .jobs import write_json
+    extra = list(extra or [])
     cfg = result["cfg"]
     out = Path(out)
-    if out.suffix.lower() != ".safetensors":
-        raise DeqirError(f"the weights file must end in .safetensors, got {out}")
     card_path = Path(card_path) if card_path else out.with_suffix(".json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    card_path.parent.mkdir(parents=True, exist_ok=True)
+    check_outputs(out, card_path)
     model = result["model"]
     store = torch.float16 if cfg["store_dtype"] == "float16" else torch.float32
     sd = {k: v.detach().to("cpu", store).contiguous() for k, v in model.state_dict().items()}
@@ -499,7 +519,6 @@ def write_prior(result: dict, out: str | os.PathLike, card_path: str | os.PathLi
     meta = {"deqir_arch": "ddpm", "deqir_config": json.dumps(config), "deqir_card_format": CARD_FORMAT,
             "deqir_heldout_png": json.dumps(held_b64)}
     blob = st_save(sd, metadata=meta)
-    atomic_write(out, lambda fh: fh.write(blob))
     n_params = sum(v.numel() for v in model.state_dict().values())
     train_info = [{"name": n, "shape": list(img.shape)} for n, img in result["train_images"].items()]
     try:
@@ -515,7 +534,7 @@ def write_prior(result: dict, out: str | os.PathLike, card_path: str | os.PathLi
                     "(use the ADM / CelebA-HQ checkpoints for that)."),
         "command": command,
         "invocation": invocation,
-        "weights": {"file": out.name, "sha256": _sha256(out), "bytes": out.stat().st_size,
+        "weights": {"file": out.name, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
                     "dtype": cfg["store_dtype"], "parameters": n_params, "tensors": len(sd),
                     "metadata_keys": sorted(meta),
                     "loaded_as": "float32 by default (deqir_dist.models.builtin.load_builtin)"},
@@ -547,8 +566,95 @@ def write_prior(result: dict, out: str | os.PathLike, card_path: str | os.PathLi
         "validation": result["validation"],
         "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
     }
-    write_json(card_path, card)
+    card_bytes = (json.dumps(card, indent=2) + "\n").encode()
+    write_together([(out, blob), (card_path, card_bytes), *extra])
     return out, card_path
+
+
+def write_together(files: list) -> None:
+    """Write [(path, bytes), ...] so that the files appear together or not at all.
+
+    Each file is written (and fsynced) to a temp name beside its target first, as
+    ``imageio.atomic_write`` does; only when every one is complete are they renamed into place
+    (an existing target is moved aside first and put back if a later rename fails). Missing
+    parent folders are created. On a failure the temp files (and any folders created here) are
+    removed, the targets are as before, and an OSError becomes a DeqirError."""
+    import uuid
+    made_dirs: list[Path] = []
+    temps: list[tuple[Path, Path]] = []
+    done = False
+    current = None
+    backups: list[tuple[Path, Path]] = []
+    placed: list[Path] = []
+    try:
+        for path, data in files:
+            path = current = Path(path)
+            missing = []
+            p = path.parent
+            while not p.exists() and p != p.parent:
+                missing.append(p)
+                p = p.parent
+            for d in reversed(missing):
+                d.mkdir()
+                made_dirs.append(d)
+            tmp = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.tmp"
+            temps.append((tmp, path))
+            with open(tmp, "xb") as fh:
+                fh.write(data)
+                fh.flush()
+                os.fsync(fh.fileno())
+        for tmp, path in temps:                 # existing targets step aside until all are in place
+            current = path
+            if path.exists():
+                bak = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.bak"
+                os.replace(path, bak)
+                backups.append((bak, path))
+            os.replace(tmp, path)
+            placed.append(path)
+        done = True
+    except OSError as e:
+        raise DeqirError(f"cannot write {current}: {e.strerror or type(e).__name__}") from None
+    finally:
+        if done:
+            for bak, _ in backups:
+                _unlink(bak)
+        else:                                        # undo: nothing new stays, old files come back
+            for path in placed:
+                _unlink(path)
+            for bak, path in backups:
+                try:
+                    os.replace(bak, path)
+                except OSError:
+                    pass
+            for tmp, _ in temps:
+                _unlink(tmp)
+            for d in reversed(made_dirs):
+                try:
+                    d.rmdir()
+                except OSError:
+                    pass
+
+
+def _unlink(path: Path) -> None:
+    try:
+        path.unlink()
+    except OSError:
+        pass
+
+
+def check_outputs(*paths) -> None:
+    """Before any work: the output files are distinct, none is a folder, and each can be created
+    (its folder exists and is writable, or can be created: missing folders are made when writing)."""
+    from .imageio import check_dir_creatable
+    seen = {}
+    for p in map(Path, paths):
+        key = os.path.abspath(p)
+        if key in seen:
+            raise DeqirError(f"two outputs would be the same file {p}; give them different names")
+        seen[key] = p
+        if p.is_dir():
+            raise DeqirError(f"output {p} is a folder, not a file")
+        check_dir_creatable(p.parent)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -559,16 +665,19 @@ def add_parser(subparsers):
     p = subparsers.add_parser("train-prior", help="train the small built-in diffusion prior on scikit-image photos",
                               description="Train a small DDPM eps-prediction UNet on scikit-image's bundled "
                                           "photographs; writes safetensors weights and a JSON model card.")
-    p.add_argument("-o", "--out", required=True, help="weights file (.safetensors); the card goes beside it (.json)")
+    p.add_argument("-o", "--out", required=True,
+                   help="weights file (.safetensors); the card goes beside it (.json). The weights, card and "
+                        "loss log appear together when training has finished (missing folders are created)")
     p.add_argument("--card", help="model card path (default: OUT with .json)")
-    p.add_argument("--log", help="loss log CSV (default: OUT with .loss.csv)")
+    p.add_argument("--log", help="loss log CSV (default: OUT with .loss.csv; kept in the temp folder while "
+                                 "training)")
     p.add_argument("--steps", type=int, default=d["steps"], help=f"optimiser steps (default {d['steps']})")
     p.add_argument("--batch", type=int, default=d["batch"], help=f"crops per step at the largest crop size "
                                                                  f"(default {d['batch']})")
     p.add_argument("--crops", default=",".join(map(str, d["crops"])),
                    help="crop sizes, alternated step by step (default 32,64)")
     p.add_argument("--lr", type=float, default=d["lr"], help=f"peak learning rate (default {d['lr']})")
-    p.add_argument("--warmup", type=int, default=d["warmup"])
+    p.add_argument("--warmup", type=int, default=d["warmup"], help=f"warm-up steps, >= 0 (default {d['warmup']})")
     p.add_argument("--ema", type=float, default=d["ema"], help=f"EMA decay (default {d['ema']})")
     p.add_argument("--ch", type=int, default=d["model"]["ch"], help="base width (multiple of 32)")
     p.add_argument("--ch-mult", default=",".join(map(str, d["model"]["ch_mult"])), help="width multipliers")
@@ -578,12 +687,12 @@ def add_parser(subparsers):
     p.add_argument("--amp", default=d["amp"], choices=("bf16", "none"), help="autocast (default bf16 when supported)")
     p.add_argument("--store-dtype", default=d["store_dtype"], choices=("float16", "float32"))
     p.add_argument("--seed", type=int, default=d["seed"])
-    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
-    p.add_argument("--device", help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads, >= 1 (default: torch's choice)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--val-every", type=int, default=d["val_every"])
     p.add_argument("--val-crops", type=int, default=d["val_crops"])
     p.add_argument("--no-restore-eval", action="store_true", help="skip the final restoration PSNR check")
-    p.add_argument("--time-limit", type=float, help="stop after this many minutes (recorded in the card)")
+    p.add_argument("--time-limit", type=float, help="stop after this many minutes, > 0 (recorded in the card)")
     p.add_argument("--train-images", help=f"comma list (default {','.join(TRAIN_IMAGES)})")
     p.add_argument("--heldout-images", help=f"comma list (default {','.join(HELDOUT_IMAGES)})")
     p.add_argument("--no-progress", action="store_true")
@@ -637,18 +746,40 @@ def canonical_command(args) -> str:
 
 
 def cmd_train_prior(args) -> int:
+    """Check every setting and output path, train, then write weights, card and log together."""
+    import tempfile
+    check_threads(args.threads, "--threads")
+    if args.device:
+        resolve_device(args.device)
+    if args.time_limit is not None and not (math.isfinite(args.time_limit) and args.time_limit > 0):
+        raise DeqirError(f"--time-limit must be a positive number of minutes, got {args.time_limit}")
+    if args.warmup < 0:
+        raise DeqirError(f"--warmup must be >= 0, got {args.warmup}")
     cfg = config_from_args(args)
+    _check_cfg(cfg)
     out = Path(args.out)
     if out.suffix.lower() != ".safetensors":
         raise DeqirError(f"--out must be a .safetensors file, got {out}")
-    from .imageio import ensure_writable_dir
-    ensure_writable_dir(out.parent if str(out.parent) else ".")
-    log = args.log or str(out.with_suffix(".loss.csv"))
-    result = train_prior(cfg, progress=not args.no_progress, log_path=log)
-    prog = Path(sys.argv[0]).name if sys.argv else "deqir"
-    prog = "python -m deqir_dist.prior" if prog == "prior.py" else prog
-    invocation = " ".join([prog, shlex.join(sys.argv[1:])]) if sys.argv else None
-    w, c = write_prior(result, out, args.card, command=canonical_command(args), invocation=invocation)
+    card = Path(args.card) if args.card else out.with_suffix(".json")
+    log = Path(args.log) if args.log else out.with_suffix(".loss.csv")
+    check_outputs(out, card, log)
+    for name in cfg["train_images"] + cfg["heldout_images"]:
+        if name not in ("motorcycle_left", "motorcycle_right") and not hasattr(_skimage_data(), name):
+            raise DeqirError(f"scikit-image has no bundled image {name!r}")
+    fd, tmp_log = tempfile.mkstemp(prefix="deqir-train-", suffix=".loss.csv")
+    os.close(fd)
+    try:
+        result = train_prior(cfg, progress=not args.no_progress, log_path=tmp_log)
+        prog = Path(sys.argv[0]).name if sys.argv else "deqir"
+        prog = "python -m deqir_dist.prior" if prog == "prior.py" else prog
+        invocation = " ".join([prog, shlex.join(sys.argv[1:])]) if sys.argv else None
+        w, c = write_prior(result, out, card, command=canonical_command(args), invocation=invocation,
+                           extra=[(log, Path(tmp_log).read_bytes())])
+    finally:
+        try:
+            os.unlink(tmp_log)
+        except OSError:
+            pass
     tr, val = result["training"], result["validation"]
     print(f"wrote {w} ({w.stat().st_size / 1e6:.2f} MB) and {c}")
     print(f"steps {tr['steps_done']}, wall {tr['wall_seconds']:.0f} s, final loss {tr['final_loss']}, "

@@ -19,6 +19,12 @@ Design (DESIGN.md section 8): a pool of Ray actors driven by this process.
 * **Output.** Only the driver writes: ``OUT/<id>.png`` atomically, then one JSONL record per
   image in ``OUT/results.jsonl`` (flushed and fsynced), then ``OUT/summary.json``. A crash at
   any point leaves complete files only; a record exists only for a written output.
+* **Failing early.** Everything that can be checked is checked before OUT is created: the
+  flags, the inputs, the device name, the model and its checkpoint (header, keys and shapes;
+  pickled code is never run), then Ray is joined (a ``HOST:PORT`` address is probed with a TCP
+  connection first, and Ray's wait for the cluster is bounded by ``--connect-timeout``), the
+  pool is sized against the cluster and the workers are started. A run that still fails before
+  it has restored anything removes the folders and results file it created.
 * **Resume.** Each image's configuration hash covers the model, task, operator parameters
   (including its own), sampler settings, seed, ``--from-clean`` and ``--bits``. Ids whose latest
   record is ``ok`` with the same hash, and whose output exists, are skipped.
@@ -39,6 +45,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import math
 import os
 import socket
 import sys
@@ -52,7 +59,8 @@ from pathlib import Path
 from .errors import DeqirError
 
 __all__ = ["RESULTS_NAME", "SUMMARY_NAME", "InputEntry", "RayRestoreJob", "RestoreWorker", "add_parser",
-           "check_id", "cmd_ray_restore", "config_hash", "job_from_args", "load_results", "main", "read_input"]
+           "check_id", "cmd_ray_restore", "config_hash", "job_from_args", "load_results",
+           "main", "read_input"]
 
 RESULTS_NAME = "results.jsonl"
 SUMMARY_NAME = "summary.json"
@@ -518,10 +526,12 @@ class RayRestoreJob:
     dist_timeout: float = 300.0
     summary_path: str | None = None
     progress: bool = True
+    connect_timeout: float = 30.0
 
     # ---------------------------------------------------------------- preparation (no Ray)
     def prepare(self):
-        from .imageio import ensure_writable_dir
+        """Check everything that can be checked without Ray; writes nothing (OUT is not created)."""
+        from .imageio import check_dir_creatable
         from .restore import check_settings
         if self.images_per_batch < 1:
             raise DeqirError("--images-per-batch must be at least 1")
@@ -535,6 +545,16 @@ class RayRestoreJob:
             raise DeqirError("--max-retries must be >= 0")
         if self.batch_restore not in ("auto", "on", "off"):
             raise DeqirError("--batch-restore must be auto, on or off")
+        if not self.connect_timeout > 0:
+            raise DeqirError(f"--connect-timeout must be positive, got {self.connect_timeout!r}")
+        if not self.dist_timeout > 0:
+            raise DeqirError(f"--dist-timeout must be positive, got {self.dist_timeout!r}")
+        self.device = _check_device(self.device)
+        if self.device == "cuda" and self.address in (None, "", "local"):
+            import torch
+            if not torch.cuda.is_available():
+                raise DeqirError("--device cuda, but this machine has no usable CUDA GPU "
+                                 f"(torch {torch.__version__}); use --device cpu")
         settings = {k: v for k, v in self.restore_kw.items() if k != "profile"}
         if settings.get("solver") == "auto":
             # every worker must choose the same solver (a retried image must be identical): the
@@ -556,9 +576,12 @@ class RayRestoreJob:
         entries, not_images = read_input(inp)
         out = Path(self.out)
         _check_out(inp, out, entries)
-        ensure_writable_dir(out)
+        check_dir_creatable(out)
         summary_path = Path(self.summary_path) if self.summary_path else out / SUMMARY_NAME
-        ensure_writable_dir(summary_path.parent)
+        check_dir_creatable(summary_path.parent)
+        # the model and its checkpoint (names, file header, keys and shapes; no pickled code is
+        # run), so that a bad --checkpoint fails here and not in every worker after Ray started
+        _check_model(self.model, self.checkpoint, local=self.address in (None, "", "local"))
         return entries, not_images, out, summary_path
 
     def _entry_config(self, entry: InputEntry, base: dict, mask_cache: dict):
@@ -572,10 +595,10 @@ class RayRestoreJob:
             if isinstance(mask, str) and Path(mask).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
                 mp = Path(mask) if Path(mask).is_absolute() else Path(self.input).parent / mask
                 if str(mp) not in mask_cache:
-                    mask_cache[str(mp)] = _operator_params(argparse.Namespace(mask=str(mp)))["mask"]
+                    mask_cache[str(mp)] = _operator_params(argparse.Namespace(task=self.task, mask=str(mp)))["mask"]
                 flags["mask"] = mask_cache[str(mp)]
             mask_val = flags.pop("mask", None)
-            params.update(_operator_params(argparse.Namespace(**flags)))
+            params.update(_operator_params(argparse.Namespace(task=self.task, **flags)))
             if mask_val is not None:
                 params["mask"] = mask_val
             if "sigma_y" in entry.params:
@@ -585,6 +608,7 @@ class RayRestoreJob:
 
     # ---------------------------------------------------------------- run
     def run(self) -> dict:
+        """Check, start Ray and the workers, and only then create the output (see ``_Output``)."""
         t_start = time.perf_counter()
         entries, not_images, out, summary_path = self.prepare()
         base = {**_model_identity(self.model, self.checkpoint), "task": self.task,
@@ -603,21 +627,34 @@ class RayRestoreJob:
                 done_before += 1
                 continue
             todo.append((e, params, sigma_y, h))
-        log = _ResultsLog(results_path)
         stats = {"ok": 0, "failed": 0, "written": 0, "worker_restarts": 0, "retried_batches": 0}
         records: list[dict] = []
+        startup = 0.0
+        session = self._start(todo) if todo else None    # Ray + workers: fails before OUT exists
+        output = _Output()
         try:
-            skipped_logged = _skipped_ids(results_path)
-            for f in not_images:
-                if f.name not in skipped_logged:
-                    log.append({"id": f.name, "status": "skipped", "error": "not an image or measurement file",
-                                "input": str(f)})
-            startup = 0.0
-            if todo:
-                startup = self._run_ray(todo, out, log, stats, records)
+            output.make_dir(out)
+            output.make_dir(summary_path.parent)
+            log = output.open_log(results_path)
+            try:
+                skipped_logged = _skipped_ids(results_path)
+                for f in not_images:
+                    if f.name not in skipped_logged:
+                        log.append({"id": f.name, "status": "skipped", "error": "not an image or measurement file",
+                                    "input": str(f)})
+                if session is not None:
+                    startup = session.startup
+                    self._run_pool(session, todo, out, log, stats, records)
+            finally:
+                log.close()
+            log.compact()
+        except BaseException:
+            if stats["written"] == 0:          # nothing restored: leave nothing behind
+                output.remove()
+            raise
         finally:
-            log.close()
-        log.compact()
+            if session is not None:
+                session.close()
         wall = time.perf_counter() - t_start
         processed = stats["ok"] + stats["failed"]
         summary = {
@@ -646,63 +683,272 @@ class RayRestoreJob:
 
     # ---------------------------------------------------------------- Ray
     def _connect(self):
-        import ray
-        if ray.is_initialized():
-            return False
-        kw = dict(include_dashboard=False, log_to_driver=False)
-        address = "local" if self.address in (None, "", "local") else self.address
-        try:
-            ray.init(address=address, **kw)
-        except Exception as e:           # ConnectionError, RuntimeError, ValueError from ray.init
-            raise DeqirError(f"cannot start or join Ray at --address {address}: {_one_line(e)[:300]}") from None
-        return True
+        """Start or join Ray; True when this call started it (and so must shut it down).
 
-    def _run_ray(self, todo, out: Path, log: _ResultsLog, stats: dict, records: list) -> float:
+        A cluster address is first probed with a plain TCP connection (an unreachable one fails
+        at once), and Ray's own wait for its GCS is bounded by ``connect_timeout`` (without the
+        bound, ray.init retries an unreachable GCS for minutes)."""
+        address = "local" if self.address in (None, "", "local") else str(self.address)
+        if address != "local":
+            _probe_address(address, self.connect_timeout)
+        bounded = address != "local" and "ray" not in sys.modules
+        saved = _bound_gcs_wait(self.connect_timeout) if address != "local" else {}
         try:
             import ray
-        except ImportError as e:
-            raise DeqirError("ray-restore needs Ray: pip install 'deqir-dist[ray]'") from e
-        t0 = time.perf_counter()
-        started = self._connect()
-        pool = None
-        try:
-            pool = _Pool(self, ray)
-            batches = [_Batch(i, todo[s:s + self.images_per_batch])
-                       for i, s in enumerate(range(0, len(todo), self.images_per_batch))]
-            pool.start(min(pool.n_workers, len(batches)))
-            startup = time.perf_counter() - t0
-            self._n_workers = len(pool.workers)
-            bar = None
-            if self.progress:
-                from tqdm.auto import tqdm
-                bar = tqdm(total=len(todo), desc="ray-restore", unit="img")
+            if ray.is_initialized():
+                return False
+            kw = dict(include_dashboard=False, log_to_driver=False)
+            try:
+                ray.init(address=address, **kw)
+            except Exception as e:           # ConnectionError, RuntimeError, ValueError from ray.init
+                hint = f" within {self.connect_timeout:g} s" if bounded else ""
+                raise DeqirError(f"cannot start or join Ray at --address {address}{hint}: "
+                                 f"{_one_line(e)[:300]}") from None
+            return True
+        finally:
+            _restore_env(saved)
 
-            def on_record(rec: dict, png: bytes | None):
-                if png is not None:
-                    path = out / f"{rec['id']}.png"
-                    try:
-                        _write_bytes(path, png)
-                        rec["output"] = str(path)
-                        stats["written"] += 1
-                    except DeqirError as e:
-                        rec.update(status="failed", error=str(e))
-                rec.setdefault("output", None)
-                log.append(rec)
-                records.append(rec)
-                stats[rec["status"]] = stats.get(rec["status"], 0) + 1
-                if bar is not None:
-                    bar.update(1)
-            pool.run(batches, on_record)
+    def _start(self, todo) -> "_Session":
+        """Connect, size the pool against the cluster and start the workers (writes nothing)."""
+        import importlib.util
+        if "ray" not in sys.modules and importlib.util.find_spec("ray") is None:
+            raise DeqirError("ray-restore needs Ray: pip install 'deqir-dist[ray]'")
+        t0 = time.perf_counter()
+        started = self._connect()            # imports Ray (after bounding its connection waits)
+        import ray
+        session = _Session(ray, started)
+        try:
+            session.pool = _Pool(self, ray)
+            session.batches = [_Batch(i, todo[s:s + self.images_per_batch])
+                               for i, s in enumerate(range(0, len(todo), self.images_per_batch))]
+            session.pool.start(min(session.pool.n_workers, len(session.batches)))
+        except BaseException:
+            session.close()
+            raise
+        session.startup = time.perf_counter() - t0
+        self._n_workers = len(session.pool.workers)
+        return session
+
+    def _run_pool(self, session: "_Session", todo, out: Path, log: _ResultsLog, stats: dict,
+                  records: list) -> None:
+        pool = session.pool
+        bar = None
+        if self.progress:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(todo), desc="ray-restore", unit="img")
+
+        def on_record(rec: dict, png: bytes | None):
+            if png is not None:
+                path = out / f"{rec['id']}.png"
+                try:
+                    _write_bytes(path, png)
+                    rec["output"] = str(path)
+                    stats["written"] += 1
+                except DeqirError as e:
+                    rec.update(status="failed", error=str(e))
+            rec.setdefault("output", None)
+            log.append(rec)
+            records.append(rec)
+            stats[rec["status"]] = stats.get(rec["status"], 0) + 1
+            if bar is not None:
+                bar.update(1)
+        try:
+            pool.run(session.batches, on_record)
+        finally:
             stats["worker_restarts"] = pool.restarts
             stats["retried_batches"] = pool.retried
             if bar is not None:
                 bar.close()
-            return startup
+
+
+@dataclass
+class _Session:
+    """Ray (started here or joined) and the started pool; ``close`` shuts both down."""
+
+    ray: object
+    started: bool
+    pool: object = None
+    batches: list = field(default_factory=list)
+    startup: float = 0.0
+
+    def close(self) -> None:
+        try:
+            if self.pool is not None:
+                self.pool.shutdown()
         finally:
-            if pool is not None:
-                pool.shutdown()
-            if started:
-                ray.shutdown()
+            self.pool = None
+            if self.started:
+                self.started = False
+                self.ray.shutdown()
+
+
+class _Output:
+    """The folders and results file a run creates, so that a run that restored nothing can remove
+    them again (folders only while empty; files that existed before are never removed)."""
+
+    def __init__(self):
+        self.dirs: list[Path] = []
+        self.files: list[Path] = []
+
+    def make_dir(self, d: Path) -> None:
+        from .imageio import ensure_writable_dir
+        missing = []
+        p = Path(d)
+        while not p.exists() and not p.is_symlink() and p != p.parent:
+            missing.append(p)
+            p = p.parent
+        try:
+            ensure_writable_dir(d)
+        finally:
+            self.dirs.extend(m for m in reversed(missing) if m.is_dir())    # outermost first
+
+    def open_log(self, path: Path) -> _ResultsLog:
+        existed = path.exists()
+        try:
+            log = _ResultsLog(path)
+        except OSError as e:
+            raise DeqirError(f"cannot write {path}: {_one_line(e)}") from None
+        if not existed:
+            self.files.append(path)
+        return log
+
+    def remove(self) -> None:
+        for f in self.files:
+            try:
+                f.unlink()
+            except OSError:
+                pass
+        for d in reversed(self.dirs):
+            try:
+                d.rmdir()                            # only if empty
+            except OSError:
+                pass
+        self.files, self.dirs = [], []
+
+
+def _check_device(device) -> str | None:
+    """None, "cpu" or "cuda" (any "cuda:N" becomes "cuda": Ray gives each rank its own GPU as cuda:0)."""
+    if device in (None, ""):
+        return None
+    import torch
+    try:
+        dev = torch.device(str(device))
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise DeqirError(f"--device must be cpu or cuda for ray-restore, got {device!r}")
+    return dev.type
+
+
+def _check_model(model: str | None, checkpoint: str | None, local: bool = True) -> None:
+    """The checks ``load_denoiser`` makes, without building big models or reading their weights:
+    known names, and for checkpoint files the header, keys and shapes (torch files are read with
+    ``weights_only=True``, memory-mapped when they are zip archives; safetensors by header only).
+    For a cluster (``local`` False) a checkpoint path this machine does not have is left to the
+    workers, which may see a file system the driver does not."""
+    from .models.loading import ARCHITECTURES, PRESETS
+    from .models.registry import MODEL_NAMES, _looks_like_path
+    if checkpoint is not None:
+        checkpoint = os.fspath(checkpoint)
+    name = "builtin" if model is None and checkpoint is None else model
+    if name == "builtin":
+        from .models import load_denoiser
+        load_denoiser("builtin", checkpoint=checkpoint)     # a few MB: checks the shipped file
+        return
+    if name in (None, "analytic"):
+        if checkpoint is not None:
+            _check_checkpoint(checkpoint, None, local)
+        return
+    if name in PRESETS or name in ARCHITECTURES:
+        if checkpoint is not None:
+            _check_checkpoint(checkpoint, name, local)
+        elif name in ARCHITECTURES:
+            raise DeqirError(f"model {name!r} needs a checkpoint (ray-restore passes no config)")
+        return
+    if _looks_like_path(name):
+        if checkpoint is not None and os.path.abspath(checkpoint) != os.path.abspath(name):
+            raise DeqirError(f"two checkpoint files given ({name} and {checkpoint}); give one")
+        _check_checkpoint(name, None, local)
+        return
+    raise DeqirError(f"unknown model {name!r}; choose from {', '.join(MODEL_NAMES)}, or give a checkpoint file")
+
+
+def _check_checkpoint(path: str, name: str | None, local: bool = True) -> None:
+    """``models.loading.check_checkpoint``; on a cluster (``local`` False) a path this machine does
+    not have is left to the workers, which may see a file system the driver does not."""
+    from .models.loading import check_checkpoint
+    if not local and not Path(path).exists():
+        return
+    check_checkpoint(path, name)
+
+
+def _split_address(address: str) -> tuple[str, int] | None:
+    """(host, port) of ``HOST:PORT`` / ``ray://HOST:PORT`` / ``[v6]:PORT``; None for other forms."""
+    a = address
+    for scheme in ("ray://", "http://", "https://"):
+        if a.startswith(scheme):
+            a = a[len(scheme):]
+            break
+    else:
+        if "://" in a:
+            return None
+    a = a.split("/", 1)[0]
+    host, sep, port = a.rpartition(":")
+    if not sep or not host or not port.isdigit():
+        return None
+    host = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    return host, int(port)
+
+
+def _probe_address(address: str, timeout_s: float) -> None:
+    """A TCP connection to HOST:PORT: an address nothing listens on fails in one line, at once."""
+    hp = _split_address(address)
+    if hp is None:
+        return
+    host, port = hp
+    if not 0 < port < 65536:
+        raise DeqirError(f"--address {address}: port {port} is out of range")
+    try:
+        with socket.create_connection((host, port), timeout=min(timeout_s, 10.0)):
+            pass
+    except OSError as e:
+        why = e.strerror or type(e).__name__
+        if isinstance(e, socket.timeout):
+            why = f"no answer within {min(timeout_s, 10.0):g} s"
+        raise DeqirError(f"cannot reach Ray at --address {address}: {why} (is the cluster running? "
+                         "'ray start --head' starts one; --address local starts a private one)") from None
+
+
+# Ray's waits for an unreachable GCS: each connection attempt waits for the GCS RPC channel
+# (twice: GCS and pubsub) and then for the cluster id; ray.init makes up to 20 attempts.
+_GCS_ENV = ("RAY_gcs_rpc_server_connect_timeout_s", "RAY_py_gcs_connect_timeout_s", "RAY_gcs_server_port_wait_time_s")
+
+
+def _bound_gcs_wait(timeout_s: float) -> dict:
+    """Bound ray.init's wait for a cluster's GCS to about ``timeout_s`` seconds: one attempt
+    (``RAY_gcs_server_port_wait_time_s``, read by ray.init) of at most ``timeout_s`` (the
+    ``RAY_*connect_timeout_s`` settings, read when Ray is imported, so they apply when Ray is not
+    imported yet). Variables the user set are kept. Returns the previous values for ``_restore_env``."""
+    t = max(1, int(math.ceil(timeout_s)))
+    rpc = max(1, t // 5)
+    want = {"RAY_gcs_server_port_wait_time_s": "1"}
+    if "ray" not in sys.modules:
+        want["RAY_gcs_rpc_server_connect_timeout_s"] = str(rpc)
+        want["RAY_py_gcs_connect_timeout_s"] = str(max(1, t - 2 * rpc))
+    saved = {}
+    for k, v in want.items():
+        if k not in os.environ:
+            saved[k] = None
+            os.environ[k] = v
+    return saved
+
+
+def _restore_env(saved: dict) -> None:
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
 
 
 def _skipped_ids(path: Path) -> set:
@@ -730,16 +976,14 @@ class _Pool:
         self.job, self.ray = job, ray
         res = ray.cluster_resources()
         gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 0))
-        dev = job.device or ("cuda" if gpus > 0 else "cpu")
-        if dev.startswith("cuda"):
-            dev = "cuda"                     # Ray assigns the GPUs: every rank sees its own as cuda:0
-        elif dev != "cpu":
-            raise DeqirError(f"--device must be cpu or cuda for ray-restore, got {dev!r}")
+        local = job.address in (None, "", "local")
+        dev = _check_device(job.device) or ("cuda" if gpus > 0 else "cpu")   # cuda:N -> cuda (Ray assigns GPUs)
+        if dev == "cuda" and gpus <= 0 and local:
+            raise DeqirError(f"--device cuda, but this machine's Ray has no GPUs ({cpus:g} CPUs); use --device cpu")
         self.device = dev
         P, c = job.gpus_per_worker, job.cpus_per_worker
         self.bundle = {"CPU": c, **({"GPU": 1} if dev == "cuda" else {})}
         fit = int(gpus // P) if dev == "cuda" else int(cpus // (c * P))
-        local = job.address in (None, "", "local")
         if job.workers is None:
             if fit < 1:
                 raise DeqirError(f"the cluster ({cpus:g} CPUs, {gpus:g} GPUs) cannot hold one worker of "
@@ -982,6 +1226,9 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--max-retries", type=int, default=2, help="reruns of a batch whose worker died (default 2)")
     g.add_argument("--dist-timeout", type=float, default=300.0,
                    help="seconds a gang's collective may wait before the gang is replaced (default 300)")
+    g.add_argument("--connect-timeout", type=float, default=30.0,
+                   help="seconds to wait for the cluster at --address HOST:PORT / auto before giving up "
+                        "(default 30)")
     _add_task_flags(p)
     _add_sampler_flags(p)
 
@@ -994,7 +1241,8 @@ def job_from_args(args) -> RayRestoreJob:
         from_clean=args.from_clean, bits=args.bits, device=args.device, address=args.address,
         workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
         images_per_batch=args.images_per_batch, batch_restore=args.batch_restore, max_retries=args.max_retries,
-        dist_timeout=args.dist_timeout, summary_path=args.json, progress=not args.no_progress)
+        dist_timeout=args.dist_timeout, summary_path=args.json, progress=not args.no_progress,
+        connect_timeout=getattr(args, "connect_timeout", 30.0))
 
 
 def cmd_ray_restore(args) -> int:

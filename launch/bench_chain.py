@@ -12,9 +12,13 @@ with every rank idle (the transfer cost without waiting for the slowest rank); `
 rank's peak memory: CUDA memory allocated during the solve on a GPU, the process's peak resident
 set on CPU (model and Python included, the maximum so far: run the larger N last). Rank 0 prints
 the table; JSON with --json.
+
+Bad arguments fail before any work with one line per rank (``bench_chain: error: ...``, exit
+status 2): the arguments before joining the process group, the model, the JSON path (rank 0) and
+the world size after, with every rank agreeing (one all_reduce) so that none waits for a rank
+that stopped.
 """
 import argparse
-import json
 import platform
 import resource
 import sys
@@ -24,7 +28,8 @@ import torch
 import torch.distributed as dist
 
 from deqir_dist import make_operator, restore
-from deqir_dist.distributed import init_distributed
+from deqir_dist.distributed import DEFAULT_TIMEOUT_S, init_distributed
+from deqir_dist.errors import DeqirError
 from deqir_dist.metrics import psnr
 from deqir_dist.models import GaussianMixtureDenoiser, load_denoiser
 
@@ -62,18 +67,41 @@ def idle_comm_ms(images: int, shape, steps: int, frozen: bool, device, reps: int
     return 1e3 * (time.perf_counter() - t0) / reps
 
 
-def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, nargs="+", default=[25, 50, 100])
-    ap.add_argument("--model", default="analytic", help="analytic (default) or builtin, or a checkpoint")
-    ap.add_argument("--size", type=int, default=32)
-    ap.add_argument("--images", type=int, default=1)
-    ap.add_argument("--solver", default="picard", choices=("picard", "anderson"))
-    ap.add_argument("--window", type=int, help="picard: rows of the sliding window (0: every row every sweep)")
-    ap.add_argument("--json")
-    args = ap.parse_args(argv)
-    device = init_distributed()
-    rank, world = dist.get_rank(), dist.get_world_size()
+PROG = "bench_chain"
+
+
+def check_args(args) -> None:
+    """The arguments alone (before joining the process group): DeqirError on a bad one."""
+    from deqir_dist.restore import check_settings
+    if not args.steps:
+        raise DeqirError("--steps needs at least one number of steps")
+    for key in ("size", "images"):
+        v = getattr(args, key)
+        if v < 1:
+            raise DeqirError(f"--{key} must be a positive integer, got {v}")
+    if args.dist_timeout is None or not args.dist_timeout > 0:
+        raise DeqirError(f"--dist-timeout must be positive, got {args.dist_timeout}")
+    if args.size % 2:
+        raise DeqirError(f"--size must be even (the task is sr_avgpool x2), got {args.size}")
+    extra = {} if args.window is None else {"window": args.window}
+    for steps in args.steps:
+        try:
+            check_settings(steps, args.solver, **extra)
+        except DeqirError as e:
+            raise DeqirError(f"--steps {steps}: {e}") from None
+
+
+def _prepare(args, rank: int, world: int, device):
+    """Per rank: the model, the images; rank 0 also checks the JSON path. DeqirError on a bad one."""
+    if world > min(args.steps):
+        raise DeqirError(f"{world} ranks for a chain of {min(args.steps)} rows (--steps {min(args.steps)}): "
+                         "use at most one rank per row")
+    if rank == 0 and args.json:
+        from deqir_dist.imageio import ensure_writable_dir
+        from pathlib import Path
+        if Path(args.json).is_dir():
+            raise DeqirError(f"--json {args.json} is a folder; give a file name")
+        ensure_writable_dir(Path(args.json).parent)
     model = load_denoiser(args.model, device=device)
     shape = (3, args.size, args.size)
     g = torch.Generator().manual_seed(0)
@@ -85,6 +113,63 @@ def main(argv=None):
         clean = builtin_bench_images(args.images, args.size)
     else:
         clean = torch.rand((args.images, *shape), generator=g) * 2 - 1
+    return model, shape, g, op, clean
+
+
+def _agree(fn, rank: int, world: int, device):
+    """Run ``fn`` on every rank and agree (one all_reduce) on whether every rank succeeded: a rank
+    whose ``fn`` failed re-raises its error, the others raise one naming it; no rank is left
+    waiting in a collective for one that stopped."""
+    err, out = None, None
+    try:
+        out = fn()
+    except DeqirError as e:
+        err = e
+    flags = torch.zeros(world, device=device if dist.get_backend() == "nccl" else "cpu")
+    flags[rank] = 0.0 if err is None else 1.0
+    dist.all_reduce(flags)
+    if err is not None:
+        raise err
+    bad = [r for r, v in enumerate(flags.tolist()) if v > 0]
+    if bad:
+        raise DeqirError(f"rank {', '.join(map(str, bad))} failed to prepare (see its error); stopping")
+    return out
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, nargs="+", default=[25, 50, 100])
+    ap.add_argument("--model", default="analytic", help="analytic (default) or builtin, or a checkpoint")
+    ap.add_argument("--size", type=int, default=32)
+    ap.add_argument("--images", type=int, default=1)
+    ap.add_argument("--solver", default="picard", choices=("picard", "anderson"))
+    ap.add_argument("--window", type=int, help="picard: rows of the sliding window (0: every row every sweep)")
+    ap.add_argument("--dist-timeout", type=float, default=DEFAULT_TIMEOUT_S,
+                    help=f"seconds any collective may wait for another rank (default {DEFAULT_TIMEOUT_S:g})")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    rank = None
+    try:
+        check_args(args)
+        device = init_distributed(timeout_s=args.dist_timeout)
+        rank, world = dist.get_rank(), dist.get_world_size()
+        return _run(args, rank, world, device)
+    except DeqirError as e:
+        where = "" if rank is None else f"rank {rank}: "
+        line = " ".join(f"{PROG}: error: {where}{e}".split())
+        sys.stderr.write(line + "\n")           # one write: the ranks share the terminal
+        sys.stderr.flush()
+        return 2
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def _run(args, rank: int, world: int, device) -> int:
+    model, shape, g, op, clean = _agree(lambda: _prepare(args, rank, world, device), rank, world, device)
     extra = {} if args.window is None else {"window": args.window}
     y = op.A(clean)
     xi = torch.randn((args.images, *shape), generator=g)
@@ -132,13 +217,12 @@ def main(argv=None):
         for r in rows:
             print(" ".join(f"{r[c]!s:>12}" for c in cols))
         if args.json:
-            with open(args.json, "w") as f:
-                json.dump({"solver": args.solver, "window": args.window, "image_shape": list(shape),
-                           "images": args.images,
-                           "model": args.model, "task": "sr_avgpool x2", "torch": torch.__version__,
-                           "machine": platform.machine(), "backend": dist.get_backend(),
-                           "threads_per_rank": torch.get_num_threads(), "rows": rows}, f, indent=2)
-    dist.destroy_process_group()
+            from deqir_dist.jobs import write_json
+            write_json(args.json, {"solver": args.solver, "window": args.window, "image_shape": list(shape),
+                                   "images": args.images,
+                                   "model": args.model, "task": "sr_avgpool x2", "torch": torch.__version__,
+                                   "machine": platform.machine(), "backend": dist.get_backend(),
+                                   "threads_per_rank": torch.get_num_threads(), "rows": rows})
     return 0
 
 

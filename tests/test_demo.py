@@ -84,3 +84,33 @@ def test_builtin_bench_images():
     assert not torch.equal(x[0], x[2])           # the ring of offsets gives new crops
     with pytest.raises(DeqirError, match="multiple of 4"):
         builtin_bench_images(2, 30)
+
+
+def test_demo_bad_flags_fail_before_any_work(tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    threads = torch.get_num_threads()
+    base = ["demo", "--size", "16", "--steps", "2", "--tasks", "colorize", "--images", "coffee", "--no-progress",
+            "--no-inversion"]
+    cases = [(["--threads", "-1"], "--threads must be a positive integer"),
+             (["--threads", "0"], "--threads must be a positive integer"),
+             (["--device", "nosuch"], "unknown device"),
+             (["--json", str(tmp_path / "afile" / "m.json")], "not a directory"),
+             (["--json", str(tmp_path)], "is a folder"),
+             (["--warm-start", "-1"], "warm_start")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "sees no CUDA device"))
+    for i, (extra, match) in enumerate(cases):
+        out = tmp_path / f"out{i}"
+        assert main([*base, "-o", str(out), *extra]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("deqir: error: ") and err.count("\n") == 1 and match in err, err
+        assert not out.exists(), extra
+    assert torch.get_num_threads() == threads
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_demo_json_in_a_missing_folder_is_created(tmp_path, capsys):
+    target = tmp_path / "new" / "sub" / "m.json"
+    assert main(["demo", "-o", str(tmp_path / "d"), "--size", "16", "--steps", "2", "--tasks", "colorize",
+                 "--images", "coffee", "--no-progress", "--no-inversion", "--threads", "1", "--json", str(target)]) == 0
+    assert json.loads(target.read_text())["table"][0]["task"] == "colorize"

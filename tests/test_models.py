@@ -588,6 +588,27 @@ def test_state_dict_mismatch_lists_keys(tmp_path):
         load_denoiser("adm-256-uncond", checkpoint=str(tmp_path / "small.pt"))
 
 
+def test_check_checkpoint_agrees_with_loading_without_reading_weights(tmp_path):
+    from safetensors.torch import save_file
+
+    from deqir_dist.models.loading import check_checkpoint, load_checkpoint
+    good_st, good_pt = tmp_path / "good.safetensors", tmp_path / "good.pt"
+    save_denoiser(small_ddpm(), good_st)
+    torch.save(small_ddpm().state_dict(), good_pt)
+    sd = dict(small_ddpm().state_dict())
+    sd["conv_out.weight"] = torch.zeros(3, 32, 1, 1)
+    save_file(sd, tmp_path / "bad.safetensors")
+    check_checkpoint(good_st)
+    check_checkpoint(good_pt, "ddpm", config=SMALL_DDPM)
+    for path, name, cfg in ((tmp_path / "bad.safetensors", "ddpm", SMALL_DDPM), (good_pt, "adm-256-uncond", None),
+                            (good_pt, "sdedit-celeba-hq", None)):
+        with pytest.raises(DeqirError) as loaded:
+            load_checkpoint(path, name, cfg)
+        with pytest.raises(DeqirError) as checked:
+            check_checkpoint(path, name, cfg)
+        assert str(checked.value) == str(loaded.value)
+
+
 # ----------------------------------------------------------------------------- CUDA graph wrapper, CLI
 
 def test_cuda_graph_wrapper_on_cpu():

@@ -170,3 +170,76 @@ def test_inpaint_baselines():
     rnd = make_operator("inpaint", (3, h, w), mask="random")
     name, est = best_baseline(rnd, rnd.A(ramp), ramp)
     assert name == "harmonic" and float(psnr(est, ramp)) > 40
+
+
+# ----------------------------------------------------------------------------- train-prior: failing early
+
+_TINY_CLI = ["--steps", "2", "--batch", "1", "--crops", "16", "--ch-mult", "1,2", "--train-images", "rocket",
+             "--heldout-images", "coffee", "--val-crops", "1", "--no-restore-eval", "--no-progress"]
+
+
+def test_train_prior_checks_settings_and_outputs_before_training(tmp_path, capsys, monkeypatch):
+    from deqir_dist import prior
+
+    def no_training(*a, **k):
+        raise AssertionError("trained despite a bad setting")
+    monkeypatch.setattr(prior, "train_prior", no_training)
+    (tmp_path / "afile").write_text("x")
+    out = tmp_path / "w" / "x.safetensors"
+    cases = [(["--card", tmp_path / "afile" / "c.json"], "not a directory"),
+             (["--log", tmp_path / "afile" / "l.csv"], "not a directory"),
+             (["--card", out], "same file"),
+             (["--log", tmp_path], "is a folder"),
+             (["--device", "nosuch"], "unknown device"),
+             (["--threads", "0"], "--threads must be a positive integer"),
+             (["--threads", "-1"], "--threads must be a positive integer"),
+             (["--time-limit", "-1"], "--time-limit must be a positive"),
+             (["--time-limit", "0"], "--time-limit must be a positive"),
+             (["--warmup", "-5"], "--warmup must be >= 0")]
+    if not torch.cuda.is_available():
+        cases.append((["--device", "cuda"], "sees no CUDA device"))
+    for extra, match in cases:
+        assert prior.main(["train-prior", "-o", str(out), *_TINY_CLI, *map(str, extra)]) == 2, extra
+        err = capsys.readouterr().err
+        assert err.startswith("deqir: error: ") and err.count("\n") == 1 and match in err, err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]      # not even the folder of -o
+
+
+def test_train_prior_log_in_a_missing_folder(tmp_path, capsys):
+    pytest.importorskip("skimage")
+    from deqir_dist.prior import main
+    out, log = tmp_path / "p.safetensors", tmp_path / "logs" / "run1" / "l.csv"
+    assert main(["train-prior", "-o", str(out), "--log", str(log), "--threads", "1", *_TINY_CLI]) == 0
+    assert out.is_file() and (tmp_path / "p.json").is_file() and log.read_text().count("\n") == 3
+    assert not [p for p in tmp_path.rglob(".*")]                        # no temp files left
+
+
+def test_weights_and_card_appear_together_or_not_at_all(tmp_path, monkeypatch):
+    pytest.importorskip("skimage")
+    import os
+
+    from deqir_dist.prior import train_prior, write_prior
+    result = train_prior(_tiny_cfg(steps=1, val_every=0), progress=False)
+    real_replace = os.replace
+
+    def failing_replace(src, dst):                  # the card's final rename fails
+        if str(src).endswith(".tmp") and str(dst).endswith(".json"):
+            raise OSError(28, "No space left on device")
+        return real_replace(src, dst)
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(DeqirError, match="cannot write .*c.json"):
+        write_prior(result, tmp_path / "p.safetensors", tmp_path / "cards" / "c.json")
+    assert sorted(p.name for p in tmp_path.iterdir()) == []             # no weights, card, folder or temp file
+    monkeypatch.setattr(os, "replace", real_replace)
+    w, c = write_prior(result, tmp_path / "p.safetensors", tmp_path / "cards" / "c.json")
+    card = json.loads(c.read_text())
+    assert card["weights"]["sha256"] == _sha(w) and card["weights"]["bytes"] == w.stat().st_size
+    # a failed rewrite leaves the earlier pair as it was
+    before = {p: p.read_bytes() for p in (w, c)}
+    other = train_prior(_tiny_cfg(steps=1, val_every=0, seed=3), progress=False)
+    monkeypatch.setattr(os, "replace", failing_replace)
+    with pytest.raises(DeqirError):
+        write_prior(other, w, c)
+    monkeypatch.setattr(os, "replace", real_replace)
+    assert {p: p.read_bytes() for p in (w, c)} == before
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["c.json", "cards", "p.safetensors"]

@@ -269,3 +269,118 @@ def test_worker_records_corrupt_nan_and_wrong_size_in_process(tmp_path):
     w2 = RestoreWorker({**spec, "task": "cs_wht", "from_clean": False})
     rec = w2.restore_batch([item("nan", (tmp_path / "nan.pt").read_bytes(), suffix=".pt", op_params={})])[0]
     assert rec["status"] == "failed" and "NaN" in rec["error"]
+
+
+# ------------------------------------------------------------------------------------ failing early
+
+
+def _closed_port() -> tuple:
+    """A bound, never-listening socket: connecting to its port is refused."""
+    import socket
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s, s.getsockname()[1]
+
+
+def _cli(args, timeout):
+    """``deqir ray-restore ...`` in a fresh process (Ray not imported yet, as from the shell)."""
+    import os
+    import subprocess
+    import sys
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
+           "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    return subprocess.run([sys.executable, "-m", "deqir_dist.cli", "ray-restore", *map(str, args)],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+def test_unreachable_address_fails_at_once_and_writes_nothing(tmp_path):
+    import time
+    data = _photos(tmp_path / "data", 1)
+    sock, port = _closed_port()
+    with sock:
+        t0 = time.perf_counter()
+        r = _cli([data, "-o", tmp_path / "out", "--address", f"127.0.0.1:{port}", *SR2, *FAST], timeout=60)
+        took = time.perf_counter() - t0
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert lines[-1].startswith("deqir: error: cannot reach Ray") and f"127.0.0.1:{port}" in lines[-1]
+    assert "Traceback" not in r.stderr and took < 30
+    assert not (tmp_path / "out").exists()
+
+
+def test_silent_address_is_bounded_by_connect_timeout(tmp_path):
+    """A port that accepts TCP but never speaks: ray.init would retry for minutes without a bound."""
+    import socket
+    import time
+    data = _photos(tmp_path / "data", 1)
+    with socket.socket() as srv:
+        srv.bind(("127.0.0.1", 0))
+        srv.listen(64)
+        port = srv.getsockname()[1]
+        t0 = time.perf_counter()
+        r = _cli([data, "-o", tmp_path / "out", "--address", f"127.0.0.1:{port}", "--connect-timeout", "2",
+                  *SR2, *FAST], timeout=60)
+        took = time.perf_counter() - t0
+    assert r.returncode == 2, r.stderr[-2000:]
+    last = [ln for ln in r.stderr.splitlines() if ln.strip()][-1]
+    assert last.startswith("deqir: error: cannot start or join Ray") and f"127.0.0.1:{port}" in last
+    assert took < 30 and not (tmp_path / "out").exists()
+
+
+def test_bad_device_model_or_checkpoint_fail_before_ray_and_write_nothing(tmp_path, capsys):
+    data = _photos(tmp_path / "data", 1)
+    out = tmp_path / "out"
+    base = [data, "-o", out, *SR2, "--steps", "4", "--no-progress"]
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    (tmp_path / "junk.safetensors").write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    from safetensors.torch import save_file
+    save_file({"conv_in.weight": torch.zeros(2, 3, 3, 3)}, str(tmp_path / "odd.safetensors"))
+    cases = [
+        (["--model", "analytic", "--device", "nosuch"], "--device must be cpu or cuda"),
+        (["--model", "analytic", "--device", "cuda"] if not torch.cuda.is_available() else
+         ["--model", "analytic", "--device", "mps"], "--device"),
+        (["--model", "nosuch"], "unknown model 'nosuch'"),
+        (["--checkpoint", tmp_path / "missing.pt"], "checkpoint file not found"),
+        (["--checkpoint", tmp_path / "junk.pt"], "junk.pt"),
+        (["--checkpoint", tmp_path / "junk.safetensors"], "corrupt safetensors"),
+        (["--model", "sdedit-celeba-hq", "--checkpoint", tmp_path / "odd.safetensors"], "unrecognised checkpoint"),
+        (["--model", "analytic", "--connect-timeout", "0"], "--connect-timeout must be positive"),
+    ]
+    for extra, match in cases:
+        _fails(capsys, [*base, *extra], match)
+        assert not out.exists(), extra
+
+
+def test_too_many_workers_leaves_no_output(ray_session, tmp_path, capsys):
+    data = _photos(tmp_path / "data", 2)
+    out = tmp_path / "sub" / "out"
+    _fails(capsys, [data, "-o", out, *SR2, *FAST, "--workers", "5"], "need more than")
+    assert not (tmp_path / "sub").exists()
+
+
+def test_failure_after_output_was_created_removes_it(tmp_path, monkeypatch, capsys):
+    """Nothing restored: the run removes what it created, and only that."""
+    from deqir_dist import ray_pipeline as rp
+
+    class Pool:
+        restarts = retried = 0
+
+        def run(self, batches, on_record):
+            assert (out / "results.jsonl").is_file()             # the output exists by now
+            raise DeqirError("no worker left; rerun the same command to resume")
+
+    class Session:
+        startup, batches, pool = 0.0, [], Pool()
+
+        def close(self):
+            pass
+    monkeypatch.setattr(rp.RayRestoreJob, "_start", lambda self, todo: Session())
+    data = _photos(tmp_path / "data", 2)
+    out = tmp_path / "new" / "out"
+    _fails(capsys, [data, "-o", out, *SR2, *FAST], "no worker left")
+    assert not (tmp_path / "new").exists()
+    out = tmp_path / "old"                                       # an earlier run's files stay
+    out.mkdir()
+    (out / "results.jsonl").write_text('{"id": "x", "status": "ok"}\n')
+    _fails(capsys, [data, "-o", out, *SR2, *FAST], "no worker left")
+    assert sorted(p.name for p in out.iterdir()) == ["results.jsonl"]

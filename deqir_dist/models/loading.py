@@ -92,7 +92,7 @@ def _read_torch(path: Path):
         raise DeqirError(f"cannot read checkpoint {path}: truncated or corrupt file ({_one_line(e)})") from None
 
 
-def _read_safetensors(path: Path):
+def _read_safetensors(path: Path, shapes_only: bool = False):
     try:
         from safetensors import safe_open
     except ImportError:
@@ -100,7 +100,7 @@ def _read_safetensors(path: Path):
     try:
         with safe_open(str(path), framework="pt", device="cpu") as f:
             meta = dict(f.metadata() or {})
-            sd = {k: f.get_tensor(k) for k in f.keys()}
+            sd = {k: (tuple(f.get_slice(k).get_shape()) if shapes_only else f.get_tensor(k)) for k in f.keys()}
     except Exception as e:  # noqa: BLE001
         raise DeqirError(f"cannot read checkpoint {path}: truncated or corrupt safetensors file "
                          f"({_one_line(e)})") from None
@@ -115,13 +115,17 @@ def _read_safetensors(path: Path):
     return sd, info
 
 
-def read_state_dict(path) -> tuple[dict, dict]:
-    """(state dict of tensors, info) from a checkpoint file; info may hold ``arch`` and ``config``."""
+def read_state_dict(path, shapes_only: bool = False) -> tuple[dict, dict]:
+    """(state dict of tensors, info) from a checkpoint file; info may hold ``arch`` and ``config``.
+
+    ``shapes_only``: name -> shape instead of tensors (a safetensors file: from its header only)."""
     p = Path(path)
     if not p.is_file():
         raise DeqirError(f"checkpoint file not found: {path}")
     if _is_safetensors(p):
-        sd, info = _read_safetensors(p)
+        sd, info = _read_safetensors(p, shapes_only)
+        if shapes_only:
+            sd = {k: torch.empty(v, device="meta") for k, v in sd.items()}
     else:
         obj = _read_torch(p)
         info = {}
@@ -141,7 +145,7 @@ def read_state_dict(path) -> tuple[dict, dict]:
         sd = {k[len("module."):]: v for k, v in sd.items()}
     if "config" in info and not isinstance(info["config"], Mapping):
         raise DeqirError(f"{path}: the stored config is not a mapping")
-    return sd, info
+    return (_shapes(sd) if shapes_only else sd), info
 
 
 # ----------------------------------------------------------------------------- configuration
@@ -339,10 +343,24 @@ def load_checkpoint(path, name: str | None = None, config: Mapping | None = None
     ``name``: a preset or an architecture (``adm`` / ``ddpm``) the file must hold; ``config``:
     the architecture's keyword arguments (overrides everything else).
     """
+    sd, info = read_state_dict(path)
+    model = _checked_model(path, _shapes(sd), info, name, config)
+    model.load_state_dict(sd, strict=True, assign=True)
+    model.float()
+    return model.eval()
+
+
+def check_checkpoint(path, name: str | None = None, config: Mapping | None = None) -> None:
+    """``load_checkpoint``'s checks (architecture, configuration, names and shapes) without loading
+    the weights: a safetensors file is read by its header only, a torch file memory-mapped."""
+    shapes, info = read_state_dict(path, shapes_only=True)
+    _checked_model(path, shapes, info, name, config)
+
+
+def _checked_model(path, shapes: Mapping, info: Mapping, name: str | None, config: Mapping | None):
+    """The model (on the meta device) that a checkpoint of these shapes holds, or DeqirError."""
     if name is not None and name not in PRESETS and name not in ARCHITECTURES:
         raise DeqirError(f"unknown model {name!r}; choose from {', '.join((*PRESETS, *ARCHITECTURES))}")
-    sd, info = read_state_dict(path)
-    shapes = _shapes(sd)
     found = detect_architecture(shapes)
     arch = PRESETS[name][0] if name in PRESETS else name or found
     label = name or Path(path).name
@@ -361,9 +379,7 @@ def load_checkpoint(path, name: str | None = None, config: Mapping | None = None
     mismatch = state_dict_mismatch(model.state_dict(), shapes)
     if mismatch:
         raise DeqirError(f"{path} does not match {label}: {mismatch}")
-    model.load_state_dict(sd, strict=True, assign=True)
-    model.float()
-    return model.eval()
+    return model
 
 
 def save_denoiser(model: torch.nn.Module, path) -> Path:

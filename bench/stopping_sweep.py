@@ -15,6 +15,8 @@ Picard earlier at that accuracy (it would need to know the serial result).
 import argparse
 import ast
 import json
+import shlex
+import sys
 
 import torch
 
@@ -55,17 +57,19 @@ def sweep(model_name: str, steps_list, configs) -> list[dict]:
     for cfg in configs:
         for nw in sorted({c[0] for c in data}):
             for steps in steps_list:
-                ks, worst = [], float("inf")
+                ks, worst, rows_eval = [], float("inf"), []
                 for c_nw, c_steps, _, op, y, xi, z, ref in data:
                     if (c_nw, c_steps) != (nw, steps):
                         continue
                     r = restore(model, y, op, steps=steps, noise=xi, nw=nw, step_noise=z, **cfg)
                     ks += r.iterations_per_image
+                    rows_eval.append(sum(t.rows for t in r.timings) / len(r.iterations_per_image))
                     worst = min(worst, float(psnr(r.image, ref).min()))
                 rows.append({"config": cfg, "nw": nw, "steps": steps, "K_mean": round(sum(ks) / len(ks), 2),
-                             "K_max": max(ks), "worst_psnr_vs_serial": round(worst, 2)})
+                             "K_max": max(ks), "rows_mean": round(sum(rows_eval) / len(rows_eval), 1),
+                             "worst_psnr_vs_serial": round(worst, 2)})
                 print(f"{cfg} nw={nw} N={steps}: K mean {sum(ks) / len(ks):.1f} max {max(ks)}, "
-                      f"worst {worst:.1f} dB vs serial", flush=True)
+                      f"denoiser rows per image {rows[-1]['rows_mean']}, worst {worst:.1f} dB vs serial", flush=True)
     return rows
 
 
@@ -107,8 +111,9 @@ def main(argv=None):
     else:
         rows = sweep(args.model, args.steps, configs or [{"solver": "anderson"}])
     if args.json:
+        command = "python bench/stopping_sweep.py " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
         with open(args.json, "w") as f:
-            json.dump({"model": args.model, "torch": torch.__version__, "rows": rows}, f, indent=1)
+            json.dump({"command": command, "model": args.model, "torch": torch.__version__, "rows": rows}, f, indent=1)
 
 
 if __name__ == "__main__":

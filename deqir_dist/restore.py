@@ -120,7 +120,8 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
     Extra keyword arguments: ``data_std`` (the null-space coordinates of the joint map,
     ``schedule.null_coordinates``; None: DeqIR's prefix sum of eps), ``window`` (picard with the
     "rows" rule: rows of the sliding window, ``window.solve_window``; default N, the settled
-    prefix is frozen and nothing slides; 0: every row in every sweep), and m, ridge, beta,
+    prefix is frozen and nothing slides; 0: every row in every sweep), ``freeze`` (window: a row
+    freezes once its change is <= freeze x stop_tol of its noise level; default 0.1), and m, ridge, beta,
     safeguard tune Anderson. The default stop rule is "rows" (see ``solvers``).
 
     ``clip_x0=True`` clamps every x0 prediction to [-1, 1] inside the denoiser (``EpsFn``): all

@@ -60,6 +60,8 @@ class SolverOptions:
     safeguard: float = 2.0
     data_std: float | None = 0.5
     window: int = 0             # rows of the sliding window (window.solve_window); 0: every row, every sweep
+    #                             (``make`` fills in N for picard + rows, the documented default)
+    freeze: float = 0.1         # window: a row freezes when its change is <= freeze x stop_tol of its noise level
 
     @staticmethod
     def make(solver: str, stop: str, stop_tol: float | None, max_iter: int | None, steps: int,
@@ -75,10 +77,10 @@ class SolverOptions:
         k = steps if max_iter is None else max_iter
         if not _is_int(k) or k < 1:
             raise DeqirError(f"max_iter must be a positive integer, got {max_iter!r}")
-        unknown = sorted(set(kw) - {"m", "ridge", "beta", "safeguard", "data_std", "window"})
+        unknown = sorted(set(kw) - {"m", "ridge", "beta", "safeguard", "data_std", "window", "freeze"})
         if unknown:
             raise DeqirError(f"unknown solver option(s) {', '.join(unknown)}; "
-                             "valid: m, ridge, beta, safeguard, data_std, window")
+                             "valid: m, ridge, beta, safeguard, data_std, window, freeze")
         w = kw.get("window")
         if w is None:       # default: the frozen prefix for picard + rows, plain sweeps otherwise
             kw["window"] = steps if solver == "picard" and stop == "rows" else 0
@@ -95,6 +97,9 @@ class SolverOptions:
         m = kw.get("m", SolverOptions.m)
         if not _is_int(m) or m < 1:
             raise DeqirError(f"m (Anderson history) must be an integer >= 1, got {m!r}")
+        fr = kw.get("freeze", SolverOptions.freeze)
+        if not _is_real(fr) or not 0 < fr <= 1:
+            raise DeqirError(f"freeze must be a number in (0, 1], got {fr!r}")
         for key, low in (("ridge", 0.0), ("beta", 0.0), ("safeguard", 1.0)):
             v = kw.get(key, getattr(SolverOptions, key))
             if not _is_real(v) or not low < v < math.inf:

@@ -7,11 +7,11 @@ The chain's rows are causal, so rows that have settled need no more denoiser cal
   row F) and rows >= E are not evaluated yet;
 * each iteration is one Picard sweep of the window: ONE batched denoiser call on its rows only,
   the two scans started from the frozen state, f = F(x) on the window;
-* then the prefix advances over every leading row whose change is within FREEZE_FRACTION x
+* then the prefix advances over every leading row whose change is within ``freeze`` (default 0.1) x
   ``stop_tol`` of its noise level (|f_i - x_i|_rms / sigma_i), and always over row F, whose
   input was frozen, so its value is final: F grows by at least one row per iteration, so the
   solve ends within N iterations, like plain Picard (exact only as far as the frozen rows are:
-  they are within 0.1 x the tolerance, not equal to serial);
+  they are within freeze x the tolerance, not equal to serial);
 * the window end moves to min(F + W, N); new rows start as copies of the old window's last row,
   or from a trajectory the caller gives (``entering``: ``restore(init=...)``). Copies beat the
   one-call warm start's rows (oracle, N = 100, windows N/2 and N/4: K 42 / 64 against 50 / 71);
@@ -42,10 +42,6 @@ from .chain import ACC, Carry, Summary
 from .comm import offset_split
 from .solvers import IterationTiming, SolveOutput, SolverOptions, _progress, record_evaluation
 
-# A row freezes when its change is within FREEZE_FRACTION x stop_tol of its noise level. At 1 the
-# frozen rows stop improving too early (built-in prior, deqir bench: 30-32 dB from serial); at 0.1
-# K and the distance to serial stay plain Picard's in the cases measured (README).
-FREEZE_FRACTION = 0.1
 
 
 def _prefix(counts: torch.Tensor, sizes: list[int]) -> torch.Tensor:
@@ -120,7 +116,7 @@ def solve_window(block, comm, opts: SolverOptions, x0: torch.Tensor | None = Non
             f = sub.combine(state, x.dtype)
             r2 = (f - x).flatten(2).pow(2).sum(2).double()           # (bsz, rows)
             rel = r2 * sub.row_weight.view(1, -1).double()            # |f_i - x_i|^2 / sigma_i^2
-            settled = rel / numel_row <= (FREEZE_FRACTION * opts.stop_tol) ** 2
+            settled = rel / numel_row <= (opts.freeze * opts.stop_tol) ** 2
             if a == lo_w:
                 settled[:, 0] = True        # its input was frozen: row F is final after one sweep
             stats[:, rank] = rel.max(1).values

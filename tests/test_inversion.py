@@ -65,7 +65,7 @@ def test_implicit_equals_autograd_through_serial(gmm, name, params, etw, nw, sig
     got = noise_gradient(gmm, y, op, xi, loss, steps=STEPS, etw=etw, nw=nw, step_noise=z, sigma_y=sigma_y,
                          adjoint=adjoint, **EXACT_FWD)
     assert got.grad.shape == xi.shape
-    assert rel(got.grad, want) <= 1e-4
+    assert rel(got.grad, want) <= 1e-10          # measured: 1e-13 .. 6e-12
     assert got.adjoint_iterations == STEPS
     # the loss and image are those of the serial result
     c = chain_coefficients(STEPS, etw=etw, nw=nw, sigma_y=sigma_y)

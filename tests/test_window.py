@@ -54,6 +54,13 @@ def test_frozen_prefix_saves_denoiser_rows_at_the_same_accuracy(problem):
     assert rows_frozen < 0.8 * rows_full
 
 
+def test_a_looser_freeze_threshold_freezes_earlier(problem):
+    model, op, y, xi = problem
+    rows = {f: sum(t.rows for t in restore(model, y, op, steps=50, noise=xi, freeze=f).timings)
+            for f in (0.01, 0.1, 1.0)}
+    assert rows[0.01] > rows[0.1] > rows[1.0]
+
+
 def test_a_short_window_holds_only_its_rows(problem):
     model, op, y, xi = problem
     out = restore(model, y, op, steps=40, noise=xi, window=10)
@@ -101,7 +108,8 @@ def test_reshard_plan_moves_every_new_row_once_and_copies_forward():
 
 @pytest.mark.parametrize("kw, msg", [({"window": -1}, "rows >= 0"), ({"window": 2.5}, "rows >= 0"),
                                      ({"window": 4, "solver": "anderson"}, "picard"),
-                                     ({"window": 4, "stop": "final"}, "rows")])
+                                     ({"window": 4, "stop": "final"}, "rows"),
+                                     ({"freeze": 0.0}, "freeze"), ({"freeze": 1.5}, "freeze")])
 def test_bad_window_settings(problem, kw, msg):
     model, op, y, xi = problem
     with pytest.raises(DeqirError, match=msg):

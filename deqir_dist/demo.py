@@ -4,7 +4,7 @@ Held-out photographs (never trained on; stored inside the prior's weights file) 
 short side of twice ``--size`` and centre-cropped to ``--size`` x ``--size``. Each crop is degraded
 for five tasks (``sr_bicubic`` x4, ``deblur_gauss``, ``inpaint`` with a centred box and with a
 random mask, ``colorize``; noiseless measurements, as in DDNM/DeqIR) and restored with the serial
-sampler and the parallel (Anderson) sampler from the same initial noise (defaults: T = 25,
+sampler and the parallel sampler (Picard by default) from the same initial noise (defaults: T = 25,
 etw = 0.8, nw = 0, tuned on other held-out crops, see ``DEMO_ETW``). Written to ``-o DIR``:
 
 * ``images/<task>/<image>_{degraded,baseline,serial,parallel,truth}.png``: the pictures;

@@ -274,7 +274,8 @@ def cmd_restore(args) -> int:
             ensure_writable_dir(args.out)
         return items, json_path, model
     if args.distributed:
-        items, json_path, model = _all_ranks_ok(prepare, rank)
+        from .distributed import all_ranks_ok
+        items, json_path, model = all_ranks_ok(prepare, device)
     else:
         items, json_path, model = prepare()
     kw = _restore_kwargs(args)
@@ -302,27 +303,6 @@ def cmd_restore(args) -> int:
               "not a restoration result")
     print(json.dumps(summary["summary"]))
     return 0
-
-
-def _all_ranks_ok(fn, rank: int):
-    """Run ``fn`` on every rank; if it fails anywhere, every rank stops (no rank waits in a collective)."""
-    import torch
-    import torch.distributed as dist
-    err = None
-    try:
-        out = fn()
-    except DeqirError as e:
-        err = e
-    flag = torch.tensor([0.0 if err is None else 1.0 + rank])
-    failed = torch.zeros(dist.get_world_size())
-    failed[rank] = flag[0]
-    dist.all_reduce(failed)
-    if err is not None:
-        raise err
-    bad = [r for r, v in enumerate(failed.tolist()) if v > 0]
-    if bad:
-        raise DeqirError(f"rank {', '.join(map(str, bad))} failed to prepare (see its error); stopping")
-    return out
 
 
 def cmd_eval(args) -> int:

@@ -288,3 +288,25 @@ def check_same_inputs(comm: DistComm, digest: bytes) -> None:
     if differ:
         raise DeqirError(f"ranks {', '.join(map(str, differ))} were given different inputs than rank 0 "
                          "(y, noise, operator or settings); every rank must restore the same problem")
+
+
+def all_ranks_ok(fn, device=None):
+    """Run ``fn`` on every rank of the default group and agree, in one all_reduce, on whether every
+    rank succeeded: a rank whose ``fn`` raised DeqirError re-raises it, the others raise one naming
+    it, so no rank waits in a later collective for one that stopped. ``device``: where the flags
+    live (the rank's GPU under NCCL). Returns ``fn()``'s result."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    err, out = None, None
+    try:
+        out = fn()
+    except DeqirError as e:
+        err = e
+    flags = torch.zeros(world, device=device if dist.get_backend() == "nccl" else "cpu")
+    flags[rank] = 0.0 if err is None else 1.0
+    dist.all_reduce(flags)
+    if err is not None:
+        raise err
+    bad = [r for r, v in enumerate(flags.tolist()) if v > 0]
+    if bad:
+        raise DeqirError(f"rank {', '.join(map(str, bad))} failed to prepare (see its error); stopping")
+    return out

@@ -28,7 +28,7 @@ import torch
 import torch.distributed as dist
 
 from deqir_dist import make_operator, restore
-from deqir_dist.distributed import DEFAULT_TIMEOUT_S, init_distributed
+from deqir_dist.distributed import DEFAULT_TIMEOUT_S, all_ranks_ok, init_distributed
 from deqir_dist.errors import DeqirError
 from deqir_dist.metrics import psnr
 from deqir_dist.models import GaussianMixtureDenoiser, load_denoiser
@@ -116,26 +116,6 @@ def _prepare(args, rank: int, world: int, device):
     return model, shape, g, op, clean
 
 
-def _agree(fn, rank: int, world: int, device):
-    """Run ``fn`` on every rank and agree (one all_reduce) on whether every rank succeeded: a rank
-    whose ``fn`` failed re-raises its error, the others raise one naming it; no rank is left
-    waiting in a collective for one that stopped."""
-    err, out = None, None
-    try:
-        out = fn()
-    except DeqirError as e:
-        err = e
-    flags = torch.zeros(world, device=device if dist.get_backend() == "nccl" else "cpu")
-    flags[rank] = 0.0 if err is None else 1.0
-    dist.all_reduce(flags)
-    if err is not None:
-        raise err
-    bad = [r for r, v in enumerate(flags.tolist()) if v > 0]
-    if bad:
-        raise DeqirError(f"rank {', '.join(map(str, bad))} failed to prepare (see its error); stopping")
-    return out
-
-
 def main(argv=None):
     ap = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, nargs="+", default=[25, 50, 100])
@@ -169,7 +149,7 @@ def main(argv=None):
 
 
 def _run(args, rank: int, world: int, device) -> int:
-    model, shape, g, op, clean = _agree(lambda: _prepare(args, rank, world, device), rank, world, device)
+    model, shape, g, op, clean = all_ranks_ok(lambda: _prepare(args, rank, world, device), device)
     extra = {} if args.window is None else {"window": args.window}
     y = op.A(clean)
     xi = torch.randn((args.images, *shape), generator=g)

@@ -1247,6 +1247,8 @@ def job_from_args(args) -> RayRestoreJob:
 
 def cmd_ray_restore(args) -> int:
     """Run the job; print the summary. Exit status 0 (all ok), 1 (some images failed)."""
+    from .cli import _check_sampler_flags
+    _check_sampler_flags(args)
     summary = job_from_args(args).run()
     for f in summary["failures"][:10]:
         print(f"failed: {f['id']}: {f['error']}", file=sys.stderr)

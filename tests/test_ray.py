@@ -345,6 +345,8 @@ def test_bad_device_model_or_checkpoint_fail_before_ray_and_write_nothing(tmp_pa
         (["--checkpoint", tmp_path / "junk.safetensors"], "corrupt safetensors"),
         (["--model", "sdedit-celeba-hq", "--checkpoint", tmp_path / "odd.safetensors"], "unrecognised checkpoint"),
         (["--model", "analytic", "--connect-timeout", "0"], "--connect-timeout must be positive"),
+        (["--model", "adm-256-uncond"], "needs --checkpoint"),
+        (["--model", "analytic", "--profile", tmp_path / "p.json"], "--solver auto"),
     ]
     for extra, match in cases:
         _fails(capsys, [*base, *extra], match)

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from .errors import DeqirError
+from .errors import DeqirError, check_int
 from .metrics import psnr
 from .models import load_denoiser
 from .operators import make_operator
@@ -38,9 +38,8 @@ def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), tas
               solvers=("picard", "anderson"), warm_start: int = 1, windows=(), progress: bool = False) -> dict:
     """Run the comparison; returns a JSON-ready dict with one row per (N, solver); a progress bar
     over the cases when ``progress``."""
-    for key, v in (("images", images), ("size", size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise DeqirError(f"{key} must be a positive integer, got {v!r}")
+    check_int("images", images)
+    check_int("size", size)
     for f in windows:
         if not 0 <= f <= 1:
             raise DeqirError(f"window fractions must lie in [0, 1], got {f}")

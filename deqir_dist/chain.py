@@ -58,11 +58,17 @@ def linear_scan(decay: torch.Tensor, b: torch.Tensor, init: torch.Tensor | None)
     return out
 
 
+def decay_products(p_decay: torch.Tensor, q_decay: torch.Tensor, blocks, first: int = 0) -> list[tuple[float, float]]:
+    """(P decay, Q decay) products over each global block [a, b) of rows; the decays are given
+    per row from row ``first`` on. What a rank needs to fold the other ranks' ``Summary`` tails
+    into its carry (``Summary.p_decay``, ``Summary.q_decay``)."""
+    return [(float(torch.prod(p_decay[a - first:b - first])), float(torch.prod(q_decay[a - first:b - first])))
+            for a, b in blocks]
+
+
 def block_decays(coeffs: ChainCoefficients, blocks, data_std: float | None) -> list[tuple[float, float]]:
-    """(P decay, Q decay) products of each block's rows: what a rank needs to fold the other
-    ranks' ``Summary`` tails into its carry (``Summary.p_decay``, ``Summary.q_decay``)."""
-    p_decay, q_decay = null_coordinates(coeffs, data_std).decay, 1 - coeffs.lam
-    return [(float(torch.prod(p_decay[a:b])), float(torch.prod(q_decay[a:b]))) for a, b in blocks]
+    """``decay_products`` of the whole chain's rows."""
+    return decay_products(null_coordinates(coeffs, data_std).decay, 1 - coeffs.lam, blocks)
 
 
 @dataclass
@@ -161,9 +167,8 @@ class ChainBlock:
         return v
 
     def decay_products(self, blocks) -> list[tuple[float, float]]:
-        """(P decay, Q decay) products over each global block [a, b) inside this block's rows."""
-        return [(float(torch.prod(self.p_decay[a - self.lo:b - self.lo])),
-                 float(torch.prod(self.decay[a - self.lo:b - self.lo]))) for a, b in blocks]
+        """``decay_products`` over each global block [a, b) inside this block's rows."""
+        return decay_products(self.p_decay, self.decay, blocks, self.lo)
 
     @staticmethod
     def _apply(fn, t: torch.Tensor) -> torch.Tensor:

@@ -10,7 +10,7 @@ import json
 import sys
 from pathlib import Path
 
-from .errors import DeqirError
+from .errors import DeqirError, check_int
 
 TASKS = ("sr_avgpool", "sr_bicubic", "deblur_gauss", "deblur_uniform", "deblur_aniso",
          "inpaint", "colorize", "cs_wht", "denoise")
@@ -127,10 +127,8 @@ def _check_sampler_flags(args) -> None:
 
 def _set_threads(n) -> None:
     if n is not None:
-        if n < 1:
-            raise DeqirError(f"--threads must be >= 1, got {n}")
         import torch
-        torch.set_num_threads(n)
+        torch.set_num_threads(check_int("--threads", n))
 
 
 def _restore_kwargs(args) -> dict:

@@ -35,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .demo_inversion import INVERSION_ITERS, format_inversion, grid_name, run_inversion
-from .errors import DeqirError
+from .errors import DeqirError, check_int
 
 __all__ = ["DEMO_TASKS", "builtin_bench_images", "heldout_images", "run_demo", "format_demo", "add_parser",
            "cmd_demo", "draw_grid", "draw_convergence", "keep_freed_memory", "DEMO_ETW", "DEMO_NW", "DEMO_CLIP"]
@@ -541,8 +541,8 @@ def keep_freed_memory() -> bool:
 
 def cmd_demo(args) -> int:
     from .denoiser import resolve_device
-    from .prior import check_threads
-    check_threads(args.threads, "--threads")
+    if args.threads is not None:
+        check_int("--threads", args.threads)
     if args.device:
         resolve_device(args.device)
     keep_freed_memory()

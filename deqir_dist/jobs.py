@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import DeqirError
+from .errors import DeqirError, check_int, is_real
 from .imageio import atomic_write, ensure_writable_dir, list_images, read_image, write_image
 from .metrics import psnr, ssim
 from .operators import make_operator
@@ -209,9 +209,8 @@ class NoiseOptimizationSpec:
             raise DeqirError(f"--optimize-noise takes consistency, reference:PATH or oracle:PATH, got {spec!r}")
         if (kind == "consistency") != (path == ""):
             raise DeqirError(f"--optimize-noise {kind} {'takes no' if kind == 'consistency' else 'needs a'} PATH")
-        if isinstance(iters, bool) or not isinstance(iters, int) or iters < 1:
-            raise DeqirError(f"--opt-iters must be a positive integer, got {iters!r}")
-        if not (isinstance(lr, (int, float)) and 0 < lr < math.inf):
+        check_int("--opt-iters", iters)
+        if not (is_real(lr) and 0 < lr < math.inf):
             raise DeqirError(f"--opt-lr must be a finite number > 0, got {lr!r}")
         p = Path(path) if path else None
         if p is not None and not p.exists():

@@ -46,12 +46,12 @@ import torch
 import torch.nn.functional as F
 
 from .denoiser import resolve_device
-from .errors import DeqirError
+from .errors import DeqirError, check_int
 from .schedule import TRAIN_STEPS, linear_alphas_cumprod
 
 __all__ = ["TRAIN_IMAGES", "HELDOUT_IMAGES", "load_skimage_photo", "resize_short", "CropSampler",
            "TrainConfig", "train_prior", "write_prior", "write_together", "check_outputs",
-           "check_threads", "read_heldout_png", "add_parser", "cmd_train_prior", "CARD_FORMAT"]
+           "read_heldout_png", "add_parser", "cmd_train_prior", "CARD_FORMAT"]
 
 # Natural colour photographs shipped inside scikit-image (checked: all load offline from
 # skimage/data). motorcycle_left/right are the two views of one stereo pair (both trained on).
@@ -249,25 +249,13 @@ def _amp_ctx(amp: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def check_threads(threads, flag: str = "--threads") -> int | None:
-    """None (torch's choice) or a positive integer."""
-    if threads is None:
-        return None
-    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise DeqirError(f"{flag} must be a positive integer, got {threads!r}")
-    return threads
-
-
 def _check_cfg(cfg) -> None:
     for key in ("steps", "batch", "val_crops", "val_size", "pyramid_levels", "min_short", "max_short"):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise DeqirError(f"{key} must be a positive integer, got {v!r}")
+        check_int(key, cfg[key])
     for key in ("warmup", "val_every"):
-        v = cfg[key]
-        if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-            raise DeqirError(f"{key} must be a non-negative integer, got {v!r}")
-    check_threads(cfg["threads"], "threads")
+        check_int(key, cfg[key], 0)
+    if cfg["threads"] is not None:
+        check_int("threads", cfg["threads"])
     resolve_device(cfg["device"])
     limit = cfg["time_limit_min"]
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, (int, float))
@@ -748,7 +736,8 @@ def canonical_command(args) -> str:
 def cmd_train_prior(args) -> int:
     """Check every setting and output path, train, then write weights, card and log together."""
     import tempfile
-    check_threads(args.threads, "--threads")
+    if args.threads is not None:
+        check_int("--threads", args.threads)
     if args.device:
         resolve_device(args.device)
     if args.time_limit is not None and not (math.isfinite(args.time_limit) and args.time_limit > 0):

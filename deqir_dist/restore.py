@@ -9,7 +9,7 @@ import torch
 from .chain import ChainBlock, block_decays
 from .comm import LocalComm, offset_split, split_rows
 from .denoiser import EpsFn, model_device
-from .errors import DeqirError
+from .errors import DeqirError, check_int
 from .schedule import chain_coefficients, linear_alphas_cumprod
 from .serial import coarse_trajectory, sample_serial
 from .solvers import SolverOptions, solve_chain
@@ -82,8 +82,7 @@ def check_settings(steps: int, solver: str = "picard", start: int = 1000, etw: f
         raise DeqirError(f"unknown solver {solver!r}; choose from {', '.join(METHODS)}")
     if solver == "auto":
         solver = "picard"
-    if isinstance(warm_start, bool) or not isinstance(warm_start, int) or warm_start < 0:
-        raise DeqirError(f"warm_start must be a non-negative integer, got {warm_start!r}")
+    check_int("warm_start", warm_start, 0)
     if not isinstance(clip_x0, bool):
         raise DeqirError(f"clip_x0 must be True or False, got {clip_x0!r}")
     coeffs = chain_coefficients(steps, start, etw, nw, sigma_y, alphas_cumprod)

@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from numbers import Integral, Real
 
 import torch
 
-from .errors import DeqirError
+from .errors import DeqirError, check_int, is_int, is_real
 
 TRAIN_STEPS = 1000
 
@@ -27,11 +26,9 @@ def linear_alphas_cumprod(n: int = TRAIN_STEPS, beta_start: float = 1e-4, beta_e
 
 def timestep_grid(steps: int, start: int = TRAIN_STEPS) -> torch.Tensor:
     """tau_1..tau_N (descending, int64): the N sampling times, noisiest first."""
-    if isinstance(steps, bool) or not isinstance(steps, Integral):
+    if not is_int(steps):
         raise DeqirError(f"steps must be an integer, got {steps!r}")
-    if isinstance(start, bool) or not isinstance(start, Integral) or start < 1:
-        raise DeqirError(f"start must be a positive integer, got {start!r}")
-    steps, start = int(steps), int(start)
+    steps, start = int(steps), check_int("start", start)
     if steps < 1 or steps > start:
         raise DeqirError(f"steps must be in 1..start={start}, got {steps}")
     skip = start // steps
@@ -91,7 +88,7 @@ def chain_coefficients(
     taus = timestep_grid(steps, start)
     ac = _check_schedule(linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod, start)
     for name, val in (("etw", etw), ("nw", nw), ("sigma_y", sigma_y)):
-        if isinstance(val, bool) or not (isinstance(val, Real) and math.isfinite(val)):
+        if not (is_real(val) and math.isfinite(val)):
             raise DeqirError(f"{name} must be a finite number, got {val!r}")
     etw, nw, sigma_y = float(etw), float(nw), float(sigma_y)
     if not 0.0 <= etw <= 1.0:

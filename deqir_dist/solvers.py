@@ -37,11 +37,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from numbers import Integral, Real
 
 import torch
 
-from .errors import DeqirError
+from .errors import DeqirError, is_int, is_real
 
 SOLVERS = ("picard", "anderson")
 STOP_RULES = ("final", "rows", "residual", "none")
@@ -72,10 +71,10 @@ class SolverOptions:
         if stop not in STOP_RULES:
             raise DeqirError(f"unknown stop rule {stop!r}; choose from {', '.join(STOP_RULES)}")
         tol = DEFAULT_STOP_TOL[stop] if stop_tol is None else stop_tol
-        if not _is_real(tol) or not math.isfinite(tol) or (stop in ("rows", "residual") and tol <= 0):
+        if not is_real(tol) or not math.isfinite(tol) or (stop in ("rows", "residual") and tol <= 0):
             raise DeqirError(f"stop_tol must be a finite number (> 0 for '{stop}'), got {stop_tol!r}")
         k = steps if max_iter is None else max_iter
-        if not _is_int(k) or k < 1:
+        if not is_int(k) or k < 1:
             raise DeqirError(f"max_iter must be a positive integer, got {max_iter!r}")
         unknown = sorted(set(kw) - {"m", "ridge", "beta", "safeguard", "data_std", "window", "freeze"})
         if unknown:
@@ -84,7 +83,7 @@ class SolverOptions:
         w = kw.get("window")
         if w is None:       # default: the frozen prefix for picard + rows, plain sweeps otherwise
             kw["window"] = steps if solver == "picard" and stop == "rows" else 0
-        elif not _is_int(w) or w < 0:
+        elif not is_int(w) or w < 0:
             raise DeqirError(f"window must be a number of rows >= 0 (0: every row every sweep), got {w!r}")
         elif w and (solver != "picard" or stop != "rows"):
             raise DeqirError(f"window={w} needs solver='picard' and stop='rows' (got {solver!r}, {stop!r})")
@@ -92,28 +91,20 @@ class SolverOptions:
             raise DeqirError(f"a window of {w} < {steps} rows needs max_iter >= {steps}: stopped earlier, rows "
                              "past the window would never have been evaluated")
         c = kw.get("data_std", SolverOptions.data_std)
-        if c is not None and (not _is_real(c) or not 0 < c < math.inf):
+        if c is not None and (not is_real(c) or not 0 < c < math.inf):
             raise DeqirError(f"data_std must be a positive number or None, got {c!r}")
         m = kw.get("m", SolverOptions.m)
-        if not _is_int(m) or m < 1:
+        if not is_int(m) or m < 1:
             raise DeqirError(f"m (Anderson history) must be an integer >= 1, got {m!r}")
         fr = kw.get("freeze", SolverOptions.freeze)
-        if not _is_real(fr) or not 0 < fr <= 1:
+        if not is_real(fr) or not 0 < fr <= 1:
             raise DeqirError(f"freeze must be a number in (0, 1], got {fr!r}")
         for key, low in (("ridge", 0.0), ("beta", 0.0), ("safeguard", 1.0)):
             v = kw.get(key, getattr(SolverOptions, key))
-            if not _is_real(v) or not low < v < math.inf:
+            if not is_real(v) or not low < v < math.inf:
                 raise DeqirError(f"{key} must be a finite number > {low:g}, got {v!r}")
         kw = {key: (None if v is None else (int(v) if key in ("m", "window") else float(v))) for key, v in kw.items()}
         return SolverOptions(solver=solver, stop=stop, stop_tol=float(tol), max_iter=int(k), **kw)
-
-
-def _is_int(v) -> bool:
-    return isinstance(v, Integral) and not isinstance(v, bool)
-
-
-def _is_real(v) -> bool:
-    return isinstance(v, Real) and not isinstance(v, bool)
 
 
 @dataclass

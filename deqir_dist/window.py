@@ -43,7 +43,6 @@ from .comm import offset_split
 from .solvers import IterationTiming, SolveOutput, SolverOptions, _progress, record_evaluation
 
 
-
 def _prefix(counts: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     """Per image, leading settled rows of the window from each rank's count of leading settled
     rows in its block: ranks add up while the one before was settled to its end."""

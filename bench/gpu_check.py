@@ -22,9 +22,9 @@ import time
 import torch
 
 from deqir_dist import make_operator, restore
-from deqir_dist.metrics import psnr
+from deqir_dist.api.planner import cost_at, measure_cost
 from deqir_dist.models import CUDAGraphDenoiser, load_denoiser
-from deqir_dist.profile import cost_at, measure_cost
+from deqir_dist.quality.metrics import psnr
 
 
 def _model(name, device, smoke):

@@ -24,12 +24,12 @@ import time
 import torch
 
 from deqir_dist import make_operator, restore
-from deqir_dist.baselines import baselines_for
-from deqir_dist.demo import builtin_bench_images
-from deqir_dist.jobs import format_table, write_json
-from deqir_dist.metrics import psnr, ssim
-from deqir_dist.models.builtin import load_builtin
-from deqir_dist.schedule import linear_alphas_cumprod, timestep_grid
+from deqir_dist.apps.tables import format_table
+from deqir_dist.io.jsonio import write_json
+from deqir_dist.models.builtin import builtin_bench_images, load_builtin
+from deqir_dist.quality.baselines import baselines_for
+from deqir_dist.quality.metrics import psnr, ssim
+from deqir_dist.sampling.schedule import linear_alphas_cumprod, timestep_grid
 
 # (label, steps, start, samples, etw, nw, start from the harmonic fill)
 VARIANTS = [

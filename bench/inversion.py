@@ -36,14 +36,18 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from deqir_dist import make_operator  # noqa: E402
-from deqir_dist.demo import DEMO_ETW, DEMO_NW, builtin_bench_images  # noqa: E402
-from deqir_dist.denoiser import EpsFn  # noqa: E402
-from deqir_dist.inversion import noise_gradient, optimize_noise  # noqa: E402
-from deqir_dist.metrics import psnr  # noqa: E402
+from deqir_dist.api.inversion import noise_gradient
+from deqir_dist.api.optimize import optimize_noise  # noqa: E402
+from deqir_dist.apps.demo import DEMO_ETW, DEMO_NW
 from deqir_dist.models import GaussianMixtureDenoiser  # noqa: E402
-from deqir_dist.models.builtin import load_builtin  # noqa: E402
-from deqir_dist.schedule import chain_coefficients  # noqa: E402
-from deqir_dist.serial import sample_serial  # noqa: E402
+from deqir_dist.models.builtin import (
+    builtin_bench_images,  # noqa: E402
+    load_builtin,  # noqa: E402
+)
+from deqir_dist.quality.metrics import psnr  # noqa: E402
+from deqir_dist.sampling.denoiser import EpsFn  # noqa: E402
+from deqir_dist.sampling.schedule import chain_coefficients  # noqa: E402
+from deqir_dist.sampling.serial import sample_serial  # noqa: E402
 
 OP_PARAMS = {"sr_avgpool": {"scale": 2}, "sr_bicubic": {"scale": 2}, "inpaint": {"mask": "box"}, "colorize": {},
              "deblur_gauss": {}, "deblur_uniform": {}, "deblur_aniso": {}, "cs_wht": {"ratio": 4}, "denoise": {}}

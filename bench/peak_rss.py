@@ -17,8 +17,9 @@ import sys
 
 def one(window: int, steps: int) -> dict:
     import torch
+
     from deqir_dist import load_denoiser, make_operator, restore
-    from deqir_dist.demo import builtin_bench_images
+    from deqir_dist.models.builtin import builtin_bench_images
     torch.set_num_threads(1)
     model, shape = load_denoiser("builtin"), (3, 32, 32)
     op = make_operator("sr_avgpool", shape, scale=2)

@@ -56,7 +56,7 @@ def make_images(folder: Path, n: int, size: int) -> None:
 def plain_loop(data: Path, out: Path, a) -> dict:
     import torch
 
-    from deqir_dist.jobs import expand_inputs, load_items, restore_items
+    from deqir_dist.dataset.items import expand_inputs, load_items, restore_items
     from deqir_dist.models import load_denoiser
     torch.set_num_threads(1)
     t0 = time.perf_counter()
@@ -76,7 +76,7 @@ def restore_kw(a) -> dict:
 
 
 def ray_job(data: Path, out: Path, a, workers: int) -> dict:
-    from deqir_dist.ray_pipeline import RayRestoreJob
+    from deqir_dist.ray.job import RayRestoreJob
     job = RayRestoreJob(input=str(data), out=str(out), task=a.task, op_params={"scale": a.scale},
                         restore_kw=restore_kw(a), model=a.model, checkpoint=a.checkpoint, from_clean=True,
                         device="cpu", workers=workers, cpus_per_worker=1, images_per_batch=a.images_per_batch,

@@ -21,7 +21,7 @@ import sys
 import torch
 
 from deqir_dist import load_denoiser, make_operator, restore
-from deqir_dist.metrics import psnr
+from deqir_dist.quality.metrics import psnr
 
 TASKS = {
     "analytic": [("sr_avgpool", {"scale": 2}), ("inpaint", {"mask": "box"}), ("colorize", {})],
@@ -34,7 +34,7 @@ def cases(model_name: str, model, steps_list):
     size = 16 if model_name == "analytic" else 32
     shape = (3, size, size)
     if model_name == "builtin":
-        from deqir_dist.demo import builtin_bench_images
+        from deqir_dist.models.builtin import builtin_bench_images
         clean = builtin_bench_images(3, size)
     out = []
     for name, params in TASKS[model_name]:

@@ -28,10 +28,10 @@ import torch
 import torch.distributed as dist
 
 from deqir_dist import make_operator, restore
-from deqir_dist.distributed import DEFAULT_TIMEOUT_S, all_ranks_ok, init_distributed
 from deqir_dist.errors import DeqirError
-from deqir_dist.metrics import psnr
 from deqir_dist.models import GaussianMixtureDenoiser, load_denoiser
+from deqir_dist.parallel.dist import DEFAULT_TIMEOUT_S, all_ranks_ok, init_distributed
+from deqir_dist.quality.metrics import psnr
 
 
 def idle_comm_ms(images: int, shape, steps: int, frozen: bool, device, reps: int = 50) -> float:
@@ -39,9 +39,9 @@ def idle_comm_ms(images: int, shape, steps: int, frozen: bool, device, reps: int
 
     Plain sweeps: halo row, summary all_gather, stats all_reduce. Frozen prefix: also the
     float64 frozen-row broadcast and a re-split that moves one row per block boundary."""
-    from deqir_dist.chain import Carry, Summary
-    from deqir_dist.comm import offset_split
-    from deqir_dist.distributed import DistComm
+    from deqir_dist.parallel.comm import offset_split
+    from deqir_dist.parallel.dist import DistComm
+    from deqir_dist.sampling.chain import Carry, Summary
     comm = DistComm(device=device)
     world = comm.size
     comm.block_decays = [(1.0, 1.0)] * world
@@ -72,7 +72,7 @@ PROG = "bench_chain"
 
 def check_args(args) -> None:
     """The arguments alone (before joining the process group): DeqirError on a bad one."""
-    from deqir_dist.restore import check_settings
+    from deqir_dist.api.restore import check_settings
     if not args.steps:
         raise DeqirError("--steps needs at least one number of steps")
     for key in ("size", "images"):
@@ -97,8 +97,9 @@ def _prepare(args, rank: int, world: int, device):
         raise DeqirError(f"{world} ranks for a chain of {min(args.steps)} rows (--steps {min(args.steps)}): "
                          "use at most one rank per row")
     if rank == 0 and args.json:
-        from deqir_dist.imageio import ensure_writable_dir
         from pathlib import Path
+
+        from deqir_dist.io.files import ensure_writable_dir
         if Path(args.json).is_dir():
             raise DeqirError(f"--json {args.json} is a folder; give a file name")
         ensure_writable_dir(Path(args.json).parent)
@@ -109,7 +110,7 @@ def _prepare(args, rank: int, world: int, device):
     if args.model == "analytic":
         clean = GaussianMixtureDenoiser(seed=0).sample(args.images, shape, g)
     elif args.model == "builtin":
-        from deqir_dist.demo import builtin_bench_images
+        from deqir_dist.models.builtin import builtin_bench_images
         clean = builtin_bench_images(args.images, args.size)
     else:
         clean = torch.rand((args.images, *shape), generator=g) * 2 - 1
@@ -197,7 +198,7 @@ def _run(args, rank: int, world: int, device) -> int:
         for r in rows:
             print(" ".join(f"{r[c]!s:>12}" for c in cols))
         if args.json:
-            from deqir_dist.jobs import write_json
+            from deqir_dist.io.jsonio import write_json
             write_json(args.json, {"solver": args.solver, "window": args.window, "image_shape": list(shape),
                                    "images": args.images,
                                    "model": args.model, "task": "sr_avgpool x2", "torch": torch.__version__,

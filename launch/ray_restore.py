@@ -11,7 +11,7 @@ failed (see OUT/results.jsonl), 2 bad input (nothing was written).
 """
 import sys
 
-from deqir_dist.ray_pipeline import main
+from deqir_dist.apps.cli import main
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(["ray-restore", *sys.argv[1:]]))

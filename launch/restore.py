@@ -8,7 +8,7 @@ files and prints the summary.
 """
 import sys
 
-from deqir_dist.cli import main
+from deqir_dist.apps.cli import main
 
 if __name__ == "__main__":
     sys.exit(main(["restore", "--distributed", *sys.argv[1:]]))

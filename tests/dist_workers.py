@@ -140,7 +140,7 @@ def too_many_ranks(rank, world, port, out_dir):
 def noise_gradient_equivalence(rank, world, port, out_dir):
     """The sharded implicit xi-gradient (adjoint Picard over ranks) vs the single-process one, float64."""
     from deqir_dist import DeqirError
-    from deqir_dist.inversion import noise_gradient
+    from deqir_dist.api.inversion import noise_gradient
     _init(rank, world, port)
     rows = []
     # case 2: lam < 1 from row 4 on (sigma_y = 4), so the range-space reverse carry (and its decay)

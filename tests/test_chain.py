@@ -5,11 +5,11 @@ import pytest
 import torch
 
 from deqir_dist import DeqirError, make_operator, restore
-from deqir_dist.chain import ChainBlock, linear_scan
-from deqir_dist.comm import split_rows
-from deqir_dist.denoiser import EpsFn
-from deqir_dist.metrics import psnr
-from deqir_dist.schedule import chain_coefficients, timestep_grid
+from deqir_dist.parallel.comm import split_rows
+from deqir_dist.quality.metrics import psnr
+from deqir_dist.sampling.chain import ChainBlock, linear_scan
+from deqir_dist.sampling.denoiser import EpsFn
+from deqir_dist.sampling.schedule import chain_coefficients, timestep_grid
 
 SHAPE = (3, 16, 16)
 OPS = [("sr_avgpool", {"scale": 2}), ("sr_bicubic", {"scale": 2}), ("deblur_gauss", {}),
@@ -213,7 +213,7 @@ def test_rows_stopping_bounds_every_row(gmm, solver):
 
 def test_anderson_under_rows_rule_does_not_stall():
     """N = 100, sr_avgpool: without the stall fallback one image needed 36 evaluations (Picard: 20)."""
-    from deqir_dist.bench import run_bench
+    from deqir_dist.apps.bench import run_bench
     rows = run_bench("analytic", steps=(100,), images=3)["rows"]
     k = {r["solver"]: r["K"] for r in rows}
     assert k["anderson"] <= k["picard"]

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from deqir_dist.cli import main
-from deqir_dist.imageio import read_image
+from deqir_dist.apps.cli import main
+from deqir_dist.io.images import read_image
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -19,7 +19,7 @@ CLUSTER = ROOT / "cluster"
 
 def _ray_restore_args(argv):
     """Parse ``ray-restore`` flags with the parser the command uses."""
-    from deqir_dist.ray_pipeline import _add_arguments
+    from deqir_dist.apps.ray_restore import _add_arguments
     p = argparse.ArgumentParser()
     _add_arguments(p)
     return p.parse_args(argv)
@@ -146,7 +146,7 @@ def test_slurm_torchrun_script(stub_path, tmp_path):
     assert opts == {"--nnodes": "2", "--nproc_per_node": "8", "--rdzv-id": "4242", "--rdzv-backend": "c10d",
                     "--rdzv-endpoint": "node1:29500"}
     assert tr[11] == "launch/restore.py"
-    from deqir_dist.cli import build_parser
+    from deqir_dist.apps.cli import build_parser
     args = build_parser().parse_args(["restore", "--distributed", *tr[12:]])   # what launch/restore.py runs
     assert args.inputs == ["lr/"] and args.out == "restored/" and args.task == "sr_bicubic" and args.scale == 4
     assert args.distributed and args.steps == 100
@@ -154,7 +154,7 @@ def test_slurm_torchrun_script(stub_path, tmp_path):
 
 def test_launcher_is_thin():
     text = (ROOT / "launch" / "ray_restore.py").read_text()
-    assert "from deqir_dist.ray_pipeline import main" in text
+    assert "from deqir_dist.apps.cli import main" in text
     r = subprocess.run([sys.executable, str(ROOT / "launch" / "ray_restore.py"), "--help"],
                        capture_output=True, text=True, timeout=60, cwd=ROOT,
                        env={**os.environ, "PYTHONPATH": str(ROOT)})

@@ -5,9 +5,12 @@ import pytest
 import torch
 from PIL import Image
 
-from deqir_dist.demo import DEMO_TASKS, builtin_bench_images, format_demo, main, run_demo
-from deqir_dist.demo_inversion import INVERSION_COLUMNS, grid_name
+from deqir_dist.apps.cli import main
+from deqir_dist.apps.demo import format_demo, run_demo
+from deqir_dist.dataset.tasks import DEMO_TASKS
+from deqir_dist.apps.demo_inversion import INVERSION_COLUMNS, grid_name
 from deqir_dist.errors import DeqirError
+from deqir_dist.models.builtin import builtin_bench_images
 
 
 def test_demo_end_to_end_tiny(tmp_path):

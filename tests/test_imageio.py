@@ -7,11 +7,11 @@ import pytest
 import torch
 from PIL import Image
 
-import deqir_dist.imageio as dio
+import deqir_dist.io.images as dio
 from deqir_dist.errors import DeqirError
-from deqir_dist.imageio import (
+from deqir_dist.io.files import ensure_writable_dir
+from deqir_dist.io.images import (
     check_finite,
-    ensure_writable_dir,
     list_images,
     read_image,
     read_tensor,

@@ -6,13 +6,14 @@ import pytest
 import torch
 
 from deqir_dist import DeqirError, make_operator
-from deqir_dist.chain import ChainBlock
-from deqir_dist.comm import split_rows
-from deqir_dist.denoiser import EpsFn
-from deqir_dist.inversion import (AdjointBlock, ReverseCarry, noise_gradient, optimize_noise,
-                                  reverse_scan)
-from deqir_dist.schedule import chain_coefficients
-from deqir_dist.serial import sample_serial
+from deqir_dist.api.inversion import noise_gradient
+from deqir_dist.api.optimize import optimize_noise
+from deqir_dist.parallel.comm import split_rows
+from deqir_dist.sampling.adjoint import AdjointBlock, ReverseCarry, reverse_scan
+from deqir_dist.sampling.chain import ChainBlock
+from deqir_dist.sampling.denoiser import EpsFn
+from deqir_dist.sampling.schedule import chain_coefficients
+from deqir_dist.sampling.serial import sample_serial
 
 SHAPE = (3, 8, 8)
 STEPS = 8

@@ -5,7 +5,7 @@ import torch
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from deqir_dist.errors import DeqirError
-from deqir_dist.metrics import from_unit, psnr, ssim, to_unit
+from deqir_dist.quality.metrics import from_unit, psnr, ssim, to_unit
 
 
 def _pair(kind: str, c: int, h: int, w: int, seed: int = 0):

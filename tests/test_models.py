@@ -19,9 +19,18 @@ import torch
 import torch.nn.functional as F
 
 from deqir_dist.errors import DeqirError
-from deqir_dist.models import (MODEL_NAMES, ADMUNet, CUDAGraphDenoiser, DDPMUNet, adm_256_uncond_config,
-                               adm_config, infer_config, load_denoiser, save_denoiser,
-                               sdedit_celeba_hq_config)
+from deqir_dist.models import (
+    MODEL_NAMES,
+    ADMUNet,
+    CUDAGraphDenoiser,
+    DDPMUNet,
+    adm_256_uncond_config,
+    adm_config,
+    infer_config,
+    load_denoiser,
+    save_denoiser,
+    sdedit_celeba_hq_config,
+)
 from deqir_dist.models.adm import adm_timestep_embedding
 from deqir_dist.models.ddpm import ddpm_timestep_embedding
 
@@ -642,7 +651,7 @@ def test_cuda_graph_replay_matches_eager():
 def test_cli_restore_with_checkpoint_paths(tmp_path, capsys):
     from PIL import Image
 
-    from deqir_dist.cli import main
+    from deqir_dist.apps.cli import main
     img = tmp_path / "face.png"
     Image.fromarray((np.random.default_rng(0).random((16, 16, 3)) * 255).astype(np.uint8)).save(img)
     ddpm = tmp_path / "ddpm.ckpt"

@@ -11,8 +11,10 @@ import torch
 import torch.nn.functional as F
 
 from deqir_dist.errors import DeqirError
-from deqir_dist.masks import MASK_KINDS, make_mask
-from deqir_dist.operators import OPERATOR_NAMES, SeparableOperator, fwht, make_operator
+from deqir_dist.physics.base import SeparableOperator
+from deqir_dist.physics.cs import fwht
+from deqir_dist.physics.masks import MASK_KINDS, make_mask
+from deqir_dist.physics.registry import OPERATOR_NAMES, make_operator
 
 # One representative configuration per operator (plus a few variants).
 CASES = [

@@ -5,13 +5,27 @@ import json
 import pytest
 import torch
 
-from deqir_dist.baselines import (back_project, baselines_for, best_baseline, bicubic_up, blur_matrices,
-                                  fill_harmonic, fill_mean, fill_nearest, tikhonov_deblur)
 from deqir_dist.errors import DeqirError
-from deqir_dist.metrics import psnr
 from deqir_dist.models import builtin
-from deqir_dist.models.builtin import BUILTIN_CARD, BUILTIN_CONFIG, BUILTIN_WEIGHTS, load_builtin
-from deqir_dist.operators import make_operator
+from deqir_dist.models.builtin import (
+    BUILTIN_CARD,
+    BUILTIN_CONFIG,
+    BUILTIN_WEIGHTS,
+    load_builtin,
+)
+from deqir_dist.physics.registry import make_operator
+from deqir_dist.quality.baselines import (
+    back_project,
+    baselines_for,
+    best_baseline,
+    bicubic_up,
+    blur_matrices,
+    fill_harmonic,
+    fill_mean,
+    fill_nearest,
+    tikhonov_deblur,
+)
+from deqir_dist.quality.metrics import psnr
 
 
 def _sha(path):
@@ -65,7 +79,7 @@ def test_load_builtin_missing_or_corrupt(tmp_path, monkeypatch):
 # ----------------------------------------------------------------------------- training
 
 def _tiny_cfg(**kw):
-    from deqir_dist.prior import TrainConfig
+    from deqir_dist.apps.prior_training import TrainConfig
     base = dict(model=dict(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
                            in_channels=3, resolution=16, resamp_with_conv=True),
                 steps=4, batch=2, crops=(8, 16), warmup=2, val_every=2, val_crops=2, val_size=16,
@@ -77,7 +91,8 @@ def _tiny_cfg(**kw):
 
 def test_tiny_training_is_reproducible_and_writes_weights_and_card(tmp_path):
     pytest.importorskip("skimage")
-    from deqir_dist.prior import train_prior, write_prior
+    from deqir_dist.apps.prior_training import train_prior
+    from deqir_dist.apps.train_prior import write_prior
     a = train_prior(_tiny_cfg(), progress=False, log_path=tmp_path / "loss.csv")
     b = train_prior(_tiny_cfg(), progress=False)
     assert len(a["losses"]) == 4 and a["losses"] == b["losses"]
@@ -98,7 +113,8 @@ def test_tiny_training_is_reproducible_and_writes_weights_and_card(tmp_path):
 
 def test_train_prior_cli_and_bad_settings(tmp_path, capsys):
     pytest.importorskip("skimage")
-    from deqir_dist.prior import TrainConfig, main, train_prior
+    from deqir_dist.apps.cli import main
+    from deqir_dist.apps.prior_training import TrainConfig, train_prior
     out = tmp_path / "cli.safetensors"
     rc = main(["train-prior", "-o", str(out), "--steps", "2", "--batch", "1", "--crops", "16", "--ch-mult", "1,2",
                "--train-images", "rocket", "--heldout-images", "coffee", "--val-crops", "1", "--threads", "1",
@@ -179,7 +195,8 @@ _TINY_CLI = ["--steps", "2", "--batch", "1", "--crops", "16", "--ch-mult", "1,2"
 
 
 def test_train_prior_checks_settings_and_outputs_before_training(tmp_path, capsys, monkeypatch):
-    from deqir_dist import prior
+    from deqir_dist.apps import train_prior as prior
+    from deqir_dist.apps.cli import main
 
     def no_training(*a, **k):
         raise AssertionError("trained despite a bad setting")
@@ -199,7 +216,7 @@ def test_train_prior_checks_settings_and_outputs_before_training(tmp_path, capsy
     if not torch.cuda.is_available():
         cases.append((["--device", "cuda"], "sees no CUDA device"))
     for extra, match in cases:
-        assert prior.main(["train-prior", "-o", str(out), *_TINY_CLI, *map(str, extra)]) == 2, extra
+        assert main(["train-prior", "-o", str(out), *_TINY_CLI, *map(str, extra)]) == 2, extra
         err = capsys.readouterr().err
         assert err.startswith("deqir: error: ") and err.count("\n") == 1 and match in err, err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]      # not even the folder of -o
@@ -207,7 +224,7 @@ def test_train_prior_checks_settings_and_outputs_before_training(tmp_path, capsy
 
 def test_train_prior_log_in_a_missing_folder(tmp_path, capsys):
     pytest.importorskip("skimage")
-    from deqir_dist.prior import main
+    from deqir_dist.apps.cli import main
     out, log = tmp_path / "p.safetensors", tmp_path / "logs" / "run1" / "l.csv"
     assert main(["train-prior", "-o", str(out), "--log", str(log), "--threads", "1", *_TINY_CLI]) == 0
     assert out.is_file() and (tmp_path / "p.json").is_file() and log.read_text().count("\n") == 3
@@ -218,7 +235,8 @@ def test_weights_and_card_appear_together_or_not_at_all(tmp_path, monkeypatch):
     pytest.importorskip("skimage")
     import os
 
-    from deqir_dist.prior import train_prior, write_prior
+    from deqir_dist.apps.prior_training import train_prior
+    from deqir_dist.apps.train_prior import write_prior
     result = train_prior(_tiny_cfg(steps=1, val_every=0), progress=False)
     real_replace = os.replace
 

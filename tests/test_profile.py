@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from deqir_dist import DeqirError, make_operator, restore
-from deqir_dist.profile import choose_solver, cost_at, measure_cost, predict_ms
+from deqir_dist.api.planner import choose_solver, cost_at, measure_cost, predict_ms
 
 
 def test_cost_interpolation():

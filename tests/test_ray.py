@@ -16,13 +16,20 @@ from PIL import Image
 
 ray = pytest.importorskip("ray")
 
-from deqir_dist.cli import main as deqir_main  # noqa: E402
+from deqir_dist.apps.cli import main as deqir_main  # noqa: E402
+from deqir_dist.apps.ray_restore import add_parser, cmd_ray_restore
+from deqir_dist.dataset.manifest import check_id, read_input
+from deqir_dist.dataset.results import config_hash, load_results
 from deqir_dist.errors import DeqirError  # noqa: E402
-from deqir_dist.ray_pipeline import (RestoreWorker, add_parser, check_id, cmd_ray_restore,  # noqa: E402
-                                     config_hash, load_results, main, read_input)
+from deqir_dist.ray.worker import RestoreWorker
 
 FAST = ["--model", "analytic", "--steps", "6", "--no-progress"]
 SR2 = ["--task", "sr_avgpool", "--scale", "2"]
+
+
+def main(argv):
+    """``deqir ray-restore ARGV``."""
+    return deqir_main(["ray-restore", *argv])
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +70,7 @@ def _pngs(out: Path) -> dict:
 
 def _plain_loop(data: Path, out: Path) -> dict:
     """The fault-free reference: the in-process loop ``deqir restore --from-clean`` runs (SR2, FAST)."""
-    from deqir_dist.jobs import expand_inputs, load_items, restore_items
+    from deqir_dist.dataset.items import expand_inputs, load_items, restore_items
     from deqir_dist.models import load_denoiser
     items = load_items(expand_inputs([str(data)]), "sr_avgpool", {"scale": 2}, True, seed=0)
     restore_items(load_denoiser("analytic"), items, str(out), {"steps": 6}, seed=0, progress=False)
@@ -262,8 +269,8 @@ def test_worker_records_corrupt_nan_and_wrong_size_in_process(tmp_path):
     assert recs[0]["png"].startswith(b"\x89PNG") and recs[0]["iterations"] >= 1
     assert "/src/junk.png" in recs[2]["error"]              # names the real input, not a temp file
     # a NaN measurement (.pt, as deqir degrade writes for cs_wht)
-    from deqir_dist.jobs import save_measurement
-    from deqir_dist.operators import make_operator
+    from deqir_dist.io.measurements import save_measurement
+    from deqir_dist.physics.registry import make_operator
     op = make_operator("cs_wht", image_shape=(3, 8, 8))
     save_measurement(tmp_path / "nan.pt", torch.full(op.measurement_shape, float("nan")), op)
     w2 = RestoreWorker({**spec, "task": "cs_wht", "from_clean": False})
@@ -289,7 +296,7 @@ def _cli(args, timeout):
     import sys
     env = {**os.environ, "OMP_NUM_THREADS": "1", "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",
            "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
-    return subprocess.run([sys.executable, "-m", "deqir_dist.cli", "ray-restore", *map(str, args)],
+    return subprocess.run([sys.executable, "-m", "deqir_dist", "ray-restore", *map(str, args)],
                           capture_output=True, text=True, timeout=timeout, env=env)
 
 
@@ -362,7 +369,7 @@ def test_too_many_workers_leaves_no_output(ray_session, tmp_path, capsys):
 
 def test_failure_after_output_was_created_removes_it(tmp_path, monkeypatch, capsys):
     """Nothing restored: the run removes what it created, and only that."""
-    from deqir_dist import ray_pipeline as rp
+    from deqir_dist.ray import job as rp
 
     class Pool:
         restarts = retried = 0

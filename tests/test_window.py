@@ -3,9 +3,9 @@ import pytest
 import torch
 
 from deqir_dist import DeqirError, make_operator, restore
-from deqir_dist.comm import offset_split, reshard_plan
-from deqir_dist.metrics import psnr
 from deqir_dist.models import GaussianMixtureDenoiser
+from deqir_dist.parallel.comm import offset_split, reshard_plan
+from deqir_dist.quality.metrics import psnr
 
 SHAPE = (3, 8, 8)
 

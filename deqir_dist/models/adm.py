@@ -37,9 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DeqirError
-
-__all__ = ["ADMUNet", "adm_config", "adm_256_uncond_config", "adm_timestep_embedding"]
+from deqir_dist.errors import DeqirError
 
 
 def adm_timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:

@@ -17,7 +17,7 @@ import math
 
 import torch
 
-from ..schedule import linear_alphas_cumprod
+from deqir_dist.sampling.schedule import linear_alphas_cumprod
 
 
 class GaussianMixtureDenoiser(torch.nn.Module):

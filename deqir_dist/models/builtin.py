@@ -15,10 +15,10 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DeqirError
-
-__all__ = ["BUILTIN_CONFIG", "BUILTIN_SIZE_MULTIPLE", "BUILTIN_WEIGHTS", "BUILTIN_CARD", "load_builtin",
-           "builtin_card", "builtin_heldout", "read_builtin_file"]
+from deqir_dist.data.photos import heldout_crops, read_heldout_png
+from deqir_dist.errors import DeqirError
+from deqir_dist.models.ddpm import DDPMUNet
+from deqir_dist.models.loading import apply_precision, state_dict_mismatch
 
 BUILTIN_CONFIG = dict(ch=32, out_ch=3, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
                       in_channels=3, resolution=64, resamp_with_conv=True)
@@ -68,8 +68,6 @@ def load_builtin(dtype: torch.dtype | str | None = None, device: torch.device | 
     A missing or corrupt file, or one that does not hold :data:`BUILTIN_CONFIG` (shipped file
     only), raises ``DeqirError`` saying how to get it back.
     """
-    from .ddpm import DDPMUNet
-    from .loading import apply_precision, state_dict_mismatch
     sd, cfg, _ = read_builtin_file(path)
     if path is None and cfg != _normal(BUILTIN_CONFIG):
         raise DeqirError(f"{BUILTIN_WEIGHTS} holds config {cfg}, not BUILTIN_CONFIG {BUILTIN_CONFIG}; "
@@ -101,8 +99,29 @@ def builtin_card(path: str | os.PathLike | None = None) -> dict:
 
 def builtin_heldout(path: str | os.PathLike | None = None) -> dict:
     """name -> (H, W, 3) uint8 held-out photograph stored in the weights file (never trained on)."""
-    from ..prior import read_heldout_png
     _, _, meta = read_builtin_file(path)
     if "deqir_heldout_png" not in meta:
         raise DeqirError(f"{path or BUILTIN_WEIGHTS} stores no held-out images")
     return read_heldout_png(meta["deqir_heldout_png"])
+
+
+# ----------------------------------------------------------------------------- images
+
+def heldout_images(weights=None) -> dict:
+    """name -> (H, W, 3) uint8 held-out photograph of the prior (from its weights file)."""
+    return builtin_heldout(weights)
+
+
+def builtin_bench_images(n: int, size: int, weights=None) -> torch.Tensor:
+    """(n, 3, size, size) held-out crops in [-1, 1] for benchmarking the built-in prior.
+
+    Crop j cycles over the held-out photographs (each resized to a short side of 2 x size): the
+    centre crop first, then a fixed ring of offsets around it. Deterministic.
+    """
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise DeqirError(f"builtin_bench_images needs n >= 1, got {n!r}")
+    if isinstance(size, bool) or not isinstance(size, int) or size < BUILTIN_SIZE_MULTIPLE \
+            or size % BUILTIN_SIZE_MULTIPLE:
+        raise DeqirError(f"image size must be a positive multiple of {BUILTIN_SIZE_MULTIPLE} for the built-in "
+                         f"prior, got {size!r}")
+    return heldout_crops(heldout_images(weights), size, n)

@@ -23,10 +23,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..denoiser import model_device
-from ..errors import DeqirError
-
-__all__ = ["CUDAGraphDenoiser"]
+from deqir_dist.errors import DeqirError
+from deqir_dist.sampling.denoiser import model_device
 
 
 class CUDAGraphDenoiser(nn.Module):

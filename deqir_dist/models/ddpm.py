@@ -27,10 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import DeqirError
-from .adm import _atleast32, _check_input
-
-__all__ = ["DDPMUNet", "ddpm_timestep_embedding", "sdedit_celeba_hq_config"]
+from deqir_dist.errors import DeqirError
+from deqir_dist.models.adm import _atleast32, _check_input
 
 
 def ddpm_timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:

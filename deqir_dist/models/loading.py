@@ -37,13 +37,9 @@ from typing import Mapping
 
 import torch
 
-from ..errors import DeqirError
-from .adm import ADMUNet, adm_256_uncond_config
-from .ddpm import DDPMUNet, sdedit_celeba_hq_config
-
-__all__ = ["ARCHITECTURES", "PRESETS", "CHECKPOINT_SUFFIXES", "read_state_dict", "detect_architecture",
-           "infer_config", "build_model", "load_checkpoint", "save_denoiser", "state_dict_mismatch",
-           "apply_precision", "parse_dtype"]
+from deqir_dist.errors import DeqirError, one_line
+from deqir_dist.models.adm import ADMUNet, adm_256_uncond_config
+from deqir_dist.models.ddpm import DDPMUNet, sdedit_celeba_hq_config
 
 ARCHITECTURES = {"adm": ADMUNet, "ddpm": DDPMUNet}
 # name -> (architecture, config factory, where the weights come from)
@@ -56,10 +52,6 @@ CHECKPOINT_SUFFIXES = (".pt", ".pth", ".ckpt", ".bin", ".safetensors")
 _ZIP_MAGIC = b"PK\x03\x04"
 
 
-def _one_line(e: BaseException, limit: int = 160) -> str:
-    text = " ".join(str(e).split())
-    text = re.sub(r"\x1b\[[0-9;]*m", "", text)
-    return f"{type(e).__name__}: {text[:limit]}{'...' if len(text) > limit else ''}"
 
 
 # ----------------------------------------------------------------------------- reading
@@ -89,7 +81,7 @@ def _read_torch(path: Path):
             why = f" ({found.group(0)})" if found else ""
             raise DeqirError(f"refused to load {path}: it contains pickled objects other than tensors{why}; "
                              f"only plain state dicts are loaded (pickled code is never run)") from None
-        raise DeqirError(f"cannot read checkpoint {path}: truncated or corrupt file ({_one_line(e)})") from None
+        raise DeqirError(f"cannot read checkpoint {path}: truncated or corrupt file ({one_line(e, limit=160)})") from None
 
 
 def _read_safetensors(path: Path, shapes_only: bool = False):
@@ -103,7 +95,7 @@ def _read_safetensors(path: Path, shapes_only: bool = False):
             sd = {k: (tuple(f.get_slice(k).get_shape()) if shapes_only else f.get_tensor(k)) for k in f.keys()}
     except Exception as e:  # noqa: BLE001
         raise DeqirError(f"cannot read checkpoint {path}: truncated or corrupt safetensors file "
-                         f"({_one_line(e)})") from None
+                         f"({one_line(e, limit=160)})") from None
     info = {}
     if "deqir_arch" in meta:
         info["arch"] = meta["deqir_arch"]
@@ -334,7 +326,7 @@ def build_model(arch: str, config: Mapping, device=None) -> torch.nn.Module:
         with torch.device(device or "cpu"):
             return ARCHITECTURES[arch](**cfg)
     except TypeError as e:
-        raise DeqirError(f"bad {arch} config: {_one_line(e)}") from None
+        raise DeqirError(f"bad {arch} config: {one_line(e, limit=160)}") from None
 
 
 def load_checkpoint(path, name: str | None = None, config: Mapping | None = None) -> torch.nn.Module:

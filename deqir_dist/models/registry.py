@@ -6,10 +6,18 @@ from pathlib import Path
 
 import torch
 
-from ..errors import DeqirError
-from .analytic import GaussianMixtureDenoiser
-from .loading import (ARCHITECTURES, CHECKPOINT_SUFFIXES, PRESETS, apply_precision, build_model,
-                      load_checkpoint, parse_dtype)
+from deqir_dist.errors import DeqirError
+from deqir_dist.models.analytic import GaussianMixtureDenoiser
+from deqir_dist.models.builtin import load_builtin
+from deqir_dist.models.loading import (
+    ARCHITECTURES,
+    CHECKPOINT_SUFFIXES,
+    PRESETS,
+    apply_precision,
+    build_model,
+    load_checkpoint,
+    parse_dtype,
+)
 
 MODEL_NAMES = ("builtin", "analytic") + tuple(PRESETS)
 
@@ -47,7 +55,6 @@ def load_denoiser(name_or_path: str | os.PathLike | None, checkpoint=None, dtype
     if name_or_path == "builtin":
         if checkpoint is not None or config is not None:
             raise DeqirError("the builtin model ships with the package; it takes no checkpoint or config")
-        from .builtin import load_builtin
         return load_builtin(dtype=parse_dtype(dtype), device=device).eval()
     if name_or_path in (None, "analytic") and checkpoint is None:
         if config is not None:

@@ -1,0 +1,415 @@
+"""DEQ inversion: exact gradients of a loss on the restored image w.r.t. the initial noise xi.
+
+The whole chain is one fixed point h* = F(h*; xi) over the rows h_1..h_N (``chain.ChainBlock``),
+and F is causal. For a loss L(h*_N) the implicit function theorem gives
+
+    dL/dxi = J_xi^T lam,    lam = dL/dh + J_h^T lam                                  (adjoint)
+
+with J_h = dF/dh and J_xi = dF/dxi at h*. J_h is strictly block-LOWER-triangular (row i reads
+rows < i), so J_h^T is strictly upper-triangular and nilpotent: the adjoint is a reverse-order
+causal system, lam_N = dL/dh_N exactly, and after k sweeps rows N-k..N are exact; Picard on it
+is exact after N - 1 sweeps (N evaluations counting the one that turns lam into dL/dxi).
+
+**One adjoint evaluation in terms of per-row pieces** (u_i = h_i / g_i, g_i = sqrt(a'_i), d_i =
+1 - lam_i the range-space decay, P and Q symmetric projectors, DESIGN section 2):
+
+    w_i    = g_i lam_i                                       (adjoint of u_i)
+    mu^P_i = sum_{i' >= i} w_i'                              (reverse cumsum: adjoint of P u_i)
+    mu^Q_i = w_i + d_{i+1} mu^Q_{i+1}                         (reverse linear scan; = w_i if lam = 1)
+    a_i    = coef_p_i P mu^P_i + coef_q_i Q mu^Q_i            (adjoint of eps_i)
+    v_{i-1} = (d eps_theta(h_{i-1}, tau_i) / d h_{i-1})^T a_i (ONE batched denoiser VJP, all rows)
+
+then (J_h^T lam)_j = v_j for j = 1..N-1 (row N feeds nothing) and
+
+    J_xi^T lam = v_0 + (P mu^P_1 + d_1 Q mu^Q_1) / sqrt(a_1)
+
+where v_0 is the denoiser path (xi is the input row of eps_1, the "halo" of the first block) and
+the second term the linear path (xi enters the carry P u_0, Q u_0 with u_0 = xi / sqrt(a_1)).
+Only the reverse scans couple rows; everything else is per row. ``AdjointBlock`` holds these
+pieces for a block of rows [lo, hi) with an incoming reverse carry (mu^P, mu^Q of row hi), so it
+can be sharded like the forward map (see ``AdjointBlock``). Memory is one linearisation of the
+denoiser at h* (or a chunk of rows of it, ``vjp_chunk``), independent of the number of iterations.
+
+**Solving the adjoint** (``adjoint=``): "serial" is back-substitution of the triangular system,
+row N down to row 1, one single-row VJP each (the cost of backprop through the serial chain, but
+from the stored fixed point: no graph through the loop, one row's graph alive at a time);
+"picard" and "anderson" evaluate the whole adjoint map at once (one batched VJP over all rows per
+evaluation, Anderson with one set of weights per image and the exact rows kept, as the forward)
+and are exact after N evaluations. Early stopping is NOT safe here, measured on the analytic
+oracle (N = 25): the xi-gradient is a small difference of large terms (the linear path
+r_N P dL/dh_N against the paths through all N denoiser Jacobians; truncated sums are off by 1e4x
+the true gradient before they converge), and the long paths arrive last, after plateaus (inpaint:
+the gradient changed by 1e-3 between evaluations 20 and 21 with a 70% error, then jumped). So
+"serial" is the default (exact, N row-VJPs, always cheapest in one process; with N evaluations
+the batched variants cost N times the work and are never faster in latency either, because each
+evaluation costs at least one row-VJP). ``adjoint_tol`` > 0 enables the documented early stop
+(relative adjoint residual |Phi(lam) - lam| / |Phi(lam)| <= tol) for experiments.
+
+The gradient is only as exact as the forward fixed point: with the default forward (Anderson,
+final-row rule at 80 dB) it was within 1.5e-3 relative error of the exact one in float64; use
+``solver="serial"`` for the exact trajectory.
+
+``method="phantom"`` is the official code's one-step "phantom gradient": from the detached fixed
+point take k damped steps x <- (1 - tau) x + tau F(x; xi) with autograd and backpropagate the
+loss of the last row. With k = 1 the denoiser sees only detached rows (its input row 0 is the
+detached copy of xi, as in the official (N+1)-row layout), so the gradient is tau times the linear
+path alone, tau * P(dL/dh_N) / sqrt(a_1) when lam_1 = 1: no denoiser Jacobian at all.
+
+``optimize_noise`` runs Adam on xi with these gradients for three losses (see its docstring for
+when the blind consistency loss means anything; the ``oracle`` loss uses the ground truth).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from deqir_dist.errors import DeqirError, check_tensor
+from deqir_dist.parallel.comm import LocalComm, split_rows
+from deqir_dist.parallel.dist import DistComm, check_same_inputs, problem_digest
+from deqir_dist.sampling.adjoint import AdjointBlock, _eps_rows, _Linearization, _norms
+from deqir_dist.sampling.chain import ChainBlock, block_decays
+from deqir_dist.sampling.denoiser import EpsFn, model_device
+from deqir_dist.sampling.schedule import ChainCoefficients, chain_coefficients
+from deqir_dist.sampling.serial import sample_serial
+from deqir_dist.solvers.adjoint import (
+    ADJOINT_SOLVERS,
+    DEFAULT_ADJOINT_TOL,
+    _solve_adjoint,
+)
+from deqir_dist.solvers.chain import solve_chain
+from deqir_dist.solvers.options import SolverOptions
+
+METHODS = ("implicit", "phantom")
+FORWARD_SOLVERS = ("serial", "picard", "anderson")
+DEFAULT_FORWARD_TOL = 80.0      # dB, the "final" stop rule of ``solvers`` (a tight default: gradients)
+
+
+# ---------------------------------------------------------------------------- results
+
+@dataclass
+class NoiseGradient:
+    """dL/dxi at xi, and what came with it.
+
+    grad: (B, C, H, W) gradient of sum(loss) w.r.t. xi (per image independent); loss: the loss
+    values as ``loss_fn`` returned them (scalar or (B,)), detached; image: the restored h*_N
+    (implicit: F(h*)_N, one exact sweep past the solver's fixed point; phantom: the last row of
+    the damped phantom state), detached; trajectory: h*_1..h*_N (B, N, C, H, W), detached (a warm
+    start for the next solve); forward_iterations: joint-map evaluations of the forward solve (max
+    over images; serial: N); adjoint_iterations: adjoint evaluations, each one batched denoiser VJP
+    over all rows (serial: N single-row VJPs; phantom: phantom_steps); adjoint_trace: the relative
+    adjoint residual after each evaluation.
+    """
+
+    grad: torch.Tensor
+    loss: torch.Tensor
+    image: torch.Tensor
+    forward_iterations: int
+    adjoint_iterations: int
+    method: str = "implicit"
+    trajectory: torch.Tensor | None = None
+    adjoint_trace: list[float] = field(default_factory=list)
+    forward_residual: float = 0.0           # max over images of |F(h*) - h*| / |F(h*)| (implicit)
+    rank_rows: tuple[int, int] | None = None  # distributed: the rows [lo, hi) of ``trajectory`` (else all)
+
+
+# ---------------------------------------------------------------------------- forward
+
+class _RecordingBlock(ChainBlock):
+    """A ChainBlock that keeps, per image, the rows of its last evaluation of F (the trajectory)."""
+
+    def __init__(self, *args, **kw):
+        super().__init__(*args, **kw)
+        self.traj = torch.zeros((self.xi.shape[0], self.rows, *self.xi.shape[1:]),
+                                dtype=self.xi.dtype, device=self.xi.device)
+        self._idx = None
+
+    def increments(self, eps, inputs, idx):
+        self._idx = idx
+        return super().increments(eps, inputs, idx)
+
+    def outputs(self, bp, bq, carry):
+        f = super().outputs(bp, bq, carry)
+        if self._idx is not None:
+            self.traj[self._idx] = f
+        return f
+
+
+@dataclass
+class _Problem:
+    coeffs: ChainCoefficients
+    eps_fn: EpsFn
+    op: object
+    y: torch.Tensor
+    xi: torch.Tensor
+    z: torch.Tensor | None
+    steps: int
+
+
+def _setup(denoiser, y, op, xi, steps, etw, nw, step_noise, start, sigma_y, dtype, alphas_cumprod) -> _Problem:
+    coeffs = chain_coefficients(steps, start, etw, nw, sigma_y, alphas_cumprod)
+    shape = tuple(op.image_shape)
+    y = check_tensor(y, "y", (None, *op.measurement_shape))
+    b = y.shape[0]
+    xi = check_tensor(xi, "xi", (b, *shape))
+    if nw > 0:
+        if step_noise is None:
+            raise DeqirError("nw > 0 needs step_noise (B, N, C, H, W): the z rows must stay fixed")
+        step_noise = check_tensor(step_noise, "step_noise", (b, steps, *shape))
+    dev = model_device(denoiser, default=y.device)
+    z = None if step_noise is None or nw == 0 else step_noise.to(device=dev, dtype=dtype)
+    return _Problem(coeffs, EpsFn(denoiser, shape[0], dtype), op, y.detach().to(device=dev, dtype=dtype),
+                    xi.detach().to(device=dev, dtype=dtype), z, steps)
+
+
+def _forward(pb: _Problem, solver: str, tol: float | None, max_iter: int | None,
+             init: torch.Tensor | None, solver_kw: dict) -> tuple[torch.Tensor, int]:
+    """The fixed point h*_1..h*_N (B, N, C, H, W) and the number of joint-map evaluations."""
+    with torch.no_grad():
+        if solver == "serial":
+            states = []
+            sample_serial(pb.eps_fn, pb.op, pb.coeffs, pb.y, pb.xi, pb.z,
+                          callback=lambda i, h: states.append(h))
+            return torch.stack(states, 1), pb.steps
+        opts = SolverOptions.make(solver, "final", DEFAULT_FORWARD_TOL if tol is None else tol,
+                                  max_iter, pb.steps, **solver_kw)
+        block = _RecordingBlock(pb.eps_fn, pb.op, pb.coeffs, pb.y, pb.xi, 0, pb.steps, pb.z)
+        x0 = None if init is None else init.detach().to(pb.xi)
+        sol = solve_chain(block, LocalComm(), opts, x0=x0)
+        if not torch.equal(block.traj[:, -1], sol.final):
+            raise DeqirError("internal: the recorded trajectory does not end in the solver's result")
+        return block.traj, max(sol.iterations)
+
+
+def _loss_grad(loss_fn, image: torch.Tensor):
+    img = image.detach().clone().requires_grad_(True)
+    with torch.enable_grad():
+        loss = loss_fn(img)
+        if not isinstance(loss, torch.Tensor) or loss.dim() > 1:
+            raise DeqirError("loss_fn must return a scalar or a (B,) tensor")
+        dl, = torch.autograd.grad(loss.sum(), img)
+    return loss.detach(), dl
+
+
+# ---------------------------------------------------------------------------- public API
+
+def noise_gradient(denoiser, y: torch.Tensor, op, xi: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
+                   steps: int = 25, method: str = "implicit", solver: str = "anderson", etw: float = 0.0,
+                   nw: float = 0.0, step_noise: torch.Tensor | None = None, start: int = 1000,
+                   sigma_y: float = 0.0, tau: float = 0.1, phantom_steps: int = 1, tol: float | None = None,
+                   max_iter: int | None = None, dtype: torch.dtype = torch.float32,
+                   alphas_cumprod: torch.Tensor | None = None, adjoint: str = "serial",
+                   adjoint_tol: float = DEFAULT_ADJOINT_TOL, adjoint_max_iter: int | None = None,
+                   vjp_chunk: int | None = None, init: torch.Tensor | None = None,
+                   distributed: bool = False, group=None, **solver_options) -> NoiseGradient:
+    """Gradient of sum(loss_fn(h*_N)) w.r.t. the initial noise xi (B, C, H, W).
+
+    The forward fixed point is solved without a graph (``solver`` "serial", "picard" or
+    "anderson", stop rule "final" at ``tol`` dB, default 80; ``max_iter`` evaluations at most;
+    ``init`` warm-starts it with a trajectory; extra keywords tune Anderson). ``loss_fn(image)``
+    takes (B, C, H, W) and returns a scalar or one value per image.
+
+    method "implicit" (exact): solves the adjoint system lam = dL/dh + J_h^T lam at h* with
+    ``adjoint`` = "serial" (default: exact back-substitution, N single-row VJPs), "picard" or
+    "anderson" (one batched denoiser VJP over all rows per evaluation; exact after N evaluations,
+    or earlier at relative adjoint residual <= ``adjoint_tol`` when that is > 0, which the module
+    doc explains is unreliable). Memory does not grow with the iterations: one linearisation of
+    the denoiser at h* is kept (its graph over all rows, reused with retain_graph, or recomputed
+    ``vjp_chunk`` rows at a time; "serial" recomputes one row at a time).
+
+    method "phantom" (the official approximation): ``phantom_steps`` damped steps
+    x <- (1 - tau) x + tau F(x; xi) from the detached fixed point, with autograd; see module doc.
+
+    ``distributed=True`` (inside an initialised torch.distributed group, or ``group``, of P ranks;
+    P = 1 is the single-process path above): rank r owns rows ``split_rows(N, P)[r]`` of the
+    forward AND of the adjoint, no rank holds all rows (see ``_noise_gradient_distributed``).
+    Every rank must pass the same inputs (checked) and the same ``loss_fn``; every rank returns
+    the same grad, loss and image, and its own rows of the trajectory (``rank_rows``; ``init``
+    may be the full trajectory or this rank's rows). Only method "implicit"; the sharded adjoint
+    is always Picard (exact after N evaluations, the same gradient as any exact adjoint):
+    ``adjoint`` "serial" (the default) or "picard" run it, "anderson" is refused (not sharded).
+    """
+    if method not in METHODS:
+        raise DeqirError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
+    if solver not in FORWARD_SOLVERS:
+        raise DeqirError(f"unknown solver {solver!r}; choose from {', '.join(FORWARD_SOLVERS)}")
+    if adjoint not in ADJOINT_SOLVERS:
+        raise DeqirError(f"unknown adjoint solver {adjoint!r}; choose from {', '.join(ADJOINT_SOLVERS)}")
+    if method == "phantom" and (not 0 < tau <= 1 or isinstance(phantom_steps, bool)
+                                or not isinstance(phantom_steps, int) or phantom_steps < 1):
+        raise DeqirError("phantom needs 0 < tau <= 1 and an integer phantom_steps >= 1")
+    if vjp_chunk is not None and (isinstance(vjp_chunk, bool) or not isinstance(vjp_chunk, int) or vjp_chunk < 1):
+        raise DeqirError(f"vjp_chunk must be a positive integer or None, got {vjp_chunk!r}")
+    pb = _setup(denoiser, y, op, xi, steps, etw, nw, step_noise, start, sigma_y, dtype, alphas_cumprod)
+    if distributed:
+        comm = DistComm(group, model_device(denoiser, default=pb.xi.device))
+        if comm.size > 1:
+            if method != "implicit":
+                raise DeqirError("distributed=True supports method='implicit' only (the phantom gradient "
+                                 "is not sharded)")
+            if adjoint == "anderson":
+                raise DeqirError("distributed=True shards the Picard adjoint only: use adjoint='picard' "
+                                 "(or the default 'serial', which runs as Picard when sharded)")
+            if comm.size > steps:
+                raise DeqirError(f"{comm.size} ranks for a chain of {steps} rows: use at most one rank per row")
+            return _noise_gradient_distributed(pb, comm, loss_fn, solver, tol, max_iter, init, solver_options,
+                                               adjoint, adjoint_tol, adjoint_max_iter, vjp_chunk,
+                                               {"steps": steps, "start": start, "etw": etw, "nw": nw,
+                                                "sigma_y": sigma_y, "dtype": str(dtype), "solver": solver,
+                                                "tol": tol, "max_iter": max_iter, "adjoint": adjoint,
+                                                "adjoint_tol": adjoint_tol, "adjoint_max_iter": adjoint_max_iter,
+                                                "options": solver_options})
+    traj, k_fwd = _forward(pb, solver, tol, max_iter, init, solver_options)
+    if method == "phantom":
+        return _phantom(pb, traj, k_fwd, loss_fn, tau, phantom_steps)
+    n = pb.steps
+    if adjoint == "serial" and vjp_chunk is None:
+        vjp_chunk = 1                      # one row per VJP: no point in keeping the whole graph
+    lin = _Linearization(pb.eps_fn, torch.cat([pb.xi.unsqueeze(1), traj[:, :-1]], 1),
+                         pb.coeffs.taus.to(pb.xi.device), vjp_chunk)
+    block = ChainBlock(pb.eps_fn, pb.op, pb.coeffs, pb.y, pb.xi, 0, n, pb.z)
+    idx = torch.arange(pb.xi.shape[0], device=pb.xi.device)
+    with torch.no_grad():
+        f = block.outputs(*block.increments(lin.eps, lin.inputs, idx), block.carry0)
+        fres = float((_norms(f - traj) / _norms(f).clamp_min(1e-300)).max())
+    image = f[:, -1]
+    loss, dl_last = _loss_grad(loss_fn, image)
+    dl = torch.zeros_like(traj)
+    dl[:, -1] = dl_last
+    adj = AdjointBlock(pb.op, pb.coeffs, 0, n, dtype=pb.xi.dtype, device=pb.xi.device)
+    k_adj_max = n if adjoint_max_iter is None else adjoint_max_iter
+    with torch.no_grad():
+        grad, k_adj, trace = _solve_adjoint(adj, lin, dl, adjoint, adjoint_tol, k_adj_max)
+    return NoiseGradient(grad.detach(), loss, image.detach(), k_fwd, k_adj, "implicit", f.detach(), trace, fres)
+
+
+def _noise_gradient_distributed(pb: _Problem, comm, loss_fn, solver: str, tol: float | None,
+                                max_iter: int | None, init: torch.Tensor | None, solver_kw: dict,
+                                adjoint: str, adjoint_tol: float, adjoint_max_iter: int | None,
+                                vjp_chunk: int | None, config: dict) -> NoiseGradient:
+    """The implicit gradient with the chain sharded over P > 1 ranks (``comm``: a ``DistComm``).
+
+    Rank r owns rows [lo, hi) = split_rows(N, P)[r] of the forward and of the adjoint:
+      1. forward: ``solve_chain`` on a ``_RecordingBlock`` of its rows (prefix scan over ranks as in
+         ``restore``; solver "serial" runs the whole chain on every rank, keeping only rows
+         lo-1..hi-1), then one halo exchange so that it knows h*_{lo-1} (rank 0: xi);
+      2. one exact sweep F(h*) on its rows (prefix carry over ranks), the final image broadcast from
+         the last rank: every rank computes the same loss; dL/dh_N lives in the last rank's last row;
+      3. adjoint: Picard on its rows, at most N evaluations (exact by causality), each = reverse
+         exclusive scan of ``AdjointBlock.summary`` over ranks (``DistComm.reverse_carry``), local
+         ``scan`` + ``eps_adjoint``, one batched VJP of the local linearisation (inputs h*_{lo-1} and
+         its rows but the last); the VJP's first row goes to rank r-1 (``DistComm.halo_back``),
+         the rest plus the row received from rank r+1 is J_h^T lam on its rows; the stopping
+         statistics are all-summed (the same trace as one process);
+      4. rank 0 forms dL/dxi = v_0 + xi_linear at the last evaluation; broadcast from rank 0.
+    """
+
+    n, b = pb.steps, pb.xi.shape[0]
+    blocks = split_rows(n, comm.size)
+    lo, hi = blocks[comm.rank]
+    comm.block_decays = block_decays(pb.coeffs, blocks, None)        # the eps form the adjoint is written for
+    z_check = None if pb.z is None else [float(pb.z.double().sum()), float(pb.z.double().abs().sum())]
+    check_same_inputs(comm, problem_digest(pb.y, pb.xi, pb.op,
+                                           {**config, "a": pb.coeffs.a.tolist(), "z": z_check}))
+    z_local = None if pb.z is None else pb.z[:, lo:hi]
+
+    # 1. forward: this rank's rows of the fixed point, and the input row of its first row
+    with torch.no_grad():
+        if solver == "serial":
+            kept = {}
+            sample_serial(pb.eps_fn, pb.op, pb.coeffs, pb.y, pb.xi, pb.z,
+                          callback=lambda i, h: kept.__setitem__(i, h) if lo < i <= hi else None)
+            traj = torch.stack([kept[i] for i in range(lo + 1, hi + 1)], 1)
+            k_fwd = n
+        else:
+            opts = SolverOptions.make(solver, "final", DEFAULT_FORWARD_TOL if tol is None else tol,
+                                      max_iter, n, **solver_kw)
+            block = _RecordingBlock(pb.eps_fn, pb.op, pb.coeffs, pb.y, pb.xi, lo, hi, z_local)
+            x0 = None
+            if init is not None:
+                init = check_tensor(init, "init", (b, None, *pb.xi.shape[1:]))
+                if init.shape[1] == n:
+                    init = init[:, lo:hi]
+                elif init.shape[1] != hi - lo:
+                    raise DeqirError(f"init has {init.shape[1]} rows: expected the full trajectory ({n}) "
+                                     f"or this rank's rows ({hi - lo})")
+                x0 = init.detach().to(pb.xi)
+            sol = solve_chain(block, comm, opts, x0=x0)
+            if comm.is_last and not torch.equal(block.traj[:, -1], sol.final):
+                raise DeqirError("internal: the recorded trajectory does not end in the solver's result")
+            traj, k_fwd = block.traj, max(sol.iterations)
+        h_prev = comm.halo(traj[:, -1], pb.xi)
+
+    # 2. one exact sweep on the local rows, the image and the loss on every rank
+    lin = _Linearization(pb.eps_fn, torch.cat([h_prev.unsqueeze(1), traj[:, :-1]], 1),
+                         pb.coeffs.taus[lo:hi].to(pb.xi.device), vjp_chunk)
+    fblock = ChainBlock(pb.eps_fn, pb.op, pb.coeffs, pb.y, pb.xi, lo, hi, z_local)
+    idx = torch.arange(b, device=pb.xi.device)
+    with torch.no_grad():
+        bp, bq = fblock.increments(lin.eps, lin.inputs, idx)
+        carry = comm.carry(fblock.carry0, fblock.summary(bp, bq), fblock.range_recurrent)
+        f = fblock.outputs(bp, bq, carry)
+        sq = comm.all_sum(torch.stack([(f - traj).flatten(1).double().pow(2).sum(1),
+                                       f.flatten(1).double().pow(2).sum(1)]))
+        fres = float((sq[0].sqrt() / sq[1].sqrt().clamp_min(1e-300)).max())
+        image = comm.from_last(f[:, -1].contiguous())
+    loss, dl_last = _loss_grad(loss_fn, image)
+
+    # 3. the adjoint, Picard on the local rows
+    adj = AdjointBlock(pb.op, pb.coeffs, lo, hi, dtype=pb.xi.dtype, device=pb.xi.device)
+    rev_decays = []
+    for a, c in blocks:
+        dn = torch.cat([1 - pb.coeffs.lam, torch.zeros(1, dtype=pb.coeffs.lam.dtype)])[a + 1:c + 1]
+        rev_decays.append(float(torch.prod(dn)) if adj.range_recurrent else 0.0)
+    k_max = n if adjoint_max_iter is None else adjoint_max_iter
+    dl = torch.zeros_like(traj)
+    if comm.is_last:
+        dl[:, -1] = dl_last
+    zero_row = torch.zeros_like(pb.xi)
+    trace: list[float] = []
+    x = dl.clone()
+    k = 0
+    with torch.no_grad():
+        while True:
+            rcarry = comm.reverse_carry(adj.summary(x), rev_decays, adj.range_recurrent)
+            mu_p, mu_q = adj.scan(x, rcarry)
+            v = lin.vjp(adj.eps_adjoint(mu_p, mu_q))
+            from_next = comm.halo_back(v[:, 0].contiguous(), zero_row)
+            fx = dl + torch.cat([v[:, 1:], from_next.unsqueeze(1)], 1)
+            sq = comm.all_sum(torch.stack([(fx - x).flatten(1).double().pow(2).sum(1),
+                                           fx.flatten(1).double().pow(2).sum(1)]))
+            rel = sq[0].sqrt() / sq[1].sqrt().clamp_min(1e-300)
+            trace.append(float(rel.max()))
+            k += 1
+            if k >= k_max or k >= n or bool((rel <= adjoint_tol).all()):
+                break
+            x = fx
+        # 4. dL/dxi on rank 0, broadcast
+        grad = v[:, 0] + adj.xi_linear(mu_p, mu_q) if comm.is_first else torch.zeros_like(pb.xi)
+        grad = comm.from_first(grad.contiguous())
+    return NoiseGradient(grad.detach(), loss, image.detach(), k_fwd, k, "implicit", f.detach(), trace, fres,
+                         rank_rows=(lo, hi))
+
+
+def _phantom(pb: _Problem, traj: torch.Tensor, k_fwd: int, loss_fn, tau: float, k: int) -> NoiseGradient:
+    """The official phantom gradient on the (N+1)-row state [row 0 = xi, h_1..h_N]."""
+    n = pb.steps
+    taus = pb.coeffs.taus.to(pb.xi.device)
+    xi = pb.xi.clone().requires_grad_(True)
+    idx = torch.arange(xi.shape[0], device=xi.device)
+    with torch.enable_grad():
+        block = ChainBlock(pb.eps_fn, pb.op, pb.coeffs, pb.y, xi, 0, n, pb.z)   # carry0 differentiable
+        row0 = pb.xi.detach()                 # the state's row 0: the detached xi, re-inserted as xi by F
+        x = traj.detach()
+        for _ in range(k):
+            inputs = torch.cat([row0.unsqueeze(1), x[:, :-1]], 1)
+            f = block.outputs(*block.increments(_eps_rows(pb.eps_fn, inputs, taus), inputs, idx), block.carry0)
+            x = (1 - tau) * x + tau * f
+            row0 = (1 - tau) * row0 + tau * xi
+        image = x[:, -1]
+        loss = loss_fn(image)
+        if not isinstance(loss, torch.Tensor) or loss.dim() > 1:
+            raise DeqirError("loss_fn must return a scalar or a (B,) tensor")
+        grad, = torch.autograd.grad(loss.sum(), xi)
+    return NoiseGradient(grad.detach(), loss.detach(), image.detach(), k_fwd, k, "phantom", traj.detach())

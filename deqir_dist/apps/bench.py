@@ -1,0 +1,159 @@
+"""``deqir bench``: serial vs Picard vs Anderson on the same measurements.
+
+For each N it reports K (joint-map evaluations), the denoiser rows evaluated per image (N per
+sweep without a window; fewer with a frozen prefix), wall-clock seconds, PSNR of the parallel
+result against the serial one (the reference: higher is closer; inf = identical, null in JSON) and PSNR
+against the ground truth. ``windows`` adds Picard with a sliding window of round(f N) rows
+(f = 0: plain Picard, every row in every sweep; plain ``picard`` freezes the settled prefix).
+Images are drawn from the model's own prior when it has one (the analytic oracle).
+"""
+from __future__ import annotations
+
+import math
+import platform
+import time
+
+import torch
+
+from deqir_dist.api.planner import (
+    DEFAULT_BATCHES,
+    choose_solver,
+    load_profile,
+    measure_cost,
+)
+from deqir_dist.api.restore import restore
+from deqir_dist.apps.tables import format_table
+from deqir_dist.errors import DeqirError, check_int
+from deqir_dist.models import load_denoiser
+from deqir_dist.models.builtin import builtin_bench_images
+from deqir_dist.physics.registry import make_operator
+from deqir_dist.quality.metrics import psnr
+
+
+def _clean_images(model_name: str, model, n: int, shape, gen: torch.Generator) -> torch.Tensor:
+    """Test images: the oracle's own samples, or held-out photograph crops for the builtin prior."""
+    if hasattr(model, "sample"):
+        return model.sample(n, shape, generator=gen)
+    if model_name == "builtin":
+        return builtin_bench_images(n, shape[-1])
+    raise DeqirError("bench needs --model analytic or builtin (they come with test images)")
+
+
+def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), task: str = "sr_avgpool",
+              scale: int = 2, size: int = 32, images: int = 3, stop: str = "rows",
+              stop_tol: float | None = None, seed: int = 0, device=None,
+              solvers=("picard", "anderson"), warm_start: int = 1, windows=(), progress: bool = False) -> dict:
+    """Run the comparison; returns a JSON-ready dict with one row per (N, solver); a progress bar
+    over the cases when ``progress``."""
+    check_int("images", images)
+    check_int("size", size)
+    for f in windows:
+        if not 0 <= f <= 1:
+            raise DeqirError(f"window fractions must lie in [0, 1], got {f}")
+    den = load_denoiser(model, checkpoint=checkpoint, device=device)
+    shape = (3, size, size)
+    gen = torch.Generator().manual_seed(seed)
+    gt = _clean_images(model, den, images, shape, gen)
+    params = {"scale": scale} if task.startswith("sr_") else {}
+    op = make_operator(task, shape, **params)
+    y = op.A(gt)
+    xi = torch.randn((images, *shape), generator=gen)
+    gt_dev = gt
+    restore(den, y, op, steps=min(steps), solver="anderson", noise=xi)   # warm-up: first calls are slow
+    rows = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(steps) * (1 + len(solvers) + len(windows)), desc="bench", unit="run", dynamic_ncols=True)
+    for n in steps:
+        if bar is not None:
+            bar.set_postfix_str(f"N={n} serial")
+        t0 = time.perf_counter()
+        ref = restore(den, y, op, steps=n, solver="serial", noise=xi)
+        t_serial = time.perf_counter() - t0
+        rows.append({"steps": n, "solver": "serial", "K": n, "K_mean": float(n), "rows": float(n),
+                     "seconds": round(t_serial, 4),
+                     "psnr_vs_serial": math.inf,
+                     "psnr_gt": round(float(psnr(ref.image.clamp(-1, 1).cpu(), gt_dev).mean()), 3)})
+        if bar is not None:
+            bar.update(1)
+        variants = [(s, None) for s in solvers] + [("picard", max(1, round(f * n)) if f else 0) for f in windows]
+        for solver, window in variants:
+            extra = {} if window is None else {"window": window}
+            if bar is not None:
+                bar.set_postfix_str(f"N={n} {solver}" + ("" if window is None else f" W={window}"))
+            t0 = time.perf_counter()
+            res = restore(den, y, op, steps=n, solver=solver, noise=xi, stop=stop, stop_tol=stop_tol,
+                          warm_start=warm_start, **extra)
+            secs = time.perf_counter() - t0
+            vs = psnr(res.image.cpu(), ref.image.cpu())
+            label = solver if window is None else (f"picard W={window}" if window else "picard plain")
+            rows.append({"steps": n, "solver": label,
+                         "K": res.iterations, "rows": round(sum(t.rows for t in res.timings) / images, 1),
+                         "K_mean": sum(res.iterations_per_image) / images, "seconds": round(secs, 4),
+                         "psnr_vs_serial": round(float(vs.min()), 2),
+                         "psnr_gt": round(float(psnr(res.image.clamp(-1, 1).cpu(), gt_dev).mean()), 3),
+                         "stop": res.stop, "stop_tol": res.stop_tol})
+            if bar is not None:
+                bar.update(1)
+    if bar is not None:
+        bar.close()
+    return {"model": model, "task": task, "operator": op.describe()["params"], "image_shape": list(shape),
+            "images": images, "stop": stop, "seed": seed, "warm_start": warm_start, "windows": list(windows),
+            "device": str(device or "cpu"),
+            "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
+            "rows": rows}
+
+
+def format_bench(result: dict) -> str:
+    head = (f"model={result['model']} task={result['task']} {result['operator']} "
+            f"image={tuple(result['image_shape'])} images={result['images']} stop={result['stop']}")
+    cols = ["steps", "solver", "K", "K_mean", "rows", "seconds", "psnr_vs_serial", "psnr_gt"]
+    return head + "\n" + format_table(result["rows"], cols) + \
+        ("\n(K: joint-map evaluations, max over images; rows: denoiser rows evaluated per image, mean; "
+         "psnr_vs_serial: worst image, dB)")
+
+
+def run_profile(model: str = "analytic", checkpoint=None, size: int = 32, device=None, steps=(25, 50, 100),
+                graph: bool = False, procs=(1, 2, 4, 8, 16), cost_file=None) -> dict:
+    """c(b) for this model, size and device, and the modelled serial vs parallel latency.
+
+    ``cost_file``: model a c(b) table from a profile JSON instead of measuring (``{"c_ms": {b: ms}}``,
+    as ``deqir bench --profile --json`` writes; its "model", "image_shape", "device", "graph" and
+    "source" fields, if any, are reported as given)."""
+    shape = (3, size, size)
+    meta = {}
+    if cost_file is not None:
+        import json
+        from pathlib import Path
+        c_ms = load_profile(cost_file)
+        meta = json.loads(Path(cost_file).read_text())
+        model, graph = meta.get("model", str(cost_file)), bool(meta.get("graph", False))
+        shape, device = meta.get("image_shape", ["?"]), meta.get("device", "?")
+    else:
+        den = load_denoiser(model, checkpoint=checkpoint, device=device)
+        c_ms = measure_cost(den, shape, batches=sorted(set(DEFAULT_BATCHES) | set(steps)), graph=graph)
+    model_rows = []
+    for n in steps:
+        for p in procs:
+            if p <= n:
+                choice, best = choose_solver(c_ms, n, p)
+                model_rows.append({**best, "auto": choice})
+    return {"model": model, "image_shape": list(shape), "device": str(device or "cpu"), "graph": graph,
+            "source": meta.get("source", "measured by this command"), "cost_file": cost_file and str(cost_file),
+            "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "c_ms": {str(k): round(v, 4) for k, v in c_ms.items()},
+            "model_rows": [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()}
+                           for r in model_rows]}
+
+
+def format_profile(result: dict) -> str:
+    c = result["c_ms"]
+    head = (f"model={result['model']} image={tuple(result['image_shape'])} device={result['device']} "
+            f"graph={result['graph']} (c(b): {result['source']})\nc(b), ms: "
+            + "  ".join(f"b={b}: {v:.3g}" for b, v in c.items()))
+    cols = ["steps", "procs", "window", "K", "serial_ms", "parallel_ms", "speedup", "auto"]
+    return (head + "\n" + format_table(result["model_rows"], cols)
+            + "\n(parallel = warm start + K c(ceil(W/P)) for the best window W of N, N/2, N/4; K measured on the "
+              "built-in prior per window (profile.EXPECTED_K); "
+              "no communication cost)")

@@ -1,0 +1,275 @@
+"""The ``deqir`` command line: a thin layer over the library.
+
+Every command validates all of its inputs before writing anything; bad input ends with one line
+on stderr ("deqir: error: ...") and exit status 2.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from deqir_dist.api.planner import load_profile
+from deqir_dist.api.restore import check_settings
+from deqir_dist.apps.bench import format_bench, format_profile, run_bench, run_profile
+from deqir_dist.apps.demo import add_parser as add_demo_parser
+from deqir_dist.apps.demo import cmd_demo
+from deqir_dist.apps.flags import (
+    TASKS,
+    _device,
+    add_output_flags,
+    add_sampler_flags,
+    add_task_flags,
+    check_sampler_flags,
+    restore_kwargs,
+    set_threads,
+    task_params,
+)
+from deqir_dist.apps.ray_restore import add_parser as add_ray_parser
+from deqir_dist.apps.ray_restore import cmd_ray_restore
+from deqir_dist.apps.tables import format_table
+from deqir_dist.apps.train_prior import add_parser as add_prior_parser
+from deqir_dist.apps.train_prior import cmd_train_prior
+from deqir_dist.dataset.items import (
+    NoiseOptimizationSpec,
+    check_model_fits,
+    check_outputs_apart,
+    degrade_files,
+    expand_inputs,
+    load_items,
+    restore_items,
+    summarize,
+)
+from deqir_dist.errors import DeqirError
+from deqir_dist.io.files import ensure_writable_dir
+from deqir_dist.io.images import list_images, read_image
+from deqir_dist.io.jsonio import write_json
+from deqir_dist.models import load_denoiser
+from deqir_dist.parallel.dist import all_ranks_ok, init_distributed
+from deqir_dist.quality.metrics import psnr, ssim
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="deqir", description=(
+        "Diffusion image restoration with parallel (fixed-point) sampling."))
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("degrade", help="write the measurements A(x) (+ noise) of clean images")
+    p.add_argument("inputs", nargs="+", help="clean image files or folders")
+    p.add_argument("-o", "--out", required=True, help="output folder")
+    p.add_argument("--bits", type=int, default=8, choices=(8, 16), help="PNG bit depth")
+    p.add_argument("--seed", type=int, default=0, help="measurement-noise seed")
+    add_task_flags(p)
+
+    p = sub.add_parser("restore", help="restore measurements (or degrade-then-restore clean images)")
+    p.add_argument("inputs", nargs="+", help="measurement files (from deqir degrade) or folders")
+    add_output_flags(p, "output folder (restored <id>.png)")
+    g = p.add_argument_group("noise optimisation (DEQ inversion, exact implicit gradients)")
+    g.add_argument("--optimize-noise", metavar="LOSS",
+                   help="consistency (needs --sigma-y > 0) | reference:PATH | oracle:PATH (ground truth: "
+                        "an upper bound, labelled ORACLE in every output); PATH: image or folder by id")
+    g.add_argument("--opt-iters", type=int, default=20, help="gradient evaluations (default 20)")
+    g.add_argument("--opt-lr", type=float, default=0.1, help="Adam learning rate (default 0.1)")
+    g = p.add_argument_group("distributed (set by launch/restore.py under torchrun)")
+    g.add_argument("--distributed", action="store_true",
+                   help="join the torchrun process group and shard each image's chain over its ranks")
+    g.add_argument("--backend", choices=("gloo", "nccl"), help="default: nccl on CUDA, gloo on CPU")
+    g.add_argument("--dist-timeout", type=float, default=300.0,
+                   help="seconds any collective may wait before the ranks give up (default 300)")
+    add_task_flags(p)
+    add_sampler_flags(p)
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+
+    p = sub.add_parser("eval", help="PSNR/SSIM of restored images against ground truth")
+    p.add_argument("restored", help="folder of restored images")
+    p.add_argument("truth", help="folder of ground-truth images (matched by file stem)")
+    p.add_argument("--json", help="write the per-image metrics here (missing folders are created)")
+
+    p = sub.add_parser("bench", help="serial vs picard vs anderson on the same input: K, time, PSNR")
+    p.add_argument("--model", default="analytic", help="analytic (default; its own samples as images) or builtin "
+                   "(held-out photograph crops); with --profile also any model name or checkpoint")
+    p.add_argument("--checkpoint", help="--profile: weights file for the model")
+    p.add_argument("--steps", type=int, nargs="+", default=[25, 50, 100], help="chain lengths N (default 25 50 100)")
+    p.add_argument("--task", default="sr_avgpool", choices=TASKS, help="degradation (default sr_avgpool)")
+    p.add_argument("--scale", type=int, default=2, help="sr_*: downsampling factor (default 2)")
+    p.add_argument("--size", type=int, default=32, help="image side (default 32)")
+    p.add_argument("--images", type=int, default=3, help="images to average over (default 3)")
+    p.add_argument("--stop", default="rows", choices=("final", "rows", "residual", "none"),
+                   help="stopping rule of the parallel solvers (default rows)")
+    p.add_argument("--stop-tol", type=float, help="its tolerance (default: the rule's default)")
+    p.add_argument("--warm-start", type=int, default=1, metavar="S",
+                   help="serial pass over S of the N steps that starts the parallel solvers (default 1)")
+    p.add_argument("--windows", type=float, nargs="+", default=[], metavar="FRAC",
+                   help="also run picard with a sliding window of round(FRAC x N) rows and a frozen prefix "
+                        "(1: frozen prefix only, picard's default; 0: plain sweeps of every row)")
+    p.add_argument("--profile", action="store_true",
+                   help="instead: measure c(b), one denoiser call on b rows, and the modelled speed-ups")
+    p.add_argument("--graph", action="store_true", help="--profile with CUDA graphs (GPU only)")
+    p.add_argument("--cost-from", metavar="JSON", help="--profile: model this c(b) table instead of measuring")
+    p.add_argument("--seed", type=int, default=0, help="image and noise seed (default 0)")
+    p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    p.add_argument("--json", help="write the results here")
+    p.add_argument("--no-progress", action="store_true")
+
+    add_demo_parser(sub)
+    add_prior_parser(sub)
+    add_ray_parser(sub)
+    return parser
+
+
+def cmd_degrade(args) -> int:
+    written = degrade_files(expand_inputs(args.inputs), args.task, task_params(args), args.out,
+                            sigma_y=args.sigma_y, seed=args.seed, bits=args.bits)
+    print(f"wrote {len(written)} measurement(s) to {args.out}")
+    return 0
+
+
+def cmd_restore(args) -> int:
+    check_sampler_flags(args)
+    rank, world, device = 0, 1, None
+    if not args.distributed:
+        device = _device(args)
+    else:
+        device = init_distributed(args.backend, args.dist_timeout, args.device)
+        import torch.distributed as dist
+        rank, world = dist.get_rank(), dist.get_world_size()
+    lead = rank == 0
+    optimize = None
+    if args.optimize_noise:
+        optimize = NoiseOptimizationSpec.parse(args.optimize_noise, args.opt_iters, args.opt_lr)
+        if args.distributed:
+            raise DeqirError("--optimize-noise runs in one process; it cannot be combined with --distributed")
+        if args.clip_x0:
+            raise DeqirError("--optimize-noise differentiates the unclipped chain; it cannot be combined with "
+                             "--clip-x0")
+        if optimize.loss == "consistency" and args.sigma_y <= 0:
+            raise DeqirError("--optimize-noise consistency needs --sigma-y > 0: without measurement noise every "
+                             "step projects onto A x = y, so the consistency does not depend on the noise")
+
+    def prepare():
+        check_settings(**restore_kwargs(args))
+        if args.profile:
+            load_profile(args.profile)
+        items = load_items(expand_inputs(args.inputs), args.task, task_params(args), args.from_clean,
+                           sigma_y=args.sigma_y, seed=args.seed)
+        if optimize is not None:
+            for it in items:
+                optimize.target(it)       # every target exists and fits, before any work
+        json_path = Path(args.json) if args.json else Path(args.out) / "summary.json"
+        check_outputs_apart([Path(args.out) / f"{it.name}.png" for it in items] + [json_path],
+                            [it.source for it in items] + (optimize.files() if optimize else []))
+        model = load_denoiser(args.model, checkpoint=args.checkpoint, device=device)
+        check_model_fits(model, items)
+        if lead:                      # only rank 0 writes
+            _check_json_path(json_path)
+            ensure_writable_dir(args.out)
+        return items, json_path, model
+    if args.distributed:
+        items, json_path, model = all_ranks_ok(prepare, device)
+    else:
+        items, json_path, model = prepare()
+    kw = restore_kwargs(args)
+    show = lead and not args.no_progress
+    records = restore_items(model, items, args.out, dict(kw, progress=show, distributed=args.distributed),
+                            seed=args.seed, bits=args.bits, progress=show, write=lead, optimize=optimize)
+    if args.distributed:
+        import torch.distributed as dist
+        dist.destroy_process_group()
+    if not lead:
+        return 0
+    label = f"{args.checkpoint} ({type(model).__name__})" if args.checkpoint else (args.model or "builtin")
+    summary = {"command": "restore", "model": label, "task": args.task,
+               "operator": items[0].op.describe()["params"], **kw, "seed": args.seed,
+               "world_size": world, "summary": summarize(records), "images": records}
+    cols = ["id", "iterations", "seconds"] + [c for c in ("psnr", "ssim") if c in records[0]]
+    if optimize is not None:
+        summary["optimize_noise"] = optimize.loss
+        summary["oracle"] = optimize.loss == "oracle"
+        cols += ["consistency_before", "consistency_after"]
+    write_json(json_path, summary)
+    print(format_table(records, cols))
+    if optimize is not None and optimize.loss == "oracle":
+        print("ORACLE: the noise was optimised against the ground truth; these numbers are an upper bound, "
+              "not a restoration result")
+    print(json.dumps(summary["summary"]))
+    return 0
+
+
+def cmd_eval(args) -> int:
+    restored = {p.stem: p for p in list_images(args.restored)}
+    truth = {p.stem: p for p in list_images(args.truth)}
+    if args.json:
+        _check_json_path(args.json)
+    common = sorted(set(restored) & set(truth))
+    if not common:
+        raise DeqirError(f"no image in {args.restored} has a same-named ground truth in {args.truth}")
+    rows = []
+    for name in common:
+        a, b = read_image(restored[name])[None], read_image(truth[name])[None]
+        if a.shape != b.shape:
+            raise DeqirError(f"{name}: restored {tuple(a.shape[1:])} and ground truth {tuple(b.shape[1:])} differ in size")
+        rows.append({"id": name, "psnr": round(float(psnr(a, b)[0]), 3), "ssim": round(float(ssim(a, b)[0]), 4)})
+    mean = {"id": "mean", "psnr": sum(r["psnr"] for r in rows) / len(rows),
+            "ssim": sum(r["ssim"] for r in rows) / len(rows)}
+    print(format_table(rows + [mean], ["id", "psnr", "ssim"]))
+    missing = sorted(set(restored) - set(truth))
+    if missing:
+        print(f"note: {len(missing)} restored image(s) have no ground truth, e.g. {missing[0]}", file=sys.stderr)
+    if args.json:
+        write_json(args.json, {"images": rows, "mean_psnr": mean["psnr"], "mean_ssim": mean["ssim"]})
+    return 0
+
+
+def _check_json_path(path) -> Path:
+    """A JSON output path: its folder is created (and must be writable); it must not be a folder."""
+    p = Path(path)
+    if p.is_dir():
+        raise DeqirError(f"--json {p} is a folder; give a file name")
+    ensure_writable_dir(p.parent)
+    return p
+
+
+def cmd_bench(args) -> int:
+    if not args.profile and (args.graph or args.cost_from):
+        raise DeqirError(f"{'--graph' if args.graph else '--cost-from'} belongs to --profile; add --profile")
+    if args.size < 1 or args.images < 1 or min(args.steps) < 1:
+        raise DeqirError("--size, --images and --steps must be positive")
+    set_threads(args.threads)
+    device = _device(args)
+    if args.json:
+        _check_json_path(args.json)
+    if args.profile:
+        result = run_profile(args.model, args.checkpoint, args.size, device, args.steps, args.graph,
+                             cost_file=args.cost_from)
+        print(format_profile(result))
+        if args.json:
+            write_json(args.json, result)
+        return 0
+    result = run_bench(model=args.model, checkpoint=args.checkpoint, steps=args.steps, task=args.task,
+                       scale=args.scale, size=args.size, images=args.images, stop=args.stop,
+                       stop_tol=args.stop_tol, seed=args.seed, device=device, warm_start=args.warm_start,
+                       windows=args.windows, progress=not args.no_progress)
+    print(format_bench(result))
+    if args.json:
+        write_json(args.json, result)
+    return 0
+
+
+COMMANDS = {"degrade": cmd_degrade, "restore": cmd_restore, "eval": cmd_eval, "bench": cmd_bench,
+            "ray-restore": cmd_ray_restore, "demo": cmd_demo, "train-prior": cmd_train_prior}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return COMMANDS[args.command](args)
+    except DeqirError as e:
+        print(f"deqir: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("deqir: interrupted", file=sys.stderr)
+        return 130
+

@@ -1,0 +1,103 @@
+"""Flags shared by the commands: task, output and sampler flags, and what they build."""
+from __future__ import annotations
+
+import argparse
+
+from deqir_dist.dataset.tasks import OP_FLAGS, TASKS, operator_params
+from deqir_dist.errors import DeqirError, check_int
+from deqir_dist.models.loading import PRESETS
+from deqir_dist.sampling.denoiser import resolve_device
+
+
+def add_task_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("task (the forward model)")
+    g.add_argument("--task", required=True, choices=TASKS, help="degradation to invert")
+    g.add_argument("--scale", type=int, help="sr_*: downsampling factor (default 4)")
+    g.add_argument("--kernel-size", type=int, help="deblur_*: kernel size, odd (default 5 gauss, 9 uniform/aniso)")
+    g.add_argument("--blur-sigma", type=float, help="deblur_gauss: Gaussian sigma (default 10)")
+    g.add_argument("--sigma-h", type=float, help="deblur_aniso: sigma along H (default 1)")
+    g.add_argument("--sigma-w", type=float, help="deblur_aniso: sigma along W (default 20)")
+    g.add_argument("--mask", help="inpaint: box | random | stripes | text, or a mask image (white = keep)")
+    g.add_argument("--mask-fraction", type=float, help="inpaint box/random: fraction missing (default 0.25 box, "
+                                                         "0.5 random)")
+    g.add_argument("--mask-seed", type=int, help="inpaint random: seed (default 0)")
+    g.add_argument("--ratio", type=int, help="cs_wht: compression ratio (default 2)")
+    g.add_argument("--cs-seed", type=int, help="cs_wht: permutation seed (default 0)")
+    g.add_argument("--sigma-y", type=float, default=0.0,
+                   help="std of the measurement noise in the [-1, 1] scale (default 0)")
+
+
+def task_params(args) -> dict:
+    """The operator keyword arguments of the task flags in ``args``."""
+    return operator_params(args.task, {f: getattr(args, f, None) for f in OP_FLAGS})
+
+
+def add_output_flags(p: argparse.ArgumentParser, out_help: str) -> None:
+    """Flags shared by restore and ray-restore: where and how results are written."""
+    p.add_argument("-o", "--out", required=True, help=out_help)
+    p.add_argument("--from-clean", action="store_true",
+                   help="inputs are ground-truth images: degrade them here, then report PSNR/SSIM")
+    p.add_argument("--json", help="summary JSON file (default: OUT/summary.json)")
+    p.add_argument("--bits", type=int, default=8, choices=(8, 16), help="PNG bit depth")
+    p.add_argument("--no-progress", action="store_true")
+
+
+def add_sampler_flags(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("sampler")
+    g.add_argument("--model",
+                   help="builtin (the default without --checkpoint: the shipped prior), analytic (exact "
+                        "oracle), adm-256-uncond, sdedit-celeba-hq, or a checkpoint file")
+    g.add_argument("--checkpoint", help="weights file for the model")
+    g.add_argument("--solver", default="picard", choices=("serial", "picard", "anderson", "auto"),
+                   help="serial: the reference sampler, one step after another; picard (default) or anderson: the "
+                        "chain-parallel solvers; auto: serial or picard, whichever the measured cost model predicts "
+                        "is faster")
+    g.add_argument("--profile", help="solver auto: cost profile JSON from 'deqir bench --profile'")
+    g.add_argument("--steps", type=int, default=25, help="sampling steps N (default 25)")
+    g.add_argument("--start", type=int, default=1000, help="start timestep S (default 1000)")
+    g.add_argument("--stop", default="rows", choices=("final", "rows", "residual", "none"))
+    g.add_argument("--stop-tol", type=float, help="rows: largest row change in units of its noise level "
+                                                   "(default 0.03); final: dB (43); residual: relative (1e-3)")
+    g.add_argument("--max-iter", type=int, help="most joint-map evaluations (default N)")
+    g.add_argument("--warm-start", type=int, default=1, metavar="S",
+                   help="start the parallel solver from a serial pass over S of the N steps (default 1; 0: from xi)")
+    g.add_argument("--window", type=int, metavar="W",
+                   help="picard + rows only: evaluate a sliding window of W rows and freeze the settled prefix "
+                        "(default: W = steps, the frozen prefix only; 0: every row in every sweep)")
+    g.add_argument("--clip-x0", action="store_true",
+                   help="clamp every x0 prediction to [-1, 1] inside the denoiser (not in DDNM/DeqIR; helps "
+                        "weak priors on colorize)")
+    g.add_argument("--etw", type=float, default=0.0, help="w: shrinks the eps term (default 0)")
+    g.add_argument("--nw", type=float, default=0.0, help="v: injected noise weight (default 0)")
+    g.add_argument("--seed", type=int, default=0, help="noise seed; each image draws from (seed, id)")
+    g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
+
+
+def check_sampler_flags(args) -> None:
+    """Flag combinations argparse cannot see."""
+    if args.profile and args.solver != "auto":
+        raise DeqirError("--profile is the cost model of --solver auto; add --solver auto or drop --profile")
+    if args.window is not None and args.solver not in ("picard", "auto"):
+        raise DeqirError(f"--window is a picard option; it does nothing with --solver {args.solver}")
+    if args.model in PRESETS and not args.checkpoint:
+        raise DeqirError(f"--model {args.model} needs --checkpoint FILE (its weights); without it the network "
+                         "is untrained")
+    set_threads(getattr(args, "threads", None))
+
+
+def set_threads(n) -> None:
+    if n is not None:
+        import torch
+        torch.set_num_threads(check_int("--threads", n))
+
+
+def restore_kwargs(args) -> dict:
+    return dict(steps=args.steps, start=args.start, solver=args.solver, stop=args.stop,
+                stop_tol=args.stop_tol, max_iter=args.max_iter, etw=args.etw, nw=args.nw,
+                sigma_y=args.sigma_y, warm_start=args.warm_start, profile=args.profile,
+                **({"window": args.window} if args.window is not None else {}),
+                **({"clip_x0": True} if args.clip_x0 else {}))
+
+
+def _device(args):
+    return resolve_device(args.device)

@@ -1,0 +1,281 @@
+"""File-level workflows shared by the CLI and the launchers: degrade and restore image files.
+
+Everything is validated before anything is written: a bad file, size or flag fails the whole
+command with one line, and each output file is written atomically.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from deqir_dist.api.optimize import optimize_noise
+from deqir_dist.api.restore import restore
+from deqir_dist.errors import DeqirError, check_int, is_real
+from deqir_dist.io.files import ensure_writable_dir
+from deqir_dist.io.images import list_images, read_image, write_image
+from deqir_dist.io.measurements import (
+    MEASUREMENT_SUFFIX,
+    image_shape_of_measurement,
+    load_measurement,
+    measurement_channels,
+    save_measurement,
+)
+from deqir_dist.physics.registry import make_operator
+from deqir_dist.quality.metrics import psnr, ssim
+
+
+def seed_for(seed: int, name: str) -> int:
+    """A 63-bit seed derived from (seed, image id): the same image gets the same draws anywhere."""
+    return int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "little") >> 1
+
+
+def generator_for(seed: int, name: str) -> torch.Generator:
+    return torch.Generator().manual_seed(seed_for(seed, name))
+
+
+def expand_inputs(inputs: list[str]) -> list[Path]:
+    """Files and folders (their images, and .pt measurements) -> a list of files; ids must be unique."""
+    paths: list[Path] = []
+    for s in inputs:
+        p = Path(s)
+        if p.is_dir():
+            found = list_images(p) + sorted(f for f in p.iterdir() if f.suffix == MEASUREMENT_SUFFIX)
+            if not found:
+                raise DeqirError(f"no images in folder {p}")
+            paths.extend(found)
+        elif p.is_file():
+            paths.append(p)
+        else:
+            raise DeqirError(f"input not found: {p}")
+    if not paths:
+        raise DeqirError("no input files given")
+    stems = [p.stem for p in paths]
+    dup = sorted({s for s in stems if stems.count(s) > 1})
+    if dup:
+        raise DeqirError(f"several inputs share the name {dup[0]!r}; outputs would collide")
+    return paths
+
+
+class OperatorCache:
+    """One operator per (task, image shape): the SVD-based ones are worth building once."""
+
+    def __init__(self, task: str, params: dict):
+        self.task, self.params, self._ops = task, dict(params), {}
+
+    def get(self, image_shape) -> object:
+        key = tuple(image_shape)
+        if key not in self._ops:
+            self._ops[key] = make_operator(self.task, image_shape=key, **self.params)
+        return self._ops[key]
+
+
+@dataclass
+class Item:
+    """One image to restore: its id, measurement y (1, *meas), operator and optional ground truth."""
+
+    name: str
+    source: Path
+    y: torch.Tensor
+    op: object
+    gt: torch.Tensor | None = None
+
+
+def load_items(paths: list[Path], task: str, params: dict, from_clean: bool,
+               sigma_y: float = 0.0, seed: int = 0) -> list[Item]:
+    """Read and validate every input. With ``from_clean`` the inputs are ground-truth images that
+    are degraded here (y = A(x) + sigma_y n, n drawn from (seed, id)); otherwise they are
+    measurements written by ``deqir degrade`` (an image, or a .pt file for non-image ones)."""
+    ops = OperatorCache(task, params)
+    items = []
+    for p in paths:
+        if from_clean:
+            x = read_image(p, channels=3)
+            op = ops.get(x.shape)
+            y = op.A(x[None])
+            if sigma_y > 0:
+                y = y + sigma_y * torch.randn(y.shape, generator=generator_for(seed, "y:" + p.stem))
+            items.append(Item(p.stem, p, y, op, x[None]))
+            continue
+        if p.suffix == MEASUREMENT_SUFFIX:
+            y, desc = load_measurement(p)
+            if desc.get("name") != task:
+                raise DeqirError(f"{p} is a {desc.get('name')!r} measurement, but the task is {task!r}")
+            op = ops.get(tuple(desc["image_shape"]))
+            stored, given = desc.get("params", {}), json.loads(json.dumps(op.describe()))["params"]
+            if stored != given:
+                raise DeqirError(f"{p} was degraded with {task} parameters {stored}, the flags give {given}: "
+                                 "pass the same flags as to deqir degrade")
+            y = y[None]
+        else:
+            img = read_image(p, channels=measurement_channels(task))
+            op = ops.get(image_shape_of_measurement(task, ops.params, img.shape))
+            if not op.measurement_is_image:
+                raise DeqirError(f"{task} measurements are .pt files (written by deqir degrade), not images: {p}")
+            y = img[None]
+        if tuple(y.shape[1:]) != tuple(op.measurement_shape):
+            raise DeqirError(f"{p}: measurement shape {tuple(y.shape[1:])} does not fit {task} "
+                             f"(expected {tuple(op.measurement_shape)})")
+        if not torch.isfinite(y).all():
+            raise DeqirError(f"{p}: measurement contains NaN or Inf")
+        items.append(Item(p.stem, p, y, op))
+    return items
+
+
+def check_outputs_apart(outputs, inputs) -> None:
+    """No file a command will write (``outputs``) may be one of its ``inputs``."""
+    ins = {Path(p).resolve() for p in inputs}
+    for path in outputs:
+        if Path(path).resolve() in ins:
+            raise DeqirError(f"output {path} would overwrite an input; choose another output folder")
+
+
+def check_model_fits(model, items) -> None:
+    """Every item's image size suits the model (channels, size multiple), before any work."""
+    multiple, channels = getattr(model, "size_multiple", 1), getattr(model, "in_channels", None)
+    for it in items:
+        c, h, w = it.op.image_shape
+        if channels is not None and c != channels:
+            raise DeqirError(f"{it.source}: {c} channels, the model takes {channels}")
+        if h % multiple or w % multiple:
+            raise DeqirError(f"{it.source}: image size {h}x{w} is not a multiple of {multiple}, which the model "
+                             "needs; pad or crop it")
+
+
+def degrade_files(paths: list[Path], task: str, params: dict, out_dir: str, sigma_y: float = 0.0,
+                  seed: int = 0, bits: int = 8) -> list[Path]:
+    """Write A(x) (+ noise) of each clean image: PNG where the measurement is an image, else .pt."""
+    items = load_items(paths, task, params, from_clean=True, sigma_y=sigma_y, seed=seed)
+    check_outputs_apart([Path(out_dir) / f"{it.name}{suf}" for it in items for suf in (".png", MEASUREMENT_SUFFIX)],
+                        paths)
+    out = ensure_writable_dir(out_dir)
+    written = []
+    for it in items:
+        if it.op.measurement_is_image:
+            path = out / f"{it.name}.png"
+            write_image(path, it.y[0], bits=bits)
+        else:
+            path = out / f"{it.name}{MEASUREMENT_SUFFIX}"
+            save_measurement(path, it.y[0], it.op)
+        written.append(path)
+    return written
+
+
+@dataclass
+class NoiseOptimizationSpec:
+    """``--optimize-noise consistency | reference:PATH | oracle:PATH`` (PATH: an image, or a folder
+    of images named by id). ``oracle`` compares with the ground truth: an upper bound, not a method."""
+
+    loss: str
+    path: Path | None
+    iters: int = 20
+    lr: float = 0.1
+
+    @staticmethod
+    def parse(spec: str, iters: int = 20, lr: float = 0.1) -> "NoiseOptimizationSpec":
+        kind, _, path = spec.partition(":")
+        if kind not in ("consistency", "reference", "oracle"):
+            raise DeqirError(f"--optimize-noise takes consistency, reference:PATH or oracle:PATH, got {spec!r}")
+        if (kind == "consistency") != (path == ""):
+            raise DeqirError(f"--optimize-noise {kind} {'takes no' if kind == 'consistency' else 'needs a'} PATH")
+        check_int("--opt-iters", iters)
+        if not (is_real(lr) and 0 < lr < math.inf):
+            raise DeqirError(f"--opt-lr must be a finite number > 0, got {lr!r}")
+        p = Path(path) if path else None
+        if p is not None and not p.exists():
+            raise DeqirError(f"--optimize-noise: {p} not found")
+        return NoiseOptimizationSpec(kind, p, iters, lr)
+
+    def files(self) -> list[Path]:
+        """The target image files (to keep outputs from overwriting them)."""
+        if self.path is None:
+            return []
+        return list_images(self.path) if self.path.is_dir() else [self.path]
+
+    def target(self, item: Item) -> torch.Tensor | None:
+        if self.path is None:
+            return None
+        p = self.path
+        if p.is_dir():
+            found = [f for f in list_images(p) if f.stem == item.name]
+            if not found:
+                raise DeqirError(f"--optimize-noise: no image named {item.name} in {p}")
+            p = found[0]
+        t = read_image(p, channels=3)[None]
+        if tuple(t.shape[1:]) != tuple(item.op.image_shape):
+            raise DeqirError(f"--optimize-noise: {p} is {tuple(t.shape[1:])}, the image is {tuple(item.op.image_shape)}")
+        return t
+
+
+def _optimize(model, item: Item, spec: NoiseOptimizationSpec, generator, kw: dict):
+    """Noise optimisation for one item; returns (image, iterations, extra record fields)."""
+    if kw.get("distributed"):
+        raise DeqirError("--optimize-noise runs in one process; it cannot be combined with --distributed")
+    if kw.get("clip_x0"):
+        raise DeqirError("--optimize-noise differentiates the unclipped chain; it cannot be combined with --clip-x0")
+    keep = ("steps", "etw", "nw", "start", "sigma_y")
+    solver = kw.get("solver", "picard")
+    res = optimize_noise(model, item.y, item.op, loss=spec.loss, target=spec.target(item), iters=spec.iters,
+                         lr=spec.lr, generator=generator, solver="picard" if solver == "auto" else solver,
+                         **{k: kw[k] for k in keep if k in kw})
+    hist = res.history
+    extra = {"optimize_noise": spec.loss, "oracle": res.oracle, "opt_iters": spec.iters,
+             "consistency_before": round(float(hist[0]["consistency"][0]), 5),
+             "consistency_after": round(float(min(h["consistency"][0] for h in hist)), 5)}
+    return res.image, kw.get("steps", 25), extra
+
+
+def restore_items(model, items: list[Item], out_dir: str | None, restore_kw: dict, seed: int = 0,
+                  bits: int = 8, progress: bool = True, restore_fn=None, write: bool = True,
+                  optimize: NoiseOptimizationSpec | None = None) -> list[dict]:
+    """Restore each item (its noise drawn from (seed, id)), write ``<id>.png``, return records.
+
+    With ``optimize``, the initial noise of each image is optimised first (``inversion``)."""
+    restore_fn = restore_fn or restore
+    out = ensure_writable_dir(out_dir) if (write and out_dir is not None) else None
+    records = []
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+        bar = tqdm(total=len(items), desc="restore", unit="img")
+    for it in items:
+        t0 = time.perf_counter()
+        extra = {}
+        if optimize is not None:
+            image, iterations, extra = _optimize(model, it, optimize, generator_for(seed, it.name), restore_kw)
+        else:
+            res = restore_fn(model, it.y, it.op, generator=generator_for(seed, it.name), **restore_kw)
+            image, iterations = res.image, res.iterations
+        rec = {"id": it.name, "input": str(it.source), "iterations": iterations,
+               "seconds": round(time.perf_counter() - t0, 4), **extra}
+        if it.gt is not None:
+            img = image.clamp(-1, 1)
+            rec["psnr"] = round(float(psnr(img, it.gt)[0]), 3)
+            rec["ssim"] = round(float(ssim(img, it.gt)[0]), 4)
+        if out is not None:
+            path = out / f"{it.name}.png"
+            write_image(path, image[0], bits=bits)
+            rec["output"] = str(path)
+        records.append(rec)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return records
+
+
+def summarize(records: list[dict]) -> dict:
+    """Means over the images that have each metric."""
+    out = {"images": len(records),
+           "mean_iterations": sum(r["iterations"] for r in records) / max(len(records), 1),
+           "seconds": round(sum(r["seconds"] for r in records), 3)}
+    for key in ("psnr", "ssim"):
+        vals = [r[key] for r in records if key in r]
+        if vals:
+            out[f"mean_{key}"] = round(sum(vals) / len(vals), 4)
+    return out

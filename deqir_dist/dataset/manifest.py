@@ -1,0 +1,117 @@
+"""Dataset inputs: a folder or a manifest (JSONL/JSON), checked ids and per-image parameters."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from deqir_dist.dataset.items import expand_inputs
+from deqir_dist.errors import DeqirError
+from deqir_dist.io.measurements import MEASUREMENT_SUFFIX
+
+MANIFEST_SUFFIXES = (".jsonl", ".json")
+PER_IMAGE_KEYS = ("scale", "kernel_size", "blur_sigma", "sigma_h", "sigma_w", "mask", "mask_fraction",
+                  "mask_seed", "ratio", "cs_seed", "sigma_y")
+
+
+# ============================================================================ inputs
+
+
+@dataclass
+class InputEntry:
+    """One image of the job: its id (output ``<id>.png``), input file, optional ground truth and
+    per-image parameters (CLI flag names, e.g. ``{"scale": 2, "sigma_y": 0.05}``)."""
+
+    id: str
+    path: Path
+    gt: Path | None = None
+    params: dict = field(default_factory=dict)
+
+
+def check_id(name) -> str:
+    """An id is used as a file name inside OUT: no path separators, no '..', no leading '.'."""
+    if not isinstance(name, str) or not name.strip():
+        raise DeqirError(f"image id must be a non-empty string, got {name!r}")
+    bad = [c for c in ("/", "\\", "\0", os.sep) if c in name]
+    if bad or ".." in name or name.startswith(".") or len(name) > 200 or name != name.strip():
+        raise DeqirError(f"image id {name!r} is not a safe file name (no path separators, '..', "
+                         "leading '.' or surrounding spaces; at most 200 characters)")
+    return name
+
+
+def _is_manifest(p: Path) -> bool:
+    return p.is_file() and p.suffix.lower() in MANIFEST_SUFFIXES
+
+
+def read_input(input_path: str | os.PathLike) -> tuple[list[InputEntry], list[Path]]:
+    """A folder (its images and ``.pt`` measurements; other files come back as skipped) or a JSONL
+    manifest (one object per line: ``id`` (default: the file stem), ``path`` (relative to the
+    manifest's folder), optional ``gt`` and ``params``). Structural problems (missing or empty
+    input, duplicate or unsafe ids, bad lines) raise DeqirError before any work starts."""
+    p = Path(input_path)
+    if not p.exists():
+        raise DeqirError(f"input not found: {p}")
+    if p.is_dir():
+        files = expand_inputs([str(p)])          # images + .pt; raises on none or duplicate ids
+        chosen = set(files)
+        skipped = sorted(f for f in p.iterdir()
+                         if f.is_file() and not f.name.startswith(".") and f not in chosen
+                         and f.suffix != MEASUREMENT_SUFFIX)
+        entries = [InputEntry(check_id(f.stem), f) for f in files]
+        return entries, skipped
+    if not _is_manifest(p):
+        raise DeqirError(f"input must be a folder or a JSONL manifest (.jsonl), got {p}")
+    entries, seen = [], {}
+    try:
+        lines = p.read_text().splitlines()
+    except (OSError, UnicodeDecodeError) as e:
+        raise DeqirError(f"cannot read manifest {p}: {e}") from e
+    for n, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        where = f"{p}:{n}"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DeqirError(f"{where}: not valid JSON ({e.msg})") from e
+        if not isinstance(obj, dict) or not isinstance(obj.get("path"), str) or not obj["path"]:
+            raise DeqirError(f"{where}: each line must be a JSON object with a \"path\"")
+        unknown = sorted(set(obj) - {"id", "path", "gt", "params"})
+        if unknown:
+            raise DeqirError(f"{where}: unknown key(s) {', '.join(unknown)} (allowed: id, path, gt, params)")
+        path = (p.parent / obj["path"]) if not Path(obj["path"]).is_absolute() else Path(obj["path"])
+        name = obj.get("id", Path(obj["path"]).stem)
+        try:
+            check_id(name)
+        except DeqirError as e:
+            raise DeqirError(f"{where}: {e}") from None
+        if name in seen:
+            raise DeqirError(f"{where}: duplicate id {name!r} (first on line {seen[name]}); outputs would collide")
+        seen[name] = n
+        gt = obj.get("gt")
+        if gt is not None and (not isinstance(gt, str) or not gt):
+            raise DeqirError(f"{where}: \"gt\" must be a path")
+        params = obj.get("params") or {}
+        if not isinstance(params, dict):
+            raise DeqirError(f"{where}: \"params\" must be an object")
+        params = {k.replace("-", "_"): v for k, v in params.items()}
+        bad = sorted(set(params) - set(PER_IMAGE_KEYS))
+        if bad:
+            raise DeqirError(f"{where}: unknown parameter(s) {', '.join(bad)}; allowed: {', '.join(PER_IMAGE_KEYS)}")
+        gt_path = None if gt is None else (p.parent / gt if not Path(gt).is_absolute() else Path(gt))
+        entries.append(InputEntry(name, path, gt_path, params))
+    if not entries:
+        raise DeqirError(f"manifest {p} lists no images")
+    return entries, []
+
+
+def _check_out(input_path: Path, out: Path, entries: list[InputEntry]) -> None:
+    """OUT must not be inside an input folder, and no output may overwrite an input."""
+    inp, o = input_path.resolve(), out.resolve()
+    if input_path.is_dir() and (o == inp or inp in o.parents):
+        raise DeqirError(f"output folder {out} is inside the input folder {input_path}; choose another")
+    ins = {e.path.resolve() for e in entries} | {e.gt.resolve() for e in entries if e.gt is not None}
+    clash = [e.id for e in entries if (o / f"{e.id}.png").resolve() in ins]
+    if clash:
+        raise DeqirError(f"output {o / (clash[0] + '.png')} would overwrite an input; choose another output folder")

@@ -1,0 +1,116 @@
+"""Dataset results: the JSONL log, configuration hashes and resume."""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from deqir_dist.io.files import atomic_write
+
+RESULTS_NAME = "results.jsonl"
+SUMMARY_NAME = "summary.json"
+
+
+# ============================================================================ configuration hash
+
+
+def _canonical(v):
+    import torch
+    if isinstance(v, torch.Tensor):
+        t = v.detach().cpu().contiguous()
+        return {"tensor": list(t.shape), "sha256": hashlib.sha256(t.numpy().tobytes()).hexdigest()}
+    if isinstance(v, dict):
+        return {str(k): _canonical(x) for k, x in sorted(v.items())}
+    if isinstance(v, (list, tuple)):
+        return [_canonical(x) for x in v]
+    if isinstance(v, Path):
+        return str(v)
+    return v
+
+
+def config_hash(config: dict) -> str:
+    """A short stable hash of a JSON-like configuration (tensors by content)."""
+    data = json.dumps(_canonical(config), sort_keys=True, default=str).encode()
+    return hashlib.sha256(data).hexdigest()[:16]
+
+
+def _model_identity(model: str, checkpoint: str | None) -> dict:
+    out = {"model": model}
+    for key, val in (("model_file", model), ("checkpoint", checkpoint)):
+        if val and os.path.isfile(val):
+            st = os.stat(val)
+            out[key] = {"path": os.path.abspath(val), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+        elif key == "checkpoint" and val:
+            out[key] = val
+    return out
+
+
+# ============================================================================ results manifest
+
+
+def load_results(path: str | os.PathLike) -> dict[str, dict]:
+    """The latest ``ok``/``failed`` record of each id in a results JSONL (a torn last line is ignored)."""
+    p = Path(path)
+    latest: dict[str, dict] = {}
+    if not p.is_file():
+        return latest
+    for line in p.read_text(errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if isinstance(rec, dict) and isinstance(rec.get("id"), str) and rec.get("status") in ("ok", "failed"):
+            latest[rec["id"]] = rec
+    return latest
+
+
+class _ResultsLog:
+    """Append-only JSONL, one durable line per record; compacted (latest per id) at the end."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fh = open(path, "ab")
+        if path.stat().st_size:
+            with open(path, "rb") as r:
+                r.seek(-1, os.SEEK_END)
+                if r.read(1) != b"\n":        # a torn line from a crash: start on a fresh line
+                    self.fh.write(b"\n")
+
+    def append(self, rec: dict) -> None:
+        self.fh.write((json.dumps(rec, sort_keys=True) + "\n").encode())
+        self.fh.flush()
+        os.fsync(self.fh.fileno())
+
+    def close(self) -> None:
+        self.fh.close()
+
+    def compact(self) -> None:
+        keep: dict[str, dict] = {}
+        for line in self.path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and isinstance(rec.get("id"), str):
+                keep.pop(rec["id"], None)
+                keep[rec["id"]] = rec
+        data = "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep.values()).encode()
+        atomic_write(self.path, lambda fh: fh.write(data))
+
+
+def _skipped_ids(path: Path) -> set:
+    out = set()
+    if path.is_file():
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and rec.get("status") == "skipped":
+                out.add(rec.get("id"))
+    return out
+
+
+def _write_bytes(path: Path, data: bytes) -> None:
+    atomic_write(path, lambda fh: fh.write(data))

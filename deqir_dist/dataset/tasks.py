@@ -1,0 +1,62 @@
+"""Tasks and their parameters: the task names, which flags apply to which task, and the operator
+keyword arguments they build (shared by the CLI and dataset manifests)."""
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+
+import torch
+
+from deqir_dist.errors import DeqirError
+from deqir_dist.io.images import read_image
+from deqir_dist.physics.registry import _REGISTRY
+
+# the named tasks the demo and the benchmarks run: name -> (operator, its parameters)
+DEMO_TASKS = {
+    "sr_bicubic_x4": ("sr_bicubic", {"scale": 4}),
+    "deblur_gauss": ("deblur_gauss", {}),
+    "inpaint_box": ("inpaint", {"mask": "box"}),
+    "inpaint_random": ("inpaint", {"mask": "random"}),
+    "colorize": ("colorize", {}),
+}
+
+MASK_IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+TASKS = ("sr_avgpool", "sr_bicubic", "deblur_gauss", "deblur_uniform", "deblur_aniso",
+         "inpaint", "colorize", "cs_wht", "denoise")
+
+# CLI flag -> operator keyword (only flags the user sets are passed on)
+OP_FLAGS = {"scale": "scale", "kernel_size": "size", "blur_sigma": "sigma", "sigma_h": "sigma_h",
+             "sigma_w": "sigma_w", "mask": "mask", "mask_fraction": "fraction", "mask_seed": "seed",
+             "ratio": "ratio", "cs_seed": "seed"}
+
+
+# flags that belong to one task only (their keys are shared: both seeds are "seed")
+FLAG_TASK = {"mask": "inpaint", "mask_fraction": "inpaint", "mask_seed": "inpaint", "ratio": "cs_wht",
+              "cs_seed": "cs_wht"}
+
+
+def task_flags(task: str) -> list[str]:
+    """The task flags (attribute names) that apply to ``task``."""
+    sig = inspect.signature(_REGISTRY[task].__init__).parameters
+    keys = set(sig) | ({"fraction", "seed"} if task == "inpaint" else set())    # inpaint: the mask's parameters
+    return [f for f, k in OP_FLAGS.items() if k in keys and FLAG_TASK.get(f, task) == task]
+
+
+
+def operator_params(task: str, flags: dict) -> dict:
+    """Operator keyword arguments from task flags (CLI attribute names, None = not set): checks
+    that each flag applies to ``task``; a mask given as an image file is read (white = keep)."""
+    params = {}
+    valid = task_flags(task)
+    for flag, key in OP_FLAGS.items():
+        v = flags.get(flag)
+        if v is None:
+            continue
+        if flag not in valid:
+            names = ", ".join("--" + f.replace("_", "-") for f in valid) or "none"
+            raise DeqirError(f"--{flag.replace('_', '-')} does not apply to --task {task} (its flags: {names})")
+        params[key] = v
+    mask = params.get("mask")
+    if mask is not None and not isinstance(mask, torch.Tensor) and Path(mask).suffix.lower() in MASK_IMAGE_SUFFIXES:
+        params["mask"] = (read_image(mask, channels=1)[0] > 0).float()
+    return params

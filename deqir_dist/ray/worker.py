@@ -1,0 +1,220 @@
+"""The Ray actor that restores batches of images (one process, or one rank of a gang)."""
+from __future__ import annotations
+
+import json
+import os
+import socket
+import tempfile
+import time
+import uuid
+from pathlib import Path
+
+from deqir_dist.api.restore import restore
+from deqir_dist.dataset.items import generator_for, load_items
+from deqir_dist.dataset.results import _canonical
+from deqir_dist.errors import DeqirError, one_line
+from deqir_dist.io.images import read_image, write_image
+from deqir_dist.models import load_denoiser
+from deqir_dist.quality.metrics import psnr, ssim
+from deqir_dist.sampling.noise import draw_noise
+
+TEST_ENV_PREFIX = "DEQIR_TEST_"
+
+
+# ============================================================================ the worker
+
+
+class _GangBroken(RuntimeError):
+    """A collective failed inside a gang: the driver replaces the whole gang."""
+
+
+class RestoreWorker:
+    """One worker process (a Ray actor; also usable in-process): holds the model, restores batches.
+
+    ``spec``: model, checkpoint, device ("cpu" | "cuda"), threads, task, restore (sampler keyword
+    arguments without sigma_y), seed, from_clean, bits, batch (restore equal operators together),
+    token (the job's id). ``restore_batch(items)`` returns one record per item, with the encoded
+    PNG under ``png`` for restored images.
+    """
+
+    def __init__(self, spec: dict):
+        import torch
+        torch.set_num_threads(max(1, int(spec.get("threads", 1))))
+        self.spec = dict(spec)
+        self.device = torch.device("cuda", 0) if spec.get("device") == "cuda" else torch.device("cpu")
+        self.model = load_denoiser(spec["model"], checkpoint=spec.get("checkpoint"), device=self.device)
+        self.scratch = Path(tempfile.gettempdir())   # a per-batch temp folder while restoring
+        self.rank, self.world = 0, 1
+        self.images_done = 0
+        # test-only fault injection (see the module docstring)
+        k = os.environ.get(TEST_ENV_PREFIX + "WORKER_EXIT_AFTER")
+        self._exit_after = int(k) if k and k.strip().isdigit() and int(k) > 0 else None
+        self._exit_marker = os.environ.get(TEST_ENV_PREFIX + "WORKER_EXIT_MARKER") or os.path.join(
+            tempfile.gettempdir(), f"deqir-test-worker-exit-{spec.get('token', 'job')}")
+
+    # ---------------------------------------------------------------- gang set-up
+    def ready(self) -> dict:
+        return {"pid": os.getpid(), "host": socket.gethostname(), "device": str(self.device)}
+
+    def address(self) -> str:
+        """``tcp://IP:PORT`` on this node with a free port (rank 0 of a gang)."""
+        try:
+            import ray
+            ip = ray.util.get_node_ip_address()
+        except Exception:
+            ip = "127.0.0.1"
+        with socket.socket() as s:
+            s.bind((ip, 0))
+            port = s.getsockname()[1]
+        return f"tcp://{ip}:{port}"
+
+    def join(self, init_method: str, rank: int, world: int, backend: str, timeout_s: float) -> int:
+        """Join the gang's process group (every rank calls this at the same time)."""
+        from datetime import timedelta
+
+        import torch.distributed as dist
+        if self.device.type == "cuda":
+            import torch
+            torch.cuda.set_device(self.device)
+        dist.init_process_group(backend, init_method=init_method, rank=rank, world_size=world,
+                                timeout=timedelta(seconds=timeout_s))
+        self.rank, self.world = rank, world
+        return rank
+
+    # ---------------------------------------------------------------- restoring
+    def _maybe_test_exit(self) -> None:
+        if self._exit_after is None or self.images_done < self._exit_after:
+            return
+        try:
+            fd = os.open(self._exit_marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except OSError:
+            self._exit_after = None            # it happened already (marker exists)
+            return
+        os.write(fd, f"{os.getpid()}\n".encode())
+        os.close(fd)
+        os._exit(17)
+
+    def _load(self, it: dict):
+        """Decode and validate one shipped input: an ``Item`` (jobs.load_items) with ground truth."""
+        # the file keeps the id as its stem: load_items draws the measurement noise from (seed, stem)
+        tmp = self.scratch / "in" / f"{it['id']}{it['suffix']}"
+        tmp.parent.mkdir(exist_ok=True)
+        gtmp = None
+        try:
+            tmp.write_bytes(it["data"])
+            try:
+                item = load_items([tmp], self.spec["task"], it["op_params"], self.spec["from_clean"],
+                                  sigma_y=it["sigma_y"], seed=self.spec["seed"])[0]
+            except DeqirError as e:
+                raise DeqirError(str(e).replace(str(tmp), it["source"])) from None
+            item.source = Path(it["source"])
+            if it.get("gt_data") is not None:
+                gtmp = self.scratch / "gt" / f"{it['id']}{it['gt_suffix']}"
+                gtmp.parent.mkdir(exist_ok=True)
+                gtmp.write_bytes(it["gt_data"])
+                try:
+                    gt = read_image(gtmp, channels=3)
+                except DeqirError as e:
+                    raise DeqirError(str(e).replace(str(gtmp), it["gt_source"])) from None
+                if tuple(gt.shape) != tuple(item.op.image_shape):
+                    raise DeqirError(f"ground truth {it['gt_source']} is {tuple(gt.shape)}, but the restored "
+                                     f"image is {tuple(item.op.image_shape)}")
+                item.gt = gt[None]
+            return item
+        finally:
+            for f in (tmp, gtmp):
+                if f is not None:
+                    try:
+                        f.unlink()
+                    except OSError:
+                        pass
+
+    def _encode(self, name: str, image) -> bytes:
+        path = self.scratch / f"{uuid.uuid4().hex[:8]}-{name}.png"
+        try:
+            write_image(path, image, bits=self.spec.get("bits", 8))
+            return path.read_bytes()
+        finally:
+            try:
+                path.unlink()
+            except OSError:
+                pass
+
+    def _restore_group(self, group: list) -> list:
+        """One ``restore`` call over items that share an operator; per image (record, png)."""
+        import torch
+
+        kw = dict(self.spec["restore"])
+        op = group[0][1].op
+        xis, zs = [], []
+        for it, item in group:
+            xi, z = draw_noise(1, op.image_shape, kw["steps"], kw.get("nw", 0.0),
+                               generator_for(self.spec["seed"], it["id"]))
+            xis.append(xi)
+            zs.append(z)
+        y = torch.cat([item.y for _, item in group])
+        t0 = time.perf_counter()
+        res = restore(self.model, y, op, noise=torch.cat(xis), step_noise=None if zs[0] is None else torch.cat(zs),
+                      sigma_y=group[0][0]["sigma_y"], distributed=self.world > 1, **kw)
+        sec = (time.perf_counter() - t0) / len(group)
+        out = []
+        for j, (it, item) in enumerate(group):
+            img = res.image[j:j + 1].float().cpu()
+            rec = {"iterations": int(res.iterations_per_image[j]), "seconds": round(sec, 4), "solver": res.solver,
+                   "ranks": self.world}
+            if item.gt is not None:
+                c = img.clamp(-1, 1)
+                rec["psnr"] = round(float(psnr(c, item.gt)[0]), 3)
+                rec["ssim"] = round(float(ssim(c, item.gt)[0]), 4)
+            out.append((rec, self._encode(it["id"], img[0])))
+        return out
+
+    def restore_batch(self, items: list[dict]) -> list[dict]:
+        """Restore a batch; one record per item, in order (``status`` ok with ``png`` bytes, or failed)."""
+        with tempfile.TemporaryDirectory(prefix="deqir-ray-") as scratch:
+            self.scratch = Path(scratch)
+            return self._restore_batch(items)
+
+    def _restore_batch(self, items: list[dict]) -> list[dict]:
+        records: dict[str, dict] = {}
+        loaded = []
+        for it in items:
+            base = {"id": it["id"], "input": it["source"], "config": it["config"]}
+            try:
+                loaded.append((it, self._load(it)))
+            except Exception as e:
+                records[it["id"]] = {**base, "status": "failed", "error": one_line(e, bare_deqir=True)}
+        groups: dict = {}
+        for it, item in loaded:
+            key = (json.dumps(_canonical(item.op.describe()), sort_keys=True, default=str), it["sigma_y"])
+            if not self.spec.get("batch"):
+                key = (key, it["id"])
+            groups.setdefault(key, []).append((it, item))
+        for group in groups.values():
+            try:
+                results = self._restore_group(group)
+            except Exception as e:
+                self._raise_if_gang_broken(e)
+                if len(group) > 1:               # isolate the failing image(s)
+                    results = []
+                    for one in group:
+                        try:
+                            results.extend(self._restore_group([one]))
+                        except Exception as e1:
+                            self._raise_if_gang_broken(e1)
+                            results.append(({"error": one_line(e1, bare_deqir=True)}, None))
+                else:
+                    results = [({"error": one_line(e, bare_deqir=True)}, None)]
+            for (it, _), (rec, png) in zip(group, results):
+                base = {"id": it["id"], "input": it["source"], "config": it["config"]}
+                if png is None:
+                    records[it["id"]] = {**base, "status": "failed", **rec}
+                else:
+                    records[it["id"]] = {**base, "status": "ok", "error": None, **rec, "png": png}
+                self.images_done += 1
+                self._maybe_test_exit()
+        return [records[it["id"]] for it in items]
+
+    def _raise_if_gang_broken(self, e: Exception) -> None:
+        if self.world > 1 and (not isinstance(e, DeqirError) or "collective" in str(e)):
+            raise _GangBroken(f"rank {self.rank}: {one_line(e, bare_deqir=True)}") from e

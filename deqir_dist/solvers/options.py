@@ -1,0 +1,71 @@
+"""Solver options: the single home of every solver default, validated."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from deqir_dist.errors import DeqirError, is_int, is_real
+
+SOLVERS = ("picard", "anderson")
+STOP_RULES = ("final", "rows", "residual", "none")
+DEFAULT_STOP_TOL = {"final": 43.0, "rows": 0.03, "residual": 1e-3, "none": 0.0}
+
+
+@dataclass(frozen=True)
+class SolverOptions:
+    solver: str = "picard"
+    stop: str = "rows"
+    stop_tol: float = 0.03
+    max_iter: int = 25
+    m: int = 5
+    ridge: float = 1e-4
+    beta: float = 1.0
+    safeguard: float = 2.0
+    data_std: float | None = 0.5
+    window: int = 0             # rows of the sliding window (window.solve_window); 0: every row, every sweep
+    #                             (``make`` fills in N for picard + rows, the documented default)
+    freeze: float = 0.1         # window: a row freezes when its change is <= freeze x stop_tol of its noise level
+
+    @staticmethod
+    def make(solver: str, stop: str, stop_tol: float | None, max_iter: int | None, steps: int,
+             **kw) -> "SolverOptions":
+        """Validated options with the documented defaults filled in."""
+        if solver not in SOLVERS:
+            raise DeqirError(f"unknown solver {solver!r}; choose from serial, {', '.join(SOLVERS)}")
+        if stop not in STOP_RULES:
+            raise DeqirError(f"unknown stop rule {stop!r}; choose from {', '.join(STOP_RULES)}")
+        tol = DEFAULT_STOP_TOL[stop] if stop_tol is None else stop_tol
+        if not is_real(tol) or not math.isfinite(tol) or (stop in ("rows", "residual") and tol <= 0):
+            raise DeqirError(f"stop_tol must be a finite number (> 0 for '{stop}'), got {stop_tol!r}")
+        k = steps if max_iter is None else max_iter
+        if not is_int(k) or k < 1:
+            raise DeqirError(f"max_iter must be a positive integer, got {max_iter!r}")
+        unknown = sorted(set(kw) - {"m", "ridge", "beta", "safeguard", "data_std", "window", "freeze"})
+        if unknown:
+            raise DeqirError(f"unknown solver option(s) {', '.join(unknown)}; "
+                             "valid: m, ridge, beta, safeguard, data_std, window, freeze")
+        w = kw.get("window")
+        if w is None:       # default: the frozen prefix for picard + rows, plain sweeps otherwise
+            kw["window"] = steps if solver == "picard" and stop == "rows" else 0
+        elif not is_int(w) or w < 0:
+            raise DeqirError(f"window must be a number of rows >= 0 (0: every row every sweep), got {w!r}")
+        elif w and (solver != "picard" or stop != "rows"):
+            raise DeqirError(f"window={w} needs solver='picard' and stop='rows' (got {solver!r}, {stop!r})")
+        elif 0 < w < steps and k < steps:
+            raise DeqirError(f"a window of {w} < {steps} rows needs max_iter >= {steps}: stopped earlier, rows "
+                             "past the window would never have been evaluated")
+        c = kw.get("data_std", SolverOptions.data_std)
+        if c is not None and (not is_real(c) or not 0 < c < math.inf):
+            raise DeqirError(f"data_std must be a positive number or None, got {c!r}")
+        m = kw.get("m", SolverOptions.m)
+        if not is_int(m) or m < 1:
+            raise DeqirError(f"m (Anderson history) must be an integer >= 1, got {m!r}")
+        fr = kw.get("freeze", SolverOptions.freeze)
+        if not is_real(fr) or not 0 < fr <= 1:
+            raise DeqirError(f"freeze must be a number in (0, 1], got {fr!r}")
+        for key, low in (("ridge", 0.0), ("beta", 0.0), ("safeguard", 1.0)):
+            v = kw.get(key, getattr(SolverOptions, key))
+            if not is_real(v) or not low < v < math.inf:
+                raise DeqirError(f"{key} must be a finite number > {low:g}, got {v!r}")
+        kw = {key: (None if v is None else (int(v) if key in ("m", "window") else float(v))) for key, v in kw.items()}
+        return SolverOptions(solver=solver, stop=stop, stop_tol=float(tol), max_iter=int(k), **kw)

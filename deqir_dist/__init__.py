@@ -13,6 +13,7 @@ mathematics), ``physics`` (operators), ``io``, ``data``, ``quality`` (metrics, b
 from deqir_dist.api.inversion import NoiseGradient, noise_gradient
 from deqir_dist.api.optimize import NoiseOptimization, optimize_noise
 from deqir_dist.api.restore import RestoreResult, restore
+from deqir_dist.dataset.items import restore_file
 from deqir_dist.errors import DeqirError
 from deqir_dist.io.images import read_image, write_image
 from deqir_dist.models import load_denoiser
@@ -26,5 +27,5 @@ from deqir_dist.sampling.schedule import (
 
 __all__ = ["DeqirError", "NoiseGradient", "NoiseOptimization", "OPERATOR_NAMES", "RestoreResult",
            "chain_coefficients", "linear_alphas_cumprod", "load_denoiser", "make_operator", "noise_gradient",
-           "optimize_noise", "psnr", "read_image", "restore", "ssim", "timestep_grid", "write_image"]
+           "optimize_noise", "psnr", "read_image", "restore", "restore_file", "ssim", "timestep_grid", "write_image"]
 __version__ = "0.1.0"

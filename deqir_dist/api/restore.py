@@ -39,6 +39,17 @@ class RestoreResult:
     state_rows: int | None = None                 # rows of chain state this process held
     plan: dict | None = None                      # solver="auto": the prediction it chose by
 
+    @property
+    def images(self) -> torch.Tensor:
+        """(B, C, H, W) float32 on the CPU, clipped to the valid range [-1, 1]."""
+        return self.image.detach().to("cpu", torch.float32).clamp(-1, 1)
+
+    def to_pil(self) -> list:
+        """One 8-bit PIL image per restored image (RGB, or L for one channel)."""
+        from PIL import Image
+        u8 = ((self.images + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+        return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in u8]
+
 
 def check_settings(steps: int, solver: str = "picard", start: int = 1000, etw: float = 0.0, nw: float = 0.0,
                    sigma_y: float = 0.0, stop: str = "rows", stop_tol: float | None = None,

@@ -16,6 +16,7 @@ import torch
 
 from deqir_dist.api.optimize import optimize_noise
 from deqir_dist.api.restore import restore
+from deqir_dist.dataset.tasks import OP_FLAGS, operator_params
 from deqir_dist.errors import DeqirError, check_int, is_real
 from deqir_dist.io.files import ensure_writable_dir
 from deqir_dist.io.images import list_images, read_image, write_image
@@ -26,6 +27,7 @@ from deqir_dist.io.measurements import (
     measurement_channels,
     save_measurement,
 )
+from deqir_dist.models.registry import load_denoiser
 from deqir_dist.physics.registry import make_operator
 from deqir_dist.quality.metrics import psnr, ssim
 
@@ -279,3 +281,30 @@ def summarize(records: list[dict]) -> dict:
         if vals:
             out[f"mean_{key}"] = round(sum(vals) / len(vals), 4)
     return out
+
+
+def restore_file(path, task: str, model="builtin", out=None, from_clean: bool = False, seed: int = 0,
+                 device=None, bits: int = 8, **kw):
+    """Restore one file: a measurement (what ``deqir degrade`` writes: an image, or a .pt file) or,
+    with ``from_clean``, a clean image degraded here first. Returns the ``RestoreResult``; with
+    ``out`` (a .png path) also writes the picture.
+
+    ``kw`` holds the task's parameters under their flag names (``scale``, ``kernel_size``,
+    ``blur_sigma``, ``sigma_h``, ``sigma_w``, ``mask``, ``mask_fraction``, ``mask_seed``,
+    ``ratio``, ``cs_seed``, ``sigma_y``) and any sampler setting of :func:`restore`. ``model`` is
+    a denoiser module or a name for :func:`load_denoiser`. The noise is drawn from (seed, file
+    stem), as ``deqir restore`` draws it, so both give the same picture.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise DeqirError(f"input file not found: {p}")
+    flags = {k: kw.pop(k) for k in list(kw) if k in OP_FLAGS}
+    sigma_y = float(kw.pop("sigma_y", 0.0))
+    if isinstance(model, str):
+        model = load_denoiser(model, device=device)
+    item = load_items([p], task, operator_params(task, flags), from_clean, sigma_y=sigma_y, seed=seed)[0]
+    check_model_fits(model, [item])
+    res = restore(model, item.y, item.op, generator=generator_for(seed, item.name), sigma_y=sigma_y, **kw)
+    if out is not None:
+        write_image(out, res.image[0], bits=bits)
+    return res

@@ -9,6 +9,7 @@ import torch
 from deqir_dist.errors import DeqirError
 from deqir_dist.models.analytic import GaussianMixtureDenoiser
 from deqir_dist.models.builtin import load_builtin
+from deqir_dist.models.emulated import CostEmulatingDenoiser, load_cost_file, read_cost_table
 from deqir_dist.models.loading import (
     ARCHITECTURES,
     CHECKPOINT_SUFFIXES,
@@ -28,7 +29,8 @@ def _looks_like_path(name: str) -> bool:
 
 
 def load_denoiser(name_or_path: str | os.PathLike | None, checkpoint=None, dtype: torch.dtype | str | None = None,
-                  device: torch.device | str | None = None, config: dict | None = None) -> torch.nn.Module:
+                  device: torch.device | str | None = None, config: dict | None = None,
+                  emulate_cost=None) -> torch.nn.Module:
     """A ready-to-use denoiser ``eps = model(x, t)`` in eval mode.
 
     ``builtin``: the small prior trained on scikit-image's photographs that ships with the package
@@ -45,7 +47,21 @@ def load_denoiser(name_or_path: str | os.PathLike | None, checkpoint=None, dtype
     file and detects its architecture (see :mod:`deqir_dist.models.loading`).
 
     ``dtype``: None / float32, float16 (ADM: guided-diffusion's ``convert_to_fp16``) or bfloat16.
+
+    ``emulate_cost``: a cost table (a JSON file as ``deqir bench --profile`` writes, or a dict
+    {b: ms}): the model is wrapped in ``CostEmulatingDenoiser``, every call of batch b held to
+    c(b) (:mod:`deqir_dist.models.emulated`); without a name or checkpoint the model is then the
+    analytic oracle (cheap, exact), not the builtin prior.
     """
+    if emulate_cost is not None:
+        if isinstance(emulate_cost, dict):
+            table, source = read_cost_table(emulate_cost), "cost table"
+        else:
+            table, source = load_cost_file(emulate_cost), os.fspath(emulate_cost)
+        if name_or_path is None and checkpoint is None:
+            name_or_path = "analytic"
+        inner = load_denoiser(name_or_path, checkpoint, dtype, device, config)
+        return CostEmulatingDenoiser(inner, table, source).eval()
     if isinstance(name_or_path, os.PathLike):
         name_or_path = os.fspath(name_or_path)
     if checkpoint is not None:

@@ -1,1 +1,1 @@
-"""data"""
+"""Photographs and crops for training and validating the built-in prior (scikit-image's photos)."""

@@ -18,6 +18,7 @@ holds: a JSON object whose ``c_ms`` maps batch sizes to milliseconds.
 """
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import time
@@ -53,7 +54,7 @@ def interpolate_cost(table: dict[int, float], b: int) -> float:
     pts = sorted(table.items())
     if b <= pts[0][0]:
         return pts[0][1]
-    for (b0, c0), (b1, c1) in zip(pts, pts[1:]):
+    for (b0, c0), (b1, c1) in itertools.pairwise(pts):
         if b <= b1:
             return c0 + (c1 - c0) * (b - b0) / (b1 - b0)
     if len(pts) == 1:

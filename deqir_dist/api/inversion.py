@@ -73,16 +73,14 @@ from deqir_dist.sampling.chain import ChainBlock, block_decays
 from deqir_dist.sampling.denoiser import EpsFn, model_device
 from deqir_dist.sampling.schedule import ChainCoefficients, chain_coefficients
 from deqir_dist.sampling.serial import sample_serial
-from deqir_dist.solvers.adjoint import (
-    ADJOINT_SOLVERS,
-    DEFAULT_ADJOINT_TOL,
-    _solve_adjoint,
-)
+from deqir_dist.solvers import registry
+from deqir_dist.solvers.adjoint import DEFAULT_ADJOINT_TOL, _solve_adjoint
 from deqir_dist.solvers.chain import solve_chain
 from deqir_dist.solvers.options import SolverOptions
 
 METHODS = ("implicit", "phantom")
-FORWARD_SOLVERS = ("serial", "picard", "anderson")
+FORWARD_SOLVERS = registry.names("inversion")       # solvers.registry
+ADJOINT_SOLVERS = registry.names("adjoint")
 DEFAULT_FORWARD_TOL = 80.0      # dB, the "final" stop rule of ``solvers`` (a tight default: gradients)
 
 
@@ -232,10 +230,8 @@ def noise_gradient(denoiser, y: torch.Tensor, op, xi: torch.Tensor, loss_fn: Cal
     """
     if method not in METHODS:
         raise DeqirError(f"unknown method {method!r}; choose from {', '.join(METHODS)}")
-    if solver not in FORWARD_SOLVERS:
-        raise DeqirError(f"unknown solver {solver!r}; choose from {', '.join(FORWARD_SOLVERS)}")
-    if adjoint not in ADJOINT_SOLVERS:
-        raise DeqirError(f"unknown adjoint solver {adjoint!r}; choose from {', '.join(ADJOINT_SOLVERS)}")
+    registry.get(solver, "inversion")
+    registry.get(adjoint, "adjoint", "adjoint solver")
     if method == "phantom" and (not 0 < tau <= 1 or isinstance(phantom_steps, bool)
                                 or not isinstance(phantom_steps, int) or phantom_steps < 1):
         raise DeqirError("phantom needs 0 < tau <= 1 and an integer phantom_steps >= 1")

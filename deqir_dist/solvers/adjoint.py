@@ -10,7 +10,6 @@ from deqir_dist.sampling.adjoint import (
     _norms,
 )
 
-ADJOINT_SOLVERS = ("serial", "picard", "anderson")
 DEFAULT_ADJOINT_TOL = 0.0       # relative adjoint residual; 0: run to the exact end (N evaluations)
 
 

@@ -31,15 +31,25 @@ def sample_serial(eps_fn, op, coeffs: ChainCoefficients, y: torch.Tensor, xi: to
     for i in steps:
         a, a_next, lam = float(coeffs.a[i]), float(coeffs.a_next[i]), float(coeffs.lam[i])
         t = torch.full((b,), int(coeffs.taus[i]), dtype=torch.int64, device=xi.device)
-        eps = eps_fn(h, t)
-        x0 = (h - (1 - a) ** 0.5 * eps) / a ** 0.5
-        x0 = x0 - lam * op.A_pinv(op.A(x0) - y)
-        h = a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * (1 - coeffs.etw ** 2) ** 0.5 * eps
-        if coeffs.nw > 0:
-            h = h + (1 - a_next) ** 0.5 * coeffs.nw * step_noise[:, i].to(h)
+        z = step_noise[:, i] if coeffs.nw > 0 else None
+        h = ddnm_step(op, h, eps_fn(h, t), y, a, a_next, lam, coeffs.etw, coeffs.nw, z)
         if callback is not None:
             callback(i + 1, h)
     return h
+
+
+def ddnm_step(op, h: torch.Tensor, eps: torch.Tensor, y: torch.Tensor, a, a_next, lam, etw: float, nw: float,
+              z: torch.Tensor | None = None) -> torch.Tensor:
+    """One step of the serial sampler from h = h_{i-1} and eps = eps(h_{i-1}, tau_i): h_i.
+
+    a, a_next, lam are the row's scalars, or tensors (rows, 1, 1, 1) when rows of different
+    steps are stacked (the parareal fine solve); z is the row's noise draw (used when nw > 0)."""
+    x0 = (h - (1 - a) ** 0.5 * eps) / a ** 0.5
+    x0 = x0 - lam * op.A_pinv(op.A(x0) - y)
+    out = a_next ** 0.5 * x0 + (1 - a_next) ** 0.5 * (1 - etw ** 2) ** 0.5 * eps
+    if nw > 0:
+        out = out + (1 - a_next) ** 0.5 * nw * z.to(out)
+    return out
 
 
 

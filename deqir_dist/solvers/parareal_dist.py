@@ -1,0 +1,210 @@
+"""The parareal solver pipelined over the ranks of a torch.distributed group (``parallel.dist.DistComm``).
+
+Rank r owns the blocks ``block_owners(B, P)`` gives it (one block per rank when P = B, a
+contiguous group when P < B). In iteration k a rank waits for U_n^k of its first active block
+(point-to-point from the rank before), runs G_n, forms U_{n+1}^k = G_n(U_n^k) + F_n(U_n^{k-1}) -
+G_n(U_n^{k-1}) and sends it on at once (the correction travels along the ranks), then runs the
+fine solves F_n(U_n^k) of its blocks that iteration k + 1 needs, without waiting for anyone. The
+"rows" rule's largest boundary change travels with the state. Iteration k's stopping decision
+(taken by the last rank, which holds U_B) is one all_reduce at the start of iteration k + 1,
+after the fine solves; a batch of images moves through together and stopped images leave it.
+At the end the final states are broadcast from the last rank. Every exchange goes through
+``DistComm._run``: bounded by the group's timeout, failures name the dead rank.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.distributed as dist
+
+from deqir_dist.sampling.schedule import ChainCoefficients
+from deqir_dist.solvers.parareal import (
+    Parareal,
+    PararealOptions,
+    PararealOutput,
+    block_owners,
+    boundary_sigma,
+    done,
+    parareal_schedule,
+    solve_parareal,
+)
+
+
+def run_parareal(eps_fn, op, coeffs: ChainCoefficients, y, xi, opts: PararealOptions, step_noise=None, comm=None,
+                 callback=None) -> PararealOutput:
+    """restore's entry: one process (``comm`` None or of size 1), else the pipelined ranks.
+    Fills in the schedule's critical path and denoiser calls per image (at the largest K)."""
+    procs = 1 if comm is None else comm.size
+    if procs > 1:
+        out = solve_parareal_dist(eps_fn, op, coeffs, y, xi, opts, comm, step_noise, callback=callback)
+    else:
+        out = solve_parareal(eps_fn, op, coeffs, y, xi, opts, step_noise, callback=callback)
+    sched = parareal_schedule(out.blocks, [min(opts.coarse_steps, hi - lo) for lo, hi in out.blocks],
+                              max(out.iterations), procs if procs > 1 else len(out.blocks))
+    out.critical_path, out.schedule_calls = sched["critical_path"], sched["calls"]
+    return out
+
+
+class _Pipe:
+    """Point-to-point state messages between the owners of consecutive blocks."""
+
+    def __init__(self, comm):
+        self.comm = comm
+        self.pending = []
+
+    def send(self, t: torch.Tensor, dst: int) -> None:
+        c = self.comm
+
+        def go():
+            buf = c._dev(t.clone())
+            self.pending.append((dist.isend(buf, c.global_ranks[dst], c.group), buf))
+            c.stats.bytes_sent += buf.numel() * buf.element_size()
+        c._run("parareal send", go)
+
+    def recv(self, like: torch.Tensor, src: int) -> torch.Tensor:
+        c = self.comm
+
+        def go():
+            buf = torch.empty(like.shape, dtype=like.dtype, device=c.device)
+            dist.recv(buf, c.global_ranks[src], c.group)
+            return buf.to(like.device)
+        return c._run("parareal receive", go)
+
+    def flush(self) -> None:
+        c = self.comm
+
+        def go():
+            for w, _ in self.pending:
+                w.wait()
+            self.pending.clear()
+        c._run("parareal send", go)
+
+
+@torch.no_grad()
+def solve_parareal_dist(eps_fn, op, coeffs: ChainCoefficients, y: torch.Tensor, xi: torch.Tensor,
+                        opts: PararealOptions, comm, step_noise: torch.Tensor | None = None,
+                        callback=None) -> PararealOutput:
+    """This rank's share of ``solve_parareal`` (same result); every rank returns the final states."""
+    y = y.to(device=xi.device, dtype=xi.dtype)
+    pr = Parareal(eps_fn, op, coeffs, y, opts, step_noise)
+    nb, batch, rank = opts.blocks, xi.shape[0], comm.rank
+    owner = block_owners(nb, comm.size)
+    mine = [n for n in range(nb) if owner[n] == rank]
+    last = owner[nb - 1] == rank
+    sig = boundary_sigma(coeffs, pr.bounds)
+    pipe = _Pipe(comm)
+    ids = list(range(batch))
+    U, G, E, F, OUT = {}, {}, {}, {}, {}       # per owned block: input, G(input), eps(input), F(input), output
+    final = torch.zeros_like(xi)
+    iters, trace, qs, ends = [0] * batch, [], {}, {}
+    zero_q = 0.0 if opts.stop != "final" else math.inf
+
+    def boundary(n: int, state: torch.Tensor, q: torch.Tensor):
+        """Block n's new output: keep it, pass it (and the running 'rows' change) to block n + 1."""
+        OUT[n] = state
+        if n + 1 < nb and owner[n + 1] != rank:
+            pipe.send(state, owner[n + 1])
+            pipe.send(q, owner[n + 1])
+
+    def incoming(n: int, k: int):
+        """U_n^k and the running change before it."""
+        if n == 0:
+            return xi[ids], torch.zeros(len(ids), dtype=torch.float64, device=xi.device)
+        if owner[n - 1] == rank:
+            return OUT[n - 1], RUN[n - 1]
+        s = pipe.recv(xi[ids], owner[n - 1])
+        return s, pipe.recv(torch.zeros(len(ids), dtype=torch.float64, device=xi.device), owner[n - 1])
+
+    RUN = {}
+    kmax = opts.max_iter
+    k_done = -1
+    for k in range(kmax + 1):
+        if k >= 2:
+            ids, keep = _decide(comm, pipe, k - 1, ids, qs, ends, final, iters, trace, opts, last, kmax, nb,
+                                batch, zero_q)
+            if keep is not None:
+                for d in (U, G, E, F, OUT, RUN):
+                    for n in list(d):
+                        d[n] = d[n][keep]
+            if not ids:
+                break
+        for n in mine:                         # G pass: the correction travels along the ranks
+            if n < k - 1:
+                continue
+            if n == k - 1:                     # U_k^k = F_{k-1}(U_{k-1}^{k-1}): exact
+                RUN[n] = torch.zeros(len(ids), dtype=torch.float64, device=xi.device) + (
+                    _change(F[n], OUT[n], sig[n]) if opts.stop != "final" else 0.0)
+                boundary(n, F[n], RUN[n])
+                continue
+            u, run = incoming(n, k)
+            g, E[n] = pr.coarse(n, u, ids)
+            new = g if k == 0 else g + F[n] - G[n]
+            if k and opts.stop != "final":
+                run = torch.maximum(run, _change(new, OUT[n], sig[n]))
+            U[n], G[n], RUN[n] = u, g, run
+            boundary(n, new, run)
+        if last:
+            out = OUT[nb - 1]
+            if k:
+                q = RUN[nb - 1] if opts.stop != "final" else _psnr(out, ends[k - 1])
+                if k == nb:
+                    q = torch.full_like(q, zero_q)
+                qs[k] = q
+            ends[k] = out
+            if callback is not None:
+                callback(k, list(ids), out, qs.get(k))
+        k_done = k
+        if k == kmax:
+            break
+        todo = [n for n in mine if n >= k]     # F pass, for iteration k + 1
+        if todo:
+            per = len(ids)
+            fv = pr.fine(todo, torch.cat([U[n] for n in todo]), torch.cat([E[n] for n in todo]), ids)
+            for j, n in enumerate(todo):
+                F[n] = fv[j * per:(j + 1) * per]
+    if ids and k_done >= 1:
+        ids, _ = _decide(comm, pipe, k_done, ids, qs, ends, final, iters, trace, opts, last, k_done, nb,
+                         batch, zero_q)
+    elif ids and last:                         # max_iter = 0: the coarse pass is the answer
+        final[ids] = ends[0]
+    pipe.flush()
+    final = comm.from_rank(final, owner[nb - 1], "final broadcast")
+    return PararealOutput(final, iters, trace, pr.bounds, opts.coarse_steps, pr.calls)
+
+
+def _change(a: torch.Tensor, b: torch.Tensor, sig: float) -> torch.Tensor:
+    return (a - b).double().flatten(1).pow(2).mean(1).sqrt() / sig
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return 10 * torch.log10(4.0 / (a - b).double().flatten(1).pow(2).mean(1))
+
+
+def _decide(comm, pipe, k, ids, qs, ends, final, iters, trace, opts, last, kmax, nb, batch, zero_q):
+    """Iteration k's stopping decision from the last rank (one all_reduce); the stopped images'
+    final states are kept on the last rank. Returns (remaining ids, rows to keep or None)."""
+    pipe.flush()
+    msg = torch.zeros(len(ids), dtype=torch.float64)
+    if last:
+        msg = qs[k].detach().to("cpu", torch.float64).nan_to_num(posinf=1e300)
+    q = comm.all_sum(msg)
+    q = torch.where(q >= 1e300, torch.full_like(q, math.inf), q)
+    stop = done(opts.stop, q, opts.stop_tol) if k < min(kmax, nb) else torch.ones_like(q, dtype=torch.bool)
+    row = [math.nan] * batch
+    for j, i in enumerate(ids):
+        row[i] = float(q[j])
+        iters[i] = k
+    trace.append(row)
+    keep = [j for j in range(len(ids)) if not bool(stop[j])]
+    if last:
+        for j in range(len(ids)):
+            if bool(stop[j]):
+                final[ids[j]] = ends[k][j]
+        for kk in list(ends):
+            ends[kk] = ends[kk][keep] if kk >= k - 1 else None
+        for kk in list(qs):
+            qs[kk] = qs[kk][keep]
+    if len(keep) == len(ids):
+        return ids, None
+    return [ids[j] for j in keep], torch.tensor(keep, dtype=torch.long, device=final.device)

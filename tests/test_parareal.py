@@ -1,0 +1,146 @@
+"""The two-level (parareal) solver: exact after K = B iterations, its schedule, restore and the ranks."""
+import json
+
+import pytest
+import torch
+
+from deqir_dist import DeqirError, make_operator, restore
+from deqir_dist.models import GaussianMixtureDenoiser
+from deqir_dist.sampling.denoiser import EpsFn
+from deqir_dist.sampling.schedule import chain_coefficients
+from deqir_dist.sampling.serial import sample_serial
+from deqir_dist.solvers.parareal import (
+    PararealOptions,
+    block_bounds,
+    parareal_schedule,
+    solve_parareal,
+)
+
+from . import parareal_workers
+from .test_distributed import _run
+
+SHAPE = (3, 8, 8)
+
+
+def _problem(task="sr_bicubic", batch=2, seed=0, **op_kw):
+    model = GaussianMixtureDenoiser(seed=0).double()
+    g = torch.Generator().manual_seed(seed)
+    op = make_operator(task, SHAPE, **op_kw)
+    x = model.sample(batch, SHAPE, g).double()
+    return model, op, op.A(x), torch.randn((batch, *SHAPE), generator=g, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("blocks,m,coarse,layout,etw,nw,task", [
+    (5, 1, "normalized", 1.0, 0.0, 0.0, "sr_bicubic"),
+    (4, 2, "ddim", 1.0, 0.8, 0.0, "inpaint"),
+    (6, 3, "ab2", 1.6, 0.5, 0.3, "deblur_gauss"),
+    (3, 1, "unrolled", 0.7, 0.0, 0.2, "colorize"),
+])
+def test_k_equal_b_is_the_serial_answer(blocks, m, coarse, layout, etw, nw, task):
+    steps = 17
+    model, op, y, xi = _problem(task, **({"scale": 4} if task == "sr_bicubic" else {}))
+    coeffs = chain_coefficients(steps, etw=etw, nw=nw)
+    z = torch.randn((2, steps, *SHAPE), generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    eps = EpsFn(model, 3, torch.float64)
+    serial = sample_serial(eps, op, coeffs, y, xi, z)
+    opts = PararealOptions.make(steps, blocks, m, stop="none", coarse=coarse, layout=layout)
+    out = solve_parareal(eps, op, coeffs, y, xi, opts, z, keep=True)
+    assert out.iterations == [blocks, blocks]
+    assert float((out.final - serial).abs().max()) <= 1e-10
+    # before K = B it is not the serial answer (the test can fail), and the coarse pass is far off
+    assert float((out.boundaries[0] - serial).abs().max()) > 1e-4
+
+
+def test_one_jump_per_row_is_the_fine_step():
+    """G with m = s jumps of one row each is F (normalised coordinates are exact for one row)."""
+    steps = 12
+    model, op, y, xi = _problem("inpaint", mask="random")
+    coeffs = chain_coefficients(steps, etw=0.8)
+    eps = EpsFn(model, 3, torch.float64)
+    opts = PararealOptions.make(steps, 3, 4, stop="none", max_iter=0)
+    out = solve_parareal(eps, op, coeffs, y, xi, opts)
+    assert float((out.final - sample_serial(eps, op, coeffs, y, xi)).abs().max()) <= 1e-10
+
+
+@pytest.mark.parametrize("blocks,m,layout", [(4, 1, 1.0), (5, 2, 1.0), (6, 1, 1.8)])
+def test_schedule_counts_the_calls_that_ran(blocks, m, layout):
+    steps = 24
+    model, op, y, xi = _problem(batch=1)
+    coeffs = chain_coefficients(steps)
+    bounds = block_bounds(steps, blocks, layout)
+    for k in range(blocks + 1):
+        opts = PararealOptions.make(steps, blocks, m, stop="none", max_iter=k, layout=layout)
+        out = solve_parareal(EpsFn(model, 3, torch.float64), op, coeffs, y, xi, opts)
+        sched = parareal_schedule(bounds, [min(m, hi - lo) for lo, hi in bounds], k)
+        assert out.calls == sched["calls"], k
+        assert sched["critical_path"] <= sched["calls"]
+    # one worker holding every block: the critical path is all its calls
+    one = parareal_schedule(bounds, [m] * blocks, 2, procs=1)
+    assert one["critical_path"] == one["calls"] == sum(one["per_worker"])
+
+
+def test_schedule_pipelines():
+    """N = 25, B = 5, m = 1, K = 1: coarse pass 5, the fine solves overlap it; serial is 25."""
+    b = block_bounds(25, 5)
+    assert parareal_schedule(b, [1] * 5, 0)["critical_path"] == 5
+    assert parareal_schedule(b, [1] * 5, 1)["critical_path"] == 10
+    assert parareal_schedule(b, [1] * 5, 5)["critical_path"] > 25     # K = B is slower than serial
+
+
+def test_restore_reports_the_schedule_and_stops_per_image():
+    model, op, y, xi = _problem("inpaint", batch=3, mask="box")
+    ser = restore(model, y, op, steps=20, solver="serial", noise=xi, dtype=torch.float64)
+    full = restore(model, y, op, steps=20, solver="parareal", noise=xi, dtype=torch.float64, blocks=5,
+                   stop="none")
+    assert float((full.image - ser.image).abs().max()) <= 1e-10
+    assert (full.blocks, full.coarse_steps, full.iterations) == (5, 1, 5)
+    assert full.critical_path_calls == parareal_schedule(block_bounds(20, 5), [1] * 5, 5)["critical_path"]
+    early = restore(model, y, op, steps=20, solver="parareal", noise=xi, dtype=torch.float64, blocks=5,
+                    stop="final", stop_tol=45.0)
+    assert early.iterations < 5 and len(early.trace) == early.iterations
+    psnr = 10 * torch.log10(4 / (early.image - ser.image).pow(2).flatten(1).mean(1))
+    assert bool((psnr >= 45).all()), psnr
+
+
+@pytest.mark.parametrize("kw,msg", [
+    ({"blocks": 0}, "blocks"), ({"blocks": 21}, "blocks"), ({"coarse_steps": 0}, "coarse_steps"),
+    ({"coarse": "rk4"}, "coarse"), ({"stop": "residual"}, "stop rule"), ({"window": 4}, "unknown parareal"),
+    ({"max_iter": -1}, "max_iter"), ({"layout": 9}, "layout"), ({"stop": "rows", "stop_tol": 0}, "stop_tol"),
+])
+def test_bad_parareal_options_are_one_line_errors(kw, msg):
+    model, op, y, xi = _problem()
+    with pytest.raises(DeqirError, match=msg) as e:
+        restore(model, y, op, steps=20, solver="parareal", noise=xi, **kw)
+    assert "\n" not in str(e.value)
+
+
+def test_parareal_options_are_refused_by_other_solvers():
+    model, op, y, xi = _problem()
+    with pytest.raises(DeqirError, match="blocks"):
+        restore(model, y, op, steps=20, solver="picard", noise=xi, blocks=4)
+    with pytest.raises(DeqirError, match="init"):
+        restore(model, y, op, steps=20, solver="parareal", noise=xi, init=torch.zeros(2, 20, *SHAPE))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_distributed_parareal_equals_single_process(world, tmp_path):
+    codes, _ = _run(parareal_workers.equivalence, world, tmp_path)
+    assert codes == [0] * world
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(world)]
+    for case in zip(*ranks):
+        for row in case:
+            assert row["diff"] <= 1e-10, row
+            assert row["k_multi"] == row["k_single"], row
+            assert row["image_sum"] == case[0]["image_sum"]
+            tm, ts = torch.tensor(row["trace_multi"]), torch.tensor(row["trace_single"])
+            assert tm.shape == ts.shape and torch.allclose(tm, ts, rtol=1e-8, atol=1e-10, equal_nan=True), row
+
+
+def test_dead_rank_makes_the_others_fail_fast(tmp_path):
+    codes, secs = _run(parareal_workers.dies_mid_solve, 3, tmp_path, timeout=60)
+    assert codes[1] == 17
+    assert codes[0] != 0 and codes[2] != 0
+    assert secs < 45
+    for r in (0, 2):
+        msg = (tmp_path / f"rank{r}.err").read_text()
+        assert "rank 1" in msg and "\n" not in msg, msg

@@ -52,10 +52,10 @@ def test_ssim_matches_skimage(kind, c, h, w):
     got = ssim(x, y)
     assert got.shape == (2,) and got.dtype == torch.float64
     for i in range(2):
-        ref = structural_similarity(
-            x[i].numpy(),
-            y[i].numpy(),
-            data_range=2.0,
+        ref = structural_similarity(      # issue 16: SSIM of [-1, 1] images is taken on [0, 1]
+            to_unit(x[i]).numpy(),
+            to_unit(y[i]).numpy(),
+            data_range=1.0,
             channel_axis=0,
             gaussian_weights=True,
             sigma=1.5,

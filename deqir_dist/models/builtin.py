@@ -19,6 +19,7 @@ from deqir_dist.data.photos import heldout_crops, read_heldout_png
 from deqir_dist.errors import DeqirError
 from deqir_dist.models.ddpm import DDPMUNet
 from deqir_dist.models.loading import apply_precision, state_dict_mismatch
+from deqir_dist.models.settings import check_card
 
 BUILTIN_CONFIG = dict(ch=32, out_ch=3, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
                       in_channels=3, resolution=64, resamp_with_conv=True)
@@ -85,7 +86,26 @@ def load_builtin(dtype: torch.dtype | str | None = None, device: torch.device | 
     if device is not None:
         model = model.to(device)
     model.weights_path = str(path or BUILTIN_WEIGHTS)
+    card = builtin_sampler_card(path)
+    if card is not None:
+        model.sampler_card = card
     return model.eval()
+
+
+def builtin_sampler_card(path: str | os.PathLike | None = None) -> dict | None:
+    """The recommended sampler settings in the card beside a prior's weights (the shipped card,
+    or ``<path>.json``), with ``source`` naming the card; None when there is no card or no
+    sampler section in it."""
+    card_path = BUILTIN_CARD if path is None else Path(path).with_suffix(".json")
+    if not card_path.is_file():
+        return None
+    try:
+        sampler = builtin_card(card_path).get("sampler")
+    except ValueError:
+        raise DeqirError(f"model card {card_path} is not valid JSON") from None
+    if sampler is None:
+        return None
+    return {**check_card(sampler, str(card_path)), "source": f"model card {card_path.name}"}
 
 
 def builtin_card(path: str | os.PathLike | None = None) -> dict:

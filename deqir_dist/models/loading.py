@@ -40,6 +40,7 @@ import torch
 from deqir_dist.errors import DeqirError, one_line
 from deqir_dist.models.adm import ADMUNet, adm_256_uncond_config
 from deqir_dist.models.ddpm import DDPMUNet, sdedit_celeba_hq_config
+from deqir_dist.models.settings import PRESET_SAMPLERS
 
 ARCHITECTURES = {"adm": ADMUNet, "ddpm": DDPMUNet}
 # name -> (architecture, config factory, where the weights come from)
@@ -339,6 +340,9 @@ def load_checkpoint(path, name: str | None = None, config: Mapping | None = None
     model = _checked_model(path, _shapes(sd), info, name, config)
     model.load_state_dict(sd, strict=True, assign=True)
     model.float()
+    preset = name if name in PRESETS else getattr(model, "preset_name", None)
+    if preset in PRESET_SAMPLERS:       # the public checkpoints' recommended sampler settings
+        model.sampler_card = dict(PRESET_SAMPLERS[preset])
     return model.eval()
 
 
@@ -368,6 +372,8 @@ def _checked_model(path, shapes: Mapping, info: Mapping, name: str | None, confi
         _, cfg, preset = infer_config(shapes, arch=arch)
         label = preset or label
     model = build_model(arch, cfg, device="meta")
+    if name in PRESETS or label in PRESETS:
+        model.preset_name = name if name in PRESETS else label
     mismatch = state_dict_mismatch(model.state_dict(), shapes)
     if mismatch:
         raise DeqirError(f"{path} does not match {label}: {mismatch}")

@@ -77,6 +77,18 @@ class Operator:
         """Null-space projector ``x - A+ A x``."""
         return x - self.Q(x)
 
+    def for_noise(self, sigma_y: float) -> Operator:
+        """The operator to sample with when y carries noise of std ``sigma_y`` ([-1, 1] scale).
+
+        Operators whose singular values are all equal (masks, pooling, colour, CS) have nothing to
+        regularise and return themselves; :class:`SeparableOperator` drops the directions the
+        noise swamps. ``sigma_y = 0`` always returns ``self`` (the exact pseudo-inverse)."""
+        return self
+
+    def filter_measurement(self, y: torch.Tensor, sigma_y: float) -> torch.Tensor:
+        """y as the sampler should see it under noise of std ``sigma_y`` (default: unchanged)."""
+        return y
+
     def describe(self) -> dict:
         """JSON-serialisable description: name, image shape and parameters."""
         return {"name": self.name, "image_shape": list(self.image_shape), "params": dict(self.params)}
@@ -136,17 +148,61 @@ class SeparableOperator(Operator):
     """
 
     pinv_rtol: float = 0.0
+    # Measurement noise (``for_noise``): a direction of gain s carries the noise at std sigma_y / s
+    # in x; those with s <= NOISE_KEEP * sigma_y (noise above 1 / NOISE_KEEP in [-1, 1] units, i.e.
+    # more than the signal such a direction holds in a photograph) count as null space and are left
+    # to the prior; the kept ones are Wiener/Tikhonov filtered, s / (s^2 + sigma_y^2).
+    NOISE_KEEP = 16.0
+    noise_std: float = 0.0
 
     def _set_matrices(self, Mh: torch.Tensor, Mw: torch.Tensor) -> None:
         Mh, Mw = Mh.to(torch.float64), Mw.to(torch.float64)
         Uh, sh, Vh_t = torch.linalg.svd(Mh, full_matrices=False)
         Uw, sw, Vw_t = torch.linalg.svd(Mw, full_matrices=False)
         s = sh[:, None] * sw[None, :]
-        keep = s > self.pinv_rtol * s.max()
-        inv = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
-        for key, value in dict(Mh=Mh, Mw_t=Mw.T, Uh_t=Uh.T, Uw=Uw, Vh=Vh_t.T, Vw_t=Vw_t, inv=inv).items():
+        mats = {"Mh": Mh, "Mw_t": Mw.T, "Uh_t": Uh.T, "Uw": Uw, "Uh": Uh, "Uw_t": Uw.T, "Vh": Vh_t.T, "Vw_t": Vw_t,
+                "s": s}
+        for key, value in mats.items():
             self._register(key, value)
+        self._set_threshold(self.pinv_rtol * float(s.max()))
+
+    def _set_threshold(self, threshold: float) -> None:
+        s = self._buffers["s"]
+        keep = s > threshold
+        inv = torch.where(keep, 1.0 / torch.where(keep, s, torch.ones_like(s)), torch.zeros_like(s))
+        self._register("inv", inv)
+        self._register("keep", keep.to(torch.float64))
+        self._converted = {}
         self.rank = int(keep.sum())
+
+    def for_noise(self, sigma_y: float) -> SeparableOperator:
+        """A copy that treats the directions with s <= ``NOISE_KEEP * sigma_y`` as null space (the
+        prior fills them); the exact pseudo-inverse identities hold for the copy as they do here.
+        With :meth:`filter_measurement` the sampler's range-space target becomes the Tikhonov
+        estimate A+_s y = V (s / (s^2 + sigma_y^2)) U^T y on the kept directions."""
+        sigma_y = float(sigma_y)
+        if not sigma_y > 0:
+            return self
+        s_max = float(self._buffers["s"].max())
+        threshold = max(self.pinv_rtol * s_max, self.NOISE_KEEP * sigma_y)
+        op = object.__new__(type(self))
+        op.__dict__.update(self.__dict__)
+        op._buffers = dict(self._buffers)
+        op.noise_std = sigma_y
+        op._set_threshold(threshold)
+        return op
+
+    def filter_measurement(self, y: torch.Tensor, sigma_y: float) -> torch.Tensor:
+        """A A+_s y: y Wiener-filtered in the SVD, w = s^2 / (s^2 + sigma_y^2) on each kept direction,
+        so that ``A_pinv`` of the result is the Tikhonov estimate of x (unchanged for sigma_y = 0)."""
+        sigma_y = float(sigma_y)
+        if not sigma_y > 0:
+            return y
+        y = self._check(y, self.measurement_shape, "filter_measurement")
+        s = self._buf("s", y)
+        w = s * s / (s * s + sigma_y ** 2) * self._buf("keep", y)
+        z = self._buf("Uh_t", y) @ y @ self._buf("Uw", y)
+        return self._buf("Uh", y) @ (z * w) @ self._buf("Uw_t", y)
 
     def _forward(self, x):
         return self._buf("Mh", x) @ x @ self._buf("Mw_t", x)

@@ -65,14 +65,22 @@ def _gaussian_1d(device: torch.device) -> torch.Tensor:
 def ssim(x: torch.Tensor, y: torch.Tensor, data_range: float = 2.0) -> torch.Tensor:
     """Per-image mean SSIM, averaged over channels; float64 tensor of shape (B,).
 
+    SSIM is not shift-invariant (its luminance term compares means), so it is computed where
+    everyone computes it: on images in [0, 1]. ``data_range=2`` (the default) takes the
+    library's [-1, 1] images and maps them to [0, 1] first; any other ``data_range`` takes
+    images in [0, data_range]. On images decoded from 8-bit files this equals scikit-image on
+    the uint8 arrays: ``structural_similarity(a_u8, b_u8, data_range=255, channel_axis=...,
+    gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``.
+
     Settings of Wang et al. (2004): 11x11 Gaussian window (sigma 1.5), K1 = 0.01,
     K2 = 0.03, population covariances. Local statistics are taken only where the
-    window fits inside the image (the 5-pixel border is excluded), which equals
-    ``skimage.metrics.structural_similarity(a, b, data_range=data_range,
-    channel_axis=0, gaussian_weights=True, sigma=1.5, use_sample_covariance=False)``
-    per image. H and W must be at least 11.
+    window fits inside the image (the 5-pixel border is excluded). H and W must be at least 11.
+    (Before issue 16 the [-1, 1] images were compared as they are, with data range 2: 0.01-0.03
+    below the [0, 1] value on photographs.)
     """
     _check_pair(x, y, data_range, "ssim")
+    if data_range == 2.0:
+        x, y, data_range = to_unit(x.to(torch.float64)), to_unit(y.to(torch.float64)), 1.0
     b, c, h, w = x.shape
     if h < _SSIM_WIN or w < _SSIM_WIN:
         raise DeqirError(

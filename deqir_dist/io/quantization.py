@@ -1,0 +1,39 @@
+"""The measurement noise a file's bit depth implies: the default sigma_y of a real measurement.
+
+Rounding to b bits adds uniform noise of width one code, 1 / (2^b - 1) of [0, 1], whose std is
+that width / sqrt(12); in the sampler's [-1, 1] scale, twice that. An 8-bit PNG or a JPEG (its
+decoded samples are 8-bit) therefore carries at least 2 / (255 sqrt(12)) = 0.00226, which the
+truncated pseudo-inverse of a blur amplifies by up to 1000x unless it is modelled.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+
+def quantization_sigma(bits: int | None) -> float:
+    """std of b-bit rounding noise in the [-1, 1] scale (0 for None: a float measurement)."""
+    if bits is None:
+        return 0.0
+    return 2.0 / ((2 ** bits - 1) * math.sqrt(12.0))
+
+
+def sample_bits(y: torch.Tensor, candidates=(8, 16), tol: float = 1e-3) -> int | None:
+    """The smallest bit depth b whose grid (2^b - 1 codes over [-1, 1]) holds every sample of y,
+    or None (a float measurement). Read from the data, so an 8-bit image stored in a 16-bit file
+    (every code a multiple of 257) counts as 8-bit, which it is."""
+    u = (y.detach().to(torch.float64) + 1) / 2
+    for b in candidates:
+        codes = u * (2 ** b - 1)
+        if bool(((codes - codes.round()).abs() <= tol).all()):
+            return b
+    return None
+
+
+def default_sigma_y(y: torch.Tensor) -> tuple[float, str]:
+    """(sigma_y, where it came from) for a measurement read from a file."""
+    bits = sample_bits(y)
+    if bits is None:
+        return 0.0, "float measurement (no quantisation)"
+    return quantization_sigma(bits), f"{bits}-bit samples: quantisation std 2 / ((2^{bits} - 1) sqrt(12))"

@@ -29,12 +29,16 @@ The weights file is a plain safetensors state dict with the library's metadata (
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 import torch.nn.functional as F
 
 from deqir_dist.api.restore import restore
@@ -70,7 +74,7 @@ class TrainConfig(dict):
         grad_clip=1.0, ema=0.999, amp="bf16", seed=0, threads=None, device="cpu",
         train_images=TRAIN_IMAGES, heldout_images=HELDOUT_IMAGES, min_short=80, max_short=512,
         pyramid_levels=8, val_every=300, val_crops=8, val_size=64, restore_eval=True,
-        time_limit_min=None, store_dtype="float16",
+        time_limit_min=None, store_dtype="float16", state_path=None, state_every=200, data_dir=None,
     )
 
     def __init__(self, **kw):
@@ -187,6 +191,9 @@ def train_prior(cfg: TrainConfig, progress: bool = True, log_path: str | os.Path
     # held-out photographs exactly as stored in the weights file (short side HELDOUT_SHORT), so the
     # validation crops are the crops ``deqir demo`` uses
     held_full = {n: load_skimage_photo(n) for n in cfg["heldout_images"]}
+    if cfg["data_dir"]:                 # bench/prior_data.py's folder: train/*.png, heldout/*.png by name
+        train.update(_folder_photos(Path(cfg["data_dir"]) / "train", exclude=held_full))
+        held_full.update(_folder_photos(Path(cfg["data_dir"]) / "heldout", exclude=train))
     held = {n: _stored_heldout(img) for n, img in held_full.items()}
     sampler = CropSampler(train, cfg["min_short"], cfg["max_short"], cfg["pyramid_levels"], cfg["seed"] + 1)
     val_x = heldout_crops(held, cfg["val_size"], cfg["val_crops"]) if held else None
@@ -213,8 +220,15 @@ def train_prior(cfg: TrainConfig, progress: bool = True, log_path: str | os.Path
         bar = tqdm(total=cfg["steps"], desc="train-prior", unit="step", dynamic_ncols=True)
     stopped_early = None
     step = 0
+    first = 0
+    state_path = Path(cfg["state_path"]) if cfg["state_path"] else None
+    if state_path is not None and state_path.is_file():     # resume where the last run saved its state
+        first = _load_state(state_path, cfg, model, ema, opt, sampler, noise_gen, losses, val_history)
+        if bar is not None:
+            bar.update(first)
+    t_start -= getattr(opt, "_deqir_seconds", 0.0)       # wall time of the earlier sittings
     try:
-        for step in range(cfg["steps"]):
+        for step in range(first, cfg["steps"]):
             size = crops[step % len(crops)]
             bs = cfg["batch"] * (big // size) ** 2
             x0 = sampler.batch(bs, size)
@@ -258,8 +272,14 @@ def train_prior(cfg: TrainConfig, progress: bool = True, log_path: str | os.Path
                 recent = losses[-50:]
                 bar.set_postfix(loss=f"{sum(recent) / len(recent):.4f}", lr=f"{lr:.2e}")
                 bar.update(1)
+            if state_path is not None and ((step + 1) % cfg["state_every"] == 0 or step + 1 == cfg["steps"]):
+                _save_state(state_path, cfg, step + 1, model, ema, opt, sampler, noise_gen, losses, val_history,
+                            elapsed)
             if cfg["time_limit_min"] and elapsed > 60 * cfg["time_limit_min"]:
                 stopped_early = step + 1
+                if state_path is not None:
+                    _save_state(state_path, cfg, step + 1, model, ema, opt, sampler, noise_gen, losses,
+                                val_history, elapsed)
                 break
     finally:
         if bar is not None:
@@ -302,6 +322,55 @@ def train_prior(cfg: TrainConfig, progress: bool = True, log_path: str | os.Path
             "held_shapes": {n: list(img.shape) for n, img in held_full.items()},
             "training": training, "validation": validation, "cfg": cfg,
             "wall_seconds": time.perf_counter() - t_start}
+
+
+_STATE_KEYS = ("model", "steps", "batch", "crops", "lr", "seed", "train_images", "heldout_images", "data_dir")
+
+
+def _save_state(path: Path, cfg, step: int, model, ema, opt, sampler, noise_gen, losses, val_history,
+                seconds: float) -> None:
+    """Everything the loop needs to continue bit for bit (weights, EMA, AdamW moments, both RNGs,
+    the loss log), written to a temp name and renamed, so a killed run leaves the last good state."""
+    state = {"format": "deqir-prior-state/1", "step": step, "model": model.state_dict(), "ema": ema.state_dict(),
+             "opt": opt.state_dict(), "sampler_rng": sampler.gen.get_state(), "noise_rng": noise_gen.get_state(),
+             "losses": list(losses), "val_history": list(val_history), "seconds": seconds,
+             "cfg": json.dumps({k: cfg[k] for k in _STATE_KEYS}, default=list)}
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(state, tmp)
+    os.replace(tmp, path)
+
+
+def _load_state(path: Path, cfg, model, ema, opt, sampler, noise_gen, losses, val_history) -> int:
+    try:
+        st = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - one line for a corrupt state file
+        raise DeqirError(f"cannot resume from {path}: {type(e).__name__}: {e}") from None
+    if st.get("format") != "deqir-prior-state/1":
+        raise DeqirError(f"{path} is not a train-prior state file")
+    if st["cfg"] != json.dumps({k: cfg[k] for k in _STATE_KEYS}, default=list):
+        raise DeqirError(f"{path} was written by a run with other settings (model, steps, batch, crops, lr, seed "
+                         "or data); resume with the same flags, or remove it to start over")
+    model.load_state_dict(st["model"])
+    ema.load_state_dict(st["ema"])
+    opt.load_state_dict(st["opt"])
+    sampler.gen.set_state(st["sampler_rng"])
+    noise_gen.set_state(st["noise_rng"])
+    losses[:] = st["losses"]
+    val_history[:] = st["val_history"]
+    opt._deqir_seconds = float(st.get("seconds", 0.0))
+    return int(st["step"])
+
+
+def _folder_photos(folder: Path, exclude) -> dict:
+    """name -> (H, W, 3) uint8 of every PNG in ``folder`` (names in ``exclude`` refused: a photo
+    may not be in both splits)."""
+    out = {}
+    for f in sorted(folder.glob("*.png")) if folder.is_dir() else []:
+        if f.stem in exclude:
+            raise DeqirError(f"{f.stem} is both a training and a held-out photograph")
+        with Image.open(f) as im:
+            out[f.stem] = np.asarray(im.convert("RGB")).copy()
+    return out
 
 
 def _cpu_bf16_ok() -> bool:

@@ -227,6 +227,10 @@ def add_parser(subparsers):
     p.add_argument("--val-crops", type=int, default=d["val_crops"])
     p.add_argument("--no-restore-eval", action="store_true", help="skip the final restoration PSNR check")
     p.add_argument("--time-limit", type=float, help="stop after this many minutes, > 0 (recorded in the card)")
+    p.add_argument("--state", help="training-state file: saved every --state-every steps and at a --time-limit "
+                                   "stop; an existing one is resumed (same flags), so training can span sittings")
+    p.add_argument("--state-every", type=int, default=200, help="steps between state saves (default 200)")
+    p.add_argument("--data", help="extra photographs: a folder from bench/prior_data.py (train/, heldout/ PNGs)")
     p.add_argument("--train-images", help=f"comma list (default {','.join(TRAIN_IMAGES)})")
     p.add_argument("--heldout-images", help=f"comma list (default {','.join(HELDOUT_IMAGES)})")
     p.add_argument("--no-progress", action="store_true")
@@ -252,7 +256,8 @@ def config_from_args(args) -> TrainConfig:
     kw = dict(model=model, steps=args.steps, batch=args.batch, crops=_ints(args.crops, "--crops"), lr=args.lr,
               warmup=args.warmup, ema=args.ema, amp=args.amp, seed=args.seed, threads=args.threads,
               device=device, val_every=args.val_every, val_crops=args.val_crops,
-              restore_eval=not args.no_restore_eval, time_limit_min=args.time_limit, store_dtype=args.store_dtype)
+              restore_eval=not args.no_restore_eval, time_limit_min=args.time_limit, store_dtype=args.store_dtype,
+              state_path=args.state, state_every=args.state_every, data_dir=args.data)
     if args.train_images:
         kw["train_images"] = tuple(s.strip() for s in args.train_images.split(",") if s.strip())
     if args.heldout_images:

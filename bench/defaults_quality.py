@@ -1,0 +1,102 @@
+"""Quality at the library's defaults on the built-in prior's held-out photographs (issue 16).
+
+What a user gets with no sampler flag: the model card's settings (``models.settings``), sigma_y
+from the measurement's bit depth (0 for a float measurement, 2 / (255 sqrt(12)) for 8-bit), any
+size padded to the model's multiple. Measured on the held-out photographs (never trained on):
+whole photos downscaled to a short side of ``--whole`` px (their own aspect ratio, so sizes that
+are not multiples of 4 occur) and ``--crops`` 64x64 crops (``builtin_bench_images(4 + n, 64)[4:]``:
+the first 4 crops chose NOISE_KEEP, so they are left out here). Every classical baseline of
+``quality.baselines`` is reported beside the prior, per task, from float and from 8-bit
+measurements (y rounded to 8 bits as an 8-bit PNG stores it).
+
+The sampler is the serial reference (``solver="serial"``): the parallel solvers' fixed point is
+the same trajectory, to within their stopping tolerance, and cost about N times more on a CPU.
+
+    python bench/defaults_quality.py --json bench/results/defaults-quality-cpu.json
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+import torch
+
+from deqir_dist.api.restore import restore
+from deqir_dist.data.photos import resize_short, to_tensor
+from deqir_dist.dataset.tasks import DEMO_TASKS
+from deqir_dist.io.jsonio import write_json
+from deqir_dist.io.quantization import default_sigma_y
+from deqir_dist.models.builtin import builtin_bench_images, heldout_images, load_builtin
+from deqir_dist.physics.registry import make_operator
+from deqir_dist.quality.baselines import baselines_for
+from deqir_dist.quality.metrics import psnr, ssim
+
+
+def quantize8(y: torch.Tensor) -> torch.Tensor:
+    """y as an 8-bit PNG stores it (clamped to [-1, 1], 255 levels)."""
+    return (((y + 1) / 2).clamp(0, 1) * 255).round() / 255 * 2 - 1
+
+
+def evaluate(model, images: list[torch.Tensor], task: str, bits: int | None, seed: int) -> dict:
+    """Mean PSNR / SSIM of the prior (library defaults) and of every baseline over ``images``."""
+    op_name, params = DEMO_TASKS[task]
+    scores: dict[str, list] = {}
+    settings = None
+    for k, x in enumerate(images):
+        op = make_operator(op_name, tuple(x.shape), **params)
+        y = op.A(x[None])
+        if bits == 8:
+            y = quantize8(y)
+        sigma_y = default_sigma_y(y)[0]
+        res = restore(model, y, op, solver="serial", sigma_y=sigma_y, generator=torch.Generator().manual_seed(seed + k))
+        settings = {**res.settings, "source": res.settings_source}
+        cands = {"prior (defaults)": res.images, **{n: e.clamp(-1, 1) for n, e in baselines_for(op, y).items()}}
+        for name, est in cands.items():
+            scores.setdefault(name, []).append((float(psnr(est, x[None])[0]), float(ssim(est, x[None])[0])))
+    out = {name: {"psnr": round(sum(p for p, _ in v) / len(v), 3), "ssim": round(sum(s for _, s in v) / len(v), 4)}
+           for name, v in scores.items()}
+    base = {n: v for n, v in out.items() if n != "prior (defaults)"}
+    best = max(base, key=lambda n: base[n]["psnr"])
+    prior = out["prior (defaults)"]
+    return {"methods": out, "best_baseline": best, "prior_minus_best_db": round(prior["psnr"] - base[best]["psnr"], 3),
+            "prior_beats_best": prior["psnr"] > base[best]["psnr"], "settings": settings}
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--crops", type=int, default=6, help="64x64 held-out crops (default 6)")
+    p.add_argument("--whole", type=int, default=64, help="short side of the whole photos (default 64)")
+    p.add_argument("--tasks", default=",".join(DEMO_TASKS))
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--json", required=True)
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    t0 = time.perf_counter()
+    model = load_builtin()
+    held = heldout_images()
+    sets = {"whole": [to_tensor(resize_short(img, args.whole)) for img in held.values()],
+            "crops": list(builtin_bench_images(4 + args.crops, 64)[4:])}
+    result = {"command": "python bench/defaults_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              "model": "builtin", "heldout": list(held),
+              "whole_sizes": [list(x.shape[1:]) for x in sets["whole"]], "crops": args.crops,
+              "sampler": "restore() at the model card's settings, solver serial, sigma_y from the bit depth",
+              "torch_threads": args.threads, "results": {}}
+    for task in args.tasks.split(","):
+        for bits in (None, 8):
+            for kind, images in sets.items():
+                key = f"{task}/{'8bit' if bits else 'float'}/{kind}"
+                r = evaluate(model, images, task, bits, args.seed)
+                result["results"][key] = r
+                pr = r["methods"]["prior (defaults)"]
+                print(f"{key:34s} prior {pr['psnr']:6.2f} dB {pr['ssim']:.3f}  best {r['best_baseline']:12s} "
+                      f"{r['methods'][r['best_baseline']]['psnr']:6.2f} dB  diff {r['prior_minus_best_db']:+.2f}",
+                      flush=True)
+    result["seconds"] = round(time.perf_counter() - t0, 1)
+    write_json(args.json, result)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -26,18 +26,19 @@ from deqir_dist.apps.flags import (
     set_threads,
     task_params,
 )
+from deqir_dist.apps.guard import job_guard
 from deqir_dist.apps.ray_restore import add_parser as add_ray_parser
 from deqir_dist.apps.ray_restore import cmd_ray_restore
 from deqir_dist.apps.tables import format_table
 from deqir_dist.apps.train_prior import add_parser as add_prior_parser
 from deqir_dist.apps.train_prior import cmd_train_prior
 from deqir_dist.dataset.items import (
+    ItemSource,
     NoiseOptimizationSpec,
     check_model_fits,
     check_outputs_apart,
     degrade_files,
     expand_inputs,
-    load_items,
     restore_items,
     summarize,
 )
@@ -152,8 +153,8 @@ def cmd_restore(args) -> int:
         check_settings(**restore_kwargs(args))
         if args.profile:
             load_profile(args.profile)
-        items = load_items(expand_inputs(args.inputs), args.task, task_params(args), args.from_clean,
-                           sigma_y=args.sigma_y, seed=args.seed)
+        items = ItemSource(expand_inputs(args.inputs), args.task, task_params(args), args.from_clean,
+                           sigma_y=args.sigma_y, seed=args.seed)      # all checked; decoded as restored
         if optimize is not None:
             for it in items:
                 optimize.target(it)       # every target exists and fits, before any work
@@ -265,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return COMMANDS[args.command](args)
+        with job_guard(args):       # --max-pixels; the output folder's lock (apps.guard)
+            return COMMANDS[args.command](args)
     except DeqirError as e:
         print(f"deqir: error: {e}", file=sys.stderr)
         return 2

@@ -25,6 +25,10 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--cs-seed", type=int, help="cs_wht: permutation seed (default 0)")
     g.add_argument("--sigma-y", type=float, default=0.0,
                    help="std of the measurement noise in the [-1, 1] scale (default 0)")
+    g.add_argument("--max-pixels", type=int, metavar="N",
+                   help="refuse images (and measurements' images) over N pixels, checked from the file header "
+                        "before decoding; input files over 16 N + 1 MiB bytes are refused too "
+                        "(default 4096 x 4096 = 16777216; io.limits)")
 
 
 def task_params(args) -> dict:

@@ -9,7 +9,7 @@ import hashlib
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -17,16 +17,19 @@ import torch
 from deqir_dist.api.optimize import optimize_noise
 from deqir_dist.api.restore import restore
 from deqir_dist.dataset.tasks import OP_FLAGS, operator_params
-from deqir_dist.errors import DeqirError, check_int, is_real
+from deqir_dist.errors import DeqirError, check_int, is_real, one_line
 from deqir_dist.io.files import ensure_writable_dir
+from deqir_dist.io.limits import check_pixels, check_regular_file
 from deqir_dist.io.images import list_images, read_image, write_image
 from deqir_dist.io.measurements import (
     MEASUREMENT_SUFFIX,
     image_shape_of_measurement,
     load_measurement,
     measurement_channels,
+    measurement_shape_for,
     save_measurement,
 )
+from deqir_dist.io.outdir import OutputFolder, Staging
 from deqir_dist.models.registry import load_denoiser
 from deqir_dist.physics.registry import make_operator
 from deqir_dist.quality.metrics import psnr, ssim
@@ -46,6 +49,7 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     paths: list[Path] = []
     for s in inputs:
         p = Path(s)
+        check_utf8(p)
         if p.is_dir():
             found = list_images(p) + sorted(f for f in p.iterdir() if f.suffix == MEASUREMENT_SUFFIX)
             if not found:
@@ -53,8 +57,12 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
             paths.extend(found)
         elif p.is_file():
             paths.append(p)
+        elif p.exists():
+            check_regular_file(p, "input")        # a device, pipe or socket: refused, never opened
         else:
             raise DeqirError(f"input not found: {p}")
+    for p in paths:
+        check_utf8(p)
     if not paths:
         raise DeqirError("no input files given")
     stems = [p.stem for p in paths]
@@ -62,6 +70,22 @@ def expand_inputs(inputs: list[str]) -> list[Path]:
     if dup:
         raise DeqirError(f"several inputs share the name {dup[0]!r}; outputs would collide")
     return paths
+
+
+def check_utf8(p: Path) -> None:
+    """File names become ids and JSON records: one that is not valid UTF-8 is refused up front."""
+    try:
+        str(p).encode("utf-8")
+    except UnicodeEncodeError:
+        raise DeqirError(f"file name {str(p)!r} is not valid UTF-8; rename it") from None
+
+
+def resolved(p, what: str = "path") -> Path:
+    """``Path(p).resolve()``, with a symlink loop or an unreadable link as a one-line DeqirError."""
+    try:
+        return Path(p).resolve()
+    except (OSError, RuntimeError) as e:        # RuntimeError: a symlink loop (Python < 3.13)
+        raise DeqirError(f"cannot resolve {what} {p}: {one_line(e, bare_deqir=True)}") from None
 
 
 class OperatorCache:
@@ -88,13 +112,10 @@ class Item:
     gt: torch.Tensor | None = None
 
 
-def load_items(paths: list[Path], task: str, params: dict, from_clean: bool,
-               sigma_y: float = 0.0, seed: int = 0) -> list[Item]:
-    """Read and validate every input. With ``from_clean`` the inputs are ground-truth images that
-    are degraded here (y = A(x) + sigma_y n, n drawn from (seed, id)); otherwise they are
-    measurements written by ``deqir degrade`` (an image, or a .pt file for non-image ones)."""
-    ops = OperatorCache(task, params)
-    items = []
+def iter_items(paths: list[Path], task: str, params: dict, from_clean: bool, sigma_y: float = 0.0,
+               seed: int = 0, ops: OperatorCache | None = None):
+    """The inputs as :class:`Item` s, read and checked one at a time (see :func:`load_items`)."""
+    ops = ops or OperatorCache(task, params)
     for p in paths:
         if from_clean:
             x = read_image(p, channels=3)
@@ -102,13 +123,18 @@ def load_items(paths: list[Path], task: str, params: dict, from_clean: bool,
             y = op.A(x[None])
             if sigma_y > 0:
                 y = y + sigma_y * torch.randn(y.shape, generator=generator_for(seed, "y:" + p.stem))
-            items.append(Item(p.stem, p, y, op, x[None]))
+            yield Item(p.stem, p, y, op, x[None])
             continue
         if p.suffix == MEASUREMENT_SUFFIX:
-            y, desc = load_measurement(p)
+            y, desc = load_measurement(p)        # structure, dtype and the pixel cap checked there
             if desc.get("name") != task:
                 raise DeqirError(f"{p} is a {desc.get('name')!r} measurement, but the task is {task!r}")
-            op = ops.get(tuple(desc["image_shape"]))
+            shape = tuple(desc["image_shape"])
+            expected = measurement_shape_for(task, ops.params, shape)
+            if expected is not None and tuple(y.shape) != expected:   # before the operator is built
+                raise DeqirError(f"{p}: measurement shape {tuple(y.shape)} does not fit {task} on its image "
+                                 f"{shape} with these flags (expected {expected})")
+            op = ops.get(shape)
             stored, given = desc.get("params", {}), json.loads(json.dumps(op.describe()))["params"]
             if stored != given:
                 raise DeqirError(f"{p} was degraded with {task} parameters {stored}, the flags give {given}: "
@@ -116,7 +142,9 @@ def load_items(paths: list[Path], task: str, params: dict, from_clean: bool,
             y = y[None]
         else:
             img = read_image(p, channels=measurement_channels(task))
-            op = ops.get(image_shape_of_measurement(task, ops.params, img.shape))
+            shape = image_shape_of_measurement(task, ops.params, img.shape)
+            check_pixels(shape[2], shape[1], f"{p}: the restored image")
+            op = ops.get(shape)
             if not op.measurement_is_image:
                 raise DeqirError(f"{task} measurements are .pt files (written by deqir degrade), not images: {p}")
             y = img[None]
@@ -125,16 +153,52 @@ def load_items(paths: list[Path], task: str, params: dict, from_clean: bool,
                              f"(expected {tuple(op.measurement_shape)})")
         if not torch.isfinite(y).all():
             raise DeqirError(f"{p}: measurement contains NaN or Inf")
-        items.append(Item(p.stem, p, y, op))
-    return items
+        yield Item(p.stem, p, y, op)
+
+
+def load_items(paths: list[Path], task: str, params: dict, from_clean: bool,
+               sigma_y: float = 0.0, seed: int = 0) -> list[Item]:
+    """Read and validate every input. With ``from_clean`` the inputs are ground-truth images that
+    are degraded here (y = A(x) + sigma_y n, n drawn from (seed, id)); otherwise they are
+    measurements written by ``deqir degrade`` (an image, or a .pt file for non-image ones).
+    Holds every input in memory; :class:`ItemSource` holds one at a time."""
+    return list(iter_items(paths, task, params, from_clean, sigma_y, seed))
+
+
+class ItemSource:
+    """The inputs of a job, checked up front and streamed: every file is read and validated once
+    on construction (and dropped again: indexing gives the items without ``y`` and ``gt``), and
+    :meth:`stream` reads them again one at a time, just before each is restored, so memory does
+    not grow with the number of inputs."""
+
+    def __init__(self, paths: list[Path], task: str, params: dict, from_clean: bool, sigma_y: float = 0.0,
+                 seed: int = 0):
+        self._args = (list(paths), task, params, from_clean, sigma_y, seed)
+        self._ops = OperatorCache(task, params)
+        self._items = [replace(it, y=None, gt=None) for it in iter_items(*self._args, ops=self._ops)]
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, i):
+        return self._items[i]
+
+    def __iter__(self):
+        return iter(self._items)
+
+    def stream(self):
+        """The full items (y, and the ground truth with ``from_clean``), decoded as they are taken."""
+        return iter_items(*self._args, ops=self._ops)
 
 
 def check_outputs_apart(outputs, inputs) -> None:
     """No file a command will write (``outputs``) may be one of its ``inputs``."""
-    ins = {Path(p).resolve() for p in inputs}
+    ins = {resolved(p, "input") for p in inputs}
     for path in outputs:
-        if Path(path).resolve() in ins:
+        if resolved(path, "output") in ins:
             raise DeqirError(f"output {path} would overwrite an input; choose another output folder")
+        if Path(path).is_dir():
+            raise DeqirError(f"output {path} exists as a folder; remove it or choose another output folder")
 
 
 def check_model_fits(model, items) -> None:
@@ -152,20 +216,20 @@ def check_model_fits(model, items) -> None:
 def degrade_files(paths: list[Path], task: str, params: dict, out_dir: str, sigma_y: float = 0.0,
                   seed: int = 0, bits: int = 8) -> list[Path]:
     """Write A(x) (+ noise) of each clean image: PNG where the measurement is an image, else .pt."""
-    items = load_items(paths, task, params, from_clean=True, sigma_y=sigma_y, seed=seed)
+    items = ItemSource(paths, task, params, from_clean=True, sigma_y=sigma_y, seed=seed)   # all checked
     check_outputs_apart([Path(out_dir) / f"{it.name}{suf}" for it in items for suf in (".png", MEASUREMENT_SUFFIX)],
                         paths)
-    out = ensure_writable_dir(out_dir)
-    written = []
-    for it in items:
-        if it.op.measurement_is_image:
-            path = out / f"{it.name}.png"
-            write_image(path, it.y[0], bits=bits)
-        else:
-            path = out / f"{it.name}{MEASUREMENT_SUFFIX}"
-            save_measurement(path, it.y[0], it.op)
-        written.append(path)
-    return written
+    with OutputFolder(out_dir, command="degrade"):       # locked for the job; staged, moved in at the end
+        staging = Staging(out_dir)
+        try:
+            for it in items.stream():
+                if it.op.measurement_is_image:
+                    write_image(staging.path(f"{it.name}.png"), it.y[0], bits=bits)
+                else:
+                    save_measurement(staging.path(f"{it.name}{MEASUREMENT_SUFFIX}"), it.y[0], it.op)
+            return staging.commit()
+        finally:
+            staging.abort()
 
 
 @dataclass
@@ -237,15 +301,27 @@ def restore_items(model, items: list[Item], out_dir: str | None, restore_kw: dic
                   optimize: NoiseOptimizationSpec | None = None) -> list[dict]:
     """Restore each item (its noise drawn from (seed, id)), write ``<id>.png``, return records.
 
-    With ``optimize``, the initial noise of each image is optimised first (``inversion``)."""
+    With ``optimize``, the initial noise of each image is optimised first (``inversion``).
+    ``items``: a list of items, or an :class:`ItemSource` (decoded one at a time). The pictures are
+    staged inside ``out_dir`` and moved into place only when every image is done, so a failure
+    leaves ``out_dir`` as it was; the caller holds the folder's lock (:class:`OutputFolder`)."""
     restore_fn = restore_fn or restore
     out = ensure_writable_dir(out_dir) if (write and out_dir is not None) else None
+    staging = Staging(out) if out is not None else None
+    try:
+        return _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, restore_fn, optimize)
+    finally:
+        if staging is not None:
+            staging.abort()
+
+
+def _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, restore_fn, optimize):
     records = []
     bar = None
     if progress:
         from tqdm.auto import tqdm
         bar = tqdm(total=len(items), desc="restore", unit="img")
-    for it in items:
+    for it in (items.stream() if isinstance(items, ItemSource) else items):
         t0 = time.perf_counter()
         extra = {}
         if optimize is not None:
@@ -260,14 +336,15 @@ def restore_items(model, items: list[Item], out_dir: str | None, restore_kw: dic
             rec["psnr"] = round(float(psnr(img, it.gt)[0]), 3)
             rec["ssim"] = round(float(ssim(img, it.gt)[0]), 4)
         if out is not None:
-            path = out / f"{it.name}.png"
-            write_image(path, image[0], bits=bits)
-            rec["output"] = str(path)
+            write_image(staging.path(f"{it.name}.png"), image[0], bits=bits)
+            rec["output"] = str(out / f"{it.name}.png")
         records.append(rec)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
+    if staging is not None:
+        staging.commit()
     return records
 
 

@@ -2,17 +2,34 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from deqir_dist.dataset.items import expand_inputs
-from deqir_dist.errors import DeqirError
+from deqir_dist.dataset.items import check_utf8, expand_inputs, resolved
+from deqir_dist.errors import DeqirError, is_int, is_real
+from deqir_dist.io.limits import check_regular_file, read_file_bytes
 from deqir_dist.io.measurements import MEASUREMENT_SUFFIX
 
 MANIFEST_SUFFIXES = (".jsonl", ".json")
 PER_IMAGE_KEYS = ("scale", "kernel_size", "blur_sigma", "sigma_h", "sigma_w", "mask", "mask_fraction",
                   "mask_seed", "ratio", "cs_seed", "sigma_y")
+_INT_KEYS = ("scale", "kernel_size", "mask_seed", "ratio", "cs_seed")
+
+
+def _check_params(params: dict, where: str) -> None:
+    """Per-image parameter values have the flags' types: integers, finite numbers, a mask name or file."""
+    for k, v in params.items():
+        if k == "mask":
+            ok, want = isinstance(v, str) and bool(v), "a mask name or image path"
+        elif k in _INT_KEYS:
+            ok, want = is_int(v), "an integer"
+        else:
+            ok = is_real(v) and math.isfinite(v) and (k != "sigma_y" or v >= 0)
+            want = "a finite number >= 0" if k == "sigma_y" else "a finite number"
+        if not ok:
+            raise DeqirError(f"{where}: parameter {k} must be {want}, got {json.dumps(v)[:60]}")
 
 
 # ============================================================================ inputs
@@ -33,6 +50,10 @@ def check_id(name) -> str:
     """An id is used as a file name inside OUT: no path separators, no '..', no leading '.'."""
     if not isinstance(name, str) or not name.strip():
         raise DeqirError(f"image id must be a non-empty string, got {name!r}")
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise DeqirError(f"image id {name!r} is not valid UTF-8 (a file name in another encoding); rename it") from None
     bad = [c for c in ("/", "\\", "\0", os.sep) if c in name]
     if bad or ".." in name or name.startswith(".") or len(name) > 200 or name != name.strip():
         raise DeqirError(f"image id {name!r} is not a safe file name (no path separators, '..', "
@@ -48,7 +69,13 @@ def read_input(input_path: str | os.PathLike) -> tuple[list[InputEntry], list[Pa
     """A folder (its images and ``.pt`` measurements; other files come back as skipped) or a JSONL
     manifest (one object per line: ``id`` (default: the file stem), ``path`` (relative to the
     manifest's folder), optional ``gt`` and ``params``). Structural problems (missing or empty
-    input, duplicate or unsafe ids, bad lines) raise DeqirError before any work starts."""
+    input, duplicate or unsafe ids, bad lines) raise DeqirError before any work starts.
+
+    A manifest's paths must lie inside its input root (after links are followed): the manifest's
+    folder, or the folder a first line ``{"root": PATH}`` names (relative to the manifest's folder).
+    Listed files that exist must be regular files within the byte cap (io.limits): a device, a
+    pipe or a path outside the root fails the job before anything is read; a missing file fails
+    only its image."""
     p = Path(input_path)
     if not p.exists():
         raise DeqirError(f"input not found: {p}")
@@ -64,9 +91,11 @@ def read_input(input_path: str | os.PathLike) -> tuple[list[InputEntry], list[Pa
         raise DeqirError(f"input must be a folder or a JSONL manifest (.jsonl), got {p}")
     entries, seen = [], {}
     try:
-        lines = p.read_text().splitlines()
-    except (OSError, UnicodeDecodeError) as e:
-        raise DeqirError(f"cannot read manifest {p}: {e}") from e
+        lines = read_file_bytes(p, "manifest").decode("utf-8").splitlines()
+    except UnicodeDecodeError as e:
+        raise DeqirError(f"cannot read manifest {p}: it is not UTF-8 text ({e.reason})") from e
+    root = resolved(p.parent, "manifest folder")
+    first = True
     for n, line in enumerate(lines, 1):
         if not line.strip():
             continue
@@ -75,6 +104,15 @@ def read_input(input_path: str | os.PathLike) -> tuple[list[InputEntry], list[Pa
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DeqirError(f"{where}: not valid JSON ({e.msg})") from e
+        if first and isinstance(obj, dict) and set(obj) == {"root"}:
+            first = False
+            if not isinstance(obj["root"], str) or not obj["root"]:
+                raise DeqirError(f"{where}: \"root\" must be a folder path")
+            root = resolved(p.parent / obj["root"], "manifest root")
+            if not root.is_dir():
+                raise DeqirError(f"{where}: the manifest root {obj['root']} is not a folder")
+            continue
+        first = False
         if not isinstance(obj, dict) or not isinstance(obj.get("path"), str) or not obj["path"]:
             raise DeqirError(f"{where}: each line must be a JSON object with a \"path\"")
         unknown = sorted(set(obj) - {"id", "path", "gt", "params"})
@@ -99,19 +137,38 @@ def read_input(input_path: str | os.PathLike) -> tuple[list[InputEntry], list[Pa
         bad = sorted(set(params) - set(PER_IMAGE_KEYS))
         if bad:
             raise DeqirError(f"{where}: unknown parameter(s) {', '.join(bad)}; allowed: {', '.join(PER_IMAGE_KEYS)}")
+        _check_params(params, where)
         gt_path = None if gt is None else (p.parent / gt if not Path(gt).is_absolute() else Path(gt))
+        for f in (path, gt_path):
+            if f is not None:
+                _check_listed(f, root, where)
         entries.append(InputEntry(name, path, gt_path, params))
     if not entries:
         raise DeqirError(f"manifest {p} lists no images")
     return entries, []
 
 
+def _check_listed(f: Path, root: Path, where: str) -> None:
+    """A listed file: inside the root (links followed) and, if it exists, a regular file within the cap."""
+    check_utf8(f)
+    real = resolved(f, "path")
+    if real != root and root not in real.parents:
+        raise DeqirError(f"{where}: {f} is outside the manifest's root {root}; only files inside it are read "
+                         "(a first line {\"root\": PATH} widens it)")
+    if os.path.lexists(f):
+        check_regular_file(f, "listed file")
+
+
 def _check_out(input_path: Path, out: Path, entries: list[InputEntry]) -> None:
     """OUT must not be inside an input folder, and no output may overwrite an input."""
-    inp, o = input_path.resolve(), out.resolve()
+    inp, o = resolved(input_path, "input"), resolved(out, "output folder")
     if input_path.is_dir() and (o == inp or inp in o.parents):
         raise DeqirError(f"output folder {out} is inside the input folder {input_path}; choose another")
-    ins = {e.path.resolve() for e in entries} | {e.gt.resolve() for e in entries if e.gt is not None}
+    ins = {resolved(e.path) for e in entries} | {resolved(e.gt) for e in entries if e.gt is not None}
     clash = [e.id for e in entries if (o / f"{e.id}.png").resolve() in ins]
     if clash:
         raise DeqirError(f"output {o / (clash[0] + '.png')} would overwrite an input; choose another output folder")
+    folders = [e.id for e in entries if (o / f"{e.id}.png").is_dir()]
+    if folders:
+        raise DeqirError(f"output {o / (folders[0] + '.png')} exists as a folder; remove it or choose another "
+                         "output folder")

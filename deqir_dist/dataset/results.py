@@ -6,6 +6,7 @@ import json
 import os
 from pathlib import Path
 
+from deqir_dist.errors import DeqirError, one_line
 from deqir_dist.io.files import atomic_write
 
 RESULTS_NAME = "results.jsonl"
@@ -70,7 +71,7 @@ class _ResultsLog:
 
     def __init__(self, path: Path):
         self.path = path
-        self.fh = open(path, "ab")
+        self.fh = open(path, "ab", buffering=0)     # unbuffered: a failed write leaves nothing to flush
         if path.stat().st_size:
             with open(path, "rb") as r:
                 r.seek(-1, os.SEEK_END)
@@ -78,12 +79,19 @@ class _ResultsLog:
                     self.fh.write(b"\n")
 
     def append(self, rec: dict) -> None:
-        self.fh.write((json.dumps(rec, sort_keys=True) + "\n").encode())
-        self.fh.flush()
-        os.fsync(self.fh.fileno())
+        try:
+            self.fh.write((json.dumps(rec, sort_keys=True) + "\n").encode())
+            self.fh.flush()
+            os.fsync(self.fh.fileno())
+        except OSError as e:          # disk full, quota, read-only: one line, the records so far kept
+            raise DeqirError(f"cannot write {self.path}: {one_line(e, bare_deqir=True)}; rerun the same "
+                             "command to resume") from e
 
     def close(self) -> None:
-        self.fh.close()
+        try:
+            self.fh.close()
+        except OSError:          # what a full disk refused was reported by append already
+            pass
 
     def compact(self) -> None:
         keep: dict[str, dict] = {}

@@ -14,6 +14,7 @@ from __future__ import annotations
 import io
 import os
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from PIL import Image
 
 from deqir_dist.errors import DeqirError, one_line
 from deqir_dist.io.files import atomic_write
+from deqir_dist.io.limits import check_pixels, read_file_bytes
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
@@ -64,12 +66,9 @@ def read_image(path: str | os.PathLike, channels: int = 3) -> torch.Tensor:
     if channels not in (1, 3):
         raise DeqirError(f"read_image: channels must be 1 or 3, got {channels!r}")
     p = Path(path)
-    if not p.exists():
-        raise DeqirError(f"image file not found: {p}")
-    if not p.is_file():
-        raise DeqirError(f"not a regular file: {p}")
+    data = read_file_bytes(p, "image file")  # regular files within the byte cap only (io.limits)
     try:
-        samples, maxval = _decode(p)
+        samples, maxval = _decode(data)
     except DeqirError as e:
         raise DeqirError(f"cannot read image {p}: {e}") from e
     except Exception as e:  # Pillow / zlib raise many types on corrupt input
@@ -87,14 +86,16 @@ def read_image(path: str | os.PathLike, channels: int = 3) -> torch.Tensor:
     return (out * 2 - 1).to(torch.float32)
 
 
-def _decode(p: Path) -> tuple[np.ndarray, int]:
-    """Fully decode ``p`` to (H, W, K) unsigned samples (K: L, LA, RGB or RGBA) and their max."""
-    with open(p, "rb") as fh:
-        head = fh.read(_PNG_HEAD_LEN)
-    if _png_needs_own_decoder(head):
-        return _png16_decode(p.read_bytes()), 65535
+def _decode(data: bytes) -> tuple[np.ndarray, int]:
+    """Fully decode ``data`` to (H, W, K) unsigned samples (K: L, LA, RGB or RGBA) and their max."""
+    if _png_needs_own_decoder(data[:_PNG_HEAD_LEN]):
+        return _png16_decode(data), 65535
 
-    with Image.open(p) as im:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # io.limits' cap applies instead
+        im = Image.open(io.BytesIO(data))
+    with im:
+        check_pixels(*im.size)  # from the header, before any pixel is decoded
         im.load()  # Pillow is lazy: force the full decode here
         mode = im.mode
         if mode == "1":
@@ -178,8 +179,7 @@ def _png16_decode(data: bytes) -> np.ndarray:
     w, h, depth, color_type, comp, filt, interlace = struct.unpack(">IIBBBBB", ihdr)
     if depth != 16 or color_type not in _PNG_CHANNELS or comp or filt or interlace > 1 or not w or not h:
         raise DeqirError("unsupported or invalid PNG header")
-    if Image.MAX_IMAGE_PIXELS and w * h > 2 * Image.MAX_IMAGE_PIXELS:
-        raise DeqirError(f"PNG of {w}x{h} pixels exceeds Pillow's decompression-bomb limit")
+    check_pixels(w, h, "PNG")  # io.limits' cap, before anything is decompressed
     k = _PNG_CHANNELS[color_type]
     bpp = 2 * k
     passes = []  # (x0, y0, dx, dy, width, height) of each non-empty (sub)image
@@ -313,11 +313,8 @@ def read_tensor(path: str | os.PathLike) -> torch.Tensor:
     tensor, raises DeqirError.
     """
     p = Path(path)
-    if not p.is_file():
-        raise DeqirError(f"tensor file not found: {p}")
+    buf = io.BytesIO(read_file_bytes(p, "tensor file"))  # a regular file within the byte cap
     try:
-        with open(p, "rb") as fh:
-            buf = io.BytesIO(fh.read())
         obj = torch.load(buf, weights_only=True, map_location="cpu")
     except Exception as e:  # pickle / zip / EOF / RuntimeError on corrupt input
         raise DeqirError(f"cannot read tensor file {p}: {one_line(e)}") from e

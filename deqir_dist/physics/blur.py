@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import torch
 
+from deqir_dist.errors import DeqirError
 from deqir_dist.physics.base import SeparableOperator, _odd_size, _positive_float
 
 # --------------------------------------------------------------------------- deblurring
@@ -47,6 +48,9 @@ class _Deblur(SeparableOperator):
     def __init__(self, image_shape, params: dict, kernel_h: torch.Tensor, kernel_w: torch.Tensor):
         super().__init__(image_shape, tuple(image_shape), params)
         _, H, W = self.image_shape
+        if kernel_h.numel() > 2 * H - 1 or kernel_w.numel() > 2 * W - 1:     # taps past that never meet a pixel
+            raise DeqirError(f"{self.name}: a kernel of {kernel_h.numel()} x {kernel_w.numel()} taps is larger than "
+                             f"a {H}x{W} image allows (at most {2 * H - 1} x {2 * W - 1})")
         self.kernel = torch.outer(kernel_h, kernel_w)  # 2-D correlation kernel, sums to 1
         self._set_matrices(correlation_matrix(kernel_h, H), correlation_matrix(kernel_w, W))
 

@@ -42,6 +42,8 @@ temp folder). The driver forwards every ``DEQIR_TEST_*`` variable to the workers
 """
 from __future__ import annotations
 
+import errno
+import math
 import sys
 import time
 from dataclasses import dataclass, field
@@ -61,8 +63,10 @@ from deqir_dist.dataset.results import (
     load_results,
 )
 from deqir_dist.dataset.tasks import operator_params
-from deqir_dist.errors import DeqirError, one_line
+from deqir_dist.errors import DeqirError, is_real, one_line
 from deqir_dist.io.files import check_dir_creatable, ensure_writable_dir
+from deqir_dist.io.images import read_image
+from deqir_dist.io.outdir import OutputFolder
 from deqir_dist.io.jsonio import write_json
 from deqir_dist.ray.cluster import (
     _bound_gcs_wait,
@@ -116,15 +120,15 @@ class RayRestoreJob:
             raise DeqirError("--gpus-per-worker must be at least 1")
         if self.workers is not None and self.workers < 1:
             raise DeqirError("--workers must be at least 1")
-        if self.cpus_per_worker <= 0:
-            raise DeqirError("--cpus-per-worker must be positive")
+        if not (is_real(self.cpus_per_worker) and 0 < self.cpus_per_worker < math.inf):
+            raise DeqirError(f"--cpus-per-worker must be a finite number > 0, got {self.cpus_per_worker!r}")
         if self.max_retries < 0:
             raise DeqirError("--max-retries must be >= 0")
         if self.batch_restore not in ("auto", "on", "off"):
             raise DeqirError("--batch-restore must be auto, on or off")
-        if not self.connect_timeout > 0:
+        if not (is_real(self.connect_timeout) and self.connect_timeout > 0):
             raise DeqirError(f"--connect-timeout must be positive, got {self.connect_timeout!r}")
-        if not self.dist_timeout > 0:
+        if not (is_real(self.dist_timeout) and self.dist_timeout > 0):
             raise DeqirError(f"--dist-timeout must be positive, got {self.dist_timeout!r}")
         self.device = _check_device(self.device)
         if self.device == "cuda" and self.address in (None, "", "local"):
@@ -183,9 +187,14 @@ class RayRestoreJob:
 
     # ---------------------------------------------------------------- run
     def run(self) -> dict:
-        """Check, start Ray and the workers, and only then create the output (see ``_Output``)."""
+        """Check, lock OUT for the whole job (io.outdir.OutputFolder: a second job on it fails at
+        once), start Ray and the workers, and only then write (see ``_Output``)."""
         t_start = time.perf_counter()
         entries, not_images, out, summary_path = self.prepare()
+        with OutputFolder(out, command="deqir ray-restore"):
+            return self._run(t_start, entries, not_images, out, summary_path)
+
+    def _run(self, t_start, entries, not_images, out: Path, summary_path: Path) -> dict:
         base = {**_model_identity(self.model, self.checkpoint), "task": self.task,
                 "restore": {k: v for k, v in self.restore_kw.items() if k != "sigma_y"},
                 "seed": self.seed, "from_clean": self.from_clean, "bits": self.bits}
@@ -198,7 +207,7 @@ class RayRestoreJob:
             params, sigma_y, h = self._entry_config(e, base, mask_cache)
             prev = previous.get(e.id)
             if (prev is not None and prev.get("status") == "ok" and prev.get("config") == h
-                    and (out / f"{e.id}.png").is_file()):
+                    and _output_decodes(out / f"{e.id}.png")):
                 done_before += 1
                 continue
             todo.append((e, params, sigma_y, h))
@@ -319,6 +328,10 @@ class RayRestoreJob:
                     rec["output"] = str(path)
                     stats["written"] += 1
                 except DeqirError as e:
+                    cause = e.__cause__
+                    if isinstance(cause, OSError) and cause.errno in _FATAL_ERRNOS:   # disk full: stop here
+                        raise DeqirError(f"{e}; the images written so far are recorded in {RESULTS_NAME}: "
+                                         "free space and rerun the same command to resume") from None
                     rec.update(status="failed", error=str(e))
             rec.setdefault("output", None)
             log.append(rec)
@@ -333,6 +346,18 @@ class RayRestoreJob:
             stats["retried_batches"] = pool.retried
             if bar is not None:
                 bar.close()
+
+
+_FATAL_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EIO)
+
+
+def _output_decodes(path: Path) -> bool:
+    """Resume skips an image only if its output is a regular file that decodes."""
+    try:
+        read_image(path)
+    except DeqirError:
+        return False
+    return True
 
 
 @dataclass

@@ -8,6 +8,8 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from deqir_dist.errors import DeqirError
+from deqir_dist.io import limits
+from deqir_dist.io.limits import read_file_bytes
 from deqir_dist.ray.cluster import _check_device, _ray_error_line
 from deqir_dist.ray.worker import TEST_ENV_PREFIX, RestoreWorker
 
@@ -69,7 +71,7 @@ class _Pool:
                      "threads": max(1, int(c)), "task": job.task,
                      "restore": {k: v for k, v in job.restore_kw.items() if k != "sigma_y"},
                      "seed": job.seed, "from_clean": job.from_clean, "bits": job.bits,
-                     "batch": batch, "token": uuid.uuid4().hex[:12]}
+                     "batch": batch, "token": uuid.uuid4().hex[:12], "limits": limits.current()}
         env = {k: v for k, v in os.environ.items() if k.startswith(TEST_ENV_PREFIX)}
         opts = {"num_cpus": c, "num_gpus": 1 if dev == "cuda" else 0, "max_restarts": 0}
         if env:
@@ -157,12 +159,12 @@ class _Pool:
         """Read the inputs' bytes (driver side); unreadable files become failed records."""
         items, failed = [], []
         for e, params, sigma_y, h in batch.entries:
-            try:
-                data = e.path.read_bytes()
-                gt_data = e.gt.read_bytes() if e.gt is not None else None
-            except OSError as err:
+            try:      # regular files within the byte cap only; never blocks on a pipe (io.limits)
+                data = read_file_bytes(e.path, "input")
+                gt_data = read_file_bytes(e.gt, "ground truth") if e.gt is not None else None
+            except DeqirError as err:
                 failed.append({"id": e.id, "input": str(e.path), "config": h, "status": "failed",
-                               "error": f"cannot read {err.filename or e.path}: {err.strerror or err}"})
+                               "error": f"cannot read {err}"})
                 continue
             items.append({"id": e.id, "source": str(e.path), "suffix": e.path.suffix, "data": data,
                           "gt_data": gt_data, "gt_source": None if e.gt is None else str(e.gt),
@@ -247,7 +249,9 @@ class _Pool:
                     entry[3] = value
                 if all(flags):
                     w.inflight.remove(entry)
-                    for rec in entry[3]:
+                    batch.payload = None          # its inputs leave the object store once written
+                    results, entry[1], entry[3] = entry[3], None, None
+                    for rec in results:
                         png = rec.pop("png", None)
                         rec["attempt"] = batch.attempt
                         rec["worker"] = w.index

@@ -14,6 +14,7 @@ from deqir_dist.dataset.items import generator_for, load_items
 from deqir_dist.dataset.results import _canonical
 from deqir_dist.errors import DeqirError, one_line
 from deqir_dist.io.images import read_image, write_image
+from deqir_dist.io.limits import set_decode_limits
 from deqir_dist.models import load_denoiser
 from deqir_dist.quality.metrics import psnr, ssim
 from deqir_dist.sampling.noise import draw_noise
@@ -41,6 +42,8 @@ class RestoreWorker:
         import torch
         torch.set_num_threads(max(1, int(spec.get("threads", 1))))
         self.spec = dict(spec)
+        if spec.get("limits"):                 # the driver's decode caps (--max-pixels)
+            set_decode_limits(**spec["limits"])
         self.device = torch.device("cuda", 0) if spec.get("device") == "cuda" else torch.device("cpu")
         self.model = load_denoiser(spec["model"], checkpoint=spec.get("checkpoint"), device=self.device)
         self.scratch = Path(tempfile.gettempdir())   # a per-batch temp folder while restoring

@@ -171,8 +171,10 @@ def test_released_checkpoint_flows_on_meta_tensors(monkeypatch, path, preset):
 
 def test_named_models_fresh_and_unknown_name():
     for name, cls, n in (("adm-256-uncond", ADMUNet, 552_814_086), ("sdedit-celeba-hq", DDPMUNet, 113_673_219)):
-        m = load_denoiser(name, device="meta")
+        m = load_denoiser(name, device="meta", random_weights=True)
         assert isinstance(m, cls) and not m.training
+        with pytest.raises(DeqirError, match="has no weights here.*random_weights=True"):
+            load_denoiser(name, device="meta")
         assert sum(p.numel() for p in m.parameters()) == n
     assert MODEL_NAMES == ("builtin", "analytic", "adm-256-uncond", "sdedit-celeba-hq")
     with pytest.raises(DeqirError, match="unknown model"):

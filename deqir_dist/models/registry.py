@@ -19,6 +19,7 @@ from deqir_dist.models.loading import (
     load_checkpoint,
     parse_dtype,
 )
+from deqir_dist.sampling.denoiser import resolve_device
 
 MODEL_NAMES = ("builtin", "analytic") + tuple(PRESETS)
 
@@ -30,7 +31,7 @@ def _looks_like_path(name: str) -> bool:
 
 def load_denoiser(name_or_path: str | os.PathLike | None, checkpoint=None, dtype: torch.dtype | str | None = None,
                   device: torch.device | str | None = None, config: dict | None = None,
-                  emulate_cost=None) -> torch.nn.Module:
+                  emulate_cost=None, random_weights: bool = False) -> torch.nn.Module:
     """A ready-to-use denoiser ``eps = model(x, t)`` in eval mode.
 
     ``builtin``: the small prior trained on scikit-image's photographs that ships with the package
@@ -38,15 +39,16 @@ def load_denoiser(name_or_path: str | os.PathLike | None, checkpoint=None, dtype
     ``analytic``: the closed-form Gaussian-mixture oracle (no weights; any image size).
     ``adm-256-uncond``: guided-diffusion's 256x256 unconditional ImageNet UNet (6 output channels:
     eps and the learned variance). ``sdedit-celeba-hq``: the DDPM UNet of SDEdit's CelebA-HQ model.
-    Without ``checkpoint`` these are built with freshly initialised weights; with it, the file
-    must hold exactly that architecture. ``adm`` / ``ddpm`` with ``config`` (ADMUNet / DDPMUNet
+    They need ``checkpoint`` (the file must hold exactly that architecture); without one they are
+    refused unless ``random_weights=True`` asks for an untrained network (timing, tests). ``adm`` / ``ddpm`` with ``config`` (ADMUNet / DDPMUNet
     keyword arguments) build or load other sizes.
 
     A path (``.pt``, ``.ckpt``, ``.pth``, ``.bin``, ``.safetensors``) as ``name_or_path`` (or as
     ``checkpoint`` with ``name_or_path`` None or ``analytic``, which has no weights) loads the
     file and detects its architecture (see :mod:`deqir_dist.models.loading`).
 
-    ``dtype``: None / float32, float16 (ADM: guided-diffusion's ``convert_to_fp16``) or bfloat16.
+    ``device``: "cpu", "cuda", "cuda:1" ... (a CUDA device this torch build cannot use is a
+    DeqirError saying what to do). ``dtype``: None / float32, float16 (ADM: guided-diffusion's ``convert_to_fp16``) or bfloat16.
 
     ``emulate_cost``: a cost table (a JSON file as ``deqir bench --profile`` writes, or a dict
     {b: ms}): the model is wrapped in ``CostEmulatingDenoiser``, every call of batch b held to
@@ -60,7 +62,7 @@ def load_denoiser(name_or_path: str | os.PathLike | None, checkpoint=None, dtype
             table, source = load_cost_file(emulate_cost), os.fspath(emulate_cost)
         if name_or_path is None and checkpoint is None:
             name_or_path = "analytic"
-        inner = load_denoiser(name_or_path, checkpoint, dtype, device, config)
+        inner = load_denoiser(name_or_path, checkpoint, dtype, device, config, random_weights=random_weights)
         return CostEmulatingDenoiser(inner, table, source).eval()
     if isinstance(name_or_path, os.PathLike):
         name_or_path = os.fspath(name_or_path)
@@ -68,6 +70,12 @@ def load_denoiser(name_or_path: str | os.PathLike | None, checkpoint=None, dtype
         checkpoint = os.fspath(checkpoint)
     if name_or_path is None and checkpoint is None:
         name_or_path = "builtin"                     # the default model
+    device = _check_device(device)
+    if not isinstance(random_weights, bool):
+        raise DeqirError(f"random_weights must be True or False, got {random_weights!r}")
+    if random_weights and (checkpoint is not None or name_or_path not in PRESETS):
+        raise DeqirError("random_weights=True builds an untrained preset (adm-256-uncond, sdedit-celeba-hq); "
+                         "it takes no checkpoint and no other model")
     if name_or_path == "builtin":
         if checkpoint is not None or config is not None:
             raise DeqirError("the builtin model ships with the package; it takes no checkpoint or config")
@@ -90,6 +98,9 @@ def load_denoiser(name_or_path: str | os.PathLike | None, checkpoint=None, dtype
             model = load_checkpoint(checkpoint, name=name_or_path, config=config)
         else:
             if name_or_path in PRESETS:
+                if not random_weights:
+                    raise DeqirError(f"model {name_or_path!r} has no weights here: pass checkpoint=FILE (its released "
+                                     "weights), or random_weights=True for an untrained network (timing, tests)")
                 arch, factory, _ = PRESETS[name_or_path]
                 cfg = config if config is not None else factory()
             else:
@@ -108,3 +119,17 @@ def load_denoiser(name_or_path: str | os.PathLike | None, checkpoint=None, dtype
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def _check_device(device):
+    """``device`` as given (None, or a torch.device / name torch knows); a CUDA one this torch build
+    cannot use, or an unknown name, is a one-line DeqirError that says what to do."""
+    if device is None:
+        return None
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError, ValueError):
+        raise DeqirError(f"unknown device {device!r}; use cpu, cuda or cuda:INDEX") from None
+    if dev.type == "cuda":
+        resolve_device(str(dev))
+    return dev

@@ -32,7 +32,8 @@ def resolve_device(name: str | None = None) -> torch.device:
     if dev.type == "cuda":
         count = torch.cuda.device_count() if torch.cuda.is_available() else 0
         if count == 0:
-            raise DeqirError(f"device {name!r}: this torch build sees no CUDA device")
+            raise DeqirError(f"device {name!r}: this torch build sees no CUDA device (torch {torch.__version__}); "
+                             "use device 'cpu', or install a CUDA build of torch on a machine with a GPU")
         if dev.index is not None and dev.index >= count:
             raise DeqirError(f"device {name!r}: only {count} CUDA device(s) visible")
     elif dev.type != "cpu":
@@ -47,6 +48,19 @@ def model_dtype(model) -> torch.dtype | None:
             if t.is_floating_point():
                 return t.dtype
     return None
+
+
+def unwrap_output(out):
+    """The eps tensor of a model's output: a tensor as it is; an object with a tensor ``.sample``
+    (diffusers' ``UNet2DOutput``) or a one-element tuple (``return_dict=False``) unwrapped."""
+    if isinstance(out, torch.Tensor):
+        return out
+    sample = getattr(out, "sample", None)
+    if isinstance(sample, torch.Tensor):
+        return sample
+    if isinstance(out, (tuple, list)) and len(out) == 1 and isinstance(out[0], torch.Tensor):
+        return out[0]
+    return out
 
 
 class EpsFn:
@@ -71,7 +85,7 @@ class EpsFn:
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         xin = x if self.model_dtype is None else x.to(self.model_dtype)
-        out = self.model(xin, t)
+        out = unwrap_output(self.model(xin, t))
         if not isinstance(out, torch.Tensor) or out.dim() != 4 or out.shape[0] != x.shape[0] \
                 or out.shape[-2:] != x.shape[-2:]:
             shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__

@@ -20,11 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 from deqir_dist.errors import DeqirError, one_line
 from deqir_dist.io.files import atomic_write
 from deqir_dist.io.limits import check_pixels, read_file_bytes
+from deqir_dist.io.pngtext import add_text
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
@@ -47,8 +48,8 @@ def read_image(path: str | os.PathLike, channels: int = 3) -> torch.Tensor:
 
     Supported: 8- and 16-bit PNG, JPEG and anything else Pillow decodes to modes
     1, L, LA, P, PA, RGB, RGBA, I;16 (and its byte-order variants), I, CMYK, YCbCr.
-    Multi-frame files give their first frame; EXIF orientation is ignored
-    (pixels are returned in stored order).
+    Multi-frame files give their first frame; an EXIF Orientation tag is applied
+    (the picture comes out upright, as viewers show it; 16-bit colour PNGs excepted).
 
     Conversions, all done in float64 at full precision:
 
@@ -97,6 +98,7 @@ def _decode(data: bytes) -> tuple[np.ndarray, int]:
     with im:
         check_pixels(*im.size)  # from the header, before any pixel is decoded
         im.load()  # Pillow is lazy: force the full decode here
+        im = _upright(im)
         mode = im.mode
         if mode == "1":
             im, mode = im.convert("L"), "L"
@@ -124,6 +126,15 @@ def _decode(data: bytes) -> tuple[np.ndarray, int]:
         opaque = ~np.all(arr == np.asarray(key, dtype=arr.dtype).reshape(-1), axis=-1)
         arr = np.concatenate([arr, (opaque * maxval).astype(arr.dtype)[..., None]], axis=-1)
     return arr, maxval
+
+
+def _upright(im: Image.Image) -> Image.Image:
+    """``im`` turned as its EXIF Orientation tag says (phone photos), or ``im`` itself without one."""
+    try:
+        orientation = im.getexif().get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is ignored, as viewers do
+        return im
+    return ImageOps.exif_transpose(im) if orientation in (2, 3, 4, 5, 6, 7, 8) else im
 
 
 # --------------------------------------------------------------------------- 16-bit PNG codec
@@ -259,13 +270,14 @@ def _png16_encode(samples: np.ndarray) -> bytes:
     return _PNG_SIG + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(raw, 6)) + chunk(b"IEND", b"")
 
 
-def write_image(path: str | os.PathLike, x: torch.Tensor, bits: int = 8) -> None:
+def write_image(path: str | os.PathLike, x: torch.Tensor, bits: int = 8, text: dict[str, str] | None = None) -> None:
     """Write a (C, H, W) image in [-1, 1], C in {1, 3}, as an 8- or 16-bit PNG, atomically.
 
     Values are clamped to [-1, 1], mapped to [0, 1] and rounded to the nearest
     code (x 255 or x 65535). The path must end in .png and its directory must
     exist and be writable. NaN/Inf in ``x`` raise DeqirError; nothing is written
     then, and a failed write leaves neither a partial file nor a temp file.
+    ``text``: PNG text chunks {keyword: Latin-1 text} (io.pngtext; deqir degrade's description).
     """
     p = Path(path)
     if p.suffix.lower() != ".png":
@@ -289,10 +301,17 @@ def write_image(path: str | os.PathLike, x: torch.Tensor, bits: int = 8) -> None
     if bits == 8:
         arr = codes.astype(np.uint8)
         im = Image.fromarray(arr[..., 0] if arr.shape[-1] == 1 else arr)
-        atomic_write(p, lambda fh: im.save(fh, format="PNG"))
+        if not text:
+            atomic_write(p, lambda fh: im.save(fh, format="PNG"))
+            return
+        buf = io.BytesIO()
+        im.save(buf, format="PNG")
+        data = buf.getvalue()
     else:
         data = _png16_encode(codes.astype(np.uint16))
-        atomic_write(p, lambda fh: fh.write(data))
+    if text:
+        data = add_text(data, text)
+    atomic_write(p, lambda fh: fh.write(data))
 
 
 # --------------------------------------------------------------------------- tensors

@@ -1,0 +1,68 @@
+"""What a diffusers / deepinv user types, mapped onto ``restore``'s own conventions.
+
+* ``eta`` (diffusers' and DDIM's name) is accepted for DDNM's ``etw``; both given and different is
+  an error. (DDIM's eta also injects fresh noise; here that is the separate ``nw``.)
+* ``device=``: the chain runs there; a torch module on another device is moved (``module.to``,
+  in place, as diffusers' ``pipeline.to`` does).
+* Images are in [-1, 1]. A measurement that looks like [0, 1] data is warned about;
+  ``value_range=(0, 1)`` converts it exactly (y -> 2 y - A(1) for the linear operators here, and
+  sigma_y -> 2 sigma_y); ``value_range=(-1, 1)`` says the data is right and silences the warning.
+"""
+from __future__ import annotations
+
+import warnings
+
+import torch
+
+from deqir_dist.errors import DeqirError, check_tensor, is_real
+from deqir_dist.sampling.denoiser import model_device, resolve_device
+
+VALUE_RANGES = ((-1, 1), (0, 1))
+
+
+def resolve_eta(etw, eta) -> float:
+    """``etw`` from ``etw`` and its alias ``eta`` (either may be None; both None: 0)."""
+    for name, v in (("etw", etw), ("eta", eta)):
+        if v is not None and not is_real(v):
+            raise DeqirError(f"{name} must be a number, got {v!r}")
+    if etw is not None and eta is not None and float(etw) != float(eta):
+        raise DeqirError(f"eta is another name for etw; both given and different (etw={etw}, eta={eta}): give one")
+    v = etw if etw is not None else eta
+    return 0.0 if v is None else float(v)
+
+
+def place_model(denoiser, device, default: torch.device) -> torch.device:
+    """The device the chain runs on: ``device`` (the model is moved there if it is a torch module
+    elsewhere), or the model's own device (``default`` for a model without tensors)."""
+    if device is None:
+        return model_device(denoiser, default=default)
+    dev = resolve_device(str(device) if isinstance(device, torch.device) else device)
+    if isinstance(denoiser, torch.nn.Module) and model_device(denoiser, default=dev) != dev:
+        try:
+            denoiser.to(dev)
+        except (RuntimeError, TypeError, ValueError, NotImplementedError) as e:   # e.g. a meta module
+            raise DeqirError(f"cannot move the model to {dev}: {type(e).__name__}; move it yourself "
+                             f"(model.to({str(dev)!r})) or pass device=None") from None
+    return dev
+
+
+def apply_value_range(y, op, value_range, sigma_y: float):
+    """(y in [-1, 1], sigma_y) from the user's measurement and its stated ``value_range``."""
+    if value_range is not None:
+        try:
+            vr = tuple(float(v) for v in value_range)
+        except (TypeError, ValueError):
+            vr = None
+        if vr not in VALUE_RANGES:
+            raise DeqirError(f"value_range must be (-1, 1) or (0, 1), got {value_range!r}")
+        value_range = vr
+    y = check_tensor(y, "y", (None, *op.measurement_shape))
+    if value_range == (0, 1):
+        ones = torch.ones((1, *op.image_shape), dtype=y.dtype, device=y.device)
+        return 2 * y - op.A(ones), 2 * float(sigma_y)
+    if value_range is None and op.measurement_is_image and y.numel() >= 16 \
+            and float(y.min()) >= 0 and 0 < float(y.max()) <= 1:      # (all zero: mid-grey, fine)
+        warnings.warn("y lies in [0, 1], but restore works on images in [-1, 1]: pass value_range=(0, 1) to "
+                      "convert it (or x * 2 - 1 yourself), or value_range=(-1, 1) if it is right",
+                      UserWarning, stacklevel=3)
+    return y, sigma_y

@@ -1,6 +1,7 @@
 """The driver's pool of Ray workers: batches in flight, retries, replacement of dead workers."""
 from __future__ import annotations
 
+import math
 import os
 import sys
 import uuid
@@ -19,6 +20,19 @@ _INFLIGHT_PER_WORKER = 2
 
 
 # ============================================================================ the driver
+
+
+def batch_size(images: int, workers: int, per_batch: int) -> int:
+    """Images per work unit: ``per_batch``, but at most ceil(images / workers), so that a small
+    job still gives every worker a batch."""
+    return max(1, min(int(per_batch), math.ceil(images / max(1, int(workers)))))
+
+
+def least_loaded(workers: list, cap: int):
+    """The live worker with the fewest batches in flight (the lowest index on a tie) that can take
+    one more (fewer than ``cap``), or None."""
+    free = [w for w in workers if w.alive and len(w.inflight) < cap]
+    return min(free, key=lambda w: (len(w.inflight), w.index)) if free else None
 
 
 @dataclass
@@ -179,7 +193,8 @@ class _Pool:
         max_restarts = max(4, 2 * len(self.workers)) * (self.job.max_retries + 1)
 
         def submit(w: _Worker):
-            while len(w.inflight) < _INFLIGHT_PER_WORKER and queue:
+            """Give ``w`` the next batch (batches whose every input is unreadable are recorded and passed)."""
+            while queue:
                 b = queue.popleft()
                 if b.payload is None:
                     items, failed = self._payload(b)
@@ -193,6 +208,7 @@ class _Pool:
                 w.inflight.append(entry)
                 for r in refs:
                     owner[r] = (w, entry)
+                return
 
         def fail_worker(w: _Worker, err: str):
             """Kill ``w``, requeue its batches (the oldest counts an attempt), start a replacement."""
@@ -224,7 +240,10 @@ class _Pool:
                 print(f"deqir: warning: could not replace a worker: {e}", file=sys.stderr)
 
         while True:
-            for w in list(self.workers):
+            while queue:                      # one batch at a time to the least-loaded worker
+                w = least_loaded(self.workers, _INFLIGHT_PER_WORKER)
+                if w is None:
+                    break
                 submit(w)
             if not owner:
                 if queue and not self.workers:

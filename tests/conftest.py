@@ -1,4 +1,5 @@
 import os
+import tempfile
 
 import pytest
 import torch
@@ -6,6 +7,8 @@ import torch
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# solver="auto" caches measured cost profiles (api.profile_cache): never in the user's cache folder
+os.environ.setdefault("DEQIR_CACHE_DIR", tempfile.mkdtemp(prefix="deqir-test-cache-"))
 
 # One thread: the tests are small, and spawned ranks and Ray workers share the 2 cores;
 # oversubscribed OpenMP threads made small convolutions up to 100x slower here.

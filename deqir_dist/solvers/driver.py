@@ -1,8 +1,11 @@
-"""Fixed-point solvers for the joint chain map, and the stopping rules.
+"""The one driver loop of the fixed-point solvers for the joint chain map, and the stopping rules.
 
-Both solvers iterate x_{k+1} = update(x_k, f_k), f_k = F(x_k), over the rows of one block
+Every solver iterates x_{k+1} = update(x_k, f_k), f_k = F(x_k), over the rows of one block
 (the whole chain in a single process). Each image is its own problem: its own Anderson weights,
-its own stopping decision; once an image stops it leaves the batch.
+its own stopping decision; once an image stops it leaves the batch. ``run`` is that loop (per
+image stopping, dropping finished images, timings, progress, the callback); what differs
+between solvers is an update rule plugged into it (``Rule``): ``chain.PicardSweep`` and
+``chain.AndersonSweep`` (every row, every sweep), ``window.WindowSweep`` (a sliding window).
 
 * ``picard``: x_{k+1} = f_k. Exact after N evaluations (the map is causal). With the ``rows``
   rule it runs in ``window.solve_window`` by default (``window`` rows, default N): rows whose
@@ -34,7 +37,9 @@ The result of an image is the final row of its last f_k.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -98,3 +103,85 @@ def _progress(enabled: bool, total: int):
         return None
     from tqdm.auto import tqdm
     return tqdm(total=total, desc="fixed point", unit="it", leave=False)
+
+
+class Rule(Protocol):
+    """An update rule of ``run``: the state of the active images and how one iteration changes it.
+
+    Per iteration ``run`` calls ``evaluate`` (one evaluation of F on the state, the local
+    statistics), all-sums the statistics (the one host synchronisation), ``decide``, then
+    ``final_rows`` for the images that stopped (every rank calls it: it may broadcast) and
+    ``advance`` with the rest (positions in the current batch, a CPU tensor; never empty): the
+    rule drops the other images from its state. ``finish`` turns the collected final rows into
+    every rank's result."""
+
+    state_rows: int                      # rows of chain state this process held (SolveOutput.state_rows)
+
+    def evaluate(self, k: int, idx: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        """(local statistics (batch, columns) float64, denoiser seconds, rows evaluated)."""
+
+    def decide(self, k: int, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(stopping quantity q (batch,), done (batch,) bool) from the all-summed statistics."""
+
+    def callback_rows(self) -> torch.Tensor | None:
+        """The rows the callback sees on this rank (None: not on this rank)."""
+
+    def final_rows(self, d: torch.Tensor) -> torch.Tensor:
+        """The final rows of the images at batch positions ``d`` that stopped."""
+
+    def advance(self, k: int, keep: torch.Tensor, q: torch.Tensor) -> None:
+        """The update for the images at batch positions ``keep``; the others leave the state."""
+
+    def postfix(self, q: torch.Tensor) -> str:
+        """The progress bar's text after an iteration."""
+
+    def finish(self, final: torch.Tensor) -> torch.Tensor:
+        """Every rank's (B, C, H, W) result from this rank's collected final rows."""
+
+
+def run(rule: Rule, comm, max_iter: int, xi: torch.Tensor, progress: bool = False, callback=None) -> SolveOutput:
+    """The driver loop: at most ``max_iter`` evaluations of F for the images of ``xi`` (B, C, H, W).
+
+    ``callback(k, image_ids, rows, q)``, if given, sees each evaluation's rows
+    (``rule.callback_rows``) and the stopping quantity of the active images."""
+    nimg = xi.shape[0]
+    ids = list(range(nimg))                      # original image index of each active image
+    idx = torch.arange(nimg, device=xi.device)
+    final = torch.zeros_like(xi)
+    iterations = [0] * nimg
+    trace: list[list[float]] = []
+    timings: list[IterationTiming] = []
+    bar = _progress(progress and comm.is_first, max_iter)
+    for k in range(max_iter):
+        t_start = time.perf_counter()
+        comm_s0, bytes0 = comm.stats.seconds, comm.stats.bytes_sent
+        stats, t_den, evaluated = rule.evaluate(k, idx)
+        stats = comm.all_sum(stats).cpu()        # the one host synchronisation of an iteration
+        q, done = rule.decide(k, stats)
+        if k + 1 == max_iter:
+            done[:] = True
+        record_evaluation(trace, iterations, ids, q)
+        rows = rule.callback_rows() if callback is not None else None
+        if rows is not None:
+            callback(k, list(ids), rows, q)
+        if done.any():
+            d = torch.nonzero(done).flatten()
+            final[idx[d.to(idx.device)]] = rule.final_rows(d)
+        keep = torch.nonzero(~done).flatten()
+        if keep.numel() == 0:
+            ids = []
+        else:
+            rule.advance(k, keep, q)
+            if keep.numel() < len(ids):
+                idx = idx[keep.to(idx.device)]
+                ids = [ids[j] for j in keep.tolist()]
+        timings.append(IterationTiming(time.perf_counter() - t_start, t_den, comm.stats.seconds - comm_s0,
+                                       comm.stats.bytes_sent - bytes0, int(done.numel()), evaluated))
+        if bar is not None:
+            bar.set_postfix_str(rule.postfix(q))
+            bar.update(1)
+        if not ids:
+            break
+    if bar is not None:
+        bar.close()
+    return SolveOutput(rule.finish(final), iterations, trace, timings, rule.state_rows)

@@ -40,12 +40,7 @@ import torch
 
 from deqir_dist.parallel.comm import offset_split
 from deqir_dist.sampling.chain import ACC, Carry, Summary
-from deqir_dist.solvers.driver import (
-    IterationTiming,
-    SolveOutput,
-    _progress,
-    record_evaluation,
-)
+from deqir_dist.solvers.driver import SolveOutput, run
 from deqir_dist.solvers.options import SolverOptions
 
 
@@ -61,6 +56,116 @@ def _prefix(counts: torch.Tensor, sizes: list[int]) -> torch.Tensor:
     return total
 
 
+class WindowSweep:
+    """Picard over the window [F, E) with the settled prefix frozen: a ``driver.Rule``.
+
+    Statistics columns: per rank, its max_i |r_i|^2 / sigma_i^2, then per rank its leading
+    settled rows."""
+
+    def __init__(self, block, comm, opts: SolverOptions, x0: torch.Tensor | None, entering: torch.Tensor | None):
+        self.block, self.comm, self.opts, self.entering = block, comm, opts, entering
+        xi = block.xi
+        nimg, self.n_total = xi.shape[0], block.total_rows
+        self.width = min(opts.window, self.n_total)
+        self.numel_row = xi[0].numel()
+        self.lo_w, self.hi_w = 0, self.width                      # the window [F, E)
+        self.split = offset_split(self.lo_w, self.hi_w, comm.size)
+        self.a, self.b = self.split[comm.rank]
+        init = x0 if x0 is not None else xi.unsqueeze(1).expand(nimg, self.n_total, *xi.shape[1:])
+        self.x = init[:, self.a:self.b].clone()
+        self.frozen_row = xi.clone()                               # h_{F-1}: the denoiser input of row F
+        self.frozen_state = Carry(block.carry0.p.clone(), block.carry0.q.clone())   # scan state entering row F
+        self.state_rows = 0
+
+    def evaluate(self, k: int, idx: torch.Tensor) -> tuple[torch.Tensor, float, int]:
+        block, comm, opts = self.block, self.comm, self.opts
+        size, rank, a, b, x = comm.size, comm.rank, self.a, self.b, self.x
+        self.idx = idx
+        self.active = sum(1 for lo, hi in self.split if hi > lo)
+        self.state_rows = max(self.state_rows, b - a)
+        if size > 1:
+            comm.block_decays = block.decay_products(self.split)
+        halo = comm.halo(x[:, -1] if b > a else self.frozen_row, self.frozen_row, self.active)
+        t_den = 0.0
+        bsz = idx.numel()
+        # columns: per rank, its max_i |r_i|^2 / sigma_i^2, then per rank its leading settled rows
+        stats = torch.zeros((bsz, 2 * size), dtype=torch.float64, device=block.xi.device)
+        if b > a:
+            sub = block.view(a, b)
+            t0 = time.perf_counter()
+            inputs = sub.inputs(x, halo)
+            eps = sub.denoise(inputs)
+            t_den = time.perf_counter() - t0
+            bp, bq = sub.increments(eps, inputs, idx)
+            summary = sub.summary(bp, bq)
+        else:
+            zero = torch.zeros_like(self.frozen_state.p)
+            summary = Summary(zero, zero, 1.0, 1.0)
+        carry = comm.carry(self.frozen_state, summary, block.range_recurrent) if size > 1 else self.frozen_state
+        if b > a:
+            self.state = sub.scans(bp, bq, carry)
+            self.f = f = sub.combine(self.state, x.dtype)
+            r2 = (f - x).flatten(2).pow(2).sum(2).double()           # (bsz, rows)
+            rel = r2 * sub.row_weight.view(1, -1).double()            # |f_i - x_i|^2 / sigma_i^2
+            settled = rel / self.numel_row <= (opts.freeze * opts.stop_tol) ** 2
+            if a == self.lo_w:
+                settled[:, 0] = True        # its input was frozen: row F is final after one sweep
+            stats[:, rank] = rel.max(1).values
+            stats[:, size + rank] = torch.cumprod(settled.long(), 1).sum(1).double()
+        return stats, t_den, bsz * (b - a)
+
+    def decide(self, k: int, stats: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        size = self.comm.size
+        q = torch.sqrt(stats[:, :size].max(1).values / self.numel_row)
+        self.prefix = self.lo_w + _prefix(stats[:, size:], [hi - lo for lo, hi in self.split])
+        done = (self.prefix >= self.n_total) | ((q <= self.opts.stop_tol) & (self.hi_w == self.n_total))
+        self.owner_end = self.active - 1                # holds the window's last row
+        return q, done
+
+    def callback_rows(self) -> torch.Tensor | None:
+        return self.f[:, -1] if self.comm.rank == self.owner_end else None
+
+    def final_rows(self, d: torch.Tensor) -> torch.Tensor:
+        xi = self.block.xi
+        rows_d = self.f[d.to(self.f.device), -1] if self.comm.rank == self.owner_end else torch.zeros_like(xi[: d.numel()])
+        return self.comm.from_rank(rows_d.contiguous(), self.owner_end)
+
+    def advance(self, k: int, keep: torch.Tensor, q: torch.Tensor) -> None:
+        block, comm, xi = self.block, self.comm, self.block.xi
+        rank, a, b = comm.rank, self.a, self.b
+        kd = keep.to(xi.device)
+        new_lo = int(self.prefix[keep].min())              # the batch shares the least converged image's window
+        new_hi = min(new_lo + self.width, self.n_total)
+        # the new frozen row h_{new_lo - 1} and the scan state after it, from the rank that owns it
+        # (without range-space memory the scan ignores the Q part of the state: not sent)
+        src = next(r for r, (lo, hi) in enumerate(self.split) if lo <= new_lo - 1 < hi)
+        planes = 3 if block.range_recurrent else 2
+        if rank == src:
+            j = new_lo - 1 - a
+            st = self.state
+            packed = torch.stack([self.f[kd, j].to(ACC), st.p[kd, j], st.q[kd, j]][:planes], 1)
+        else:
+            packed = torch.zeros((keep.numel(), planes, *xi.shape[1:]), dtype=ACC, device=xi.device)
+        packed = comm.from_rank(packed.contiguous(), src)
+        self.frozen_row = packed[:, 0].to(xi.dtype)
+        self.frozen_state = Carry(packed[:, 1], packed[:, 2] if planes == 3 else torch.zeros_like(packed[:, 1]))
+        new_split = offset_split(new_lo, new_hi, comm.size)
+        x = comm.reshard(self.f[kd] if b > a else self.x[kd], self.split, new_split, self.hi_w)
+        na, nb = new_split[rank]
+        if self.entering is not None and nb > max(na, self.hi_w):     # rows entering the window
+            fresh = max(na, self.hi_w)
+            x[:, fresh - na:] = self.entering[self.idx[kd], fresh:nb]
+        self.x = x
+        self.split, (self.lo_w, self.hi_w) = new_split, (new_lo, new_hi)
+        self.a, self.b = self.split[rank]
+
+    def postfix(self, q: torch.Tensor) -> str:
+        return f"rows={float(q.max()):.3g} window=[{self.lo_w},{self.hi_w})"
+
+    def finish(self, final: torch.Tensor) -> torch.Tensor:
+        return final
+
+
 def solve_window(block, comm, opts: SolverOptions, x0: torch.Tensor | None = None,
                  progress: bool = False, callback=None, entering: torch.Tensor | None = None) -> SolveOutput:
     """Picard with a frozen prefix and a window of ``opts.window`` rows.
@@ -71,111 +176,4 @@ def solve_window(block, comm, opts: SolverOptions, x0: torch.Tensor | None = Non
     q)`` runs on the rank that holds the window's last row (it moves as the window shrinks) and
     sees that row: h_N's current value once the window has reached row N, h_E before.
     """
-    xi = block.xi
-    nimg, n_total = xi.shape[0], block.total_rows
-    width = min(opts.window, n_total)
-    numel_row = xi[0].numel()
-    size, rank = comm.size, comm.rank
-    lo_w, hi_w = 0, width                                      # the window [F, E)
-    split = offset_split(lo_w, hi_w, size)
-    a, b = split[rank]
-    init = x0 if x0 is not None else xi.unsqueeze(1).expand(nimg, n_total, *xi.shape[1:])
-    x = init[:, a:b].clone()
-    frozen_row = xi.clone()                                    # h_{F-1}: the denoiser input of row F
-    frozen_state = Carry(block.carry0.p.clone(), block.carry0.q.clone())   # scan state entering row F
-    ids = list(range(nimg))
-    idx = torch.arange(nimg, device=xi.device)
-    final = torch.zeros_like(xi)
-    iterations = [0] * nimg
-    trace: list[list[float]] = []
-    timings: list[IterationTiming] = []
-    held = 0
-    bar = _progress(progress and comm.is_first, opts.max_iter)
-    for k in range(opts.max_iter):
-        t_start = time.perf_counter()
-        comm_s0, bytes0 = comm.stats.seconds, comm.stats.bytes_sent
-        active = sum(1 for lo, hi in split if hi > lo)
-        held = max(held, b - a)
-        if size > 1:
-            comm.block_decays = block.decay_products(split)
-        halo = comm.halo(x[:, -1] if b > a else frozen_row, frozen_row, active)
-        t_den = 0.0
-        bsz = len(ids)
-        evaluated = bsz * (b - a)
-        # columns: per rank, its max_i |r_i|^2 / sigma_i^2, then per rank its leading settled rows
-        stats = torch.zeros((bsz, 2 * size), dtype=torch.float64, device=xi.device)
-        if b > a:
-            sub = block.view(a, b)
-            t0 = time.perf_counter()
-            inputs = sub.inputs(x, halo)
-            eps = sub.denoise(inputs)
-            t_den = time.perf_counter() - t0
-            bp, bq = sub.increments(eps, inputs, idx)
-            summary = sub.summary(bp, bq)
-        else:
-            zero = torch.zeros_like(frozen_state.p)
-            summary = Summary(zero, zero, 1.0, 1.0)
-        carry = comm.carry(frozen_state, summary, block.range_recurrent) if size > 1 else frozen_state
-        if b > a:
-            state = sub.scans(bp, bq, carry)
-            f = sub.combine(state, x.dtype)
-            r2 = (f - x).flatten(2).pow(2).sum(2).double()           # (bsz, rows)
-            rel = r2 * sub.row_weight.view(1, -1).double()            # |f_i - x_i|^2 / sigma_i^2
-            settled = rel / numel_row <= (opts.freeze * opts.stop_tol) ** 2
-            if a == lo_w:
-                settled[:, 0] = True        # its input was frozen: row F is final after one sweep
-            stats[:, rank] = rel.max(1).values
-            stats[:, size + rank] = torch.cumprod(settled.long(), 1).sum(1).double()
-        stats = comm.all_sum(stats).cpu()            # the one host synchronisation of an iteration
-        q = torch.sqrt(stats[:, :size].max(1).values / numel_row)
-        prefix = lo_w + _prefix(stats[:, size:], [hi - lo for lo, hi in split])
-        done = (prefix >= n_total) | ((q <= opts.stop_tol) & (hi_w == n_total))
-        if k + 1 == opts.max_iter:
-            done[:] = True
-        record_evaluation(trace, iterations, ids, q)
-        owner_end = active - 1                        # holds the window's last row
-        if callback is not None and rank == owner_end:
-            callback(k, list(ids), f[:, -1], q)
-        if done.any():
-            d = torch.nonzero(done).flatten()
-            rows_d = f[d.to(f.device), -1] if rank == owner_end else torch.zeros_like(xi[: d.numel()])
-            final[idx[d.to(idx.device)]] = comm.from_rank(rows_d.contiguous(), owner_end)
-        keep = torch.nonzero(~done).flatten()
-        if keep.numel() == 0:
-            ids = []
-        else:
-            kd = keep.to(xi.device)
-            new_lo = int(prefix[keep].min())              # the batch shares the least converged image's window
-            new_hi = min(new_lo + width, n_total)
-            # the new frozen row h_{new_lo - 1} and the scan state after it, from the rank that owns it
-            # (without range-space memory the scan ignores the Q part of the state: not sent)
-            src = next(r for r, (lo, hi) in enumerate(split) if lo <= new_lo - 1 < hi)
-            planes = 3 if block.range_recurrent else 2
-            if rank == src:
-                j = new_lo - 1 - a
-                packed = torch.stack([f[kd, j].to(ACC), state.p[kd, j], state.q[kd, j]][:planes], 1)
-            else:
-                packed = torch.zeros((keep.numel(), planes, *xi.shape[1:]), dtype=ACC, device=xi.device)
-            packed = comm.from_rank(packed.contiguous(), src)
-            frozen_row = packed[:, 0].to(xi.dtype)
-            frozen_state = Carry(packed[:, 1], packed[:, 2] if planes == 3 else torch.zeros_like(packed[:, 1]))
-            new_split = offset_split(new_lo, new_hi, size)
-            x = comm.reshard(f[kd] if b > a else x[kd], split, new_split, hi_w)
-            na, nb = new_split[rank]
-            if entering is not None and nb > max(na, hi_w):     # rows entering the window
-                fresh = max(na, hi_w)
-                x[:, fresh - na:] = entering[idx[kd], fresh:nb]
-            split, (lo_w, hi_w) = new_split, (new_lo, new_hi)
-            a, b = split[rank]
-            idx = idx[kd]
-            ids = [ids[j] for j in keep.tolist()]
-        timings.append(IterationTiming(time.perf_counter() - t_start, t_den, comm.stats.seconds - comm_s0,
-                                       comm.stats.bytes_sent - bytes0, int(done.numel()), evaluated))
-        if bar is not None:
-            bar.set_postfix_str(f"rows={float(q.max()):.3g} window=[{lo_w},{hi_w})")
-            bar.update(1)
-        if not ids:
-            break
-    if bar is not None:
-        bar.close()
-    return SolveOutput(final, iterations, trace, timings, held)
+    return run(WindowSweep(block, comm, opts, x0, entering), comm, opts.max_iter, block.xi, progress, callback)

@@ -1,0 +1,109 @@
+"""Measurements that describe their own operator (the PNG text chunk ``deqir degrade`` writes,
+io.pngtext): the task and parameters come from the file; a flag may repeat them, never change them.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+
+from deqir_dist.dataset.results import config_hash
+from deqir_dist.dataset.tasks import OP_FLAGS, task_flags
+from deqir_dist.errors import DeqirError
+from deqir_dist.io.measurements import MEASUREMENT_SUFFIX
+from deqir_dist.io.pngtext import read_description
+from deqir_dist.physics.registry import make_operator
+
+
+def file_description(path) -> dict | None:
+    """A PNG measurement's stored description (None: not a PNG, or a PNG without one)."""
+    p = Path(path)
+    return read_description(p) if p.suffix.lower() == ".png" else None
+
+
+def described_task(paths, from_clean: bool = False) -> str:
+    """The task of measurements that carry their description (restore without --task)."""
+    if from_clean:
+        raise DeqirError("--from-clean degrades the inputs here: give --task")
+    tasks = {}
+    for p in paths:
+        if Path(p).suffix == MEASUREMENT_SUFFIX:
+            raise DeqirError(f"give --task: {p} is a .pt measurement (its task is checked against --task)")
+        desc = file_description(p)
+        if desc is None:
+            raise DeqirError(f"give --task: {p} carries no operator description (it was not written by "
+                             "deqir degrade)")
+        tasks.setdefault(desc["task"], p)
+    if len(tasks) > 1:
+        (a, pa), (b, pb) = list(tasks.items())[:2]
+        raise DeqirError(f"the inputs hold different tasks ({pa.name}: {a}, {pb.name}: {b}); restore them separately")
+    return next(iter(tasks))
+
+
+def _flag_names(task: str) -> dict:
+    """operator keyword -> its flag (``--mask-seed``) for ``task``."""
+    return {OP_FLAGS[f]: "--" + f.replace("_", "-") for f in task_flags(task)}
+
+
+def _show(v) -> str:
+    return v if isinstance(v, str) else json.dumps(v)
+
+
+def described_operator(path, desc: dict, task: str, given: dict, cache: dict):
+    """The operator a described measurement was made with: the file's parameters, with the
+    flags' ``given`` operator keywords allowed only where they agree (DeqirError otherwise).
+
+    ``cache`` holds the operators built so far (by description and flags)."""
+    p = Path(path)
+    if desc["task"] != task:
+        raise DeqirError(f"{p} is a {desc['task']} measurement (its PNG description says so), not {task}: "
+                         "drop --task or give the right one")
+    stored = dict(desc["params"])
+    shape = tuple(int(d) for d in desc["image_shape"])
+    names = _flag_names(task)
+    kwargs = dict(stored)
+    mask = stored.get("mask")
+    if isinstance(mask, str) and mask.startswith("sha256:"):
+        if not isinstance(given.get("mask"), torch.Tensor):
+            raise DeqirError(f"{p} was degraded with a mask file (digest {mask}); pass that file with --mask FILE")
+        kwargs.pop("mask")
+    elif isinstance(given.get("mask"), torch.Tensor):
+        raise DeqirError(f"{p} was degraded with --mask {_show(mask)} (its PNG description); a mask file "
+                         "contradicts it: drop --mask")
+    elif "mask" in given and given["mask"] != mask:
+        raise DeqirError(f"{p} was degraded with --mask {_show(mask)} (its PNG description); --mask "
+                         f"{_show(given['mask'])} contradicts it: drop --mask")
+    unknown = [k for k in given if k not in kwargs and k != "mask"]
+    if unknown:
+        flags = ", ".join(names.get(k, k) for k in unknown)
+        raise DeqirError(f"{p} was degraded with {task} {_show(stored)}, which has no {flags}: drop it")
+    kwargs.update(given)
+    key = config_hash({"task": task, "shape": list(shape), "kwargs": kwargs})
+    if key not in cache:
+        cache[key] = make_operator(task, image_shape=shape, **kwargs)
+    op = cache[key]
+    got = json.loads(json.dumps(op.describe()))["params"]
+    if got != stored:
+        diff = [k for k in sorted(set(got) | set(stored)) if got.get(k) != stored.get(k)]
+        flags = ", ".join(f"{names.get(k, k)} {_show(got.get(k))}" for k in diff if k in given) or \
+            ", ".join(f"{k}={_show(got.get(k))}" for k in diff)
+        file_says = ", ".join(f"{names.get(k, k)} {_show(stored.get(k))}" for k in diff)
+        raise DeqirError(f"{p} was degraded with {file_says} (its PNG description); the flags give {flags}: "
+                         "drop those flags or give the same values")
+    return op
+
+
+def described_sigma_y(path, desc: dict, sigma_y):
+    """(sigma_y, where it came from) for a described measurement: the flag's value must agree with
+    the file's; without a flag, the file's value when it added noise, else None (the caller's default)."""
+    stored = desc.get("sigma_y")
+    if not isinstance(stored, (int, float)) or not math.isfinite(stored) or stored < 0:
+        return None
+    if sigma_y is not None:
+        if abs(float(sigma_y) - float(stored)) > 1e-9:
+            raise DeqirError(f"{path} was degraded with measurement noise sigma_y={stored:g} (its PNG description); "
+                             f"--sigma-y {sigma_y:g} contradicts it: drop the flag or pass --sigma-y {stored:g}")
+        return None
+    return (float(stored), "the file's description") if stored > 0 else None

@@ -464,3 +464,26 @@ def test_resume_redoes_an_output_that_does_not_decode(tmp_path):
     assert _output_decodes(good) and not _output_decodes(bad) and not _output_decodes(tmp_path / "missing.png")
     (tmp_path / "dir.png").mkdir()
     assert not _output_decodes(tmp_path / "dir.png")
+
+
+def test_sigterm_unwinds_the_job_and_leaves_no_folder(tmp_path):
+    """kill / a scheduler / torchrun stopping the ranks: one line, exit 143, the folder it made removed."""
+    data = _photos(tmp_path / "data", 30)
+    out = tmp_path / "new" / "out"
+    job = subprocess.Popen([sys.executable, "-m", "deqir_dist", "restore", str(data), "--from-clean", *SR2,
+                            "--model", "analytic", "--steps", "50", "--stop", "none", "--no-progress", "-o", str(out)],
+                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.time() + 60
+        while not (out / LOCK_NAME).exists() and job.poll() is None and time.time() < deadline:
+            time.sleep(0.02)
+        assert job.poll() is None, job.stderr.read().decode()[-500:]
+        time.sleep(0.5)                      # into the restores: some pictures staged
+        job.send_signal(signal.SIGTERM)
+        code = job.wait(timeout=60)
+    finally:
+        if job.poll() is None:
+            job.kill()
+    err = job.stderr.read().decode().strip().splitlines()
+    assert code == 143 and err == ["deqir: error: stopped by SIGTERM"], err
+    assert not (tmp_path / "new").exists()

@@ -13,6 +13,8 @@ from deqir_dist.apps.flags import (
     restore_kwargs,
     task_params,
 )
+from deqir_dist.dataset.described import described_task
+from deqir_dist.dataset.manifest import read_input
 from deqir_dist.ray.job import RayRestoreJob
 
 # ============================================================================ command line
@@ -49,11 +51,13 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--connect-timeout", type=float, default=30.0,
                    help="seconds to wait for the cluster at --address HOST:PORT / auto before giving up "
                         "(default 30)")
-    add_task_flags(p)
+    add_task_flags(p, task_required=False)     # measurement PNGs carry their task (dataset.described)
     add_sampler_flags(p)
 
 
 def job_from_args(args) -> RayRestoreJob:
+    if args.task is None:             # the task the measurement PNGs describe (the workers check each file)
+        args.task = described_task([e.path for e in read_input(args.input)[0]], args.from_clean)
     return RayRestoreJob(
         input=args.input, out=args.out, task=args.task, op_params=task_params(args),
         restore_kw=restore_kwargs(args), model=args.model, checkpoint=args.checkpoint, seed=args.seed,

@@ -13,15 +13,15 @@ def equivalence(rank, world, port, out_dir):
     from deqir_dist import restore
     _init(rank, world, port)
     rows = []
-    for steps, blocks, m, batch, nw, task, stop, coarse in (
-            (12, 4, 1, 2, 0.0, "sr_avgpool", "rows", "normalized"),
-            (12, 5, 2, 1, 0.3, "inpaint", "final", "ab2"),
-            (10, 3, 1, 3, 0.0, "inpaint", "none", "ddim"),
-            (9, 7, 1, 2, 0.0, "sr_avgpool", "rows", "normalized")):
+    for steps, blocks, m, batch, nw, task, stop, coarse, secant in (
+            (12, 4, 1, 2, 0.0, "sr_avgpool", "final", "normalized", 2),
+            (12, 5, 2, 1, 0.3, "inpaint", "final", "ab2", 0),
+            (10, 3, 1, 3, 0.0, "inpaint", "none", "ddim", 3),
+            (9, 7, 1, 2, 0.0, "sr_avgpool", "final", "normalized", 2)):
         model, op, y, xi = _problem(batch, seed=steps + batch, task=task)
         kw = {"steps": steps, "solver": "parareal", "noise": xi, "nw": nw, "stop": stop, "blocks": blocks,
-              "coarse_steps": m, "coarse": coarse, "generator": torch.Generator().manual_seed(5),
-              "dtype": torch.float64, "stop_tol": 0.05 if stop == "rows" else None}
+              "coarse_steps": m, "coarse": coarse, "secant": secant, "generator": torch.Generator().manual_seed(5),
+              "dtype": torch.float64, "stop_tol": None}
         single = restore(model, y, op, **kw)
         kw["generator"] = torch.Generator().manual_seed(5)
         multi = restore(model, y, op, distributed=True, **kw)

@@ -1,9 +1,10 @@
 """Measured denoiser cost c(b) and the latency model of DESIGN section 5.
 
 Serial sampling costs T c(1); the chain-parallel solver on P devices costs
-K (c(ceil(W / P)) + t_comm + t_solver) for an active window of W rows. ``choose_solver`` uses
-measured c(b) to pick the faster one and never picks the parallel solver where the model says
-it is slower.
+K (c(ceil(W / P)) + t_comm + t_solver) for an active window of W rows; parareal costs its
+pipelined critical path of batch-1 calls. ``choose_solver`` uses measured c(b) and the K the
+benchmarks measured to pick the fastest, and never picks a parallel solver unless the model says
+it beats serial by a margin.
 """
 from __future__ import annotations
 
@@ -18,15 +19,59 @@ from deqir_dist.errors import DeqirError
 from deqir_dist.io.jsonio import write_json
 from deqir_dist.models.cuda_graph import CUDAGraphDenoiser
 from deqir_dist.sampling.denoiser import model_device, model_dtype
+from deqir_dist.solvers.parareal import block_bounds, parareal_schedule
 
 DEFAULT_BATCHES = (1, 2, 4, 8, 13, 16, 25, 50, 100)
-# K to plan with, per N and window (fraction of N): the built-in prior's measured K at a rule
-# that keeps the output >= 40 dB from serial ('rows', picard, max over images;
-# ``deqir bench --model builtin --windows 0 0.5 0.25``, bench/results/builtin-sr_avgpool-cpu.json).
-# A learned prior needs far more than the analytic oracle (4), and planning with the oracle's K
-# would pick the parallel solver where it is slower.
-EXPECTED_K = {25: {1.0: 14, 0.5: 15, 0.25: 21}, 50: {1.0: 19, 0.5: 27, 0.25: 40},
-              100: {1.0: 27, 0.5: 52, 0.25: 67}}
+# K to plan with comes from the benchmarks' JSON, never from constants here: picard's K per N and
+# window (the built-in prior, 'rows' rule, max over images; ``deqir bench --model builtin --windows
+# 0 0.5 0.25``) and parareal's K per N and (B, m) (the built-in prior, its default rule, max over
+# every task, image and etw benchmarked; ``python bench/parareal.py --model builtin``). A learned
+# prior needs far more than the analytic oracle, and planning with the oracle's K would pick a
+# parallel solver where it is slower. Without the files no parallel plan is offered.
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"
+PICARD_K_FILE = RESULTS_DIR / "builtin-sr_avgpool-cpu.json"
+PARAREAL_K_FILE = RESULTS_DIR / "parareal-builtin-cpu.json"
+# a parallel plan must beat serial by this fraction of serial's modelled latency
+MARGIN = 0.1
+_K_CACHE: dict = {}
+
+
+def _read_json(path) -> dict | None:
+    key = str(path)
+    if key not in _K_CACHE:
+        try:
+            _K_CACHE[key] = json.loads(Path(path).read_text())
+        except (OSError, ValueError):
+            _K_CACHE[key] = None
+    return _K_CACHE[key]
+
+
+def picard_k_table(path=None) -> dict[int, dict[float, int]]:
+    """{N: {window / N: K}} from picard's rows of the benchmark JSON ('picard' and 'picard W=w')."""
+    data = _read_json(path or PICARD_K_FILE)
+    out: dict[int, dict[float, int]] = {}
+    for row in (data or {}).get("rows", []):
+        name, n = str(row.get("solver", "")), int(row.get("steps", 0))
+        if name == "picard":
+            w = n
+        elif name.startswith("picard W="):
+            w = int(name.split("=", 1)[1])
+        else:
+            continue
+        out.setdefault(n, {})[w / n] = int(row["K"])
+    return out
+
+
+def parareal_k_table(path=None) -> dict[int, dict[tuple[int, int], int]]:
+    """{N: {(B, m): K}}: the largest K of the default rule over the benchmark's cases."""
+    data = _read_json(path or PARAREAL_K_FILE)
+    out: dict[int, dict[tuple[int, int], int]] = {}
+    for case in (data or {}).get("cases", []):
+        key = (int(case["blocks"]), int(case["coarse_steps"]))
+        k = int(case["final"]["K_max"])
+        per_n = out.setdefault(int(case["steps"]), {})
+        per_n[key] = max(k, per_n.get(key, 0))
+    return out
 
 
 def _sync(device: torch.device) -> None:
@@ -76,12 +121,20 @@ def cost_at(c_ms: dict, b: int) -> float:
     return c1 + slope * (b - b1)
 
 
+def _nearest(table: dict, steps: int):
+    return min(table, key=lambda n: abs(math.log(n / steps))) if table else None
+
+
 def expected_iterations(steps: int, window: int | None = None) -> int:
-    """K to plan with: the measured K of the nearest benchmarked N and window fraction, at most N."""
-    key = min(EXPECTED_K, key=lambda n: abs(math.log(n / steps)))
+    """picard's K to plan with: the benchmarked K of the nearest N and window fraction, at most N
+    (N, i.e. no saving, when nothing was benchmarked)."""
+    table = picard_k_table()
+    key = _nearest(table, steps)
+    if key is None:
+        return steps
     frac = (window or steps) / steps
-    f = min(EXPECTED_K[key], key=lambda v: abs(math.log(v / frac)))
-    return min(EXPECTED_K[key][f], steps)
+    f = min(table[key], key=lambda v: abs(math.log(v / frac)))
+    return min(table[key][f], steps)
 
 
 def predict_ms(c_ms: dict, steps: int, procs: int = 1, iterations: int | None = None,
@@ -93,22 +146,52 @@ def predict_ms(c_ms: dict, steps: int, procs: int = 1, iterations: int | None = 
     k = iterations or expected_iterations(steps, w)
     serial = steps * cost_at(c_ms, 1)
     parallel = warm_start * cost_at(c_ms, 1) + k * (cost_at(c_ms, math.ceil(w / procs)) + overhead_ms)
-    return {"steps": steps, "procs": procs, "window": w, "K": k, "serial_ms": serial, "parallel_ms": parallel,
-            "speedup": serial / parallel}
+    return {"solver": "picard", "steps": steps, "procs": procs, "window": w, "K": k, "serial_ms": serial,
+            "parallel_ms": parallel, "speedup": serial / parallel}
+
+
+def predict_parareal_ms(c_ms: dict, steps: int, procs: int, blocks: int, coarse_steps: int, iterations: int,
+                        overhead_ms: float = 0.0) -> dict:
+    """Parareal's modelled milliseconds per image: the pipelined schedule's critical path
+    (``solvers.parareal.parareal_schedule``, every call batch 1) x c(1), plus ``overhead_ms`` per
+    iteration (K + 1 with the coarse pass)."""
+    bounds = block_bounds(steps, blocks)
+    sched = parareal_schedule(bounds, [min(coarse_steps, hi - lo) for lo, hi in bounds], iterations, procs)
+    serial = steps * cost_at(c_ms, 1)
+    parallel = sched["critical_path"] * cost_at(c_ms, 1) + (iterations + 1) * overhead_ms
+    return {"solver": "parareal", "steps": steps, "procs": procs, "window": steps, "K": iterations,
+            "blocks": blocks, "coarse_steps": coarse_steps, "critical_path_calls": sched["critical_path"],
+            "serial_ms": serial, "parallel_ms": parallel, "speedup": serial / parallel}
+
+
+def parareal_candidates(steps: int) -> list[tuple[int, int, int]]:
+    """(B, m, K) benchmarked at the nearest N (B at most N)."""
+    table = parareal_k_table()
+    key = _nearest(table, steps)
+    if key is None:
+        return []
+    return [(b, m, min(k, b)) for (b, m), k in sorted(table[key].items()) if b <= steps]
 
 
 def choose_solver(c_ms: dict, steps: int, procs: int = 1, iterations: int | None = None,
-                  overhead_ms: float = 0.0, windows: bool = True) -> tuple[str, dict]:
-    """'picard' only where the model predicts it beats serial; otherwise 'serial'.
+                  overhead_ms: float = 0.0, windows: bool = True, parareal: bool = True,
+                  margin: float = MARGIN) -> tuple[str, dict]:
+    """The solver with the lowest modelled latency, if it beats serial by ``margin``; else 'serial'.
 
-    Picard's window is the candidate (N, N/2 or N/4 rows, at least one row per device) with the
-    lowest predicted latency, the larger one on a tie; with ``iterations`` given or
-    ``windows=False`` (a stop rule other than 'rows'), only the whole chain is modelled."""
+    Candidates: picard over a window of N, N/2 or N/4 rows (at least one row per device; the
+    larger one on a tie; with ``iterations`` given or ``windows=False``, a stop rule other than
+    'rows', only the whole chain) with K from the benchmark (``expected_iterations``), and, with
+    ``parareal`` and no ``iterations`` given, parareal for every benchmarked (B, m) with its
+    benchmarked K (``parareal_candidates``). The returned prediction is the best candidate's."""
     sizes = (steps, round(steps / 2), round(steps / 4)) if windows and not iterations else (steps,)
     candidates = sorted({w for w in sizes if w >= procs} | {steps}, reverse=True)
-    best = min((predict_ms(c_ms, steps, procs, iterations, w, overhead_ms) for w in candidates),
-               key=lambda p: p["parallel_ms"])
-    return ("picard" if best["parallel_ms"] < best["serial_ms"] else "serial"), best
+    preds = [predict_ms(c_ms, steps, procs, iterations, w, overhead_ms) for w in candidates]
+    if parareal and not iterations:
+        preds += [predict_parareal_ms(c_ms, steps, procs, b, m, k, overhead_ms)
+                  for b, m, k in parareal_candidates(steps)]
+    best = min(preds, key=lambda p: p["parallel_ms"])     # min keeps the first (larger window) on a tie
+    best = {**best, "margin": margin}
+    return (best["solver"] if best["parallel_ms"] * (1 + margin) < best["serial_ms"] else "serial"), best
 
 
 def save_profile(path, model_name: str, image_shape, device, c_ms: dict, graph: bool) -> None:

@@ -5,7 +5,7 @@ contiguous group when P < B). In iteration k a rank waits for U_n^k of its first
 (point-to-point from the rank before), runs G_n, forms U_{n+1}^k = G_n(U_n^k) + F_n(U_n^{k-1}) -
 G_n(U_n^{k-1}) and sends it on at once (the correction travels along the ranks), then runs the
 fine solves F_n(U_n^k) of its blocks that iteration k + 1 needs, without waiting for anyone. The
-"rows" rule's largest boundary change travels with the state. Iteration k's stopping decision
+Iteration k's stopping decision
 (taken by the last rank, which holds U_B) is one all_reduce at the start of iteration k + 1,
 after the fine solves; a batch of images moves through together and stopped images leave it.
 At the end the final states are broadcast from the last rank. Every exchange goes through
@@ -24,9 +24,10 @@ from deqir_dist.solvers.parareal import (
     PararealOptions,
     PararealOutput,
     block_owners,
-    boundary_sigma,
+    change_quantity,
     done,
     parareal_schedule,
+    secant_correction,
     solve_parareal,
 )
 
@@ -92,65 +93,62 @@ def solve_parareal_dist(eps_fn, op, coeffs: ChainCoefficients, y: torch.Tensor, 
     owner = block_owners(nb, comm.size)
     mine = [n for n in range(nb) if owner[n] == rank]
     last = owner[nb - 1] == rank
-    sig = boundary_sigma(coeffs, pr.bounds)
     pipe = _Pipe(comm)
     ids = list(range(batch))
     U, G, E, F, OUT = {}, {}, {}, {}, {}       # per owned block: input, G(input), eps(input), F(input), output
+    H = {n: [] for n in mine}                  # per owned block: (input, F - G at it) (secant)
     final = torch.zeros_like(xi)
     iters, trace, qs, ends = [0] * batch, [], {}, {}
-    zero_q = 0.0 if opts.stop != "final" else math.inf
 
-    def boundary(n: int, state: torch.Tensor, q: torch.Tensor):
-        """Block n's new output: keep it, pass it (and the running 'rows' change) to block n + 1."""
+    def boundary(n: int, state: torch.Tensor):
+        """Block n's new output: keep it, pass it to block n + 1."""
         OUT[n] = state
         if n + 1 < nb and owner[n + 1] != rank:
             pipe.send(state, owner[n + 1])
-            pipe.send(q, owner[n + 1])
 
-    def incoming(n: int, k: int):
-        """U_n^k and the running change before it."""
+    def incoming(n: int) -> torch.Tensor:
+        """U_n of this iteration."""
         if n == 0:
-            return xi[ids], torch.zeros(len(ids), dtype=torch.float64, device=xi.device)
+            return xi[ids]
         if owner[n - 1] == rank:
-            return OUT[n - 1], RUN[n - 1]
-        s = pipe.recv(xi[ids], owner[n - 1])
-        return s, pipe.recv(torch.zeros(len(ids), dtype=torch.float64, device=xi.device), owner[n - 1])
+            return OUT[n - 1]
+        return pipe.recv(xi[ids], owner[n - 1])
 
-    RUN = {}
-    kmax = opts.max_iter
-    k_done = -1
+    kmax, k_done = opts.max_iter, -1
     for k in range(kmax + 1):
         if k >= 2:
-            ids, keep = _decide(comm, pipe, k - 1, ids, qs, ends, final, iters, trace, opts, last, kmax, nb,
-                                batch, zero_q)
+            ids, keep = _decide(comm, pipe, k - 1, ids, qs, ends, final, iters, trace, opts, last, kmax, nb, batch)
             if keep is not None:
-                for d in (U, G, E, F, OUT, RUN):
+                for d in (U, G, E, F, OUT):
                     for n in list(d):
                         d[n] = d[n][keep]
+                for n in H:
+                    H[n] = [(x[keep], c[keep]) for x, c in H[n]]
             if not ids:
                 break
         for n in mine:                         # G pass: the correction travels along the ranks
             if n < k - 1:
                 continue
             if n == k - 1:                     # U_k^k = F_{k-1}(U_{k-1}^{k-1}): exact
-                RUN[n] = torch.zeros(len(ids), dtype=torch.float64, device=xi.device) + (
-                    _change(F[n], OUT[n], sig[n]) if opts.stop != "final" else 0.0)
-                boundary(n, F[n], RUN[n])
+                boundary(n, F[n])
                 continue
-            u, run = incoming(n, k)
+            u = incoming(n)
+            corr = None
+            if k:
+                corr = F[n] - G[n]
+                if opts.secant:
+                    H[n].append((U[n], corr))
+                    del H[n][:-(opts.secant + 1)]
+                    corr = secant_correction(H[n], u)
             g, E[n] = pr.coarse(n, u, ids)
-            new = g if k == 0 else g + F[n] - G[n]
-            if k and opts.stop != "final":
-                run = torch.maximum(run, _change(new, OUT[n], sig[n]))
-            U[n], G[n], RUN[n] = u, g, run
-            boundary(n, new, run)
+            new = g if k == 0 else g + corr
+            U[n], G[n] = u, g
+            boundary(n, new)
         if last:
             out = OUT[nb - 1]
             if k:
-                q = RUN[nb - 1] if opts.stop != "final" else _psnr(out, ends[k - 1])
-                if k == nb:
-                    q = torch.full_like(q, zero_q)
-                qs[k] = q
+                q = change_quantity(out, ends[k - 1])
+                qs[k] = torch.full_like(q, math.inf) if k == nb else q
             ends[k] = out
             if callback is not None:
                 callback(k, list(ids), out, qs.get(k))
@@ -164,8 +162,7 @@ def solve_parareal_dist(eps_fn, op, coeffs: ChainCoefficients, y: torch.Tensor, 
             for j, n in enumerate(todo):
                 F[n] = fv[j * per:(j + 1) * per]
     if ids and k_done >= 1:
-        ids, _ = _decide(comm, pipe, k_done, ids, qs, ends, final, iters, trace, opts, last, k_done, nb,
-                         batch, zero_q)
+        ids, _ = _decide(comm, pipe, k_done, ids, qs, ends, final, iters, trace, opts, last, k_done, nb, batch)
     elif ids and last:                         # max_iter = 0: the coarse pass is the answer
         final[ids] = ends[0]
     pipe.flush()
@@ -173,15 +170,7 @@ def solve_parareal_dist(eps_fn, op, coeffs: ChainCoefficients, y: torch.Tensor, 
     return PararealOutput(final, iters, trace, pr.bounds, opts.coarse_steps, pr.calls)
 
 
-def _change(a: torch.Tensor, b: torch.Tensor, sig: float) -> torch.Tensor:
-    return (a - b).double().flatten(1).pow(2).mean(1).sqrt() / sig
-
-
-def _psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return 10 * torch.log10(4.0 / (a - b).double().flatten(1).pow(2).mean(1))
-
-
-def _decide(comm, pipe, k, ids, qs, ends, final, iters, trace, opts, last, kmax, nb, batch, zero_q):
+def _decide(comm, pipe, k, ids, qs, ends, final, iters, trace, opts, last, kmax, nb, batch):
     """Iteration k's stopping decision from the last rank (one all_reduce); the stopped images'
     final states are kept on the last rank. Returns (remaining ids, rows to keep or None)."""
     pipe.flush()

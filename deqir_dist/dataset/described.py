@@ -82,7 +82,10 @@ def described_operator(path, desc: dict, task: str, given: dict, cache: dict):
     kwargs.update(given)
     key = config_hash({"task": task, "shape": list(shape), "kwargs": kwargs})
     if key not in cache:
-        cache[key] = make_operator(task, image_shape=shape, **kwargs)
+        try:
+            cache[key] = make_operator(task, image_shape=shape, **kwargs)
+        except DeqirError as e:
+            raise DeqirError(f"{p}: its PNG description and the flags do not make a {task} operator: {e}") from None
     op = cache[key]
     got = json.loads(json.dumps(op.describe()))["params"]
     if got != stored:

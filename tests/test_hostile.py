@@ -115,7 +115,7 @@ CHILD = textwrap.dedent("""
 """)
 
 
-def _run_child(cases: list, timeout: float = 120.0, as_bytes: int = 3 << 30):
+def _run_child(cases: list, timeout: float = 240.0, as_bytes: int = 3 << 30):
     """Run CLI cases in one child under RLIMIT_AS; returns (results, peak RSS of the child in MB)."""
     def cap():
         resource.setrlimit(resource.RLIMIT_AS, (as_bytes, as_bytes))
@@ -161,7 +161,6 @@ def test_bombs_lying_headers_devices_and_pipes_fail_in_bounded_memory(tmp_path):
         ("kernel 1000001", ["degrade", str(tmp_path / "small.png"), "--task", "deblur_gauss", "--kernel-size",
                             "1000001", "-o", o]),
     ]
-    t0 = time.perf_counter()
     results = _run_child(cases)
     expect = {"png8 bomb": "over the cap", "png16 bomb": "over the cap", "pt claims 16384^2": "over the cap",
               "pt claims 3000^2": "does not fit", "/dev/zero": "a device", "fifo": "a named pipe",
@@ -169,11 +168,10 @@ def test_bombs_lying_headers_devices_and_pipes_fail_in_bounded_memory(tmp_path):
     for r in results:
         lines = [ln for ln in r["err"].splitlines() if ln.strip()]
         assert r["code"] == 2 and len(lines) == 1 and expect[r["name"]] in lines[0], r
-        assert r["seconds"] < 20, r
+        assert r["seconds"] < 30, r          # unchecked, the 16384^2 .pt took 224 s
     # importing torch and the package costs ~250 MB; the unchecked bombs took 8-14 GB
     assert max(r["rss_mb"] for r in results) < 700, results
     assert not Path(o).exists()
-    assert time.perf_counter() - t0 < 100
 
 
 def test_pixel_cap_is_settable(tmp_path, capsys):
@@ -321,8 +319,11 @@ def small_fs(tmp_path):
     """A 256 KiB tmpfs, filled up to its last two pages (skipped where mounting is not permitted)."""
     mnt = tmp_path / "fs"
     mnt.mkdir()
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], capture_output=True,
-                       timeout=10)
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=256k", "tmpfs", str(mnt)], check=False,
+                           capture_output=True, timeout=10)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        pytest.skip(f"cannot mount a small tmpfs here: {e}")
     if r.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here: {r.stderr.decode().strip()[:100]}")
     try:
@@ -338,7 +339,7 @@ def small_fs(tmp_path):
         os.truncate(filler, max(0, filler.stat().st_size - 3 * 4096))
         yield mnt
     finally:
-        subprocess.run(["umount", "-l", str(mnt)], capture_output=True, timeout=10)
+        subprocess.run(["umount", "-l", str(mnt)], check=False, capture_output=True, timeout=10)
 
 
 def test_disk_full_is_one_line_and_leaves_the_folder_as_it_was(tmp_path, small_fs, capsys):
@@ -487,3 +488,20 @@ def test_sigterm_unwinds_the_job_and_leaves_no_folder(tmp_path):
     err = job.stderr.read().decode().strip().splitlines()
     assert code == 143 and err == ["deqir: error: stopped by SIGTERM"], err
     assert not (tmp_path / "new").exists()
+
+
+@pytest.mark.slow
+def test_ray_resume_redoes_a_corrupt_output(tmp_path, capsys):
+    """ray-restore twice: an output truncated in between is restored again, the others are skipped."""
+    data = _photos(tmp_path / "data", 3)
+    out = tmp_path / "out"
+    argv = ["ray-restore", str(data), "--from-clean", *SR2, *FAST, "--workers", "1", "--cpus-per-worker", "1",
+            "-o", str(out)]
+    assert main(argv) == 0, capsys.readouterr().err
+    good = (out / "img000.png").read_bytes()
+    (out / "img001.png").write_bytes(good[:50])
+    assert main(argv) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert (summary["ok"], summary["skipped_done"]) == (1, 2)
+    assert read_image(out / "img001.png").shape == (3, 16, 16)
+    assert not (out / LOCK_NAME).exists()

@@ -30,7 +30,7 @@ from deqir_dist.io.files import ensure_writable_dir
 
 LOCK_NAME = ".deqir.lock"
 STAGING_PREFIX = ".deqir-staging-"
-_HELD: dict[str, "OutputFolder"] = {}        # folders this process holds (real path -> holder)
+_HELD: dict[str, OutputFolder] = {}        # folders this process holds (real path -> holder)
 
 
 def _holder_line(fd: int) -> str:
@@ -123,7 +123,7 @@ class OutputFolder:
                 if d.name.startswith(STAGING_PREFIX) and d.is_dir() and not d.is_symlink():
                     shutil.rmtree(d, ignore_errors=True)
 
-    def __enter__(self) -> "OutputFolder":
+    def __enter__(self) -> OutputFolder:
         key = os.path.realpath(self.path)
         if key in _HELD:                  # this process holds it already (the CLI around a library call)
             self._nested = True

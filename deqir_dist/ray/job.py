@@ -66,8 +66,8 @@ from deqir_dist.dataset.tasks import operator_params
 from deqir_dist.errors import DeqirError, is_real, one_line
 from deqir_dist.io.files import check_dir_creatable, ensure_writable_dir
 from deqir_dist.io.images import read_image
-from deqir_dist.io.outdir import OutputFolder
 from deqir_dist.io.jsonio import write_json
+from deqir_dist.io.outdir import OutputFolder
 from deqir_dist.ray.cluster import (
     _bound_gcs_wait,
     _check_device,

@@ -229,6 +229,9 @@ def test_manifest_paths_stay_inside_the_root(tmp_path, capsys):
     m.write_text('{"id": "a", "path": "link.png"}\n')
     with pytest.raises(DeqirError, match="outside the manifest's root"):
         read_input(m)
+    m.write_text('{"id": "a", "path": "img000.png", "params": {"mask": "../secret.png"}}\n')   # a mask file too
+    with pytest.raises(DeqirError, match="outside the manifest's root"):
+        read_input(m)
     m.write_text('{"root": ".."}\n{"id": "b", "path": "../secret.png"}\n')   # the manifest widens its root
     entries, _ = read_input(m)
     assert [e.id for e in entries] == ["b"]

@@ -139,7 +139,11 @@ def read_input(input_path: str | os.PathLike) -> tuple[list[InputEntry], list[Pa
             raise DeqirError(f"{where}: unknown parameter(s) {', '.join(bad)}; allowed: {', '.join(PER_IMAGE_KEYS)}")
         _check_params(params, where)
         gt_path = None if gt is None else (p.parent / gt if not Path(gt).is_absolute() else Path(gt))
-        for f in (path, gt_path):
+        mask = params.get("mask")
+        mask_path = None
+        if isinstance(mask, str) and Path(mask).suffix.lower() in (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff"):
+            mask_path = Path(mask) if Path(mask).is_absolute() else p.parent / mask    # as ray.job reads it
+        for f in (path, gt_path, mask_path):
             if f is not None:
                 _check_listed(f, root, where)
         entries.append(InputEntry(name, path, gt_path, params))

@@ -239,3 +239,25 @@ def test_bad_arguments(gmm):
     for kw, match in [(dict(loss="lpips"), "unknown loss"), (dict(iters=0), "iters"), (dict(lr=-1.0), "lr")]:
         with pytest.raises(DeqirError, match=match):
             optimize_noise(gmm, y, op, **kw)
+
+
+def test_data_std_reaches_the_forward_and_leaves_the_gradient(gmm):
+    """data_std is honoured: it changes the forward's path (a truncated forward lands elsewhere),
+    not its fixed point, so the exact gradient is the same for every choice."""
+    op, _, y, xi, _, target = problem(gmm, "inpaint", {"mask": "random", "fraction": 0.6})
+    loss = mse_to(target)
+    want = autograd_serial(gmm, op, y, xi, loss)
+    grads, trunc = [], []
+    for ds in (None, 0.5, 2.0):
+        got = noise_gradient(gmm, y, op, xi, loss, steps=STEPS, adjoint="picard", data_std=ds, **EXACT_FWD)
+        assert rel(got.grad, want) <= 1e-10, ds
+        grads.append(got.grad)
+        short = noise_gradient(gmm, y, op, xi, loss, steps=STEPS, solver="picard", max_iter=2, tol=300.0,
+                               dtype=torch.float64, data_std=ds)
+        trunc.append(short.trajectory)
+    assert not torch.equal(trunc[0], trunc[1]) and not torch.equal(trunc[1], trunc[2])
+    for bad in (0.0, -1.0, float("inf"), "wide"):
+        with pytest.raises(DeqirError, match="data_std"):
+            noise_gradient(gmm, y, op, xi, loss, steps=STEPS, data_std=bad)
+    with pytest.raises(DeqirError, match="unknown solver option"):     # serial ignores options, not typos
+        noise_gradient(gmm, y, op, xi, loss, steps=STEPS, solver="serial", data_stdev=0.5)

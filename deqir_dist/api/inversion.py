@@ -60,28 +60,34 @@ when the blind consistency loss means anything; the ``oracle`` loss uses the gro
 """
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 import torch
 
 from deqir_dist.errors import DeqirError, check_tensor
 from deqir_dist.parallel.comm import LocalComm, split_rows
 from deqir_dist.parallel.dist import DistComm, check_same_inputs, problem_digest
-from deqir_dist.sampling.adjoint import AdjointBlock, _eps_rows, _Linearization, _norms
+from deqir_dist.sampling.adjoint import AdjointBlock, _eps_rows, _Linearization
 from deqir_dist.sampling.chain import ChainBlock, block_decays
 from deqir_dist.sampling.denoiser import EpsFn, model_device
 from deqir_dist.sampling.schedule import ChainCoefficients, chain_coefficients
 from deqir_dist.sampling.serial import sample_serial
 from deqir_dist.solvers import registry
-from deqir_dist.solvers.adjoint import DEFAULT_ADJOINT_TOL, _solve_adjoint
-from deqir_dist.solvers.chain import solve_chain
-from deqir_dist.solvers.options import SolverOptions
+from deqir_dist.solvers.adjoint import reverse_decays, solve_adjoint
+from deqir_dist.solvers.options import (
+    DEFAULT_ADJOINT_TOL,
+    DEFAULT_FORWARD_TOL,
+    FORWARD_DATA_STD,
+    FORWARD_STOP,
+    SolverOptions,
+)
 
 METHODS = ("implicit", "phantom")
 FORWARD_SOLVERS = registry.names("inversion")       # solvers.registry
 ADJOINT_SOLVERS = registry.names("adjoint")
-DEFAULT_FORWARD_TOL = 80.0      # dB, the "final" stop rule of ``solvers`` (a tight default: gradients)
+__all__ = ["ADJOINT_SOLVERS", "DEFAULT_ADJOINT_TOL", "DEFAULT_FORWARD_TOL", "FORWARD_SOLVERS", "METHODS",
+           "NoiseGradient", "noise_gradient"]
 
 
 # ---------------------------------------------------------------------------- results
@@ -161,21 +167,34 @@ def _setup(denoiser, y, op, xi, steps, etw, nw, step_noise, start, sigma_y, dtyp
                     xi.detach().to(device=dev, dtype=dtype), z, steps)
 
 
-def _forward(pb: _Problem, solver: str, tol: float | None, max_iter: int | None,
-             init: torch.Tensor | None, solver_kw: dict) -> tuple[torch.Tensor, int]:
-    """The fixed point h*_1..h*_N (B, N, C, H, W) and the number of joint-map evaluations."""
+def _forward(pb: _Problem, comm, blocks, solver: str, opts: SolverOptions,
+             init: torch.Tensor | None) -> tuple[torch.Tensor, int]:
+    """This rank's rows h*_lo+1..h*_hi of the fixed point (B, hi - lo, C, H, W) and the number of
+    joint-map evaluations: solver "serial" runs the whole chain on every rank, keeping its rows;
+    the others solve the rank's block (prefix scan over ranks as in ``restore``)."""
+    lo, hi = blocks[comm.rank]
+    n, b = pb.steps, pb.xi.shape[0]
     with torch.no_grad():
         if solver == "serial":
-            states = []
+            kept = {}
             sample_serial(pb.eps_fn, pb.op, pb.coeffs, pb.y, pb.xi, pb.z,
-                          callback=lambda i, h: states.append(h))
-            return torch.stack(states, 1), pb.steps
-        opts = SolverOptions.make(solver, "final", DEFAULT_FORWARD_TOL if tol is None else tol,
-                                  max_iter, pb.steps, **solver_kw)
-        block = _RecordingBlock(pb.eps_fn, pb.op, pb.coeffs, pb.y, pb.xi, 0, pb.steps, pb.z)
-        x0 = None if init is None else init.detach().to(pb.xi)
-        sol = solve_chain(block, LocalComm(), opts, x0=x0)
-        if not torch.equal(block.traj[:, -1], sol.final):
+                          callback=lambda i, h: kept.__setitem__(i, h) if lo < i <= hi else None)
+            return torch.stack([kept[i] for i in range(lo + 1, hi + 1)], 1), n
+        if comm.size > 1:
+            comm.block_decays = block_decays(pb.coeffs, blocks, opts.data_std)
+        z_local = None if pb.z is None else pb.z[:, lo:hi]
+        block = _RecordingBlock(pb.eps_fn, pb.op, pb.coeffs, pb.y, pb.xi, lo, hi, z_local, opts.data_std)
+        x0 = None
+        if init is not None:
+            init = check_tensor(init, "init", (b, None, *pb.xi.shape[1:]))
+            if init.shape[1] == n:
+                init = init[:, lo:hi]
+            elif init.shape[1] != hi - lo:
+                raise DeqirError(f"init has {init.shape[1]} rows: expected the full trajectory ({n}) "
+                                 f"or this rank's rows ({hi - lo})")
+            x0 = init.detach().to(pb.xi)
+        sol = registry.get(solver, "inversion").solve(block, comm, opts, x0=x0)
+        if comm.is_last and not torch.equal(block.traj[:, -1], sol.final):
             raise DeqirError("internal: the recorded trajectory does not end in the solver's result")
         return block.traj, max(sol.iterations)
 
@@ -205,8 +224,13 @@ def noise_gradient(denoiser, y: torch.Tensor, op, xi: torch.Tensor, loss_fn: Cal
 
     The forward fixed point is solved without a graph (``solver`` "serial", "picard" or
     "anderson", stop rule "final" at ``tol`` dB, default 80; ``max_iter`` evaluations at most;
-    ``init`` warm-starts it with a trajectory; extra keywords tune Anderson). ``loss_fn(image)``
-    takes (B, C, H, W) and returns a scalar or one value per image.
+    ``init`` warm-starts it with a trajectory; extra keywords are ``restore``'s solver options:
+    m, ridge, beta, safeguard tune Anderson, and ``data_std`` sets the null-space coordinates
+    the parallel forward iterates in, as in ``restore``, but with default None here (the eps form
+    the adjoint is written in; ``solvers.options.FORWARD_DATA_STD``): the fixed point, and so the
+    gradient, does not depend on it, only the forward's path to it does; the serial sampler has no
+    such coordinates and ignores it). ``loss_fn(image)`` takes (B, C, H, W) and returns a scalar
+    or one value per image.
 
     method "implicit" (exact): solves the adjoint system lam = dL/dh + J_h^T lam at h* with
     ``adjoint`` = "serial" (default: exact back-substitution, N single-row VJPs), "picard" or
@@ -220,8 +244,8 @@ def noise_gradient(denoiser, y: torch.Tensor, op, xi: torch.Tensor, loss_fn: Cal
     x <- (1 - tau) x + tau F(x; xi) from the detached fixed point, with autograd; see module doc.
 
     ``distributed=True`` (inside an initialised torch.distributed group, or ``group``, of P ranks;
-    P = 1 is the single-process path above): rank r owns rows ``split_rows(N, P)[r]`` of the
-    forward AND of the adjoint, no rank holds all rows (see ``_noise_gradient_distributed``).
+    the same pipeline as one process, whose collectives are identities): rank r owns rows
+    ``split_rows(N, P)[r]`` of the forward AND of the adjoint, no rank holds all rows (``_implicit``).
     Every rank must pass the same inputs (checked) and the same ``loss_fn``; every rank returns
     the same grad, loss and image, and its own rows of the trajectory (``rank_rows``; ``init``
     may be the full trajectory or this rank's rows). Only method "implicit"; the sharded adjoint
@@ -238,154 +262,89 @@ def noise_gradient(denoiser, y: torch.Tensor, op, xi: torch.Tensor, loss_fn: Cal
     if vjp_chunk is not None and (isinstance(vjp_chunk, bool) or not isinstance(vjp_chunk, int) or vjp_chunk < 1):
         raise DeqirError(f"vjp_chunk must be a positive integer or None, got {vjp_chunk!r}")
     pb = _setup(denoiser, y, op, xi, steps, etw, nw, step_noise, start, sigma_y, dtype, alphas_cumprod)
-    if distributed:
-        comm = DistComm(group, model_device(denoiser, default=pb.xi.device))
-        if comm.size > 1:
-            if method != "implicit":
-                raise DeqirError("distributed=True supports method='implicit' only (the phantom gradient "
-                                 "is not sharded)")
-            if adjoint == "anderson":
-                raise DeqirError("distributed=True shards the Picard adjoint only: use adjoint='picard' "
-                                 "(or the default 'serial', which runs as Picard when sharded)")
-            if comm.size > steps:
-                raise DeqirError(f"{comm.size} ranks for a chain of {steps} rows: use at most one rank per row")
-            return _noise_gradient_distributed(pb, comm, loss_fn, solver, tol, max_iter, init, solver_options,
-                                               adjoint, adjoint_tol, adjoint_max_iter, vjp_chunk,
-                                               {"steps": steps, "start": start, "etw": etw, "nw": nw,
-                                                "sigma_y": sigma_y, "dtype": str(dtype), "solver": solver,
-                                                "tol": tol, "max_iter": max_iter, "adjoint": adjoint,
-                                                "adjoint_tol": adjoint_tol, "adjoint_max_iter": adjoint_max_iter,
-                                                "options": solver_options})
-    traj, k_fwd = _forward(pb, solver, tol, max_iter, init, solver_options)
+    comm = _comm(distributed, group, pb, method, adjoint)
+    blocks = split_rows(pb.steps, comm.size)
+    if comm.size > 1:
+        config = {"steps": steps, "start": start, "etw": etw, "nw": nw, "sigma_y": sigma_y, "dtype": str(dtype),
+                  "solver": solver, "tol": tol, "max_iter": max_iter, "adjoint": adjoint, "adjoint_tol": adjoint_tol,
+                  "adjoint_max_iter": adjoint_max_iter, "options": solver_options}
+        z_check = None if pb.z is None else [float(pb.z.double().sum()), float(pb.z.double().abs().sum())]
+        check_same_inputs(comm, problem_digest(pb.y, pb.xi, pb.op,
+                                               {**config, "a": pb.coeffs.a.tolist(), "z": z_check}))
+    # the forward's options; the serial sampler ignores them, but a typo in them is still an error
+    opts = SolverOptions.make("picard" if solver == "serial" else solver, FORWARD_STOP,
+                              DEFAULT_FORWARD_TOL if tol is None else tol, max_iter, pb.steps,
+                              **{"data_std": FORWARD_DATA_STD, **solver_options})
+    traj, k_fwd = _forward(pb, comm, blocks, solver, opts, init)
     if method == "phantom":
         return _phantom(pb, traj, k_fwd, loss_fn, tau, phantom_steps)
-    n = pb.steps
-    if adjoint == "serial" and vjp_chunk is None:
-        vjp_chunk = 1                      # one row per VJP: no point in keeping the whole graph
-    lin = _Linearization(pb.eps_fn, torch.cat([pb.xi.unsqueeze(1), traj[:, :-1]], 1),
-                         pb.coeffs.taus.to(pb.xi.device), vjp_chunk)
-    block = ChainBlock(pb.eps_fn, pb.op, pb.coeffs, pb.y, pb.xi, 0, n, pb.z)
-    idx = torch.arange(pb.xi.shape[0], device=pb.xi.device)
-    with torch.no_grad():
-        f = block.outputs(*block.increments(lin.eps, lin.inputs, idx), block.carry0)
-        fres = float((_norms(f - traj) / _norms(f).clamp_min(1e-300)).max())
-    image = f[:, -1]
-    loss, dl_last = _loss_grad(loss_fn, image)
-    dl = torch.zeros_like(traj)
-    dl[:, -1] = dl_last
-    adj = AdjointBlock(pb.op, pb.coeffs, 0, n, dtype=pb.xi.dtype, device=pb.xi.device)
-    k_adj_max = n if adjoint_max_iter is None else adjoint_max_iter
-    with torch.no_grad():
-        grad, k_adj, trace = _solve_adjoint(adj, lin, dl, adjoint, adjoint_tol, k_adj_max)
-    return NoiseGradient(grad.detach(), loss, image.detach(), k_fwd, k_adj, "implicit", f.detach(), trace, fres)
+    return _implicit(pb, comm, blocks, traj, k_fwd, loss_fn, adjoint, adjoint_tol, adjoint_max_iter, vjp_chunk)
 
 
-def _noise_gradient_distributed(pb: _Problem, comm, loss_fn, solver: str, tol: float | None,
-                                max_iter: int | None, init: torch.Tensor | None, solver_kw: dict,
-                                adjoint: str, adjoint_tol: float, adjoint_max_iter: int | None,
-                                vjp_chunk: int | None, config: dict) -> NoiseGradient:
-    """The implicit gradient with the chain sharded over P > 1 ranks (``comm``: a ``DistComm``).
+def _comm(distributed: bool, group, pb: _Problem, method: str, adjoint: str):
+    """LocalComm in one process (and for a group of one); DistComm for P > 1, refusing what is not sharded."""
+    if not distributed:
+        return LocalComm()
+    comm = DistComm(group, model_device(pb.eps_fn.model, default=pb.xi.device))
+    if comm.size == 1:
+        return LocalComm()
+    if method != "implicit":
+        raise DeqirError("distributed=True supports method='implicit' only (the phantom gradient "
+                         "is not sharded)")
+    if adjoint == "anderson":
+        raise DeqirError("distributed=True shards the Picard adjoint only: use adjoint='picard' "
+                         "(or the default 'serial', which runs as Picard when sharded)")
+    if comm.size > pb.steps:
+        raise DeqirError(f"{comm.size} ranks for a chain of {pb.steps} rows: use at most one rank per row")
+    return comm
 
-    Rank r owns rows [lo, hi) = split_rows(N, P)[r] of the forward and of the adjoint:
-      1. forward: ``solve_chain`` on a ``_RecordingBlock`` of its rows (prefix scan over ranks as in
-         ``restore``; solver "serial" runs the whole chain on every rank, keeping only rows
-         lo-1..hi-1), then one halo exchange so that it knows h*_{lo-1} (rank 0: xi);
-      2. one exact sweep F(h*) on its rows (prefix carry over ranks), the final image broadcast from
-         the last rank: every rank computes the same loss; dL/dh_N lives in the last rank's last row;
-      3. adjoint: Picard on its rows, at most N evaluations (exact by causality), each = reverse
-         exclusive scan of ``AdjointBlock.summary`` over ranks (``DistComm.reverse_carry``), local
-         ``scan`` + ``eps_adjoint``, one batched VJP of the local linearisation (inputs h*_{lo-1} and
-         its rows but the last); the VJP's first row goes to rank r-1 (``DistComm.halo_back``),
-         the rest plus the row received from rank r+1 is J_h^T lam on its rows; the stopping
-         statistics are all-summed (the same trace as one process);
-      4. rank 0 forms dL/dxi = v_0 + xi_linear at the last evaluation; broadcast from rank 0.
+
+def _implicit(pb: _Problem, comm, blocks, traj: torch.Tensor, k_fwd: int, loss_fn, adjoint: str,
+              adjoint_tol: float, adjoint_max_iter: int | None, vjp_chunk: int | None) -> NoiseGradient:
+    """The implicit gradient from this rank's rows [lo, hi) of h* (any P; one process: all rows):
+
+      1. one halo exchange so that the rank knows h*_{lo-1} (rank 0: xi), and the linearisation
+         of the denoiser at its input rows h*_{lo-1}..h*_{hi-2};
+      2. one exact sweep F(h*) on its rows (prefix carry over ranks), the final image broadcast
+         from the last rank: every rank computes the same loss; dL/dh_N lives in the last rank's
+         last row;
+      3. the adjoint on its rows (``solvers.adjoint.solve_adjoint``: reverse carry, local scans,
+         one batched VJP, the VJP's first row to the previous rank), the stopping statistics
+         all-summed (the same trace as one process); dL/dxi formed on rank 0, broadcast.
     """
-
     n, b = pb.steps, pb.xi.shape[0]
-    blocks = split_rows(n, comm.size)
     lo, hi = blocks[comm.rank]
-    comm.block_decays = block_decays(pb.coeffs, blocks, None)        # the eps form the adjoint is written for
-    z_check = None if pb.z is None else [float(pb.z.double().sum()), float(pb.z.double().abs().sum())]
-    check_same_inputs(comm, problem_digest(pb.y, pb.xi, pb.op,
-                                           {**config, "a": pb.coeffs.a.tolist(), "z": z_check}))
-    z_local = None if pb.z is None else pb.z[:, lo:hi]
-
-    # 1. forward: this rank's rows of the fixed point, and the input row of its first row
+    if comm.size > 1:
+        comm.block_decays = block_decays(pb.coeffs, blocks, None)     # the eps form the adjoint is written for
+    if adjoint == "serial" and comm.size == 1 and vjp_chunk is None:
+        vjp_chunk = 1                      # one row per VJP: no point in keeping the whole graph
     with torch.no_grad():
-        if solver == "serial":
-            kept = {}
-            sample_serial(pb.eps_fn, pb.op, pb.coeffs, pb.y, pb.xi, pb.z,
-                          callback=lambda i, h: kept.__setitem__(i, h) if lo < i <= hi else None)
-            traj = torch.stack([kept[i] for i in range(lo + 1, hi + 1)], 1)
-            k_fwd = n
-        else:
-            opts = SolverOptions.make(solver, "final", DEFAULT_FORWARD_TOL if tol is None else tol,
-                                      max_iter, n, **solver_kw)
-            block = _RecordingBlock(pb.eps_fn, pb.op, pb.coeffs, pb.y, pb.xi, lo, hi, z_local)
-            x0 = None
-            if init is not None:
-                init = check_tensor(init, "init", (b, None, *pb.xi.shape[1:]))
-                if init.shape[1] == n:
-                    init = init[:, lo:hi]
-                elif init.shape[1] != hi - lo:
-                    raise DeqirError(f"init has {init.shape[1]} rows: expected the full trajectory ({n}) "
-                                     f"or this rank's rows ({hi - lo})")
-                x0 = init.detach().to(pb.xi)
-            sol = solve_chain(block, comm, opts, x0=x0)
-            if comm.is_last and not torch.equal(block.traj[:, -1], sol.final):
-                raise DeqirError("internal: the recorded trajectory does not end in the solver's result")
-            traj, k_fwd = block.traj, max(sol.iterations)
         h_prev = comm.halo(traj[:, -1], pb.xi)
-
-    # 2. one exact sweep on the local rows, the image and the loss on every rank
     lin = _Linearization(pb.eps_fn, torch.cat([h_prev.unsqueeze(1), traj[:, :-1]], 1),
                          pb.coeffs.taus[lo:hi].to(pb.xi.device), vjp_chunk)
+    z_local = None if pb.z is None else pb.z[:, lo:hi]
     fblock = ChainBlock(pb.eps_fn, pb.op, pb.coeffs, pb.y, pb.xi, lo, hi, z_local)
     idx = torch.arange(b, device=pb.xi.device)
     with torch.no_grad():
         bp, bq = fblock.increments(lin.eps, lin.inputs, idx)
-        carry = comm.carry(fblock.carry0, fblock.summary(bp, bq), fblock.range_recurrent)
+        carry = fblock.carry0 if comm.size == 1 else comm.carry(fblock.carry0, fblock.summary(bp, bq),
+                                                                fblock.range_recurrent)
         f = fblock.outputs(bp, bq, carry)
         sq = comm.all_sum(torch.stack([(f - traj).flatten(1).double().pow(2).sum(1),
                                        f.flatten(1).double().pow(2).sum(1)]))
         fres = float((sq[0].sqrt() / sq[1].sqrt().clamp_min(1e-300)).max())
         image = comm.from_last(f[:, -1].contiguous())
     loss, dl_last = _loss_grad(loss_fn, image)
-
-    # 3. the adjoint, Picard on the local rows
     adj = AdjointBlock(pb.op, pb.coeffs, lo, hi, dtype=pb.xi.dtype, device=pb.xi.device)
-    rev_decays = []
-    for a, c in blocks:
-        dn = torch.cat([1 - pb.coeffs.lam, torch.zeros(1, dtype=pb.coeffs.lam.dtype)])[a + 1:c + 1]
-        rev_decays.append(float(torch.prod(dn)) if adj.range_recurrent else 0.0)
-    k_max = n if adjoint_max_iter is None else adjoint_max_iter
     dl = torch.zeros_like(traj)
     if comm.is_last:
         dl[:, -1] = dl_last
-    zero_row = torch.zeros_like(pb.xi)
-    trace: list[float] = []
-    x = dl.clone()
-    k = 0
     with torch.no_grad():
-        while True:
-            rcarry = comm.reverse_carry(adj.summary(x), rev_decays, adj.range_recurrent)
-            mu_p, mu_q = adj.scan(x, rcarry)
-            v = lin.vjp(adj.eps_adjoint(mu_p, mu_q))
-            from_next = comm.halo_back(v[:, 0].contiguous(), zero_row)
-            fx = dl + torch.cat([v[:, 1:], from_next.unsqueeze(1)], 1)
-            sq = comm.all_sum(torch.stack([(fx - x).flatten(1).double().pow(2).sum(1),
-                                           fx.flatten(1).double().pow(2).sum(1)]))
-            rel = sq[0].sqrt() / sq[1].sqrt().clamp_min(1e-300)
-            trace.append(float(rel.max()))
-            k += 1
-            if k >= k_max or k >= n or bool((rel <= adjoint_tol).all()):
-                break
-            x = fx
-        # 4. dL/dxi on rank 0, broadcast
-        grad = v[:, 0] + adj.xi_linear(mu_p, mu_q) if comm.is_first else torch.zeros_like(pb.xi)
-        grad = comm.from_first(grad.contiguous())
-    return NoiseGradient(grad.detach(), loss, image.detach(), k_fwd, k, "implicit", f.detach(), trace, fres,
-                         rank_rows=(lo, hi))
+        grad, k_adj, trace = solve_adjoint(adj, lin, dl, comm, adjoint, adjoint_tol,
+                                           n if adjoint_max_iter is None else adjoint_max_iter, n,
+                                           reverse_decays(pb.coeffs, blocks, adj.range_recurrent))
+    return NoiseGradient(grad.detach(), loss, image.detach(), k_fwd, k_adj, "implicit", f.detach(), trace, fres,
+                         rank_rows=(lo, hi) if comm.size > 1 else None)
 
 
 def _phantom(pb: _Problem, traj: torch.Tensor, k_fwd: int, loss_fn, tau: float, k: int) -> NoiseGradient:

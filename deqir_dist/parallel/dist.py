@@ -237,11 +237,11 @@ class DistComm(LocalComm):
         return self._run("reverse halo", go)
 
     def reverse_carry(self, summary, decays: list[float], with_q: bool):
-        """Exclusive REVERSE scan of adjoint block summaries (``inversion.ReverseSummary``).
+        """Exclusive REVERSE scan of adjoint block summaries (``sampling.adjoint.ReverseSummary``).
 
         all_gather of every rank's (p_total, q_head), then fold ranks P-1 down to r+1 starting from
         a zero carry (nothing comes after the last row). ``decays[r]`` is rank r's q_decay. Returns
-        an ``inversion.ReverseCarry``, or None on the last rank (no rows after it).
+        a ``sampling.adjoint.ReverseCarry``, or None on the last rank (no rows after it).
         """
 
         parts = self._gather_summaries("reverse carry", summary.p_total, summary.q_head, with_q)

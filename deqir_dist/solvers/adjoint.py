@@ -1,64 +1,83 @@
-"""Solving the adjoint (reverse) fixed point: serial sweep, picard or anderson."""
+"""Solving the adjoint (reverse) fixed point on a block of rows: serial sweep, picard or anderson.
+
+One pipeline for any number of ranks P: the block holds rows [lo, hi) of the N rows, and the
+``comm`` (``parallel.comm.Comm``) runs the reverse collectives, identities on ``LocalComm``.
+"""
 from __future__ import annotations
 
 import torch
 
-from deqir_dist.sampling.adjoint import (
-    AdjointBlock,
-    _adjoint_eval,
-    _Linearization,
-    _norms,
-)
+from deqir_dist.sampling.adjoint import AdjointBlock, _Linearization
+from deqir_dist.solvers.anderson import AndersonHistory
+from deqir_dist.solvers.options import ADJOINT_M, ADJOINT_RIDGE, DEFAULT_ADJOINT_TOL
 
-DEFAULT_ADJOINT_TOL = 0.0       # relative adjoint residual; 0: run to the exact end (N evaluations)
+__all__ = ["DEFAULT_ADJOINT_TOL", "reverse_decays", "solve_adjoint"]
 
 
-def _solve_adjoint(adj: AdjointBlock, lin: _Linearization, dl: torch.Tensor, solver: str, tol: float,
-                   max_iter: int, m: int = 5, ridge: float = 1e-8):
-    """Solve lam = dl + J_h^T lam (dl nonzero only in row N); returns (grad_xi, evaluations, trace).
+def reverse_decays(coeffs, blocks, range_recurrent: bool) -> list[float]:
+    """Per block [a, c), the range-space decay product d_{a+1}..d_c its reverse carry crosses
+    (``ReverseSummary.q_decay``; 0 without range-space memory)."""
+    dn = torch.cat([1 - coeffs.lam, torch.zeros(1, dtype=coeffs.lam.dtype)])
+    return [float(torch.prod(dn[a + 1:c + 1])) if range_recurrent else 0.0 for a, c in blocks]
+
+
+def solve_adjoint(adj: AdjointBlock, lin: _Linearization, dl: torch.Tensor, comm, solver: str, tol: float,
+                  max_iter: int, steps: int, decays: list[float] | None = None, m: int = ADJOINT_M,
+                  ridge: float = ADJOINT_RIDGE):
+    """Solve lam = dl + J_h^T lam on this rank's rows (dl nonzero only in row N, on the last rank);
+    returns (grad_xi on every rank, evaluations, trace).
 
     Stopping rule (documented): after each evaluation Phi(lam_k) = dl + J_h^T lam_k, stop when the
-    relative residual |Phi(lam_k) - lam_k| / |Phi(lam_k)| <= tol for every image, or when lam_k is
-    exact by causality (its rows N-k..N are exact after k evaluations: all of them at k = N-1).
-    The gradient returned is J_xi^T lam_k of the last evaluation's input lam_k (computed in the
-    same VJP). ``anderson``: one set of mixing weights per image for the whole chain (Gram summed
-    over rows, ridge relative to the Gram diagonal), and rows already exact take the Picard value.
+    relative residual |Phi(lam_k) - lam_k| / |Phi(lam_k)| (summed over ranks) <= tol for every
+    image, or when lam_k is exact by causality (its rows N-k..N are exact after k evaluations: all
+    of them at k = N-1). The gradient returned is J_xi^T lam_k of the last evaluation's input lam_k
+    (computed in the same VJP, on the first rank). ``serial`` in one process: back-substitution,
+    one row at a time (``_adjoint_serial``); sharded it runs as ``picard``. ``anderson``: one set
+    of mixing weights per image for the whole chain (``anderson.AndersonHistory``: Gram summed
+    over rows, ridge relative to the Gram diagonal, no row weights), and rows already exact take
+    the Picard value. ``decays``: ``reverse_decays`` of the ranks' blocks (P > 1).
+
+    Per evaluation: the reverse carry from the blocks after this one (``comm.reverse_carry``),
+    the local scans and ``eps_adjoint``, one batched denoiser VJP of the local linearisation,
+    whose first row goes to the previous block (``comm.halo_back``): (J_h^T lam)_j = v_j.
     """
-    b, n = dl.shape[:2]
-    if solver == "serial":
-        return _adjoint_serial(adj, lin, dl[:, -1]) + ([],)
+    if solver == "serial" and comm.size == 1:
+        grad, k = _adjoint_serial(adj, lin, dl[:, -1])
+        return grad, k, []
+    b = dl.shape[0]
     x = dl.clone()
+    zero_row = torch.zeros_like(dl[:, 0])
+    hist = AndersonHistory(m, x, b) if solver == "anderson" else None
     trace: list[float] = []
-    hist_x, hist_r = [], []
     k = 0
     while True:
-        jt, g = _adjoint_eval(adj, lin, x)
-        f = dl + jt
+        rcarry = None if comm.size == 1 else comm.reverse_carry(adj.summary(x), decays, adj.range_recurrent)
+        mu_p, mu_q = adj.scan(x, rcarry)
+        v = lin.vjp(adj.eps_adjoint(mu_p, mu_q))
+        from_next = comm.halo_back(v[:, 0].contiguous(), zero_row)
+        f = dl + torch.cat([v[:, 1:], from_next.unsqueeze(1)], 1)
         r = f - x
-        rel = _norms(r) / _norms(f).clamp_min(1e-300)
+        # columns: |r|^2, |f|^2 (per image, summed over ranks), then anderson's Gram row
+        cols = [r.flatten(1).double().pow(2).sum(1, keepdim=True), f.flatten(1).double().pow(2).sum(1, keepdim=True)]
+        if hist is not None:
+            hist.push(k, x, r)
+            cols.append(hist.dots(r))
+        sq = comm.all_sum(torch.cat(cols, 1))
+        rel = sq[:, 0].sqrt() / sq[:, 1].sqrt().clamp_min(1e-300)
         trace.append(float(rel.max()))
-        exact_rows = min(k + 2, n)                       # rows of f that are exact
+        exact_rows = min(k + 2, steps)                   # rows of f that are exact (the last ones)
         k += 1
-        if k >= max_iter or k >= n or bool((rel <= tol).all()):
-            return g, k, trace
-        if solver == "picard":
+        if k >= max_iter or k >= steps or bool((rel <= tol).all()):
+            break
+        if hist is None:
             x = f
             continue
-        hist_x.append(x)
-        hist_r.append(r)
-        if len(hist_x) > m:
-            hist_x.pop(0)
-            hist_r.pop(0)
-        R = torch.stack([h.flatten(1) for h in hist_r], 1).double()          # (b, j, D)
-        gram = R @ R.transpose(1, 2)
-        j = gram.shape[1]
-        scale = torch.diagonal(gram, dim1=1, dim2=2).mean(1).clamp_min(1e-300)
-        eye = torch.eye(j, dtype=gram.dtype)
-        alpha = torch.linalg.solve(gram + ridge * scale.view(-1, 1, 1) * eye,
-                                   torch.ones(b, j, 1, dtype=gram.dtype)).squeeze(2)
-        alpha = (alpha / alpha.sum(1, keepdim=True)).to(x.dtype)
-        x = sum(alpha[:, i].view(b, 1, 1, 1, 1) * (hist_x[i] + hist_r[i]) for i in range(j))
-        x[:, n - exact_rows:] = f[:, n - exact_rows:]
+        hist.add_gram_row(sq[:, 2:].cpu())
+        x = hist.mix(hist.weights(ridge), 1.0)
+        first_exact = max(steps - exact_rows - adj.lo, 0)
+        x[:, first_exact:] = f[:, first_exact:]
+    grad = v[:, 0] + adj.xi_linear(mu_p, mu_q) if comm.is_first else torch.zeros_like(zero_row)
+    return comm.from_first(grad.contiguous()), k, trace
 
 
 def _adjoint_serial(adj: AdjointBlock, lin: _Linearization, dl_last: torch.Tensor):

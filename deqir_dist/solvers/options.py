@@ -9,6 +9,14 @@ from deqir_dist.errors import DeqirError, is_int, is_real
 STOP_RULES = ("final", "rows", "residual", "none")
 DEFAULT_STOP_TOL = {"final": 43.0, "rows": 0.03, "residual": 1e-3, "none": 0.0}
 
+# noise_gradient (api.inversion): the forward solve and the adjoint solve
+FORWARD_STOP = "final"          # the forward fixed point's stop rule ...
+DEFAULT_FORWARD_TOL = 80.0      # ... at this many dB (a tight default: gradients)
+FORWARD_DATA_STD = None         # the forward's null-space coordinates: the eps form the adjoint is written in
+DEFAULT_ADJOINT_TOL = 0.0       # relative adjoint residual; 0: run to the exact end (N evaluations)
+ADJOINT_M = 5                   # adjoint Anderson: history entries
+ADJOINT_RIDGE = 1e-8            # adjoint Anderson: ridge, relative to the mean Gram diagonal
+
 
 @dataclass(frozen=True)
 class SolverOptions:

@@ -18,7 +18,7 @@ OPS = [("sr_avgpool", {"scale": 2}), ("sr_bicubic", {"scale": 2}), ("deblur_gaus
 
 
 def reference_serial(model, op, y, xi, steps, etw=0.0, nw=0.0, z=None, sigma_y=0.0, clip=False):
-    """DESIGN section 2 transcribed directly, float64, with its own schedule arithmetic
+    """docs/design.md section 1, (1.1)-(1.4), transcribed directly, float64, with its own schedule arithmetic
     (``clip``: x0 clamped to [-1, 1] and eps re-derived from it, as DDIM's clip_sample does)."""
     betas = [1e-4 + (0.02 - 1e-4) * k / 999 for k in range(1000)]
     abar, acc = [], 1.0

@@ -11,7 +11,7 @@ causal system, lam_N = dL/dh_N exactly, and after k sweeps rows N-k..N are exact
 is exact after N - 1 sweeps (N evaluations counting the one that turns lam into dL/dxi).
 
 **One adjoint evaluation in terms of per-row pieces** (u_i = h_i / g_i, g_i = sqrt(a'_i), d_i =
-1 - lam_i the range-space decay, P and Q symmetric projectors, DESIGN section 2):
+1 - lam_i the range-space decay, P and Q symmetric projectors, docs/design.md sections 1-2):
 
     w_i    = g_i lam_i                                       (adjoint of u_i)
     mu^P_i = sum_{i' >= i} w_i'                              (reverse cumsum: adjoint of P u_i)

@@ -1,4 +1,4 @@
-"""The chain sharded over processes with torch.distributed (DESIGN section 4).
+"""The chain sharded over processes with torch.distributed (docs/design.md section 4).
 
 Rank r of a group of P owns rows [lo_r, hi_r) of the chain (``split_rows``). Per iteration it
 exchanges exactly: the halo row (its last row to rank r+1, point-to-point), the block summaries

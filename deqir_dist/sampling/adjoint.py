@@ -44,7 +44,7 @@ class ReverseSummary:
 class AdjointBlock:
     """The adjoint of the joint map for rows [lo, hi): everything except the denoiser VJP.
 
-    Sharding (mirror image of the forward block, DESIGN section 4): rank r owns rows [lo, hi)
+    Sharding (mirror image of the forward block, docs/design.md section 4): rank r owns rows [lo, hi)
     and the adjoint rows lam_lo..lam_{hi-1}. Per adjoint evaluation:
       1. reverse carry: ``summary(lam)`` of every block, an exclusive REVERSE scan over ranks
          (rank r gets the sum over ranks > r; ``ReverseSummary.apply``), the mirror of the forward

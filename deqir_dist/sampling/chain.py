@@ -1,6 +1,6 @@
 """The joint fixed-point map of the restoration chain, for a block of rows.
 
-One serial step (DESIGN section 2) splits, with P and Q = A+A, into a null-space and a
+One serial step (docs/design.md section 1, (1.1)-(1.4)) splits, with P and Q = A+A, into a null-space and a
 range-space part that never mix (P and Q commute with every scalar):
 
     P h_i = n'_i P w_i,   P w_i = m_i P w_{i-1} + e_i P d_i + nz_i P z_i,   d_i = eps_i - s_i h_{i-1}

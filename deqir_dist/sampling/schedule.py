@@ -1,6 +1,6 @@
 """Noise schedule, sampling grid and the per-row coefficients of the restoration chain.
 
-Conventions (DESIGN section 2): linear betas 1e-4..0.02 over 1000 training steps,
+Conventions (docs/design.md section 1): linear betas 1e-4..0.02 over 1000 training steps,
 abar(t) = prod_{k<=t} (1 - beta_k), abar(-1) = 1. For N sampling steps and start S:
 skip = S // N, seq = [0, skip, ..., (N-1) * skip] (exactly N entries). Steps run from the
 noisiest, tau_1 = seq[N-1], ..., tau_N = seq[0]; the next time of tau_i is tau_{i+1}, and -1

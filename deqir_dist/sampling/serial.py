@@ -1,6 +1,6 @@
 """The serial DDNM sampler with DeqIR's two knobs: the reference every parallel solver must match.
 
-h_0 = xi; for i = 1..N (DESIGN section 2):
+h_0 = xi; for i = 1..N (docs/design.md section 1, (1.1)-(1.4)):
     eps_i = eps(h_{i-1}, tau_i)
     x0_i  = (h_{i-1} - sqrt(1 - a_i) eps_i) / sqrt(a_i)                (not clipped)
     x0~_i = x0_i - lam_i A+(A x0_i - y)          (lam = 1: A+y + P x0_i)

@@ -10,7 +10,7 @@ between solvers is an update rule plugged into it (``Rule``): ``chain.PicardSwee
 * ``picard``: x_{k+1} = f_k. Exact after N evaluations (the map is causal). With the ``rows``
   rule it runs in ``window.solve_window`` by default (``window`` rows, default N): rows whose
   change is far below the tolerance are frozen and leave the denoiser batch.
-* ``anderson``: one set of mixing weights per image for the whole chain (DESIGN section 3):
+* ``anderson``: one set of mixing weights per image for the whole chain (docs/design.md section 3.2):
   alpha = argmin |sum_j alpha_j R_j|_W^2 + lam |alpha|^2 s.t. sum alpha = 1, over the last m
   residuals R_j = f_j - x_j, with lam = ridge * mean(diag Gram) (relative, so it scales with the
   residual) and the row weights W_i = 1 / max(1 - a'_i, 1e-3) (each row's residual in units of

@@ -1,4 +1,4 @@
-"""The two-level (parareal) solver of the DDNM chain (DESIGN section 5a).
+"""The two-level (parareal) solver of the DDNM chain (docs/design.md section 6, equation (6.1)).
 
 The N rows are cut into B blocks [lo_n, hi_n). U_n is the state after block n (U_0 = xi, U_B =
 h_N). The fine propagator F_n runs the block's rows with the serial sampler's step

@@ -2,7 +2,7 @@
 
     python bench/peak_rss_dataset.py --images 100 1000 --json bench/results/peak-rss-dataset-cpu.json
 
-Each run is a fresh `python -m deqir_dist` process on N tiny clean images (16x16, --from-clean,
+Each run is a fresh `python -m deqir_dist` process on N small clean images (16x16, --from-clean,
 sr_avgpool x2, the analytic model, 2 steps: the restore is cheap, so what grows with N is what
 the job keeps per image). The command's peak RSS is its ``ru_maxrss`` (os.wait4); for
 ray-restore the Ray processes it starts (workers, raylet with its object store, GCS) are read
@@ -54,11 +54,11 @@ def _role(pid: int) -> str | None:
             cmd = f.read().replace(b"\0", b" ").decode(errors="replace")
     except OSError:
         return None
+    exe = os.path.basename(cmd.split(" ", 1)[0])
+    if exe in ("raylet", "gcs_server"):            # the raylet's own command line names default_worker.py
+        return exe
     if "RestoreWorker" in cmd or "default_worker.py" in cmd:
         return "worker"
-    for name in ("raylet", "gcs_server"):
-        if name in cmd:
-            return name
     return "other"
 
 
@@ -112,7 +112,9 @@ def run_one(command: str, data: Path, out: Path) -> dict:
     code = os.waitstatus_to_exitcode(status)
     if code != 0:
         raise SystemExit(f"{command} failed ({code}): {err.decode()[-500:]}")
-    row = {"command": command, "images": len(list(data.glob("*.png"))), "seconds": round(time.perf_counter() - t0, 1),
+    files = list(data.glob("*.png"))
+    row = {"command": command, "images": len(files), "inputs_mb": round(sum(f.stat().st_size for f in files) / 2**20, 2),
+           "seconds": round(time.perf_counter() - t0, 1),
            "driver_peak_mb": round(usage.ru_maxrss / 1024, 1),
            "outputs": len(list(out.glob("*.png")))}
     by_role: dict[str, list[float]] = {}
@@ -128,6 +130,7 @@ def run_one(command: str, data: Path, out: Path) -> dict:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--size", type=int, default=16, help="image side (default 16)")
     ap.add_argument("--commands", nargs="+", default=["restore", "ray-restore"], choices=("restore", "ray-restore"))
     ap.add_argument("--json", help="write the rows here")
     args = ap.parse_args(argv)
@@ -135,12 +138,13 @@ def main(argv=None):
     with tempfile.TemporaryDirectory(prefix="deqir-rss-") as tmp:
         for n in args.images:
             data = Path(tmp) / f"data{n}"
-            make_images(data, n)
+            make_images(data, n, args.size)
             for command in args.commands:
                 rows.append(run_one(command, data, Path(tmp) / f"out-{command}-{n}"))
                 print(json.dumps(rows[-1]), flush=True)
     result = {"command": "python bench/peak_rss_dataset.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-              "note": "16x16 clean images, --from-clean sr_avgpool x2, analytic model, 2 steps, CPU; peak RSS in MB",
+              "note": f"{args.size}x{args.size} clean images (uniform noise), --from-clean sr_avgpool x2, analytic "
+                      "model, 2 steps, CPU; peak RSS in MB",
               "rows": rows}
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=1) + "\n")

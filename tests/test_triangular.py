@@ -62,3 +62,11 @@ def test_sharded_equals_single_process(world, tmp_path):
     for r in range(world):
         row = json.loads((tmp_path / f"rank{r}.json").read_text())
         assert row["diff"] <= 1e-10 and row["k_multi"] == row["k_single"], row
+
+
+def test_default_history_is_parataas_two():
+    model, op, y, xi = _problem("inpaint", seed=5)
+    a = restore(model, y, op, steps=12, solver="parataa", noise=xi, dtype=torch.float64)
+    b = restore(model, y, op, steps=12, solver="parataa", m=2, noise=xi, dtype=torch.float64)
+    c = restore(model, y, op, steps=12, solver="parataa", m=5, noise=xi, dtype=torch.float64)
+    assert torch.equal(a.image, b.image) and not torch.equal(a.image, c.image)

@@ -8,6 +8,7 @@ from deqir_dist.errors import DeqirError, is_int, is_real
 
 STOP_RULES = ("final", "rows", "residual", "none")
 DEFAULT_STOP_TOL = {"final": 43.0, "rows": 0.03, "residual": 1e-3, "none": 0.0}
+TAA_HISTORY = 2     # solver="parataa": ParaTAA's history, two entries (one difference), unless m is given
 
 # noise_gradient (api.inversion): the forward solve and the adjoint solve
 FORWARD_STOP = "final"          # the forward fixed point's stop rule ...
@@ -67,6 +68,8 @@ class SolverOptions:
         c = kw.get("data_std", SolverOptions.data_std)
         if c is not None and (not is_real(c) or not 0 < c < math.inf):
             raise DeqirError(f"data_std must be a positive number or None, got {c!r}")
+        if solver == "parataa" and "m" not in kw:
+            kw["m"] = TAA_HISTORY
         m = kw.get("m", SolverOptions.m)
         if not is_int(m) or m < 1:
             raise DeqirError(f"m (Anderson history) must be an integer >= 1, got {m!r}")

@@ -97,8 +97,8 @@ _ENTRIES = (
     SolverEntry("anderson", "chain-parallel sweeps with Anderson mixing", solve_anderson,
                 inversion=True, adjoint=True),
     SolverEntry("auto", "serial or picard, whichever the measured cost model predicts is faster", None),
-    SolverEntry("parataa", "triangular Anderson (ParaTAA; pass m=2 for its history): per-row weights over the "
-                "noisier rows (solvers.triangular)", solve_triangular),
+    SolverEntry("parataa", "triangular Anderson (ParaTAA, history m = 2): per-row weights over the noisier "
+                "rows (solvers.triangular)", solve_triangular),
     # two-level: restore runs solvers.parareal_dist.run_parareal itself (its own options, no ChainBlock)
     SolverEntry("parareal", "two-level pipelined blocks (--blocks B, --coarse-steps m): coarse jumps predict "
                 "each block's start, the blocks' serial steps correct them (solvers.parareal)", None,

@@ -19,7 +19,7 @@ Plain steps (x_i <- F(x)_i): row i0 itself and every row before it, every row wh
 two history entries exist (the first iteration), rows whose inputs are already exact (rows
 1..k after k evaluations, by causality, so the solve is exact after N evaluations like
 Picard), and a row whose small system is numerically singular. ``m`` is the history length
-in entries (ParaTAA: 2, one difference); the residual here is the full joint map's (ParaTAA's
+in entries (default ``options.TAA_HISTORY`` = 2, ParaTAA's: one difference); the residual here is the full joint map's (ParaTAA's
 "order" = N: every earlier row's eps enters through the scans).
 
 Sharded, the prefix Gram sums need the earlier ranks' block totals: one all_sum of a
@@ -33,8 +33,6 @@ import torch
 from deqir_dist.solvers.chain import BlockSweep
 from deqir_dist.solvers.driver import SolveOutput, run
 from deqir_dist.solvers.options import DEFAULT_STOP_TOL, SolverOptions
-
-TAA_HISTORY = 2         # ParaTAA's history: two entries, one difference
 
 
 def _gamma(gram: torch.Tensor, rhs: torch.Tensor, ridge: float) -> torch.Tensor:

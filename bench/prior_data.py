@@ -51,8 +51,8 @@ def parse_copyright(text: str) -> list[tuple[list[str], str]]:
     """DEP-5 stanzas as (file patterns, licence short name), in file order."""
     out = []
     for para in re.split(r"\n\s*\n", text):
-        files = re.search(r"^Files:\s*(.+(?:\n[ \t].+)*)", para, re.M)
-        lic = re.search(r"^License:\s*(\S.*)$", para, re.M)
+        files = re.search(r"^Files:\s*(.+(?:\n[ \t].+)*)", para, re.MULTILINE)
+        lic = re.search(r"^License:\s*(\S.*)$", para, re.MULTILINE)
         if files and lic:
             out.append((files.group(1).split(), lic.group(1).strip()))
     return out

@@ -187,14 +187,7 @@ def train_prior(cfg: TrainConfig, progress: bool = True, log_path: str | os.Path
     if amp == "bf16" and device.type == "cpu" and not _cpu_bf16_ok():
         amp = "none"
     t_start = time.perf_counter()
-    train = {n: load_skimage_photo(n) for n in cfg["train_images"]}
-    # held-out photographs exactly as stored in the weights file (short side HELDOUT_SHORT), so the
-    # validation crops are the crops ``deqir demo`` uses
-    held_full = {n: load_skimage_photo(n) for n in cfg["heldout_images"]}
-    if cfg["data_dir"]:                 # bench/prior_data.py's folder: train/*.png, heldout/*.png by name
-        train.update(_folder_photos(Path(cfg["data_dir"]) / "train", exclude=held_full))
-        held_full.update(_folder_photos(Path(cfg["data_dir"]) / "heldout", exclude=train))
-    held = {n: _stored_heldout(img) for n, img in held_full.items()}
+    train, held_full, held = _photos(cfg)
     sampler = CropSampler(train, cfg["min_short"], cfg["max_short"], cfg["pyramid_levels"], cfg["seed"] + 1)
     val_x = heldout_crops(held, cfg["val_size"], cfg["val_crops"]) if held else None
 
@@ -231,31 +224,8 @@ def train_prior(cfg: TrainConfig, progress: bool = True, log_path: str | os.Path
         for step in range(first, cfg["steps"]):
             size = crops[step % len(crops)]
             bs = cfg["batch"] * (big // size) ** 2
-            x0 = sampler.batch(bs, size)
-            t = torch.randint(0, TRAIN_STEPS, (bs,), generator=noise_gen)
-            eps = torch.randn(x0.shape, generator=noise_gen)
-            x0, t, eps = x0.to(device), t.to(device), eps.to(device)
-            a = ac[t].view(-1, 1, 1, 1)
-            xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
             lr = _lr_at(cfg, step)
-            for group in opt.param_groups:
-                group["lr"] = lr
-            model.train()
-            with _amp_ctx(amp, device):
-                pred = model(xt, t)
-            loss = F.mse_loss(pred.float(), eps)
-            if not torch.isfinite(loss):
-                raise DeqirError(f"training diverged at step {step} (loss {float(loss)}); try a lower --lr")
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if cfg["grad_clip"]:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
-            opt.step()
-            decay = min(cfg["ema"], (1 + step) / (10 + step))
-            with torch.no_grad():
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - decay)
-            lv = float(loss.detach())
+            lv = _train_step(cfg, step, model, ema, opt, sampler.batch(bs, size), noise_gen, ac, lr, amp, device)
             losses.append(lv)
             if on_step is not None:
                 on_step(step, lv)
@@ -288,7 +258,57 @@ def train_prior(cfg: TrainConfig, progress: bool = True, log_path: str | os.Path
             log.close()
     train_seconds = time.perf_counter() - t_start
     ema = ema.float().eval()
-    steps_done = len(losses)
+    validation = _validation(cfg, ema, val_x, held, val_history)
+    training = _training_record(cfg, losses, crops, amp, device, train_seconds, stopped_early is not None)
+    return {"model": ema, "losses": losses, "held": held, "train_images": train,
+            "held_shapes": {n: list(img.shape) for n, img in held_full.items()},
+            "training": training, "validation": validation, "cfg": cfg,
+            "wall_seconds": time.perf_counter() - t_start}
+
+
+def _photos(cfg) -> tuple[dict, dict, dict]:
+    """(training photographs, held-out photographs as read, held-out photographs as stored)."""
+    train = {n: load_skimage_photo(n) for n in cfg["train_images"]}
+    # held-out photographs exactly as stored in the weights file (short side HELDOUT_SHORT), so the
+    # validation crops are the crops ``deqir demo`` uses
+    held_full = {n: load_skimage_photo(n) for n in cfg["heldout_images"]}
+    if cfg["data_dir"]:                 # bench/prior_data.py's folder: train/*.png, heldout/*.png by name
+        train.update(_folder_photos(Path(cfg["data_dir"]) / "train", exclude=held_full))
+        held_full.update(_folder_photos(Path(cfg["data_dir"]) / "heldout", exclude=train))
+    return train, held_full, {n: _stored_heldout(img) for n, img in held_full.items()}
+
+
+def _train_step(cfg, step: int, model, ema, opt, x0: torch.Tensor, noise_gen, ac: torch.Tensor, lr: float,
+                amp: str, device) -> float:
+    """One optimiser step of the eps-prediction loss on the crops ``x0``, then the EMA; the loss."""
+    bs = x0.shape[0]
+    t = torch.randint(0, TRAIN_STEPS, (bs,), generator=noise_gen)
+    eps = torch.randn(x0.shape, generator=noise_gen)
+    x0, t, eps = x0.to(device), t.to(device), eps.to(device)
+    a = ac[t].view(-1, 1, 1, 1)
+    xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
+    for group in opt.param_groups:
+        group["lr"] = lr
+    model.train()
+    with _amp_ctx(amp, device):
+        pred = model(xt, t)
+    loss = F.mse_loss(pred.float(), eps)
+    if not torch.isfinite(loss):
+        raise DeqirError(f"training diverged at step {step} (loss {float(loss)}); try a lower --lr")
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if cfg["grad_clip"]:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg["grad_clip"])
+    opt.step()
+    decay = min(cfg["ema"], (1 + step) / (10 + step))
+    with torch.no_grad():
+        for pe, pm in zip(ema.parameters(), model.parameters()):
+            pe.lerp_(pm, 1 - decay)
+    return float(loss.detach())
+
+
+def _validation(cfg, ema, val_x, held: dict, val_history: list) -> dict:
+    """The card's validation record: eps-MSE history and final, and the restoration check."""
     validation = {"heldout_images": list(held), "crops": cfg["val_crops"], "crop_size": cfg["val_size"],
                   "crop_rule": "photograph resized to short side 2 x crop, centre crop then a fixed ring of offsets",
                   "eps_mse_times": list(VAL_TIMES), "eps_mse_history": val_history}
@@ -297,14 +317,22 @@ def train_prior(cfg: TrainConfig, progress: bool = True, log_path: str | os.Path
         if cfg["restore_eval"]:
             validation["restoration"] = {"sampler": "serial DDNM, 25 steps, etw 0, nw 0, noise seed 0",
                                          "tasks": restoration_eval(ema, val_x)}
+    return validation
+
+
+def _training_record(cfg, losses: list[float], crops: tuple, amp: str, device, train_seconds: float,
+                     stopped_early: bool) -> dict:
+    """The card's training record: settings, machine, wall time, final loss and the loss curve."""
+    big = max(crops)
+    steps_done = len(losses)
     window = min(100, steps_done)
     curve = []
     every = max(1, steps_done // 60)
     for s in range(0, steps_done, every):
         chunk = losses[s:s + every]
         curve.append([s + len(chunk), round(sum(chunk) / len(chunk), 5)])
-    training = {
-        "steps": cfg["steps"], "steps_done": steps_done, "stopped_early_by_time_limit": stopped_early is not None,
+    return {
+        "steps": cfg["steps"], "steps_done": steps_done, "stopped_early_by_time_limit": stopped_early,
         "batch_at_largest_crop": cfg["batch"], "crops": list(crops),
         "batch_per_crop": {str(c): cfg["batch"] * (big // c) ** 2 for c in crops},
         "crop_schedule": "crop sizes alternate step by step; equal pixels per step",
@@ -318,10 +346,6 @@ def train_prior(cfg: TrainConfig, progress: bool = True, log_path: str | os.Path
         "final_loss_note": f"mean training loss over the last {window} steps",
         "loss_curve": curve,
     }
-    return {"model": ema, "losses": losses, "held": held, "train_images": train,
-            "held_shapes": {n: list(img.shape) for n, img in held_full.items()},
-            "training": training, "validation": validation, "cfg": cfg,
-            "wall_seconds": time.perf_counter() - t_start}
 
 
 _STATE_KEYS = ("model", "steps", "batch", "crops", "lr", "seed", "train_images", "heldout_images", "data_dir")

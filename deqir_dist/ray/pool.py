@@ -187,64 +187,17 @@ class _Pool:
         return items, failed
 
     def run(self, batches: list[_Batch], on_record) -> None:
+        """Feed ``batches`` to the workers until every one is recorded (``on_record(rec, png)``)."""
         ray = self.ray
         queue = deque(batches)
         owner: dict = {}                      # ref -> (worker, entry)
         max_restarts = max(4, 2 * len(self.workers)) * (self.job.max_retries + 1)
-
-        def submit(w: _Worker):
-            """Give ``w`` the next batch (batches whose every input is unreadable are recorded and passed)."""
-            while queue:
-                b = queue.popleft()
-                if b.payload is None:
-                    items, failed = self._payload(b)
-                    for rec in failed:
-                        on_record(rec, None)
-                    if not items:
-                        continue
-                    b.payload = ray.put(items)
-                refs = [a.restore_batch.remote(b.payload) for a in w.ranks]
-                entry = [b, refs, [False] * len(refs), None]
-                w.inflight.append(entry)
-                for r in refs:
-                    owner[r] = (w, entry)
-                return
-
-        def fail_worker(w: _Worker, err: str):
-            """Kill ``w``, requeue its batches (the oldest counts an attempt), start a replacement."""
-            self._kill(w)
-            for r in [r for r, (ow, _) in owner.items() if ow is w]:
-                del owner[r]
-            lost = [e[0] for e in w.inflight]
-            w.inflight = []
-            for i, b in reversed(list(enumerate(lost))):
-                if i == 0:
-                    b.attempt += 1
-                if b.attempt > self.job.max_retries:
-                    for e, _, _, h in b.entries:
-                        on_record({"id": e.id, "input": str(e.path), "config": h, "status": "failed",
-                                   "error": f"worker died {b.attempt} time(s) on this batch: {err}"}, None)
-                    continue
-                self.retried += 1
-                queue.appendleft(b)
-            self.workers.remove(w)
-            if self.restarts >= max_restarts:
-                raise DeqirError(f"too many worker failures ({self.restarts}); last: {err}. "
-                                 "Rerun the same command to resume")
-            self.restarts += 1
-            try:
-                self.workers.extend(self._make(1))
-            except DeqirError as e:
-                if not self.workers:
-                    raise DeqirError(f"no worker left ({e}); rerun the same command to resume") from None
-                print(f"deqir: warning: could not replace a worker: {e}", file=sys.stderr)
-
         while True:
             while queue:                      # one batch at a time to the least-loaded worker
                 w = least_loaded(self.workers, _INFLIGHT_PER_WORKER)
                 if w is None:
                     break
-                submit(w)
+                self._submit(w, queue, owner, on_record)
             if not owner:
                 if queue and not self.workers:
                     raise DeqirError("no worker left; rerun the same command to resume")
@@ -256,22 +209,74 @@ class _Pool:
                 if ref not in owner:          # dropped with its worker in this round
                     continue
                 w, entry = owner.pop(ref)
-                batch, refs, flags, _ = entry
                 try:
                     value = ray.get(ref)
                 except ray.exceptions.RayError as e:
-                    fail_worker(w, _ray_error_line(getattr(e, "cause", None) or e))
+                    self._fail_worker(w, _ray_error_line(getattr(e, "cause", None) or e), queue, owner, on_record,
+                                      max_restarts)
                     continue
-                k = refs.index(ref)
-                flags[k] = True
-                if k == 0:
-                    entry[3] = value
-                if all(flags):
-                    w.inflight.remove(entry)
-                    batch.payload = None          # its inputs leave the object store once written
-                    results, entry[1], entry[3] = entry[3], None, None
-                    for rec in results:
-                        png = rec.pop("png", None)
-                        rec["attempt"] = batch.attempt
-                        rec["worker"] = w.index
-                        on_record(rec, png)
+                self._collect(w, entry, ref, value, on_record)
+
+    def _submit(self, w: _Worker, queue: deque, owner: dict, on_record) -> None:
+        """Give ``w`` the next batch (batches whose every input is unreadable are recorded and passed)."""
+        while queue:
+            b = queue.popleft()
+            if b.payload is None:
+                items, failed = self._payload(b)
+                for rec in failed:
+                    on_record(rec, None)
+                if not items:
+                    continue
+                b.payload = self.ray.put(items)
+            refs = [a.restore_batch.remote(b.payload) for a in w.ranks]
+            entry = [b, refs, [False] * len(refs), None]
+            w.inflight.append(entry)
+            for r in refs:
+                owner[r] = (w, entry)
+            return
+
+    def _fail_worker(self, w: _Worker, err: str, queue: deque, owner: dict, on_record, max_restarts: int) -> None:
+        """Kill ``w``, requeue its batches (the oldest counts an attempt), start a replacement."""
+        self._kill(w)
+        for r in [r for r, (ow, _) in owner.items() if ow is w]:
+            del owner[r]
+        lost = [e[0] for e in w.inflight]
+        w.inflight = []
+        for i, b in reversed(list(enumerate(lost))):
+            if i == 0:
+                b.attempt += 1
+            if b.attempt > self.job.max_retries:
+                for e, _, _, h in b.entries:
+                    on_record({"id": e.id, "input": str(e.path), "config": h, "status": "failed",
+                               "error": f"worker died {b.attempt} time(s) on this batch: {err}"}, None)
+                continue
+            self.retried += 1
+            queue.appendleft(b)
+        self.workers.remove(w)
+        if self.restarts >= max_restarts:
+            raise DeqirError(f"too many worker failures ({self.restarts}); last: {err}. "
+                             "Rerun the same command to resume")
+        self.restarts += 1
+        try:
+            self.workers.extend(self._make(1))
+        except DeqirError as e:
+            if not self.workers:
+                raise DeqirError(f"no worker left ({e}); rerun the same command to resume") from None
+            print(f"deqir: warning: could not replace a worker: {e}", file=sys.stderr)
+
+    def _collect(self, w: _Worker, entry: list, ref, value, on_record) -> None:
+        """One rank's answer for a batch; once every rank answered, record rank 0's results."""
+        batch, refs, flags, _ = entry
+        k = refs.index(ref)
+        flags[k] = True
+        if k == 0:
+            entry[3] = value
+        if all(flags):
+            w.inflight.remove(entry)
+            batch.payload = None          # its inputs leave the object store once written
+            results, entry[1], entry[3] = entry[3], None, None
+            for rec in results:
+                png = rec.pop("png", None)
+                rec["attempt"] = batch.attempt
+                rec["worker"] = w.index
+                on_record(rec, png)

@@ -166,15 +166,3 @@ class _Linearization:
                 v, = torch.autograd.grad(eps, inp, grad_outputs=a[:, s - r0:e - r0])
             out.append(v)
         return torch.cat(out, 1)
-
-
-def _adjoint_eval(adj: AdjointBlock, lin: _Linearization, lam: torch.Tensor):
-    """(J_h^T lam, J_xi^T lam) for the whole chain: one batched denoiser VJP."""
-    mu_p, mu_q = adj.scan(lam)
-    v = lin.vjp(adj.eps_adjoint(mu_p, mu_q))
-    jt = torch.cat([v[:, 1:], torch.zeros_like(v[:, :1])], 1)
-    return jt, v[:, 0] + adj.xi_linear(mu_p, mu_q)
-
-
-def _norms(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).double().norm(dim=1)

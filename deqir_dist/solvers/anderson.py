@@ -26,7 +26,7 @@ def _anderson_weights(gram: torch.Tensor, valid: torch.Tensor, ridge: float, new
 class AndersonHistory:
     """The last ``m`` iterates and residuals of every image (a ring buffer), their Gram matrices
     and the mixing x = sum_j w_j (x_j + beta r_j): the one Anderson of the forward solver
-    (``chain.AndersonSweep``) and the adjoint (``adjoint._solve_adjoint``).
+    (``chain.AndersonSweep``) and the adjoint (``adjoint.solve_adjoint``).
 
     Per iteration: ``push`` the iterate and its residual, ``dots`` of the history with the
     (weighted) newest residual, summed over ranks by the caller, ``add_gram_row``, then

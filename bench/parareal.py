@@ -3,6 +3,9 @@ the pipelined critical path and the modelled speed-up, per image.
 
     python bench/parareal.py --model analytic --steps 25 50 100 --etw 0 0.8 -o bench/results/parareal-analytic-cpu.json
     python bench/parareal.py --model builtin --images 2 -o bench/results/parareal-builtin-cpu.json
+    python bench/parareal.py --summarize bench/results/parareal-*-cpu.json     (the docs table)
+    python bench/parareal.py --plot docs/parareal_speedup.png bench/results/parareal-{analytic,builtin}-cpu.json
+    python bench/parareal.py --plan bench/results/parareal-plan-h200.json     (what solver="auto" picks)
 
 For each (N, etw, task) the images are restored serially, then by parareal with ``stop="none"``
 run until every image has reached 40 dB from serial and its stopping rule has fired (at most B
@@ -15,6 +18,7 @@ against serial N c(1); its ratio does not depend on c(1) (every call is c(1)), p
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -23,7 +27,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deqir_dist.api.planner import cost_at, load_profile
+from deqir_dist.api.planner import choose_solver, cost_at, load_profile, predict_ms
 from deqir_dist.dataset.tasks import DEMO_TASKS
 from deqir_dist.io.jsonio import write_json
 from deqir_dist.models import GaussianMixtureDenoiser
@@ -109,7 +113,100 @@ def run_case(model, op, x, coeffs, opts, c_ms, gen_seed: int):
     return images, {"serial_s": t_serial, "parareal_s": t_par}
 
 
+def summarize(paths) -> str:
+    """The docs table (markdown) from result files: one row per (prior, N, etw), tasks in DEMO_TASKS order."""
+    lines = [("| prior | N | B, m | etw | K40 per task | K per task | worst PSNR vs serial | critical path (calls) "
+              "| modelled speed-up per task (worst image) |"), "|---|---|---|---|---|---|---|---|---|"]
+    for path in paths:
+        data = json.loads(Path(path).read_text())
+        groups: dict = {}
+        for c in data["cases"]:
+            groups.setdefault((c["steps"], c["etw"]), []).append(c)
+        for (n, etw), cases in sorted(groups.items()):
+            order = sorted(cases, key=lambda c: list(DEMO_TASKS).index(c["task"]))
+            k40 = "/".join("?" if c["K40_max"] is None else str(c["K40_max"]) for c in order)
+            ks = "/".join(str(c["final"]["K_max"]) for c in order)
+            worst = min(c["final"]["worst_psnr"] for c in order)
+            crit = "/".join(f"{max(r['final']['critical_path'] for r in c['images']):g}" for c in order)
+            sp = "/".join(f"{c['final']['min_speedup']:.2f}" for c in order)
+            lines.append(f"| {data['model']} | {n} | {order[0]['blocks']}, {order[0]['coarse_steps']} | {etw:g} | "
+                         f"{k40} | {ks} | {worst:.1f} dB | {crit} | {sp} |")
+    return "\n".join(lines)
+
+
+def speedup_vs_ranks(path, steps: int, etw: float, ranks=range(1, 21)) -> dict:
+    """Modelled speed-up over serial per rank count P (blocks spread over P ranks), at the largest K
+    over the file's tasks and images for (steps, etw): parareal's, and picard's (the planner's model
+    with the benchmarked picard K) with the same c(b) table."""
+    data = json.loads(Path(path).read_text())
+    cases = [c for c in data["cases"] if c["steps"] == steps and c["etw"] == etw]
+    c_ms = load_profile(data["cost_profile"])
+    b, m = cases[0]["blocks"], cases[0]["coarse_steps"]
+    k = max(c["final"]["K_max"] for c in cases)
+    bounds = block_bounds(steps, b, cases[0]["layout"])
+    out = {"parareal": [], "picard": [], "K": k, "blocks": b}
+    for p in ranks:
+        crit = parareal_schedule(bounds, [min(m, hi - lo) for lo, hi in bounds], k, p)["critical_path"]
+        out["parareal"].append((p, steps / crit))
+        if etw == 0:            # picard's K is benchmarked at etw = 0 only
+            out["picard"].append((p, predict_ms(c_ms, steps, p, etw=etw)["speedup"]))
+    return out
+
+
+def plot(png, paths, steps: int = 100) -> None:
+    """docs figure: modelled speed-up vs ranks P at N = ``steps``, etw 0 and 0.8, each result file."""
+    from PIL import Image, ImageDraw
+
+    from deqir_dist.apps.figures import _COLOURS, _font, _panel
+    from deqir_dist.io.files import atomic_write
+    img = Image.new("RGB", (900, 420), "white")
+    d = ImageDraw.Draw(img)
+    font = _font(11)
+    d.text((10, 4), f"modelled speed-up over serial vs ranks P, N = {steps} (ADM-256 H200 c(b); worst image "
+           "and task)", fill="black", font=_font(13))
+    series = []
+    for path in paths:
+        model = json.loads(Path(path).read_text())["model"]
+        for etw in (0.0, 0.8):
+            r = speedup_vs_ranks(path, steps, etw)
+            series.append((f"parareal {model} etw={etw:g} (B={r['blocks']}, K={r['K']})", r["parareal"]))
+            if model == "builtin" and r["picard"]:
+                series.append((f"picard {model} etw={etw:g}", r["picard"]))
+    _panel(d, (0, 24, 560, 410), series, "speed-up (x)", "", hline=1.0, font=font)
+    d.rectangle((230, 395, 420, 410), fill="white")
+    d.text((250, 397), "ranks P", fill="black", font=font)
+    for c, (label, _) in enumerate(series):
+        y = 60 + 18 * c
+        d.line((570, y + 6, 590, y + 6), fill=_COLOURS[c % len(_COLOURS)], width=3)
+        d.text((596, y), label, fill="black", font=font)
+    atomic_write(Path(png), lambda fh: img.save(fh, format="PNG"))
+
+
+def plan_table(out, cost) -> None:
+    """What solver="auto" picks (``api.planner.choose_solver``, K from the committed benchmarks) for
+    N = 25, 50, 100, P = 1, 5, 10, 20 and etw = 0, 0.8 with the c(b) table ``cost``."""
+    c_ms = load_profile(cost)
+    rows = []
+    for etw in (0.0, 0.8):
+        for n in (25, 50, 100):
+            for p in (1, 5, 10, 20):
+                choice, best = choose_solver(c_ms, n, p, etw=etw)
+                rows.append({"etw": etw, "steps": n, "procs": p, "chosen": choice, **best})
+                print(f"etw={etw:g} N={n} P={p}: {choice} (best parallel: {best['solver']} K={best['K']} "
+                      f"B={best.get('blocks')} x{best['speedup']:.2f})")
+    write_json(out, {"command": f"python bench/parareal.py --plan {out} {cost}", "cost_profile": cost, "rows": rows})
+
+
 def main(argv=None):
+    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--plan":
+        plan_table(sys.argv[2], sys.argv[3] if len(sys.argv) > 3 else "bench/results/adm256-h200-design-cb.json")
+        return
+    if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--summarize":
+        print(summarize(sys.argv[2:]))
+        return
+    if argv is None and len(sys.argv) > 2 and sys.argv[1] == "--plot":
+        plot(sys.argv[2], sys.argv[3:])
+        return
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", choices=("analytic", "builtin"), default="analytic")
     p.add_argument("--steps", type=int, nargs="+", default=[25, 50, 100])

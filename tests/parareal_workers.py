@@ -17,7 +17,8 @@ def equivalence(rank, world, port, out_dir):
             (12, 4, 1, 2, 0.0, "sr_avgpool", "final", "normalized", 2),
             (12, 5, 2, 1, 0.3, "inpaint", "final", "ab2", 0),
             (10, 3, 1, 3, 0.0, "inpaint", "none", "ddim", 3),
-            (9, 7, 1, 2, 0.0, "sr_avgpool", "final", "normalized", 2)):
+            (9, 7, 1, 2, 0.0, "sr_avgpool", "final", "normalized", 2),
+            (6, 2, 1, 2, 0.0, "inpaint", "none", "normalized", 2)):      # P = 3 > B: a rank without blocks
         model, op, y, xi = _problem(batch, seed=steps + batch, task=task)
         kw = {"steps": steps, "solver": "parareal", "noise": xi, "nw": nw, "stop": stop, "blocks": blocks,
               "coarse_steps": m, "coarse": coarse, "secant": secant, "generator": torch.Generator().manual_seed(5),

@@ -1,4 +1,4 @@
-"""Measured denoiser cost c(b) and the latency model of DESIGN section 5.
+"""Measured denoiser cost c(b) and the latency model of docs/design.md section 5.
 
 Serial sampling costs T c(1); the chain-parallel solver on P devices costs
 K (c(ceil(W / P)) + t_comm + t_solver) for an active window of W rows; parareal costs its
@@ -25,12 +25,12 @@ DEFAULT_BATCHES = (1, 2, 4, 8, 13, 16, 25, 50, 100)
 # K to plan with comes from the benchmarks' JSON, never from constants here: picard's K per N and
 # window (the built-in prior, 'rows' rule, max over images; ``deqir bench --model builtin --windows
 # 0 0.5 0.25``) and parareal's K per N and (B, m) (the built-in prior, its default rule, max over
-# every task, image and etw benchmarked; ``python bench/parareal.py --model builtin``). A learned
+# every task and image benchmarked, at the nearest etw; ``python bench/parareal.py --model builtin``). A learned
 # prior needs far more than the analytic oracle, and planning with the oracle's K would pick a
 # parallel solver where it is slower. Without the files no parallel plan is offered.
 RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"
 PICARD_K_FILE = RESULTS_DIR / "builtin-sr_avgpool-cpu.json"
-PARAREAL_K_FILE = RESULTS_DIR / "parareal-builtin-cpu.json"
+PARAREAL_K_FILE = (RESULTS_DIR / "parareal-builtin-cpu.json", RESULTS_DIR / "parareal-builtin-B6-7-10-cpu.json")
 # a parallel plan must beat serial by this fraction of serial's modelled latency
 MARGIN = 0.1
 _K_CACHE: dict = {}
@@ -46,10 +46,13 @@ def _read_json(path) -> dict | None:
     return _K_CACHE[key]
 
 
-def picard_k_table(path=None) -> dict[int, dict[float, int]]:
-    """{N: {window / N: K}} from picard's rows of the benchmark JSON ('picard' and 'picard W=w')."""
+def picard_k_table(path=None, etw: float | None = None) -> dict[int, dict[float, int]]:
+    """{N: {window / N: K}} from picard's rows of the benchmark JSON ('picard' and 'picard W=w');
+    empty when ``etw`` is given and differs from the benchmark's (its K is not known there)."""
     data = _read_json(path or PICARD_K_FILE)
     out: dict[int, dict[float, int]] = {}
+    if etw is not None and abs(float((data or {}).get("etw", 0.0)) - etw) > 1e-9:
+        return out
     for row in (data or {}).get("rows", []):
         name, n = str(row.get("solver", "")), int(row.get("steps", 0))
         if name == "picard":
@@ -62,11 +65,17 @@ def picard_k_table(path=None) -> dict[int, dict[float, int]]:
     return out
 
 
-def parareal_k_table(path=None) -> dict[int, dict[tuple[int, int], int]]:
-    """{N: {(B, m): K}}: the largest K of the default rule over the benchmark's cases."""
-    data = _read_json(path or PARAREAL_K_FILE)
+def parareal_k_table(path=None, etw: float | None = None) -> dict[int, dict[tuple[int, int], int]]:
+    """{N: {(B, m): K}}: the largest K of the default rule over the benchmarks' cases (tasks, images;
+    with ``etw``, the cases at the nearest benchmarked etw, else every etw)."""
+    paths = path or PARAREAL_K_FILE
     out: dict[int, dict[tuple[int, int], int]] = {}
-    for case in (data or {}).get("cases", []):
+    cases = [c for p in ([paths] if isinstance(paths, (str, Path)) else paths)
+             for c in (_read_json(p) or {}).get("cases", [])]
+    if etw is not None and cases:
+        near = min({float(c.get("etw", 0.0)) for c in cases}, key=lambda e: abs(e - etw))
+        cases = [c for c in cases if float(c.get("etw", 0.0)) == near]
+    for case in cases:
         key = (int(case["blocks"]), int(case["coarse_steps"]))
         k = int(case["final"]["K_max"])
         per_n = out.setdefault(int(case["steps"]), {})
@@ -125,10 +134,10 @@ def _nearest(table: dict, steps: int):
     return min(table, key=lambda n: abs(math.log(n / steps))) if table else None
 
 
-def expected_iterations(steps: int, window: int | None = None) -> int:
+def expected_iterations(steps: int, window: int | None = None, etw: float | None = None) -> int:
     """picard's K to plan with: the benchmarked K of the nearest N and window fraction, at most N
-    (N, i.e. no saving, when nothing was benchmarked)."""
-    table = picard_k_table()
+    (N, i.e. no saving, when nothing was benchmarked at this etw)."""
+    table = picard_k_table(etw=etw)
     key = _nearest(table, steps)
     if key is None:
         return steps
@@ -138,12 +147,13 @@ def expected_iterations(steps: int, window: int | None = None) -> int:
 
 
 def predict_ms(c_ms: dict, steps: int, procs: int = 1, iterations: int | None = None,
-               window: int | None = None, overhead_ms: float = 0.0, warm_start: int = 1) -> dict:
+               window: int | None = None, overhead_ms: float = 0.0, warm_start: int = 1,
+               etw: float | None = None) -> dict:
     """Modelled milliseconds per image: serial T c(1) vs parallel S c(1) + K (c(ceil(W/P)) + overhead).
 
     W rows per sweep is an upper bound: the frozen prefix only shrinks the batch."""
     w = min(window or steps, steps)
-    k = iterations or expected_iterations(steps, w)
+    k = iterations or expected_iterations(steps, w, etw)
     serial = steps * cost_at(c_ms, 1)
     parallel = warm_start * cost_at(c_ms, 1) + k * (cost_at(c_ms, math.ceil(w / procs)) + overhead_ms)
     return {"solver": "picard", "steps": steps, "procs": procs, "window": w, "K": k, "serial_ms": serial,
@@ -164,9 +174,9 @@ def predict_parareal_ms(c_ms: dict, steps: int, procs: int, blocks: int, coarse_
             "serial_ms": serial, "parallel_ms": parallel, "speedup": serial / parallel}
 
 
-def parareal_candidates(steps: int) -> list[tuple[int, int, int]]:
+def parareal_candidates(steps: int, etw: float | None = None) -> list[tuple[int, int, int]]:
     """(B, m, K) benchmarked at the nearest N (B at most N)."""
-    table = parareal_k_table()
+    table = parareal_k_table(etw=etw)
     key = _nearest(table, steps)
     if key is None:
         return []
@@ -175,20 +185,23 @@ def parareal_candidates(steps: int) -> list[tuple[int, int, int]]:
 
 def choose_solver(c_ms: dict, steps: int, procs: int = 1, iterations: int | None = None,
                   overhead_ms: float = 0.0, windows: bool = True, parareal: bool = True,
-                  margin: float = MARGIN) -> tuple[str, dict]:
+                  margin: float = MARGIN, etw: float | None = None) -> tuple[str, dict]:
     """The solver with the lowest modelled latency, if it beats serial by ``margin``; else 'serial'.
 
     Candidates: picard over a window of N, N/2 or N/4 rows (at least one row per device; the
     larger one on a tie; with ``iterations`` given or ``windows=False``, a stop rule other than
     'rows', only the whole chain) with K from the benchmark (``expected_iterations``), and, with
     ``parareal`` and no ``iterations`` given, parareal for every benchmarked (B, m) with its
-    benchmarked K (``parareal_candidates``). The returned prediction is the best candidate's."""
+    benchmarked K (``parareal_candidates``). ``etw``: plan with the K measured at that sampler setting
+    (picard: only where benchmarked, else K = N; parareal: the nearest benchmarked etw); None: the
+    largest K over every setting (parareal) and picard's benchmark as it is. The returned
+    prediction is the best candidate's."""
     sizes = (steps, round(steps / 2), round(steps / 4)) if windows and not iterations else (steps,)
     candidates = sorted({w for w in sizes if w >= procs} | {steps}, reverse=True)
-    preds = [predict_ms(c_ms, steps, procs, iterations, w, overhead_ms) for w in candidates]
+    preds = [predict_ms(c_ms, steps, procs, iterations, w, overhead_ms, etw=etw) for w in candidates]
     if parareal and not iterations:
         preds += [predict_parareal_ms(c_ms, steps, procs, b, m, k, overhead_ms)
-                  for b, m, k in parareal_candidates(steps)]
+                  for b, m, k in parareal_candidates(steps, etw)]
     best = min(preds, key=lambda p: p["parallel_ms"])     # min keeps the first (larger window) on a tie
     best = {**best, "margin": margin}
     return (best["solver"] if best["parallel_ms"] * (1 + margin) < best["serial_ms"] else "serial"), best

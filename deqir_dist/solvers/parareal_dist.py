@@ -122,8 +122,8 @@ def solve_parareal_dist(eps_fn, op, coeffs: ChainCoefficients, y: torch.Tensor, 
                 for d in (U, G, E, F, OUT):
                     for n in list(d):
                         d[n] = d[n][keep]
-                for n in H:
-                    H[n] = [(x[keep], c[keep]) for x, c in H[n]]
+                for n, hist in H.items():
+                    H[n] = [(x[keep], c[keep]) for x, c in hist]
             if not ids:
                 break
         for n in mine:                         # G pass: the correction travels along the ranks

@@ -17,16 +17,19 @@ the same trajectory, to within their stopping tolerance, and cost about N times 
 from __future__ import annotations
 
 import argparse
+import io
 import sys
 import time
 
+import numpy as np
 import torch
+from PIL import Image
 
 from deqir_dist.api.restore import restore
 from deqir_dist.data.photos import resize_short, to_tensor
 from deqir_dist.dataset.tasks import DEMO_TASKS
 from deqir_dist.io.jsonio import write_json
-from deqir_dist.io.quantization import default_sigma_y
+from deqir_dist.io.quantization import JPEG_SIGMA, default_sigma_y
 from deqir_dist.models.builtin import builtin_bench_images, heldout_images, load_builtin
 from deqir_dist.physics.registry import make_operator
 from deqir_dist.quality.baselines import baselines_for
@@ -38,7 +41,20 @@ def quantize8(y: torch.Tensor) -> torch.Tensor:
     return (((y + 1) / 2).clamp(0, 1) * 255).round() / 255 * 2 - 1
 
 
-def evaluate(model, images: list[torch.Tensor], task: str, bits: int | None, seed: int) -> dict:
+def jpeg(y: torch.Tensor, quality: int) -> torch.Tensor:
+    """y written as an RGB JPEG by Pillow at ``quality`` and decoded again."""
+    out = []
+    for im in y:
+        a = (((im + 1) / 2).clamp(0, 1) * 255).round().byte().permute(1, 2, 0).numpy()
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, "JPEG", quality=quality)
+        buf.seek(0)
+        with Image.open(buf) as j:
+            out.append(torch.from_numpy(np.array(j.convert("RGB"))).permute(2, 0, 1).double() / 255 * 2 - 1)
+    return torch.stack(out).float()
+
+
+def evaluate(model, images: list[torch.Tensor], task: str, bits, seed: int) -> dict:
     """Mean PSNR / SSIM of the prior (library defaults) and of every baseline over ``images``."""
     op_name, params = DEMO_TASKS[task]
     scores: dict[str, list] = {}
@@ -48,7 +64,10 @@ def evaluate(model, images: list[torch.Tensor], task: str, bits: int | None, see
         y = op.A(x[None])
         if bits == 8:
             y = quantize8(y)
-        sigma_y = default_sigma_y(y)[0]
+        if isinstance(bits, str) and bits.startswith("jpeg"):
+            y, sigma_y = jpeg(y, int(bits[4:])), JPEG_SIGMA     # what default_sigma_y gives a JPEG file
+        else:
+            sigma_y = default_sigma_y(y)[0]
         res = restore(model, y, op, solver="serial", sigma_y=sigma_y, generator=torch.Generator().manual_seed(seed + k))
         settings = {**res.settings, "source": res.settings_source}
         cands = {"prior (defaults)": res.images, **{n: e.clamp(-1, 1) for n, e in baselines_for(op, y).items()}}
@@ -68,6 +87,8 @@ def main(argv=None) -> int:
     p.add_argument("--crops", type=int, default=6, help="64x64 held-out crops (default 6)")
     p.add_argument("--whole", type=int, default=64, help="short side of the whole photos (default 64)")
     p.add_argument("--tasks", default=",".join(DEMO_TASKS))
+    p.add_argument("--measurements", default="float,8bit",
+                   help="comma list of float, 8bit, jpegQ (a JPEG of quality Q; default float,8bit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--json", required=True)
@@ -84,9 +105,10 @@ def main(argv=None) -> int:
               "sampler": "restore() at the model card's settings, solver serial, sigma_y from the bit depth",
               "torch_threads": args.threads, "results": {}}
     for task in args.tasks.split(","):
-        for bits in (None, 8):
+        for meas in args.measurements.split(","):
+            bits = {"float": None, "8bit": 8}.get(meas, meas)
             for kind, images in sets.items():
-                key = f"{task}/{'8bit' if bits else 'float'}/{kind}"
+                key = f"{task}/{meas}/{kind}"
                 r = evaluate(model, images, task, bits, args.seed)
                 result["results"][key] = r
                 pr = r["methods"]["prior (defaults)"]

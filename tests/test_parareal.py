@@ -88,6 +88,11 @@ def test_schedule_pipelines():
     assert parareal_schedule(b, [1] * 5, 0)["critical_path"] == 5
     assert parareal_schedule(b, [1] * 5, 1)["critical_path"] == 10
     assert parareal_schedule(b, [1] * 5, 5)["critical_path"] > 25     # K = B is slower than serial
+    # the ranks' lagged stopping decision (parareal_dist.STOP_LAG = 2) costs little; waiting every
+    # iteration for the last rank (lag 1) costs the pipeline at many blocks
+    b20 = block_bounds(100, 20)
+    pipe, lag2, lag1 = (parareal_schedule(b20, [1] * 20, 4, stop_lag=lag)["critical_path"] for lag in (0, 2, 1))
+    assert pipe == 40 and pipe <= lag2 < lag1 and lag1 > 1.5 * pipe
 
 
 def test_restore_reports_the_schedule_and_stops_per_image():
@@ -97,7 +102,7 @@ def test_restore_reports_the_schedule_and_stops_per_image():
                    stop="none")
     assert float((full.image - ser.image).abs().max()) <= 1e-10
     assert (full.blocks, full.coarse_steps, full.iterations) == (5, 1, 5)
-    assert full.critical_path_calls == parareal_schedule(block_bounds(20, 5), [1] * 5, 5)["critical_path"]
+    assert full.critical_path_calls == parareal_schedule(block_bounds(20, 5), [1] * 5, 5, stop_lag=2)["critical_path"]
     early = restore(model, y, op, steps=20, solver="parareal", noise=xi, dtype=torch.float64, blocks=5,
                     stop="final", stop_tol=45.0)
     assert early.iterations < 5 and len(early.trace) == early.iterations

@@ -328,13 +328,17 @@ def block_owners(blocks: int, procs: int) -> list[int]:
     return owner
 
 
-def parareal_schedule(bounds, coarse_calls, iterations: int, procs: int | None = None) -> dict:
+def parareal_schedule(bounds, coarse_calls, iterations: int, procs: int | None = None,
+                      stop_lag: int = 0) -> dict:
     """The pipelined schedule of K = ``iterations`` in units of one denoiser call (batch 1).
 
     Worker w owns the blocks ``block_owners``; in iteration k it first runs G_n(U_n^k) for its
     blocks (as soon as U_n^k arrives: the correction travels along the workers), then the fine
     solves F_n(U_n^k) (s_n - 1 calls: the first is G's) that iteration k + 1 needs. Block n <= k
-    has an exact input and needs nothing more. Returns {"critical_path": when U_B^K is known,
+    has an exact input and needs nothing more. ``stop_lag`` L > 0: every worker waits at the start
+    of iteration k > L for iteration k - L's stopping decision (when U_B^{k-L} is known), as
+    ``solvers.parareal_dist`` runs it with L = 2; 0: no decision waits (the pure pipeline).
+    Returns {"critical_path": when U_B^K is known,
     "calls": denoiser calls of the schedule, "per_worker": busy calls of each worker}."""
     nb = len(bounds)
     iterations = min(iterations, nb)          # K = B is the serial answer: nothing runs after it
@@ -347,7 +351,10 @@ def parareal_schedule(bounds, coarse_calls, iterations: int, procs: int | None =
     calls = 0
     g_end, f_end = [0.0] * nb, [0.0] * nb      # of the latest G / F of each block
     avail = [0.0] * (nb + 1)                  # U_n of the current iteration
+    final_at = []                             # when U_B^k is known
     for k in range(iterations + 1):
+        if stop_lag and k > stop_lag:
+            free = [max(f, final_at[k - stop_lag]) for f in free]
         prev_f = list(f_end)
         new = [0.0] * (nb + 1)
         if k:
@@ -361,6 +368,7 @@ def parareal_schedule(bounds, coarse_calls, iterations: int, procs: int | None =
             calls += m[n]
             new[n + 1] = g_end[n] if k == 0 else max(g_end[n], prev_f[n])
         avail = new
+        final_at.append(avail[nb])
         if k == iterations:
             break
         for n in range(k, nb):                 # F pass (for iteration k + 1)

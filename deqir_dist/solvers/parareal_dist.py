@@ -4,10 +4,9 @@ Rank r owns the blocks ``block_owners(B, P)`` gives it (one block per rank when 
 contiguous group when P < B). In iteration k a rank waits for U_n^k of its first active block
 (point-to-point from the rank before), runs G_n, forms U_{n+1}^k = G_n(U_n^k) + F_n(U_n^{k-1}) -
 G_n(U_n^{k-1}) and sends it on at once (the correction travels along the ranks), then runs the
-fine solves F_n(U_n^k) of its blocks that iteration k + 1 needs, without waiting for anyone. The
-Iteration k's stopping decision
-(taken by the last rank, which holds U_B) is one all_reduce at the start of iteration k + 1,
-after the fine solves; a batch of images moves through together and stopped images leave it.
+fine solves F_n(U_n^k) of its blocks that iteration k + 1 needs, without waiting for anyone.
+Iteration k's stopping decision (taken by the last rank, which holds U_B) is one all_reduce at
+the start of iteration k + 2 (``STOP_LAG``), after the fine solves; a batch of images moves through together and stopped images leave it.
 At the end the final states are broadcast from the last rank. Every exchange goes through
 ``DistComm._run``: bounded by the group's timeout, failures name the dead rank.
 """
@@ -31,18 +30,25 @@ from deqir_dist.solvers.parareal import (
     solve_parareal,
 )
 
+# iteration k's stopping decision is taken at the start of iteration k + STOP_LAG: with 1, every
+# rank would wait each iteration for the last rank's U_B (a barrier that doubles the critical
+# path at B = 20, ``parareal_schedule(stop_lag=1)``); with 2 the pipeline keeps running and
+# images that stopped ride one speculative iteration
+STOP_LAG = 2
+
 
 def run_parareal(eps_fn, op, coeffs: ChainCoefficients, y, xi, opts: PararealOptions, step_noise=None, comm=None,
                  callback=None) -> PararealOutput:
     """restore's entry: one process (``comm`` None or of size 1), else the pipelined ranks.
-    Fills in the schedule's critical path and denoiser calls per image (at the largest K)."""
+    Fills in the critical path and denoiser calls per image (at the largest K) of the schedule the
+    ranks run (``stop_lag=STOP_LAG``; in one process: as if on one rank per block)."""
     procs = 1 if comm is None else comm.size
     if procs > 1:
         out = solve_parareal_dist(eps_fn, op, coeffs, y, xi, opts, comm, step_noise, callback=callback)
     else:
         out = solve_parareal(eps_fn, op, coeffs, y, xi, opts, step_noise, callback=callback)
     sched = parareal_schedule(out.blocks, [min(opts.coarse_steps, hi - lo) for lo, hi in out.blocks],
-                              max(out.iterations), procs if procs > 1 else len(out.blocks))
+                              max(out.iterations), procs if procs > 1 else len(out.blocks), stop_lag=STOP_LAG)
     out.critical_path, out.schedule_calls = sched["critical_path"], sched["calls"]
     return out
 
@@ -114,16 +120,21 @@ def solve_parareal_dist(eps_fn, op, coeffs: ChainCoefficients, y: torch.Tensor, 
             return OUT[n - 1]
         return pipe.recv(xi[ids], owner[n - 1])
 
-    kmax, k_done = opts.max_iter, -1
+    def prune(keep):
+        for d in (U, G, E, F, OUT):
+            for n in list(d):
+                d[n] = d[n][keep]
+        for n, hist in H.items():
+            H[n] = [(x[keep], c[keep]) for x, c in hist]
+
+    kmax, k_done, decided = opts.max_iter, -1, 0
     for k in range(kmax + 1):
-        if k >= 2:
-            ids, keep = _decide(comm, pipe, k - 1, ids, qs, ends, final, iters, trace, opts, last, kmax, nb, batch)
+        if k - STOP_LAG >= 1:                  # iteration k - STOP_LAG's decision, taken STOP_LAG iterations later
+            decided = k - STOP_LAG
+            ids, keep = _decide(comm, pipe, decided, ids, qs, ends, final, iters, trace, opts, last, kmax, nb,
+                                batch)
             if keep is not None:
-                for d in (U, G, E, F, OUT):
-                    for n in list(d):
-                        d[n] = d[n][keep]
-                for n, hist in H.items():
-                    H[n] = [(x[keep], c[keep]) for x, c in hist]
+                prune(keep)
             if not ids:
                 break
         for n in mine:                         # G pass: the correction travels along the ranks
@@ -161,9 +172,13 @@ def solve_parareal_dist(eps_fn, op, coeffs: ChainCoefficients, y: torch.Tensor, 
             fv = pr.fine(todo, torch.cat([U[n] for n in todo]), torch.cat([E[n] for n in todo]), ids)
             for j, n in enumerate(todo):
                 F[n] = fv[j * per:(j + 1) * per]
-    if ids and k_done >= 1:
-        ids, _ = _decide(comm, pipe, k_done, ids, qs, ends, final, iters, trace, opts, last, k_done, nb, batch)
-    elif ids and last:                         # max_iter = 0: the coarse pass is the answer
+    for j in range(decided + 1, k_done + 1):   # the decisions not taken yet; the last one stops every image
+        if not ids:
+            break
+        ids, keep = _decide(comm, pipe, j, ids, qs, ends, final, iters, trace, opts, last, k_done, nb, batch)
+        if keep is not None:
+            prune(keep)
+    if ids and k_done == 0 and last:           # max_iter = 0: the coarse pass is the answer
         final[ids] = ends[0]
     pipe.flush()
     final = comm.from_rank(final, owner[nb - 1], "final broadcast")

@@ -7,11 +7,13 @@ from deqir_dist.dataset.tasks import OP_FLAGS, TASKS, operator_params
 from deqir_dist.errors import DeqirError, check_int
 from deqir_dist.models.loading import PRESETS
 from deqir_dist.sampling.denoiser import resolve_device
+from deqir_dist.solvers import registry
 
 
-def add_task_flags(p: argparse.ArgumentParser) -> None:
+def add_task_flags(p: argparse.ArgumentParser, task_required: bool = True) -> None:
     g = p.add_argument_group("task (the forward model)")
-    g.add_argument("--task", required=True, choices=TASKS, help="degradation to invert")
+    g.add_argument("--task", required=task_required, choices=TASKS, help="degradation to invert" + (
+        "" if task_required else " (default: the one the measurement PNGs describe, as deqir degrade writes them)"))
     g.add_argument("--scale", type=int, help="sr_*: downsampling factor (default 4)")
     g.add_argument("--kernel-size", type=int, help="deblur_*: kernel size, odd (default 5 gauss, 9 uniform/aniso)")
     g.add_argument("--blur-sigma", type=float, help="deblur_gauss: Gaussian sigma (default 10)")
@@ -23,8 +25,10 @@ def add_task_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--mask-seed", type=int, help="inpaint random: seed (default 0)")
     g.add_argument("--ratio", type=int, help="cs_wht: compression ratio (default 2)")
     g.add_argument("--cs-seed", type=int, help="cs_wht: permutation seed (default 0)")
-    g.add_argument("--sigma-y", type=float, default=0.0,
-                   help="std of the measurement noise in the [-1, 1] scale (default 0)")
+    g.add_argument("--sigma-y", type=float,
+                   help="std of the measurement noise in the [-1, 1] scale (degrade: noise added, default 0; "
+                        "restore: default from the measurement's bit depth, 2 / (255 sqrt(12)) for 8-bit files, "
+                        "0 for .pt files and --from-clean)")
     g.add_argument("--max-pixels", type=int, metavar="N",
                    help="refuse images (and measurements' images) over N pixels, checked from the file header "
                         "before decoding; input files over 16 N + 1 MiB bytes are refused too "
@@ -52,27 +56,28 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
                    help="builtin (the default without --checkpoint: the shipped prior), analytic (exact "
                         "oracle), adm-256-uncond, sdedit-celeba-hq, or a checkpoint file")
     g.add_argument("--checkpoint", help="weights file for the model")
-    g.add_argument("--solver", default="picard", choices=("serial", "picard", "anderson", "auto"),
-                   help="serial: the reference sampler, one step after another; picard (default) or anderson: the "
-                        "chain-parallel solvers; auto: serial or picard, whichever the measured cost model predicts "
-                        "is faster")
+    g.add_argument("--solver", default="picard", choices=registry.names("restore"), help=registry.help_text("restore"))
     g.add_argument("--profile", help="solver auto: cost profile JSON from 'deqir bench --profile'")
-    g.add_argument("--steps", type=int, default=25, help="sampling steps N (default 25)")
+    g.add_argument("--steps", type=int, help="sampling steps N (default: the model card's, else 25)")
     g.add_argument("--start", type=int, default=1000, help="start timestep S (default 1000)")
     g.add_argument("--stop", default="rows", choices=("final", "rows", "residual", "none"))
     g.add_argument("--stop-tol", type=float, help="rows: largest row change in units of its noise level "
-                                                   "(default 0.03); final: dB (43); residual: relative (1e-3)")
+                                                   "(default 0.03); final: dB (43; parareal 40); residual: relative (1e-3)")
     g.add_argument("--max-iter", type=int, help="most joint-map evaluations (default N)")
     g.add_argument("--warm-start", type=int, default=1, metavar="S",
                    help="start the parallel solver from a serial pass over S of the N steps (default 1; 0: from xi)")
     g.add_argument("--window", type=int, metavar="W",
                    help="picard + rows only: evaluate a sliding window of W rows and freeze the settled prefix "
                         "(default: W = steps, the frozen prefix only; 0: every row in every sweep)")
-    g.add_argument("--clip-x0", action="store_true",
+    g.add_argument("--blocks", type=int, metavar="B",
+                   help="parareal only: blocks of rows, one per rank (default: steps / 5)")
+    g.add_argument("--coarse-steps", type=int, metavar="M",
+                   help="parareal only: coarse DDNM jumps per block (default 1)")
+    g.add_argument("--clip-x0", action=argparse.BooleanOptionalAction, default=None,
                    help="clamp every x0 prediction to [-1, 1] inside the denoiser (not in DDNM/DeqIR; helps "
-                        "weak priors on colorize)")
-    g.add_argument("--etw", type=float, default=0.0, help="w: shrinks the eps term (default 0)")
-    g.add_argument("--nw", type=float, default=0.0, help="v: injected noise weight (default 0)")
+                        "weak priors on colorize; default: the model card's choice for the task, else off)")
+    g.add_argument("--etw", type=float, help="w: shrinks the eps term (default: the model card's, else 0)")
+    g.add_argument("--nw", type=float, help="v: injected noise weight (default: the model card's, else 0)")
     g.add_argument("--seed", type=int, default=0, help="noise seed; each image draws from (seed, id)")
     g.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
 
@@ -83,6 +88,10 @@ def check_sampler_flags(args) -> None:
         raise DeqirError("--profile is the cost model of --solver auto; add --solver auto or drop --profile")
     if args.window is not None and args.solver not in ("picard", "auto"):
         raise DeqirError(f"--window is a picard option; it does nothing with --solver {args.solver}")
+    for flag in ("blocks", "coarse_steps"):
+        if getattr(args, flag, None) is not None and args.solver != "parareal":
+            raise DeqirError(f"--{flag.replace('_', '-')} is a parareal option; it does nothing with --solver "
+                             f"{args.solver}")
     if args.model in PRESETS and not args.checkpoint:
         raise DeqirError(f"--model {args.model} needs --checkpoint FILE (its weights); without it the network "
                          "is untrained")
@@ -96,11 +105,14 @@ def set_threads(n) -> None:
 
 
 def restore_kwargs(args) -> dict:
-    return dict(steps=args.steps, start=args.start, solver=args.solver, stop=args.stop,
-                stop_tol=args.stop_tol, max_iter=args.max_iter, etw=args.etw, nw=args.nw,
-                sigma_y=args.sigma_y, warm_start=args.warm_start, profile=args.profile,
+    """restore()'s keyword arguments from the flags; sampler settings the user left out are absent
+    (restore takes them from the model card, sigma_y from each measurement's bit depth)."""
+    given = {k: getattr(args, k) for k in ("steps", "etw", "nw", "sigma_y", "clip_x0")}
+    return dict(start=args.start, solver=args.solver, stop=args.stop,
+                stop_tol=args.stop_tol, max_iter=args.max_iter, **{k: v for k, v in given.items() if v is not None},
+                warm_start=args.warm_start, profile=args.profile,
                 **({"window": args.window} if args.window is not None else {}),
-                **({"clip_x0": True} if args.clip_x0 else {}))
+                **{k: getattr(args, k) for k in ("blocks", "coarse_steps") if getattr(args, k, None) is not None})
 
 
 def _device(args):

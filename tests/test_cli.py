@@ -109,7 +109,9 @@ def test_conflicting_or_untrained_settings_fail_before_work(photos, tmp_path, ca
     mixed.mkdir()
     (mixed / "a.png").write_bytes((photos / "img0.png").read_bytes())
     Image.fromarray(np.zeros((30, 30, 3), np.uint8)).save(mixed / "b.png")
-    _bad(capsys, ["restore", mixed, "--from-clean", "--task", "inpaint", "--steps", "5"], tmp_path, "multiple of 4")
+    # issue 16: a size that is not a multiple of 4 is padded and cropped back, no longer refused
+    assert _run(["restore", mixed, "--from-clean", "--task", "inpaint", "--steps", "2", "-o", tmp_path / "mixed-out"],
+                capsys)[0] == 0
     _bad(capsys, [*one, "--model", "adm-256-uncond"], tmp_path, "--checkpoint")
     _bad(capsys, [*one, "--device", "nosuch"], tmp_path, "unknown device")
     _bad(capsys, [*one, "--profile", tmp_path / "p.json"], tmp_path, "--solver auto")

@@ -6,20 +6,25 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deqir_dist.api.planner import choose_solver, cost_table, load_profile, measure_cost
+from deqir_dist.api.conventions import apply_value_range, place_model, resolve_eta
+from deqir_dist.api.planner import choose_solver, cost_table, load_profile
+from deqir_dist.api.profile_cache import cached_cost, plan_reason
 from deqir_dist.errors import DeqirError, check_int, check_tensor
 from deqir_dist.parallel.comm import LocalComm, offset_split, split_rows
+from deqir_dist.models.settings import LIBRARY_DEFAULTS, resolve_settings
 from deqir_dist.parallel.dist import DistComm, check_same_inputs, problem_digest
+from deqir_dist.physics.padded import PaddedOperator
 from deqir_dist.sampling.chain import ChainBlock, block_decays
-from deqir_dist.sampling.denoiser import EpsFn, model_device
+from deqir_dist.sampling.denoiser import EpsFn
 from deqir_dist.sampling.noise import draw_noise
 from deqir_dist.sampling.schedule import chain_coefficients, linear_alphas_cumprod
 from deqir_dist.sampling.serial import coarse_trajectory, sample_serial
-from deqir_dist.solvers.chain import solve_chain
+from deqir_dist.solvers import registry
 from deqir_dist.solvers.options import SolverOptions
-from deqir_dist.solvers.window import solve_window
+from deqir_dist.solvers.parareal import PararealOptions
+from deqir_dist.solvers.parareal_dist import run_parareal
 
-METHODS = ("serial", "picard", "anderson", "auto")
+METHODS = registry.names("restore")     # ("serial", "picard", "anderson", "auto", ...): solvers.registry
 
 
 @dataclass
@@ -38,6 +43,12 @@ class RestoreResult:
     #                                               with a window: in the first sweep, the most it holds)
     state_rows: int | None = None                 # rows of chain state this process held
     plan: dict | None = None                      # solver="auto": the prediction it chose by
+    settings: dict = field(default_factory=dict)  # the sampler settings used (steps, etw, nw, clip_x0, sigma_y)
+    settings_source: dict = field(default_factory=dict)   # where each came from: "user", a model card, ...
+    blocks: int | None = None                     # parareal: B, m, and of the schedule that ran (max K; pipelined,
+    coarse_steps: int | None = None               # one batch-1 call as the unit): the critical path and the
+    critical_path_calls: float | None = None      # denoiser calls per image (solvers.parareal.parareal_schedule)
+    denoiser_calls: int | None = None
 
     @property
     def images(self) -> torch.Tensor:
@@ -51,15 +62,17 @@ class RestoreResult:
         return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in u8]
 
 
-def check_settings(steps: int, solver: str = "picard", start: int = 1000, etw: float = 0.0, nw: float = 0.0,
-                   sigma_y: float = 0.0, stop: str = "rows", stop_tol: float | None = None,
+def check_settings(steps: int | None = None, solver: str = "picard", start: int = 1000, etw: float | None = None,
+                   nw: float | None = None, sigma_y: float = 0.0, stop: str = "rows", stop_tol: float | None = None,
                    max_iter: int | None = None, alphas_cumprod=None, warm_start: int = 1, profile=None,
-                   clip_x0: bool = False, **solver_options):
+                   clip_x0: bool | None = None, **solver_options):
     """Validate the sampler settings (DeqirError on bad ones): (ChainCoefficients, SolverOptions | None).
 
-    ``solver="auto"`` is validated as "picard" (what it may choose besides serial)."""
-    if solver not in METHODS:
-        raise DeqirError(f"unknown solver {solver!r}; choose from {', '.join(METHODS)}")
+    ``solver="auto"`` is validated as "picard" (what it may choose besides serial). None (not
+    given) stands for ``settings.LIBRARY_DEFAULTS``; ``restore`` resolves None from the model card."""
+    steps, etw, nw, clip_x0 = (LIBRARY_DEFAULTS[k] if v is None else v
+                               for k, v in (("steps", steps), ("etw", etw), ("nw", nw), ("clip_x0", clip_x0)))
+    registry.get(solver)            # DeqirError naming the choices
     if solver == "auto":
         solver = "picard"
     check_int("warm_start", warm_start, 0)
@@ -68,6 +81,9 @@ def check_settings(steps: int, solver: str = "picard", start: int = 1000, etw: f
     coeffs = chain_coefficients(steps, start, etw, nw, sigma_y, alphas_cumprod)
     if warm_start > coeffs.steps:
         raise DeqirError(f"warm_start={warm_start} is more than the {coeffs.steps} steps of the chain")
+    if solver == "parareal":            # its own options (solvers.parareal)
+        return coeffs, PararealOptions.make(coeffs.steps, stop=stop, stop_tol=stop_tol, max_iter=max_iter,
+                                            **solver_options)
     # the serial sampler ignores the solver options, but a typo in them is still an error
     opts = SolverOptions.make("picard" if solver == "serial" else solver, stop, stop_tol, max_iter, coeffs.steps,
                               **solver_options)
@@ -75,19 +91,24 @@ def check_settings(steps: int, solver: str = "picard", start: int = 1000, etw: f
 
 
 @torch.no_grad()
-def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picard",
-            noise: torch.Tensor | None = None, etw: float = 0.0, nw: float = 0.0, start: int = 1000,
+def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str = "picard",
+            noise: torch.Tensor | None = None, etw: float | None = None, nw: float | None = None, start: int = 1000,
             stop: str = "rows", stop_tol: float | None = None, max_iter: int | None = None,
             generator: torch.Generator | None = None, alphas_cumprod: torch.Tensor | None = None,
             sigma_y: float = 0.0, step_noise: torch.Tensor | None = None, init: torch.Tensor | None = None,
             warm_start: int = 1, progress: bool = False, callback=None, dtype: torch.dtype = torch.float32,
-            distributed: bool = False, group=None, profile=None, clip_x0: bool = False,
-            **solver_options) -> RestoreResult:
+            distributed: bool = False, group=None, profile=None, clip_x0: bool | None = None,
+            eta: float | None = None, device=None, value_range=None, **solver_options) -> RestoreResult:
     """Restore images from measurements y = A(x) (+ noise of std sigma_y).
 
     denoiser(x, t) -> eps (C or 2C channels); y (B, *op.measurement_shape); op from
     ``make_operator``. solver "serial" runs the N steps one after another; "picard" and
-    "anderson" solve the joint fixed point over all N rows (see ``solvers``). ``noise`` is xi
+    "anderson" solve the joint fixed point over all N rows (see ``solvers``); "parareal" cuts the
+    rows into ``blocks`` B (default N / 5) whose starts ``coarse_steps`` m DDNM jumps per
+    block predict and the blocks' serial steps correct (``solvers.parareal``: K = B is the serial
+    answer; stop "final" at 40 dB by default, restore's stop="rows" included; with
+    ``distributed=True`` one block per rank, pipelined; the result's ``blocks``, ``coarse_steps``,
+    ``critical_path_calls`` and ``denoiser_calls`` describe the schedule that ran). ``noise`` is xi
     (B, C, H, W) and ``step_noise`` the z rows (B, N, C, H, W); missing ones are drawn from
     ``generator`` (xi first). ``init`` warm-starts the parallel solvers with a trajectory
     (B, N, C, H, W); ``warm_start=S`` builds one from a deterministic serial pass over S of the
@@ -107,7 +128,16 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
     solvers then share the clipped trajectory. DDNM/DeqIR do not clip; it keeps the null space
     from running away with a weak prior (the built-in one on colorisation).
 
-    ``solver="auto"`` picks serial or picard from the cost model of DESIGN section 5 with
+    ``steps``, ``etw``, ``nw`` and ``clip_x0`` left at None take the model's recommended settings
+    (its card: ``denoiser.sampler_card``, see ``models.settings``; else etw = nw = 0, no clip,
+    25 steps); ``result.settings`` / ``result.settings_source`` say what was used and why.
+    ``sigma_y > 0``: the operator drops the directions the noise swamps and the range-space
+    target is the Tikhonov estimate (``Operator.for_noise`` / ``filter_measurement``). An image
+    size that is not a multiple of ``denoiser.size_multiple`` is padded (``PaddedOperator``: the
+    padding is null space) and the result cropped back; ``noise``, ``step_noise`` and ``init``
+    then have the padded size.
+
+    ``solver="auto"`` picks serial, picard or parareal from the cost model of docs/design.md section 5 with
     measured c(b): ``profile`` (a dict {b: ms} or a JSON file from ``deqir bench --profile``),
     or, in a single process without one, two quick timings of this denoiser on this input size.
 
@@ -115,27 +145,45 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
     rank owns a contiguous block of the rows and evaluates the denoiser on them only; every
     rank must pass the same inputs (checked) and every rank returns the same image. The serial
     solver runs in full on every rank.
+
+    Conventions (``api.conventions``): ``eta`` is diffusers' name for ``etw`` (default 0);
+    ``device`` runs the chain there (a torch module elsewhere is moved, in place); y is in
+    [-1, 1]: data that looks like [0, 1] is warned about, ``value_range=(0, 1)`` converts it.
+    A model returning an object with a ``.sample`` tensor (diffusers) is unwrapped.
     """
     plan = None
+    given = {"steps": steps, "etw": etw if etw is not None else eta, "nw": nw, "clip_x0": clip_x0}
+    settings, sources = resolve_settings(denoiser, getattr(op, "name", None), given)
+    steps, etw, nw, clip_x0 = (settings[k] for k in ("steps", "etw", "nw", "clip_x0"))
+    etw = resolve_eta(etw, eta)
+    y, sigma_y = apply_value_range(y, op, value_range, sigma_y)
+    device = place_model(denoiser, device, y.device)
     if dtype not in (torch.float32, torch.float64):
         raise DeqirError(f"dtype is the precision of the chain state: torch.float32 or torch.float64, got {dtype!r} "
                          "(the denoiser runs in its own precision)")
     if solver == "auto":    # validate before the planner times anything
         check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter, alphas_cumprod, warm_start,
                        clip_x0=clip_x0, **solver_options)
-        solver, plan = _plan(denoiser, op, steps, profile, distributed, group, stop == "rows")
+        solver, plan = _plan(denoiser, op, steps, profile, distributed, group, stop == "rows", max_iter, etw)
         if solver == "picard" and stop == "rows" and "window" not in solver_options and \
                 (max_iter is None or max_iter >= steps or plan["window"] >= steps):
             solver_options["window"] = plan["window"]
+        if solver == "parareal":        # the planner's (B, m)
+            solver_options.setdefault("blocks", plan["blocks"])
+            solver_options.setdefault("coarse_steps", plan["coarse_steps"])
     coeffs, opts = check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter,
                                   alphas_cumprod, warm_start, clip_x0=clip_x0, **solver_options)
     steps = coeffs.steps
-    image_shape = tuple(op.image_shape)
     y = check_tensor(y, "y", (None, *op.measurement_shape))
     batch = y.shape[0]
     if batch < 1:
         raise DeqirError("y holds no images (a batch of 0)")
-    device = model_device(denoiser, default=y.device)
+    settings["sigma_y"], sources["sigma_y"] = float(sigma_y), "user"
+    op = op.for_noise(sigma_y)                  # sigma_y > 0: the directions the noise swamps go to the prior
+    y = op.filter_measurement(y, sigma_y)
+    op = PaddedOperator.to_multiple(op, check_int("size_multiple", getattr(denoiser, "size_multiple", 1)))
+    image_shape = tuple(op.image_shape)
+    crop = op.crop if isinstance(op, PaddedOperator) else (lambda t: t)
     comm, blocks = LocalComm(), [(0, steps)]
     if distributed and solver != "serial":
         comm = DistComm(group, device)
@@ -146,7 +194,9 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
         else:
             blocks = split_rows(steps, comm.size)
             comm.block_decays = block_decays(coeffs, blocks, opts.data_std)
-    lo, hi = (0, steps) if opts is not None and opts.window else blocks[comm.rank]   # a window holds all rows
+    entry = registry.get(solver)
+    all_rows = opts is not None and entry.all_rows(opts)
+    lo, hi = (0, steps) if all_rows else blocks[comm.rank]   # a window holds all rows
     z_check = None
     if step_noise is not None:
         step_noise = check_tensor(step_noise, "step_noise", (batch, steps, *image_shape))
@@ -165,33 +215,41 @@ def restore(denoiser, y: torch.Tensor, op, steps: int = 25, solver: str = "picar
     if solver == "serial":
         step_cb = None if callback is None else (lambda i, h: callback(i - 1, list(range(batch)), h, None))
         out = sample_serial(eps_fn, op, coeffs, y, xi, step_noise, progress=progress, callback=step_cb)
-        return RestoreResult(out, steps, [steps] * batch, [], "serial", steps, "none", 0.0,
-                             time.perf_counter() - t0, plan=plan)
+        return RestoreResult(crop(out), steps, [steps] * batch, [], "serial", steps, "none", 0.0,
+                             time.perf_counter() - t0, plan=plan, settings=settings, settings_source=sources)
     if comm.size > 1:
         config = {"steps": steps, "start": start, "etw": etw, "nw": nw, "sigma_y": sigma_y, "dtype": str(dtype),
                   "clip_x0": clip_x0,
                   "options": opts.__dict__, "a": coeffs.a.tolist(), "z": z_check}
         check_same_inputs(comm, problem_digest(y, xi, op, config))
+    if solver == "parareal":            # solvers.parareal: its own propagators over blocks of rows
+        if init is not None:
+            raise DeqirError("init (a starting trajectory) does not apply to solver='parareal'")
+        sol = run_parareal(eps_fn, op, coeffs, y, xi, opts, step_noise, comm, callback=callback)
+        return RestoreResult(crop(sol.final), max(sol.iterations), sol.iterations, sol.trace, solver, steps,
+                             opts.stop, opts.stop_tol, time.perf_counter() - t0, plan=plan, settings=settings,
+                             settings_source=sources, blocks=opts.blocks, coarse_steps=opts.coarse_steps,
+                             critical_path_calls=sol.critical_path, denoiser_calls=sol.schedule_calls)
     block = ChainBlock(eps_fn, op, coeffs, y, xi, lo, hi, step_noise, opts.data_std)
     x0 = None
     if init is not None:
         x0 = check_tensor(init, "init", (batch, steps, *image_shape))[:, lo:hi].to(device=device, dtype=dtype)
     elif warm_start:
         x0 = coarse_trajectory(eps_fn, op, coeffs, warm_start, y, xi, alphas_cumprod)[:, lo:hi]
-    if opts.window:     # a given trajectory also seeds the rows that enter the window later
-        sol = solve_window(block, comm, opts, x0=x0, progress=progress, callback=callback,
-                           entering=x0 if init is not None else None)
-    else:
-        sol = solve_chain(block, comm, opts, x0=x0, progress=progress, callback=callback)
+    # a given trajectory also seeds the rows that enter a sliding window later
+    sol = entry.solve(block, comm, opts, x0=x0, progress=progress, callback=callback,
+                      entering=x0 if init is not None else None)
     owned = offset_split(0, min(opts.window, steps), comm.size)[comm.rank] if opts.window else (lo, hi)
-    return RestoreResult(sol.final, max(sol.iterations), sol.iterations, sol.trace, solver, steps,
+    return RestoreResult(crop(sol.final), max(sol.iterations), sol.iterations, sol.trace, solver, steps,
                          opts.stop, opts.stop_tol, time.perf_counter() - t0, sol.timings, owned,
-                         sol.state_rows, plan)
+                         sol.state_rows, plan, settings, sources)
 
 
 
-def _plan(denoiser, op, steps: int, profile, distributed: bool, group, windows: bool) -> tuple[str, dict]:
-    """solver="auto": serial or picard, whichever the latency model predicts is faster."""
+def _plan(denoiser, op, steps: int, profile, distributed: bool, group, windows: bool,
+          max_iter: int | None = None, etw: float | None = None) -> tuple[str, dict]:
+    """solver="auto": serial, picard or parareal (default stop rule, no max_iter), whichever the latency
+    model predicts is fastest (by a margin over serial: api.planner.choose_solver)."""
     procs = 1
     if distributed:
         import torch.distributed as dist
@@ -200,10 +258,12 @@ def _plan(denoiser, op, steps: int, profile, distributed: bool, group, windows: 
         if procs > 1:
             raise DeqirError("solver='auto' with distributed=True needs a cost profile (deqir bench --profile), "
                              "so that every rank makes the same choice")
-        c_ms = measure_cost(denoiser, tuple(op.image_shape), batches=(1, steps), repeats=3, warmup=1)
+        c_ms, source = cached_cost(denoiser, tuple(op.image_shape), (1, steps))     # api.profile_cache
     elif isinstance(profile, dict):
-        c_ms = cost_table(profile, "profile")
+        c_ms, source = cost_table(profile, "profile"), {"source": "profile (dict)"}
     else:
-        c_ms = load_profile(profile)
-    choice, prediction = choose_solver(c_ms, steps, procs, windows=windows)
-    return choice, {**prediction, "chosen": choice, "c_ms": c_ms}
+        c_ms, source = load_profile(profile), {"source": "profile", "file": str(profile)}
+    choice, prediction = choose_solver(c_ms, steps, procs, windows=windows, parareal=windows and max_iter is None,
+                                       etw=etw)
+    return choice, {**prediction, "chosen": choice, "c_ms": c_ms, "profile": source,
+                    "reason": plan_reason(choice, prediction)}

@@ -32,6 +32,7 @@ from deqir_dist.apps.ray_restore import cmd_ray_restore
 from deqir_dist.apps.tables import format_table
 from deqir_dist.apps.train_prior import add_parser as add_prior_parser
 from deqir_dist.apps.train_prior import cmd_train_prior
+from deqir_dist.dataset.described import described_task
 from deqir_dist.dataset.items import (
     ItemSource,
     NoiseOptimizationSpec,
@@ -40,6 +41,7 @@ from deqir_dist.dataset.items import (
     degrade_files,
     expand_inputs,
     restore_items,
+    sampler_record,
     summarize,
 )
 from deqir_dist.errors import DeqirError
@@ -47,6 +49,7 @@ from deqir_dist.io.files import ensure_writable_dir
 from deqir_dist.io.images import list_images, read_image
 from deqir_dist.io.jsonio import write_json
 from deqir_dist.models import load_denoiser
+from deqir_dist.models.emulated import CostEmulatingDenoiser
 from deqir_dist.parallel.dist import all_ranks_ok, init_distributed
 from deqir_dist.quality.metrics import psnr, ssim
 
@@ -59,7 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("degrade", help="write the measurements A(x) (+ noise) of clean images")
     p.add_argument("inputs", nargs="+", help="clean image files or folders")
     p.add_argument("-o", "--out", required=True, help="output folder")
-    p.add_argument("--bits", type=int, default=8, choices=(8, 16), help="PNG bit depth")
+    p.add_argument("--bits", type=int, default=16, choices=(8, 16),
+                   help="PNG bit depth (default 16: 8-bit rounding is noise that deblurring amplifies)")
     p.add_argument("--seed", type=int, default=0, help="measurement-noise seed")
     add_task_flags(p)
 
@@ -78,13 +82,16 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--backend", choices=("gloo", "nccl"), help="default: nccl on CUDA, gloo on CPU")
     g.add_argument("--dist-timeout", type=float, default=300.0,
                    help="seconds any collective may wait before the ranks give up (default 300)")
-    add_task_flags(p)
+    add_task_flags(p, task_required=False)     # measurement PNGs carry their task (dataset.described)
     add_sampler_flags(p)
+    p.add_argument("--emulate-cost", metavar="TABLE.json",
+                   help="hold every denoiser call of b rows to the table's c(b) (a 'deqir bench --profile' JSON), "
+                        "sleeping after the real compute; the model defaults to analytic (models.emulated)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
 
     p = sub.add_parser("eval", help="PSNR/SSIM of restored images against ground truth")
-    p.add_argument("restored", help="folder of restored images")
-    p.add_argument("truth", help="folder of ground-truth images (matched by file stem)")
+    p.add_argument("restored", help="a restored image, or a folder of them")
+    p.add_argument("truth", help="its ground truth, or a folder of ground-truth images (matched by file stem)")
     p.add_argument("--json", help="write the per-image metrics here (missing folders are created)")
 
     p = sub.add_parser("bench", help="serial vs picard vs anderson on the same input: K, time, PSNR")
@@ -108,6 +115,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="instead: measure c(b), one denoiser call on b rows, and the modelled speed-ups")
     p.add_argument("--graph", action="store_true", help="--profile with CUDA graphs (GPU only)")
     p.add_argument("--cost-from", metavar="JSON", help="--profile: model this c(b) table instead of measuring")
+    p.add_argument("--emulate-cost", metavar="TABLE.json",
+                   help="hold every denoiser call of b rows to the table's c(b): seconds as on the table's device")
     p.add_argument("--seed", type=int, default=0, help="image and noise seed (default 0)")
     p.add_argument("--device", help="cpu, cuda, cuda:1 ... (default: cuda if available)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
@@ -122,7 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def cmd_degrade(args) -> int:
     written = degrade_files(expand_inputs(args.inputs), args.task, task_params(args), args.out,
-                            sigma_y=args.sigma_y, seed=args.seed, bits=args.bits)
+                            sigma_y=args.sigma_y or 0.0, seed=args.seed, bits=args.bits)
     print(f"wrote {len(written)} measurement(s) to {args.out}")
     return 0
 
@@ -145,7 +154,7 @@ def cmd_restore(args) -> int:
         if args.clip_x0:
             raise DeqirError("--optimize-noise differentiates the unclipped chain; it cannot be combined with "
                              "--clip-x0")
-        if optimize.loss == "consistency" and args.sigma_y <= 0:
+        if optimize.loss == "consistency" and (args.sigma_y or 0.0) <= 0:
             raise DeqirError("--optimize-noise consistency needs --sigma-y > 0: without measurement noise every "
                              "step projects onto A x = y, so the consistency does not depend on the noise")
 
@@ -153,6 +162,8 @@ def cmd_restore(args) -> int:
         check_settings(**restore_kwargs(args))
         if args.profile:
             load_profile(args.profile)
+        if args.task is None:         # the task the measurement PNGs describe
+            args.task = described_task(expand_inputs(args.inputs), args.from_clean)
         items = ItemSource(expand_inputs(args.inputs), args.task, task_params(args), args.from_clean,
                            sigma_y=args.sigma_y, seed=args.seed)      # all checked; decoded as restored
         if optimize is not None:
@@ -161,7 +172,8 @@ def cmd_restore(args) -> int:
         json_path = Path(args.json) if args.json else Path(args.out) / "summary.json"
         check_outputs_apart([Path(args.out) / f"{it.name}.png" for it in items] + [json_path],
                             [it.source for it in items] + (optimize.files() if optimize else []))
-        model = load_denoiser(args.model, checkpoint=args.checkpoint, device=device)
+        model = load_denoiser(args.model, checkpoint=args.checkpoint, device=device,
+                              emulate_cost=args.emulate_cost)
         check_model_fits(model, items)
         if lead:                      # only rank 0 writes
             _check_json_path(json_path)
@@ -180,11 +192,16 @@ def cmd_restore(args) -> int:
         dist.destroy_process_group()
     if not lead:
         return 0
-    label = f"{args.checkpoint} ({type(model).__name__})" if args.checkpoint else (args.model or "builtin")
+    label = f"{args.checkpoint} ({type(model).__name__})" if args.checkpoint else \
+        (args.model or ("analytic" if args.emulate_cost else "builtin"))
     summary = {"command": "restore", "model": label, "task": args.task,
                "operator": items[0].op.describe()["params"], **kw, "seed": args.seed,
+               "sampler": sampler_record(model, args.task, kw, records),
                "world_size": world, "summary": summarize(records), "images": records}
     cols = ["id", "iterations", "seconds"] + [c for c in ("psnr", "ssim") if c in records[0]]
+    if isinstance(model, CostEmulatingDenoiser):
+        summary["emulate_cost"] = args.emulate_cost
+        summary["emulated_calls"] = model.stats()
     if optimize is not None:
         summary["optimize_noise"] = optimize.loss
         summary["oracle"] = optimize.loss == "oracle"
@@ -198,9 +215,20 @@ def cmd_restore(args) -> int:
     return 0
 
 
+def _eval_inputs(path, what: str) -> dict:
+    """{stem: file} of an image file or a folder of images (``deqir eval``)."""
+    p = Path(path)
+    if p.is_dir():
+        return {f.stem: f for f in list_images(p)}
+    if p.is_file():
+        return {p.stem: p}
+    raise DeqirError(f"{what} {p} not found; give an image file or a folder of images")
+
+
 def cmd_eval(args) -> int:
-    restored = {p.stem: p for p in list_images(args.restored)}
-    truth = {p.stem: p for p in list_images(args.truth)}
+    restored, truth = _eval_inputs(args.restored, "restored"), _eval_inputs(args.truth, "ground truth")
+    if Path(args.restored).is_file() and Path(args.truth).is_file():
+        truth = {next(iter(restored)): Path(args.truth)}      # two files: compared whatever their names
     if args.json:
         _check_json_path(args.json)
     common = sorted(set(restored) & set(truth))
@@ -235,6 +263,9 @@ def _check_json_path(path) -> Path:
 def cmd_bench(args) -> int:
     if not args.profile and (args.graph or args.cost_from):
         raise DeqirError(f"{'--graph' if args.graph else '--cost-from'} belongs to --profile; add --profile")
+    if args.profile and args.emulate_cost:
+        raise DeqirError("--emulate-cost runs the solvers against a c(b) table; --profile models one: use "
+                         "--profile --cost-from TABLE.json")
     if args.size < 1 or args.images < 1 or min(args.steps) < 1:
         raise DeqirError("--size, --images and --steps must be positive")
     set_threads(args.threads)
@@ -251,7 +282,7 @@ def cmd_bench(args) -> int:
     result = run_bench(model=args.model, checkpoint=args.checkpoint, steps=args.steps, task=args.task,
                        scale=args.scale, size=args.size, images=args.images, stop=args.stop,
                        stop_tol=args.stop_tol, seed=args.seed, device=device, warm_start=args.warm_start,
-                       windows=args.windows, progress=not args.no_progress)
+                       windows=args.windows, progress=not args.no_progress, emulate_cost=args.emulate_cost)
     print(format_bench(result))
     if args.json:
         write_json(args.json, result)

@@ -15,12 +15,15 @@ from pathlib import Path
 import torch
 
 from deqir_dist.api.optimize import optimize_noise
+from deqir_dist.api.profile_cache import plan_record, plan_summary
 from deqir_dist.api.restore import restore
+from deqir_dist.dataset.described import described_operator, described_sigma_y, described_task, file_description
 from deqir_dist.dataset.tasks import OP_FLAGS, operator_params
 from deqir_dist.errors import DeqirError, check_int, is_real, one_line
 from deqir_dist.io.files import ensure_writable_dir
 from deqir_dist.io.limits import check_pixels, check_regular_file
 from deqir_dist.io.images import list_images, read_image, write_image
+from deqir_dist.io.quantization import default_sigma_y
 from deqir_dist.io.measurements import (
     MEASUREMENT_SUFFIX,
     image_shape_of_measurement,
@@ -29,8 +32,10 @@ from deqir_dist.io.measurements import (
     measurement_shape_for,
     save_measurement,
 )
+from deqir_dist.io.pngtext import TEXT_KEY, describe_measurement
 from deqir_dist.io.outdir import OutputFolder, Staging
 from deqir_dist.models.registry import load_denoiser
+from deqir_dist.models.settings import resolve_settings
 from deqir_dist.physics.registry import make_operator
 from deqir_dist.quality.metrics import psnr, ssim
 
@@ -93,6 +98,7 @@ class OperatorCache:
 
     def __init__(self, task: str, params: dict):
         self.task, self.params, self._ops = task, dict(params), {}
+        self.described = {}      # operators of files that describe themselves (dataset.described)
 
     def get(self, image_shape) -> object:
         key = tuple(image_shape)
@@ -110,9 +116,11 @@ class Item:
     y: torch.Tensor
     op: object
     gt: torch.Tensor | None = None
+    sigma_y: float = 0.0                 # the noise std to sample with: given, or from the file's bit depth
+    sigma_y_source: str = "user"
 
 
-def iter_items(paths: list[Path], task: str, params: dict, from_clean: bool, sigma_y: float = 0.0,
+def iter_items(paths: list[Path], task: str, params: dict, from_clean: bool, sigma_y: float | None = None,
                seed: int = 0, ops: OperatorCache | None = None):
     """The inputs as :class:`Item` s, read and checked one at a time (see :func:`load_items`)."""
     ops = ops or OperatorCache(task, params)
@@ -121,9 +129,10 @@ def iter_items(paths: list[Path], task: str, params: dict, from_clean: bool, sig
             x = read_image(p, channels=3)
             op = ops.get(x.shape)
             y = op.A(x[None])
-            if sigma_y > 0:
+            if sigma_y is not None and sigma_y > 0:
                 y = y + sigma_y * torch.randn(y.shape, generator=generator_for(seed, "y:" + p.stem))
-            yield Item(p.stem, p, y, op, x[None])
+            yield Item(p.stem, p, y, op, x[None], *((sigma_y, "user") if sigma_y is not None
+                                                    else (0.0, "--from-clean: degraded here in float, no noise")))
             continue
         if p.suffix == MEASUREMENT_SUFFIX:
             y, desc = load_measurement(p)        # structure, dtype and the pixel cap checked there
@@ -141,10 +150,15 @@ def iter_items(paths: list[Path], task: str, params: dict, from_clean: bool, sig
                                  "pass the same flags as to deqir degrade")
             y = y[None]
         else:
+            desc = file_description(p)           # deqir degrade's PNG text chunk (dataset.described)
             img = read_image(p, channels=measurement_channels(task))
-            shape = image_shape_of_measurement(task, ops.params, img.shape)
+            shape = tuple(desc["image_shape"]) if desc else image_shape_of_measurement(task, ops.params, img.shape)
             check_pixels(shape[2], shape[1], f"{p}: the restored image")
-            op = ops.get(shape)
+            expected = measurement_shape_for(desc["task"], desc["params"], shape) if desc else None
+            if expected is not None and tuple(img.shape) != expected:     # a lying chunk: before any operator
+                raise DeqirError(f"{p}: its {tuple(img.shape)} pixels do not fit the {desc['task']} measurement of a "
+                                 f"{shape} image its PNG description claims (expected {expected})")
+            op = described_operator(p, desc, task, ops.params, ops.described) if desc else ops.get(shape)
             if not op.measurement_is_image:
                 raise DeqirError(f"{task} measurements are .pt files (written by deqir degrade), not images: {p}")
             y = img[None]
@@ -153,12 +167,13 @@ def iter_items(paths: list[Path], task: str, params: dict, from_clean: bool, sig
                              f"(expected {tuple(op.measurement_shape)})")
         if not torch.isfinite(y).all():
             raise DeqirError(f"{p}: measurement contains NaN or Inf")
-        yield Item(p.stem, p, y, op)
+        noise = described_sigma_y(p, desc, sigma_y) if p.suffix != MEASUREMENT_SUFFIX and desc else None
+        yield Item(p.stem, p, y, op, None, *(noise or ((sigma_y, "user") if sigma_y is not None else default_sigma_y(y, p))))
 
 
 def load_items(paths: list[Path], task: str, params: dict, from_clean: bool,
-               sigma_y: float = 0.0, seed: int = 0) -> list[Item]:
-    """Read and validate every input. With ``from_clean`` the inputs are ground-truth images that
+               sigma_y: float | None = None, seed: int = 0) -> list[Item]:
+    """Read and validate every input (``sigma_y`` None: each measurement's from its bit depth). With ``from_clean`` the inputs are ground-truth images that
     are degraded here (y = A(x) + sigma_y n, n drawn from (seed, id)); otherwise they are
     measurements written by ``deqir degrade`` (an image, or a .pt file for non-image ones).
     Holds every input in memory; :class:`ItemSource` holds one at a time."""
@@ -171,7 +186,7 @@ class ItemSource:
     :meth:`stream` reads them again one at a time, just before each is restored, so memory does
     not grow with the number of inputs."""
 
-    def __init__(self, paths: list[Path], task: str, params: dict, from_clean: bool, sigma_y: float = 0.0,
+    def __init__(self, paths: list[Path], task: str, params: dict, from_clean: bool, sigma_y: float | None = None,
                  seed: int = 0):
         self._args = (list(paths), task, params, from_clean, sigma_y, seed)
         self._ops = OperatorCache(task, params)
@@ -202,20 +217,19 @@ def check_outputs_apart(outputs, inputs) -> None:
 
 
 def check_model_fits(model, items) -> None:
-    """Every item's image size suits the model (channels, size multiple), before any work."""
-    multiple, channels = getattr(model, "size_multiple", 1), getattr(model, "in_channels", None)
+    """Every item's image suits the model (channels), before any work. Any size does: restore
+    pads to the model's size multiple and crops back."""
+    channels = getattr(model, "in_channels", None)
     for it in items:
-        c, h, w = it.op.image_shape
+        c = it.op.image_shape[0]
         if channels is not None and c != channels:
             raise DeqirError(f"{it.source}: {c} channels, the model takes {channels}")
-        if h % multiple or w % multiple:
-            raise DeqirError(f"{it.source}: image size {h}x{w} is not a multiple of {multiple}, which the model "
-                             "needs; pad or crop it")
 
 
-def degrade_files(paths: list[Path], task: str, params: dict, out_dir: str, sigma_y: float = 0.0,
-                  seed: int = 0, bits: int = 8) -> list[Path]:
-    """Write A(x) (+ noise) of each clean image: PNG where the measurement is an image, else .pt."""
+def degrade_files(paths: list[Path], task: str, params: dict, out_dir: str, sigma_y: float | None = 0.0,
+                  seed: int = 0, bits: int = 16) -> list[Path]:
+    """Write A(x) (+ noise) of each clean image: PNG (16-bit by default: 8-bit rounding is noise a
+    blur's inverse amplifies) where the measurement is an image, else .pt."""
     items = ItemSource(paths, task, params, from_clean=True, sigma_y=sigma_y, seed=seed)   # all checked
     check_outputs_apart([Path(out_dir) / f"{it.name}{suf}" for it in items for suf in (".png", MEASUREMENT_SUFFIX)],
                         paths)
@@ -224,7 +238,8 @@ def degrade_files(paths: list[Path], task: str, params: dict, out_dir: str, sigm
         try:
             for it in items.stream():
                 if it.op.measurement_is_image:
-                    write_image(staging.path(f"{it.name}.png"), it.y[0], bits=bits)
+                    write_image(staging.path(f"{it.name}.png"), it.y[0], bits=bits,    # + its description
+                                text={TEXT_KEY: describe_measurement(it.op, it.sigma_y, bits)})
                 else:
                     save_measurement(staging.path(f"{it.name}{MEASUREMENT_SUFFIX}"), it.y[0], it.op)
             return staging.commit()
@@ -285,6 +300,8 @@ def _optimize(model, item: Item, spec: NoiseOptimizationSpec, generator, kw: dic
     if kw.get("clip_x0"):
         raise DeqirError("--optimize-noise differentiates the unclipped chain; it cannot be combined with --clip-x0")
     keep = ("steps", "etw", "nw", "start", "sigma_y")
+    settings = resolve_settings(model, item.op.name, kw)[0]     # the model card's where not given (no clip)
+    kw = {**kw, **{k: settings[k] for k in ("steps", "etw", "nw")}}
     solver = kw.get("solver", "picard")
     res = optimize_noise(model, item.y, item.op, loss=spec.loss, target=spec.target(item), iters=spec.iters,
                          lr=spec.lr, generator=generator, solver="picard" if solver == "auto" else solver,
@@ -324,13 +341,18 @@ def _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, r
     for it in (items.stream() if isinstance(items, ItemSource) else items):
         t0 = time.perf_counter()
         extra = {}
+        kw = dict(restore_kw)
+        noise_source = "user" if "sigma_y" in kw else it.sigma_y_source
+        kw.setdefault("sigma_y", it.sigma_y)         # not given: the item's (from its file's bit depth)
         if optimize is not None:
-            image, iterations, extra = _optimize(model, it, optimize, generator_for(seed, it.name), restore_kw)
+            image, iterations, extra = _optimize(model, it, optimize, generator_for(seed, it.name), kw)
         else:
-            res = restore_fn(model, it.y, it.op, generator=generator_for(seed, it.name), **restore_kw)
+            res = restore_fn(model, it.y, it.op, generator=generator_for(seed, it.name), **kw)
             image, iterations = res.image, res.iterations
+            extra = plan_record(res)         # the solver that ran; for "auto" the plan and why
         rec = {"id": it.name, "input": str(it.source), "iterations": iterations,
-               "seconds": round(time.perf_counter() - t0, 4), **extra}
+               "seconds": round(time.perf_counter() - t0, 4), "sigma_y": round(float(kw["sigma_y"]), 6),
+               "sigma_y_source": noise_source, **extra}
         if it.gt is not None:
             img = image.clamp(-1, 1)
             rec["psnr"] = round(float(psnr(img, it.gt)[0]), 3)
@@ -357,10 +379,27 @@ def summarize(records: list[dict]) -> dict:
         vals = [r[key] for r in records if key in r]
         if vals:
             out[f"mean_{key}"] = round(sum(vals) / len(vals), 4)
-    return out
+    solvers = [r["solver"] for r in records if "solver" in r]
+    if solvers:
+        out["solvers"] = {s: solvers.count(s) for s in sorted(set(solvers))}
+    return {**out, **plan_summary(records)}
 
 
-def restore_file(path, task: str, model="builtin", out=None, from_clean: bool = False, seed: int = 0,
+def sampler_record(model, task: str, restore_kw: dict, records: list[dict]) -> dict:
+    """What a job sampled with and where each setting came from (``settings.resolve_settings``,
+    the rule ``restore`` applies): {"settings": {...}, "source": {...}} for summary.json. sigma_y
+    is per image when not given (each file's bit depth): the records' values, and their sources."""
+    settings, source = resolve_settings(model, task, restore_kw)
+    if "sigma_y" in restore_kw:
+        settings["sigma_y"], source["sigma_y"] = float(restore_kw["sigma_y"]), "user"
+    else:
+        vals = sorted({r.get("sigma_y", 0.0) for r in records})
+        settings["sigma_y"] = vals[0] if len(vals) == 1 else vals
+        source["sigma_y"] = "; ".join(sorted({r.get("sigma_y_source", "") for r in records})) or "none"
+    return {"settings": settings, "source": source}
+
+
+def restore_file(path, task: str | None = None, model="builtin", out=None, from_clean: bool = False, seed: int = 0,
                  device=None, bits: int = 8, **kw):
     """Restore one file: a measurement (what ``deqir degrade`` writes: an image, or a .pt file) or,
     with ``from_clean``, a clean image degraded here first. Returns the ``RestoreResult``; with
@@ -370,18 +409,21 @@ def restore_file(path, task: str, model="builtin", out=None, from_clean: bool = 
     ``blur_sigma``, ``sigma_h``, ``sigma_w``, ``mask``, ``mask_fraction``, ``mask_seed``,
     ``ratio``, ``cs_seed``, ``sigma_y``) and any sampler setting of :func:`restore`. ``model`` is
     a denoiser module or a name for :func:`load_denoiser`. The noise is drawn from (seed, file
-    stem), as ``deqir restore`` draws it, so both give the same picture.
+    stem), as ``deqir restore`` draws it, so both give the same picture. ``task`` None: the one
+    the measurement PNG describes (``deqir degrade`` writes it; task flags may only repeat it).
     """
     p = Path(path)
     if not p.is_file():
         raise DeqirError(f"input file not found: {p}")
+    task = task or described_task([p], from_clean)
     flags = {k: kw.pop(k) for k in list(kw) if k in OP_FLAGS}
-    sigma_y = float(kw.pop("sigma_y", 0.0))
+    sigma_y = kw.pop("sigma_y", None)       # None: from the measurement's bit depth
     if isinstance(model, str):
         model = load_denoiser(model, device=device)
     item = load_items([p], task, operator_params(task, flags), from_clean, sigma_y=sigma_y, seed=seed)[0]
     check_model_fits(model, [item])
-    res = restore(model, item.y, item.op, generator=generator_for(seed, item.name), sigma_y=sigma_y, **kw)
+    res = restore(model, item.y, item.op, generator=generator_for(seed, item.name), sigma_y=item.sigma_y,
+                  device=device, **kw)
     if out is not None:
         write_image(out, res.image[0], bits=bits)
     return res

@@ -3,7 +3,7 @@
     deqir ray-restore INPUT -o OUT --task sr_bicubic --scale 4 [--address local|auto|HOST:PORT]
                       [--workers N] [--gpus-per-worker P] [--images-per-batch B] [sampler flags]
 
-Design (DESIGN.md section 8): a pool of Ray actors driven by this process.
+Design (docs/design.md section 9): a pool of Ray actors driven by this process.
 
 * **Workers.** Each worker is a Ray actor (:class:`RestoreWorker`) that loads the model once.
   With ``--gpus-per-worker P > 1`` a worker is a *gang*: a placement group of P bundles
@@ -75,7 +75,7 @@ from deqir_dist.ray.cluster import (
     _probe_address,
     _restore_env,
 )
-from deqir_dist.ray.pool import _Batch, _Pool
+from deqir_dist.ray.pool import _Batch, _Pool, batch_size
 
 
 @dataclass
@@ -167,7 +167,8 @@ class RayRestoreJob:
     def _entry_config(self, entry: InputEntry, base: dict, mask_cache: dict):
         """(operator params, sigma_y, config hash) of one image."""
         params = dict(self.op_params)
-        sigma_y = float(self.restore_kw.get("sigma_y", 0.0))
+        sigma_y = self.restore_kw.get("sigma_y")        # None: each measurement's from its bit depth
+        sigma_y = None if sigma_y is None else float(sigma_y)
         if entry.params:
             flags = {k: v for k, v in entry.params.items() if k != "sigma_y"}
             mask = flags.get("mask")
@@ -242,7 +243,10 @@ class RayRestoreJob:
         wall = time.perf_counter() - t_start
         processed = stats["ok"] + stats["failed"]
         summary = {
-            "command": "ray-restore", "config": job_hash, "model": self.model, "task": self.task,
+            "command": "ray-restore", "config": job_hash, "task": self.task,
+            "model": self.model or ("builtin" if self.checkpoint is None else str(self.checkpoint)),
+            **({"checkpoint": str(self.checkpoint)} if self.checkpoint else {}),
+            "images_per_batch": getattr(self, "_batch_size", self.images_per_batch),
             "images": len(entries), "ok": stats["ok"], "failed": stats["failed"],
             "skipped": done_before + len(not_images), "skipped_done": done_before,
             "skipped_not_image": len(not_images), "written": stats["written"],
@@ -256,6 +260,11 @@ class RayRestoreJob:
         ok = [r for r in records if r["status"] == "ok"]
         if ok:
             summary["mean_iterations"] = round(sum(r["iterations"] for r in ok) / len(ok), 3)
+            # what was sampled with and where each setting came from (the model card, the user, a
+            # file's bit depth: models.settings), as the workers resolved it
+            samplers = [r["sampler"] for r in ok if "sampler" in r]
+            if samplers:
+                summary["sampler"] = samplers[0]
             for key in ("psnr", "ssim"):
                 vals = [r[key] for r in ok if key in r]
                 if vals:
@@ -302,8 +311,9 @@ class RayRestoreJob:
         session = _Session(ray, started)
         try:
             session.pool = _Pool(self, ray)
-            session.batches = [_Batch(i, todo[s:s + self.images_per_batch])
-                               for i, s in enumerate(range(0, len(todo), self.images_per_batch))]
+            size = batch_size(len(todo), session.pool.n_workers, self.images_per_batch)   # every worker has work
+            self._batch_size = size
+            session.batches = [_Batch(i, todo[s:s + size]) for i, s in enumerate(range(0, len(todo), size))]
             session.pool.start(min(session.pool.n_workers, len(session.batches)))
         except BaseException:
             session.close()

@@ -16,6 +16,8 @@ from deqir_dist.errors import DeqirError, one_line
 from deqir_dist.io.images import read_image, write_image
 from deqir_dist.io.limits import set_decode_limits
 from deqir_dist.models import load_denoiser
+from deqir_dist.models.settings import resolve_settings
+from deqir_dist.physics.padded import PaddedOperator
 from deqir_dist.quality.metrics import psnr, ssim
 from deqir_dist.sampling.noise import draw_noise
 
@@ -149,22 +151,31 @@ class RestoreWorker:
 
         kw = dict(self.spec["restore"])
         op = group[0][1].op
+        # the sampler settings restore would resolve (the model card's where none is given), and the
+        # canvas it samples on (padded to the model's size multiple), so the noise draws fit
+        settings, sources = resolve_settings(self.model, op.name, kw)
+        kw.update(settings)
+        sigma_y, sources["sigma_y"] = group[0][0]["sigma_y"], "user"
+        if sigma_y is None:                 # not given: from the file's bit depth (jobs.load_items)
+            sigma_y, sources["sigma_y"] = group[0][1].sigma_y, group[0][1].sigma_y_source
+        sampler = {"settings": {**settings, "sigma_y": sigma_y}, "source": sources}
+        canvas = PaddedOperator.to_multiple(op, getattr(self.model, "size_multiple", 1)).image_shape
         xis, zs = [], []
         for it, item in group:
-            xi, z = draw_noise(1, op.image_shape, kw["steps"], kw.get("nw", 0.0),
+            xi, z = draw_noise(1, canvas, kw["steps"], kw.get("nw", 0.0),
                                generator_for(self.spec["seed"], it["id"]))
             xis.append(xi)
             zs.append(z)
         y = torch.cat([item.y for _, item in group])
         t0 = time.perf_counter()
         res = restore(self.model, y, op, noise=torch.cat(xis), step_noise=None if zs[0] is None else torch.cat(zs),
-                      sigma_y=group[0][0]["sigma_y"], distributed=self.world > 1, **kw)
+                      sigma_y=sigma_y, distributed=self.world > 1, **kw)
         sec = (time.perf_counter() - t0) / len(group)
         out = []
         for j, (it, item) in enumerate(group):
             img = res.image[j:j + 1].float().cpu()
             rec = {"iterations": int(res.iterations_per_image[j]), "seconds": round(sec, 4), "solver": res.solver,
-                   "ranks": self.world}
+                   "ranks": self.world, "sampler": sampler}
             if item.gt is not None:
                 c = img.clamp(-1, 1)
                 rec["psnr"] = round(float(psnr(c, item.gt)[0]), 3)
@@ -189,7 +200,8 @@ class RestoreWorker:
                 records[it["id"]] = {**base, "status": "failed", "error": one_line(e, bare_deqir=True)}
         groups: dict = {}
         for it, item in loaded:
-            key = (json.dumps(_canonical(item.op.describe()), sort_keys=True, default=str), it["sigma_y"])
+            key = (json.dumps(_canonical(item.op.describe()), sort_keys=True, default=str),
+                   it["sigma_y"] if it["sigma_y"] is not None else item.sigma_y)
             if not self.spec.get("batch"):
                 key = (key, it["id"])
             groups.setdefault(key, []).append((it, item))

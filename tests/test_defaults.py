@@ -261,3 +261,11 @@ def test_jpeg_deblur_beats_pinv_and_wiener(tmp_path):
     got = float(psnr(out, x).mean())
     wiener = max(float(psnr(tikhonov_deblur(op, yj, lam).clamp(-1, 1), x).mean()) for lam in TIKHONOV_LAMBDAS)
     assert got > wiener > float(psnr(op.A_pinv(yj).clamp(-1, 1), x).mean())
+
+
+def test_auto_times_the_padded_size():
+    """solver='auto' measures the model on the canvas it will sample on (18x22 -> 20x24)."""
+    op = make_operator("inpaint", (3, 18, 22), mask="random")
+    res = restore(load_builtin(), op.A(torch.rand(1, 3, 18, 22) * 2 - 1), op, solver="auto", steps=3,
+                  generator=_gen())
+    assert res.image.shape == (1, 3, 18, 22) and res.solver in ("serial", "picard")

@@ -164,7 +164,8 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     if solver == "auto":    # validate before the planner times anything
         check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter, alphas_cumprod, warm_start,
                        clip_x0=clip_x0, **solver_options)
-        solver, plan = _plan(denoiser, op, steps, profile, distributed, group, stop == "rows", max_iter, etw)
+        canvas = PaddedOperator.to_multiple(op, check_int("size_multiple", getattr(denoiser, "size_multiple", 1)))
+        solver, plan = _plan(denoiser, canvas, steps, profile, distributed, group, stop == "rows", max_iter, etw)
         if solver == "picard" and stop == "rows" and "window" not in solver_options and \
                 (max_iter is None or max_iter >= steps or plan["window"] >= steps):
             solver_options["window"] = plan["window"]

@@ -5,12 +5,15 @@
 
 1. c(b), one denoiser call on b rows, eager and CUDA graph, for ADM-256 (random weights, fp16,
    guided-diffusion's convert_to_fp16), the SDEdit CelebA-HQ DDPM (fp32) and the builtin prior
-   when the package ships it; b in 1, 4, 8, 13, 25.
+   when the package ships it; b in 1, 2, 3, 4, 6, 7, 8, 13, 25 (2-7: the batches of a window split
+   over many GPUs, between the points the design table measured).
 2. The builtin prior (or the analytic oracle): K and wall-clock of the graph-captured serial
    sampler vs the parallel solver at T = 25 and 100 (default frozen prefix, and plain sweeps),
-   PSNR of parallel vs serial.
-3. Modelled latency (DESIGN section 5) for ADM-256 at T = 100 on P = 4, 8, 16 GPUs from the
-   measured graph c(b) and the measured K: speed-up over the graph-captured serial sampler.
+   and of parareal (its default blocks and coarse steps; when ``solver="parareal"`` exists),
+   PSNR of each against serial.
+3. Modelled latency (docs/design.md section 5) for ADM-256 at T = 100 on P = 4, 8, 16 GPUs from the
+   measured graph c(b) and the measured K: speed-up over the graph-captured serial sampler; for
+   parareal, its critical path of batch-1 calls x c(1) against T c(1).
 """
 import argparse
 import json
@@ -25,6 +28,9 @@ from deqir_dist import make_operator, restore
 from deqir_dist.api.planner import cost_at, measure_cost
 from deqir_dist.models import CUDAGraphDenoiser, load_denoiser
 from deqir_dist.quality.metrics import psnr
+from deqir_dist.solvers import registry
+
+HAS_PARAREAL = "parareal" in registry.names("restore")
 
 
 def _model(name, device, smoke):
@@ -33,7 +39,8 @@ def _model(name, device, smoke):
         return DDPMUNet(ch=32, out_ch=3, ch_mult=(1, 2), num_res_blocks=1, attn_resolutions=(), dropout=0.0,
                         in_channels=3, resolution=32).to(device).eval(), (3, 32, 32)
     dtype = torch.float16 if name == "adm-256-uncond" else None
-    return load_denoiser(name, dtype=dtype, device=device), (3, 256, 256)
+    # timing only: the released weights are not needed (nor shipped)
+    return load_denoiser(name, dtype=dtype, device=device, random_weights=True), (3, 256, 256)
 
 
 def costs(device, smoke, batches):
@@ -87,13 +94,39 @@ def serial_vs_parallel(device, smoke, steps_list):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t_plain = time.perf_counter() - t0
-        rows.append({"model": name, "steps": steps, "K": p.iterations, "serial_s": round(t_serial, 4),
+        row = {}
+        if HAS_PARAREAL:
+            restore(model, y, op, steps=steps, solver="parareal", noise=xi)                 # warm-up
+            t0 = time.perf_counter()
+            pr = restore(model, y, op, steps=steps, solver="parareal", noise=xi)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            row = {"parareal_s": round(time.perf_counter() - t0, 4), "K_parareal": pr.iterations,
+                   "parareal_blocks": getattr(pr, "blocks", None),
+                   "parareal_coarse_steps": getattr(pr, "coarse_steps", None),
+                   "parareal_critical_path_calls": getattr(pr, "critical_path_calls", None),
+                   "parareal_psnr_vs_serial": round(float(psnr(pr.image.cpu(), s.image.cpu()).min()), 2)}
+        rows.append({**row, "model": name, "steps": steps, "K": p.iterations, "serial_s": round(t_serial, 4),
                      "serial_graph": device.type == "cuda", "parallel_s": round(t_par, 4),
                      "denoiser_rows": sum(t.rows for t in p.timings),
                      "parallel_plain_s": round(t_plain, 4), "K_plain": plain.iterations,
                      "denoiser_rows_plain": sum(t.rows for t in plain.timings),
                      "psnr_vs_serial": round(float(psnr(p.image.cpu(), s.image.cpu()).min()), 2)})
     return rows
+
+
+def modelled_parareal(c_graph, rows):
+    """ADM-256 with parareal's measured schedule: T c(1) serial vs its critical path of batch-1 calls."""
+    out = []
+    for r in rows:
+        calls = r.get("parareal_critical_path_calls")
+        if calls:
+            serial = r["steps"] * cost_at(c_graph, 1)
+            out.append({"steps": r["steps"], "K": r["K_parareal"], "blocks": r["parareal_blocks"],
+                        "critical_path_calls": calls, "serial_ms": round(serial, 2),
+                        "parareal_ms": round(calls * cost_at(c_graph, 1), 2),
+                        "speedup": round(serial / (calls * cost_at(c_graph, 1)), 3)})
+    return out
 
 
 def modelled(c_graph, k, steps=100, procs=(4, 8, 16)):
@@ -113,7 +146,7 @@ def main(argv=None):
     args = ap.parse_args(argv)
     device = torch.device("cuda" if torch.cuda.is_available() and not args.smoke else "cpu")
     t0 = time.perf_counter()
-    batches = (1, 4, 8, 13, 25) if not args.smoke else (1, 4)
+    batches = (1, 2, 3, 4, 6, 7, 8, 13, 25) if not args.smoke else (1, 2, 3, 4)
     steps_list = (25, 100) if not args.smoke else (10,)
     result = {"device": torch.cuda.get_device_name(0) if device.type == "cuda" else platform.processor() or "cpu",
               "torch": torch.__version__, "cuda": torch.version.cuda, "smoke": args.smoke}
@@ -124,6 +157,8 @@ def main(argv=None):
     c = adm.get("graph_ms") or adm["eager_ms"]
     result["modelled_adm_t100"] = modelled(c, k100, steps=100 if not args.smoke else 10,
                                            procs=(4, 8, 16) if not args.smoke else (2, 5))
+    result["parareal_available"] = HAS_PARAREAL
+    result["modelled_adm_parareal"] = modelled_parareal(c, result["serial_vs_parallel"])
     result["seconds"] = round(time.perf_counter() - t0, 1)
     with open(args.out, "w") as f:
         json.dump(result, f, indent=2)

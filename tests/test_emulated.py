@@ -11,7 +11,11 @@ from deqir_dist import make_operator, restore
 from deqir_dist.api.planner import cost_at
 from deqir_dist.errors import DeqirError
 from deqir_dist.models import GaussianMixtureDenoiser, load_denoiser
-from deqir_dist.models.emulated import CostEmulatingDenoiser, interpolate_cost, load_cost_file
+from deqir_dist.models.emulated import (
+    CostEmulatingDenoiser,
+    interpolate_cost,
+    load_cost_file,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 ADM = ROOT / "bench" / "results" / "adm256-h200-design-cb.json"
@@ -96,3 +100,43 @@ def test_bad_table_files_are_refused(tmp_path):
         with pytest.raises(DeqirError) as e:
             load_denoiser(None, emulate_cost=path)
         assert "\n" not in str(e.value)
+
+
+def _photo(tmp_path):
+    from deqir_dist.io.images import write_image
+    path = tmp_path / "img0.png"
+    g = torch.Generator().manual_seed(0)
+    write_image(path, torch.rand((3, 16, 16), generator=g) * 2 - 1)
+    return path
+
+
+def test_cli_restore_and_bench_emulate_cost(tmp_path, capsys):
+    from deqir_dist.apps.cli import main
+    table = tmp_path / "c.json"
+    table.write_text(json.dumps({"c_ms": {"1": 1.0, "16": 2.0}}))
+    out = tmp_path / "o"
+    args = ["restore", str(_photo(tmp_path)), "--from-clean", "--task", "sr_avgpool", "--scale", "2",
+            "-o", str(out), "--steps", "6", "--no-progress", "--emulate-cost", str(table)]
+    assert main(args) == 0, capsys.readouterr().err
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["emulated_calls"]["calls"] >= 2 and summary["emulated_calls"]["overruns"] >= 0
+    assert summary["emulate_cost"] == str(table)
+    bench = tmp_path / "b.json"
+    assert main(["bench", "--steps", "5", "--size", "8", "--images", "1", "--no-progress", "--emulate-cost",
+                 str(table), "--json", str(bench)]) == 0
+    res = json.loads(bench.read_text())
+    assert res["emulated_calls"]["calls"] > 5 and {r["solver"] for r in res["rows"]} >= {"serial", "picard"}
+
+
+def test_cli_bad_table_exits_2_writing_nothing(tmp_path, capsys):
+    from deqir_dist.apps.cli import main
+    out = tmp_path / "o"
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    args = ["restore", str(_photo(tmp_path)), "--from-clean", "--task", "sr_avgpool", "--scale", "2",
+            "-o", str(out), "--steps", "6", "--no-progress", "--emulate-cost", str(bad)]
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "cost table" in err and err.count("\n") == 1 and not out.exists()
+    assert main(["bench", "--profile", "--emulate-cost", str(bad)]) == 2
+    assert "--cost-from" in capsys.readouterr().err

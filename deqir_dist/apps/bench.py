@@ -26,6 +26,8 @@ from deqir_dist.apps.tables import format_table
 from deqir_dist.errors import DeqirError, check_int
 from deqir_dist.models import load_denoiser
 from deqir_dist.models.builtin import builtin_bench_images
+from deqir_dist.models.emulated import CostEmulatingDenoiser
+from deqir_dist.models.loading import PRESETS
 from deqir_dist.physics.registry import make_operator
 from deqir_dist.quality.metrics import psnr
 
@@ -42,18 +44,21 @@ def _clean_images(model_name: str, model, n: int, shape, gen: torch.Generator) -
 def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), task: str = "sr_avgpool",
               scale: int = 2, size: int = 32, images: int = 3, stop: str = "rows",
               stop_tol: float | None = None, seed: int = 0, device=None,
-              solvers=("picard", "anderson"), warm_start: int = 1, windows=(), progress: bool = False) -> dict:
+              solvers=("picard", "anderson"), warm_start: int = 1, windows=(), progress: bool = False,
+              emulate_cost=None) -> dict:
     """Run the comparison; returns a JSON-ready dict with one row per (N, solver); a progress bar
-    over the cases when ``progress``."""
+    over the cases when ``progress``. ``emulate_cost`` (a c(b) table file): the model is held to
+    it (``models.emulated``), so seconds are those of the table's device, in one process."""
     check_int("images", images)
     check_int("size", size)
     for f in windows:
         if not 0 <= f <= 1:
             raise DeqirError(f"window fractions must lie in [0, 1], got {f}")
-    den = load_denoiser(model, checkpoint=checkpoint, device=device)
+    den = load_denoiser(model, checkpoint=checkpoint, device=device, emulate_cost=emulate_cost)
+    emulated = den if isinstance(den, CostEmulatingDenoiser) else None
     shape = (3, size, size)
     gen = torch.Generator().manual_seed(seed)
-    gt = _clean_images(model, den, images, shape, gen)
+    gt = _clean_images(model, den if emulated is None else emulated.model, images, shape, gen)
     params = {"scale": scale} if task.startswith("sr_") else {}
     op = make_operator(task, shape, **params)
     y = op.A(gt)
@@ -98,7 +103,10 @@ def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), tas
                 bar.update(1)
     if bar is not None:
         bar.close()
-    return {"model": model, "task": task, "operator": op.describe()["params"], "image_shape": list(shape),
+    extra = {}
+    if emulated is not None:     # every call of the run, the warm-up included
+        extra = {"emulate_cost": str(emulate_cost), "emulated_calls": emulated.stats()}
+    return {**extra, "model": model, "task": task, "operator": op.describe()["params"], "image_shape": list(shape),
             "images": images, "stop": stop, "seed": seed, "warm_start": warm_start, "windows": list(windows),
             "device": str(device or "cpu"),
             "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
@@ -131,7 +139,9 @@ def run_profile(model: str = "analytic", checkpoint=None, size: int = 32, device
         model, graph = meta.get("model", str(cost_file)), bool(meta.get("graph", False))
         shape, device = meta.get("image_shape", ["?"]), meta.get("device", "?")
     else:
-        den = load_denoiser(model, checkpoint=checkpoint, device=device)
+        # timing needs no trained weights: a preset without a checkpoint is built untrained
+        den = load_denoiser(model, checkpoint=checkpoint, device=device,
+                            random_weights=model in PRESETS and checkpoint is None)
         c_ms = measure_cost(den, shape, batches=sorted(set(DEFAULT_BATCHES) | set(steps)), graph=graph)
     model_rows = []
     for n in steps:

@@ -393,3 +393,21 @@ def test_failure_after_output_was_created_removes_it(tmp_path, monkeypatch, caps
     (out / "results.jsonl").write_text('{"id": "x", "status": "ok"}\n')
     _fails(capsys, [data, "-o", out, *SR2, *FAST], "no worker left")
     assert sorted(p.name for p in out.iterdir()) == ["results.jsonl"]
+
+
+def test_small_job_gives_every_worker_a_batch_and_a_full_summary(ray_session, tmp_path):
+    """6 images, 2 workers, --images-per-batch 4: batches of ceil(6 / 2) = 3, one per worker; the
+    default model (no --model) is named in the summary, and no summary field is null. The inputs are
+    deqir degrade's PNGs: their task and operator come from the files (no --task)."""
+    data = _photos(tmp_path / "data", 6)
+    assert deqir_main(["degrade", str(data), *SR2, "-o", str(tmp_path / "meas")]) == 0
+    out = tmp_path / "out"
+    assert main([str(tmp_path / "meas"), "-o", str(out), "--steps", "3", "--no-progress",
+                 "--workers", "2", "--images-per-batch", "4"]) == 0
+    recs = [r for r in _records(out) if r["status"] == "ok"]
+    per_worker = {w: sum(r["worker"] == w for r in recs) for w in {r["worker"] for r in recs}}
+    assert sorted(per_worker.values()) == [3, 3]
+    s = _summary(out)
+    assert s["model"] == "builtin" and s["images_per_batch"] == 3 and s["workers"] == 2
+    assert s["task"] == "sr_avgpool"
+    assert [k for k, v in s.items() if v is None] == []

@@ -34,19 +34,22 @@ def test_interpolation_is_the_planners():
 
 
 def test_a_call_of_batch_b_lasts_at_least_c_b_and_equals_the_model():
+    table = {b: 5 * ms for b, ms in TABLE.items()}      # room for a loaded CI machine's compute
     oracle = GaussianMixtureDenoiser()
-    emu = CostEmulatingDenoiser(GaussianMixtureDenoiser(), TABLE)
+    emu = CostEmulatingDenoiser(GaussianMixtureDenoiser(), table)
+    emu(*_x(1))                                          # warm-up (first-call allocations), not counted
+    emu.reset()
     for b in (1, 2, 3, 6, 8):
         x, t = _x(b)
         t0 = time.perf_counter()
         out = emu(x, t)
         took = time.perf_counter() - t0
-        assert took >= interpolate_cost(TABLE, b) / 1e3
+        assert took >= interpolate_cost(table, b) / 1e3
         assert torch.equal(out, oracle(x, t))
     s = emu.stats()
     assert s["calls"] == 5 and s["rows"] == 20 and s["overruns"] == 0
     assert s["batches"] == {"1": 1, "2": 1, "3": 1, "6": 1, "8": 1}
-    assert s["held_s"] >= s["target_s"] == pytest.approx(sum(interpolate_cost(TABLE, b) for b in (1, 2, 3, 6, 8)) / 1e3)
+    assert s["held_s"] >= s["target_s"] == pytest.approx(sum(interpolate_cost(table, b) for b in (1, 2, 3, 6, 8)) / 1e3)
     assert s["held_s"] == pytest.approx(s["compute_s"] + s["sleep_s"])
 
 

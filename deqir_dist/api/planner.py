@@ -18,6 +18,7 @@ import torch
 from deqir_dist.errors import DeqirError
 from deqir_dist.io.jsonio import write_json
 from deqir_dist.models.cuda_graph import CUDAGraphDenoiser
+from deqir_dist.models.emulated import interpolate_cost, read_cost_table
 from deqir_dist.sampling.denoiser import model_device, model_dtype
 from deqir_dist.solvers.parareal import block_bounds, parareal_schedule
 
@@ -117,17 +118,9 @@ def measure_cost(model, image_shape, batches=DEFAULT_BATCHES, device=None, dtype
 
 def cost_at(c_ms: dict, b: int) -> float:
     """c(b) by linear interpolation between measured batch sizes (linear extrapolation above)."""
-    pts = sorted((int(k), float(v)) for k, v in c_ms.items())
-    if not pts:
+    if not c_ms:
         raise DeqirError("empty cost profile")
-    if b <= pts[0][0]:
-        return pts[0][1]
-    for (b0, c0), (b1, c1) in zip(pts, pts[1:]):
-        if b <= b1:
-            return c0 + (c1 - c0) * (b - b0) / (b1 - b0)
-    (b0, c0), (b1, c1) = pts[-2:] if len(pts) > 1 else (pts[0], pts[0])
-    slope = (c1 - c0) / (b1 - b0) if b1 != b0 else c1 / b1
-    return c1 + slope * (b - b1)
+    return interpolate_cost({int(k): float(v) for k, v in c_ms.items()}, b)
 
 
 def _nearest(table: dict, steps: int):
@@ -215,16 +208,11 @@ def save_profile(path, model_name: str, image_shape, device, c_ms: dict, graph: 
 
 def cost_table(c_ms, source) -> dict[int, float]:
     """{b: ms} from a mapping with integer-like keys b >= 1 and finite times > 0 (DeqirError otherwise)."""
-    try:
-        table = {int(k): float(v) for k, v in dict(c_ms).items()}
-    except (ValueError, TypeError) as e:
-        raise DeqirError(f"cost profile {source}: expected {{rows: milliseconds}}, got {c_ms!r:.80}") from e
-    if not table or any(b < 1 or not 0 < ms < math.inf for b, ms in table.items()):
-        raise DeqirError(f"cost profile {source}: needs rows >= 1 and finite milliseconds > 0, got {table!r:.80}")
-    return table
+    return read_cost_table(c_ms, f"cost profile {source}")
 
 
 def load_profile(path) -> dict[int, float]:
+    """The ``c_ms`` table of a profile JSON file (``save_profile``'s format)."""
     try:
         data = json.loads(Path(path).read_text())["c_ms"]
     except (OSError, ValueError, KeyError, TypeError) as e:

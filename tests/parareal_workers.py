@@ -4,6 +4,7 @@ import os
 import sys
 
 import torch
+import torch.distributed as dist
 
 from .dist_workers import _init, _problem
 
@@ -32,6 +33,8 @@ def equivalence(rank, world, port, out_dir):
                      "image_sum": float(multi.image.double().sum()), "crit": multi.critical_path_calls})
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(rows, f)
+    dist.barrier()                      # nobody exits while another rank still talks to it
+    dist.destroy_process_group()
 
 
 def dies_mid_solve(rank, world, port, out_dir):

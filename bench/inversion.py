@@ -15,7 +15,7 @@ optimisation does.
     before (plain restoration with the same xi) and after (best iterate). The ORACLE loss (MSE to
     the ground truth) is reported separately as an upper bound; it is not a restoration method.
 
-``--model builtin``: the shipped prior on held-out crops (``deqir_dist.demo.builtin_bench_images``:
+``--model builtin``: the shipped prior on held-out crops (``deqir_dist.models.builtin.builtin_bench_images``:
 the centre crop of each held-out photograph, then offset crops), its demo sampler settings
 (etw = DEMO_ETW, nw = DEMO_NW) and the exact serial forward solve (Anderson needs K = N with this
 prior, at more cost). Part (a) is skipped: its float64 reference needs the analytic oracle.

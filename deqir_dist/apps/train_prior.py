@@ -311,7 +311,7 @@ def cmd_train_prior(args) -> int:
     try:
         result = train_prior(cfg, progress=not args.no_progress, log_path=tmp_log)
         prog = Path(sys.argv[0]).name if sys.argv else "deqir"
-        prog = "python -m deqir_dist.prior" if prog == "prior.py" else prog
+        prog = "python -m deqir_dist" if prog == "__main__.py" else prog
         invocation = " ".join([prog, shlex.join(sys.argv[1:])]) if sys.argv else None
         w, c = write_prior(result, out, card, command=canonical_command(args), invocation=invocation,
                            extra=[(log, Path(tmp_log).read_bytes())])

@@ -64,6 +64,14 @@ def first(seq, ok) -> int | None:
 
 
 @torch.no_grad()
+def bench_problem(model_name: str, images: int, size: int):
+    """(model, x in float64): the analytic oracle's own samples, or the built-in prior's held-out crops."""
+    if model_name == "analytic":
+        model = GaussianMixtureDenoiser(seed=0).double()
+        return model, model.sample(images, (3, size, size), torch.Generator().manual_seed(1)).double()
+    return load_denoiser("builtin"), builtin_bench_images(images, size).double()
+
+
 def run_case(model, op, x, coeffs, opts, c_ms, gen_seed: int):
     g = torch.Generator().manual_seed(gen_seed)
     n = x.shape[0]
@@ -245,12 +253,7 @@ def main(argv=None):
     torch.set_num_threads(a.threads)
     c_ms = load_profile(a.cost)
     shape = (3, a.size, a.size)
-    if a.model == "analytic":
-        model = GaussianMixtureDenoiser(seed=0).double()
-        x = model.sample(a.images, shape, torch.Generator().manual_seed(1)).double()
-    else:
-        model = load_denoiser("builtin")
-        x = builtin_bench_images(a.images, a.size).double()
+    model, x = bench_problem(a.model, a.images, a.size)
     blocks = dict(DEFAULT_BLOCKS)
     if a.blocks:
         blocks = dict(zip(a.steps, a.blocks, strict=True))

@@ -15,14 +15,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from parareal import run_case
+from parareal import bench_problem, run_case
 
 from deqir_dist.api.planner import load_profile
 from deqir_dist.dataset.tasks import DEMO_TASKS
 from deqir_dist.io.jsonio import write_json
-from deqir_dist.models import GaussianMixtureDenoiser
-from deqir_dist.models.builtin import builtin_bench_images
-from deqir_dist.models.registry import load_denoiser
 from deqir_dist.physics.registry import make_operator
 from deqir_dist.sampling.schedule import chain_coefficients
 from deqir_dist.solvers.parareal import PararealOptions
@@ -53,11 +50,7 @@ def main(argv=None):
     torch.set_num_threads(1)
     c_ms = load_profile(a.cost)
     shape = (3, a.size, a.size)
-    if a.model == "analytic":
-        model = GaussianMixtureDenoiser(seed=0).double()
-        x = model.sample(a.images, shape, torch.Generator().manual_seed(1)).double()
-    else:
-        model, x = load_denoiser("builtin"), builtin_bench_images(a.images, a.size).double()
+    model, x = bench_problem(a.model, a.images, a.size)
     rows, t0 = [], time.perf_counter()
     for etw in a.etw:
         coeffs = chain_coefficients(a.steps, etw=etw)

@@ -16,6 +16,7 @@ import hashlib
 import json
 import os
 import platform
+import weakref
 from pathlib import Path
 
 import torch
@@ -37,20 +38,38 @@ def cache_dir() -> Path:
     return Path(base) / "deqir-dist"
 
 
+_FINGERPRINTS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
 def model_fingerprint(model) -> str | None:
     """A digest of a torch module's class and the content of its state (None for other callables).
 
     Sums are computed on the model's device in float64 (one host copy), so a large GPU model is
-    not copied to the host."""
+    not copied to the host. The digest is remembered per module while no tensor of its state is
+    replaced or changed in place (each tensor's storage and version counter), so restoring many
+    images reads the weights once."""
     if not isinstance(model, torch.nn.Module):
         return None
+    state = model.state_dict()
+    stamp = tuple((name, t.data_ptr(), t._version, tuple(t.shape), t.dtype) for name, t in state.items())
+    stamp += (json.dumps({str(k): float(v) for k, v in getattr(model, "c_ms", {}).items()}, sort_keys=True)
+              if isinstance(getattr(model, "c_ms", None), dict) else None,)
+    memo = _FINGERPRINTS.get(model)
+    if memo is not None and memo[0] == stamp:
+        return memo[1]
+    digest = _fingerprint(model, state)
+    _FINGERPRINTS[model] = (stamp, digest)
+    return digest
+
+
+def _fingerprint(model, state) -> str:
     h = hashlib.sha256(f"{type(model).__module__}.{type(model).__qualname__}".encode())
     table = getattr(model, "c_ms", None)         # a cost-emulating wrapper: its table is its cost
     if isinstance(table, dict):
         h.update(json.dumps({str(k): float(v) for k, v in table.items()}, sort_keys=True).encode())
     sums = []
     with torch.no_grad():
-        for name, t in model.state_dict().items():
+        for name, t in state.items():
             h.update(f"{name}:{tuple(t.shape)}:{t.dtype};".encode())
             if t.device.type == "meta" or t.numel() == 0:
                 continue

@@ -36,6 +36,21 @@ def test_demo_end_to_end_tiny(tmp_path):
     assert min(r["par_vs_serial"] for r in res["table"]) > 30
     text = format_demo(res)
     assert "inpaint_box" in text and "mmse" in text
+    # whole photographs, at their own aspect ratio (16 x 24: not square), every task
+    whole = saved["whole"]
+    assert [r["task"] for r in whole["table"]] == list(DEMO_TASKS) and whole["short_side"] == 16
+    for name in whole["photographs"]:
+        grid = Image.open(out / f"grid_whole_{name}.png")
+        assert grid.height > len(DEMO_TASKS) * 16
+        for task in DEMO_TASKS:
+            assert (out / "images" / "whole" / f"{name}_{task}_restored.png").is_file()
+    shapes = {tuple(e["shape"]) for t in whole["tasks"].values() for e in t["per_image"]}
+    assert shapes == {(3, 16, 24)}
+    for t in whole["tasks"].values():
+        best = t["baseline"]
+        for e in t["per_image"]:
+            assert e["psnr_baseline"] == e["baselines_psnr"][best]
+    assert "whole photographs" in text
 
 
 def test_demo_cli_one_task(tmp_path, capsys):
@@ -46,6 +61,11 @@ def test_demo_cli_one_task(tmp_path, capsys):
     assert (tmp_path / "d" / "grid_colorize.png").is_file() and (tmp_path / "m.json").is_file()
     assert "inversion" not in json.loads((tmp_path / "m.json").read_text())
     assert not (tmp_path / "d" / grid_name()).exists()
+    assert main(["demo", "-o", str(tmp_path / "w"), "--size", "16", "--steps", "2", "--tasks", "colorize",
+                 "--images", "coffee", "--no-progress", "--no-inversion", "--whole", "0"]) == 0
+    assert not (tmp_path / "w" / "grid_whole_coffee.png").exists()
+    assert main(["demo", "-o", str(tmp_path / "v"), "--size", "16", "--whole", "4"]) == 2
+    assert "must be 0 (off) or >= 8" in capsys.readouterr().err
     assert main(["demo", "-o", str(tmp_path / "e"), "--size", "18"]) == 2
     assert "multiple of 4" in capsys.readouterr().err
 

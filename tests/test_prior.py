@@ -261,3 +261,27 @@ def test_weights_and_card_appear_together_or_not_at_all(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "replace", real_replace)
     assert {p: p.read_bytes() for p in (w, c)} == before
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["c.json", "cards", "p.safetensors"]
+
+
+def test_init_fine_tunes_from_a_weights_file_and_refuses_another_architecture(tmp_path):
+    pytest.importorskip("skimage")
+    from deqir_dist.apps.prior_training import init_weights, train_prior
+    from deqir_dist.apps.train_prior import write_prior
+    first = train_prior(_tiny_cfg(), progress=False)
+    w, _ = write_prior(first, tmp_path / "a.safetensors", command="deqir train-prior -o a.safetensors")
+    start = init_weights(w, _tiny_cfg()["model"])
+    tuned = train_prior(_tiny_cfg(init=str(w)), progress=False)
+    fresh = train_prior(_tiny_cfg(), progress=False)
+    # the run started from a's weights (stored in float16), not from the seed's initialisation
+    assert tuned["losses"][0] != fresh["losses"][0]
+    _, card_path = write_prior(tuned, tmp_path / "b.safetensors", command="deqir train-prior --init a.safetensors")
+    card = json.loads(card_path.read_text())
+    assert card["training"]["init"]["sha256"] == _sha(w) and card["training"]["init"]["file"] == "a.safetensors"
+    assert json.loads((tmp_path / "a.json").read_text())["training"]["init"] is None
+    for k, v in start.items():
+        assert v.dtype == torch.float32 and k in first["model"].state_dict()
+    other = dict(_tiny_cfg()["model"], ch=64)
+    with pytest.raises(DeqirError, match="its ch is 32"):
+        init_weights(w, other)
+    with pytest.raises(DeqirError, match="not found"):
+        init_weights(tmp_path / "missing.safetensors", other)

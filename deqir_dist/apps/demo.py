@@ -10,6 +10,8 @@ etw = 0.8, nw = 0, tuned on other held-out crops, see ``DEMO_ETW``). Written to 
 * ``images/<task>/<image>_{degraded,baseline,serial,parallel,truth}.png``: the pictures;
 * ``grid_<task>.png``: degraded | best classical baseline | serial | parallel | ground truth,
   one row per image, labelled, with PSNR/SSIM under each cell;
+* ``grid_whole_<photo>.png``: each photograph whole, downscaled to a short side of ``--whole``
+  (default ``--size``), every task, best baseline | prior (serial) | truth (``demo_whole``);
 * ``convergence.png``: per parallel iteration, the final image's PSNR against the serial result
   and the stopping quantity (the largest row change in units of its noise level), one line per task;
 * ``metrics.json``: every number, including all classical baselines;
@@ -42,6 +44,7 @@ from deqir_dist.apps.demo_inversion import (
     grid_name,
     run_inversion,
 )
+from deqir_dist.apps.demo_whole import format_whole, run_whole
 from deqir_dist.apps.figures import display_measurement, draw_convergence, draw_grid
 from deqir_dist.apps.tables import format_table
 from deqir_dist.data.photos import heldout_crops
@@ -107,7 +110,8 @@ def run_demo(out_dir="demo-out", size: int = 64, images=None, crops: int = 1, ta
              solver: str = "picard", stop_tol: float | None = None, etw: float = DEMO_ETW, nw: float = DEMO_NW,
              samples: int = 1, seed: int = 0, model=None, weights=None, device=None, progress: bool = True,
              write: bool = True, warm_start: int = 1, inversion: bool = True,
-             inversion_iters: int | None = None, clip: str = "auto", json_path=None) -> dict:
+             inversion_iters: int | None = None, clip: str = "auto", json_path=None,
+             whole: int | None = None) -> dict:
     """Run the demo; returns the metrics dict (also written to ``out_dir/metrics.json``).
 
     ``model``: a denoiser (default: the built-in prior, or the prior in ``weights``);
@@ -116,7 +120,8 @@ def run_demo(out_dir="demo-out", size: int = 64, images=None, crops: int = 1, ta
     loss, default ``demo_inversion.INVERSION_ITERS``); ``clip``: which tasks clip x0 ("auto":
     ``DEMO_CLIP``, "all", "none"); ``json_path``: also write the metrics there (missing parent
     folders are created, as ``deqir restore --json`` does). ``device``: checked before any work
-    (a name torch knows, and present here).
+    (a name torch knows, and present here). ``whole``: also restore each photograph whole at this
+    short side (default: ``size``; 0: skip; ``demo_whole``).
 
     Every setting, the model and the output locations are checked before the first image is
     restored; nothing is written when one of them is wrong.
@@ -125,6 +130,9 @@ def run_demo(out_dir="demo-out", size: int = 64, images=None, crops: int = 1, ta
     t_all = time.perf_counter()
     device = None if device is None else resolve_device(device)
     tasks, clipped_tasks, inversion_iters = _check_settings(tasks, clip, size, crops, samples, inversion_iters)
+    whole = size if whole is None else check_int("whole", whole, 0)
+    if 0 < whole < 8:
+        raise DeqirError(f"whole (the short side of the whole photographs) must be 0 (off) or >= 8, got {whole}")
     check_settings(steps, solver, 1000, etw, nw, 0.0, DEMO_STOP, stop_tol, None, warm_start=warm_start)
     s = _Sampler(steps, solver, stop_tol, etw, nw, samples, seed, warm_start, progress)
     held = heldout_images(weights)
@@ -175,6 +183,9 @@ def run_demo(out_dir="demo-out", size: int = 64, images=None, crops: int = 1, ta
     if bar is not None:
         bar.close()
     result["table"] = rows
+    if whole:
+        result["whole"] = run_whole(model, held, whole, tasks, clipped_tasks, steps, etw, nw, seed,
+                                    out if write else None, progress=False)
     if inversion:
         result["inversion"] = run_inversion(model, x, names, out if write else None, steps, etw, nw, seed,
                                             iters=inversion_iters, progress=progress)
@@ -380,6 +391,8 @@ def format_demo(result: dict) -> str:
     if "psnr_mmse" in cols:
         foot += f"\n(mmse: mean of {result['samples']} serial restorations with independent noise)"
     text = head + "\n" + format_table(result["table"], cols) + "\n" + foot
+    if "whole" in result:
+        text += "\n\n" + format_whole(result["whole"])
     if "inversion" in result:
         text += "\n\n" + format_inversion(result["inversion"])
     return text + f"\nruntime {result['runtime_seconds']} s"
@@ -411,6 +424,8 @@ def add_parser(subparsers):
                    help="also average this many serial restorations (MMSE estimate; default 1: off)")
     p.add_argument("--clip", default="auto", choices=("auto", "all", "none"),
                    help="tasks that clip x0 to [-1, 1]: auto (colorize only, default), all, none")
+    p.add_argument("--whole", type=int, help="also restore each photograph whole, downscaled to this short side "
+                                             "(default: --size; 0: skip)")
     p.add_argument("--no-inversion", action="store_true",
                    help="skip the noise-optimisation stage (consistency loss and the ground-truth oracle)")
     p.add_argument("--inversion-iters", type=int,
@@ -475,8 +490,9 @@ def cmd_demo(args) -> int:
                       warm_start=args.warm_start,
                       etw=args.etw, nw=args.nw, samples=args.samples, seed=args.seed, weights=args.weights,
                       device=args.device, progress=not args.no_progress, inversion=not args.no_inversion,
-                      inversion_iters=args.inversion_iters, clip=args.clip, json_path=args.json)
+                      inversion_iters=args.inversion_iters, clip=args.clip, json_path=args.json, whole=args.whole)
     print(format_demo(result))
     extra = f", {grid_name(result['inversion']['task'])}" if "inversion" in result else ""
-    print(f"wrote {args.out}/: grid_<task>.png{extra}, convergence.png, metrics.json, images/")
+    whole = ", grid_whole_<photo>.png" if "whole" in result else ""
+    print(f"wrote {args.out}/: grid_<task>.png{whole}{extra}, convergence.png, metrics.json, images/")
     return 0

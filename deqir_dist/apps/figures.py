@@ -136,10 +136,11 @@ def draw_convergence(path, conv: dict, stop_tol: float, title: str) -> None:
     atomic_write(Path(path), lambda fh: img.save(fh, format="PNG"))
 
 
-def display_measurement(op, y: torch.Tensor, size: int) -> torch.Tensor:
-    """A (B, 3, size, size) picture of the measurement y."""
+def display_measurement(op, y: torch.Tensor, size) -> torch.Tensor:
+    """A (B, 3, H, W) picture of the measurement y; ``size`` is H = W or (H, W)."""
     if op.name.startswith("sr_"):
-        y = torch.nn.functional.interpolate(y, size=(size, size), mode="nearest")
+        hw = tuple(size) if isinstance(size, (tuple, list)) else (size, size)
+        y = torch.nn.functional.interpolate(y, size=hw, mode="nearest")
     if y.shape[1] == 1:
         y = y.repeat(1, 3, 1, 1)
     return y

@@ -29,6 +29,7 @@ The weights file is a plain safetensors state dict with the library's metadata (
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -51,6 +52,7 @@ from deqir_dist.data.photos import (
     load_skimage_photo,
 )
 from deqir_dist.errors import DeqirError, check_int
+from deqir_dist.models.builtin import read_builtin_file
 from deqir_dist.models.ddpm import DDPMUNet
 from deqir_dist.physics.registry import make_operator
 from deqir_dist.quality.baselines import best_baseline
@@ -74,7 +76,7 @@ class TrainConfig(dict):
         grad_clip=1.0, ema=0.999, amp="bf16", seed=0, threads=None, device="cpu",
         train_images=TRAIN_IMAGES, heldout_images=HELDOUT_IMAGES, min_short=80, max_short=512,
         pyramid_levels=8, val_every=300, val_crops=8, val_size=64, restore_eval=True,
-        time_limit_min=None, store_dtype="float16", state_path=None, state_every=200, data_dir=None,
+        time_limit_min=None, store_dtype="float16", state_path=None, state_every=200, data_dir=None, init=None,
     )
 
     def __init__(self, **kw):
@@ -193,6 +195,8 @@ def train_prior(cfg: TrainConfig, progress: bool = True, log_path: str | os.Path
 
     torch.manual_seed(cfg["seed"])
     model = DDPMUNet(**cfg["model"]).to(device)
+    if cfg["init"]:                     # fine-tune: start from a weights file of the same architecture
+        model.load_state_dict(init_weights(cfg["init"], cfg["model"]))
     ema = DDPMUNet(**cfg["model"]).to(device)
     ema.load_state_dict(model.state_dict())
     ema.eval().requires_grad_(False)
@@ -264,6 +268,19 @@ def train_prior(cfg: TrainConfig, progress: bool = True, log_path: str | os.Path
             "held_shapes": {n: list(img.shape) for n, img in held_full.items()},
             "training": training, "validation": validation, "cfg": cfg,
             "wall_seconds": time.perf_counter() - t_start}
+
+
+def init_weights(path, model_cfg: dict) -> dict:
+    """The float32 state dict of a prior weights file (safetensors, no pickle) whose architecture
+    is ``model_cfg``; a different architecture is refused with the first differing setting."""
+    sd, cfg, _ = read_builtin_file(path)
+    want = {k: list(v) if isinstance(v, tuple) else v for k, v in model_cfg.items()}
+    have = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+    for k in sorted(set(want) | set(have)):
+        if want.get(k) != have.get(k):
+            raise DeqirError(f"--init {path}: its {k} is {have.get(k)!r}, the training config's is {want.get(k)!r} "
+                             "(fine-tuning needs the same architecture flags)")
+    return {k: v.float() for k, v in sd.items()}
 
 
 def _photos(cfg) -> tuple[dict, dict, dict]:
@@ -345,10 +362,19 @@ def _training_record(cfg, losses: list[float], crops: tuple, amp: str, device, t
         "final_loss": round(sum(losses[-window:]) / max(window, 1), 5) if losses else None,
         "final_loss_note": f"mean training loss over the last {window} steps",
         "loss_curve": curve,
+        "init": _init_record(cfg["init"]),
     }
 
 
-_STATE_KEYS = ("model", "steps", "batch", "crops", "lr", "seed", "train_images", "heldout_images", "data_dir")
+def _init_record(path) -> dict | None:
+    """Which weights a fine-tuning run started from (name and sha256), None for a fresh start."""
+    if not path:
+        return None
+    return {"file": Path(path).name, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+            "note": "model and EMA initialised from these weights (fine-tuning); the EMA warm-up restarts"}
+
+
+_STATE_KEYS = ("model", "steps", "batch", "crops", "lr", "seed", "train_images", "heldout_images", "data_dir", "init")
 
 
 def _save_state(path: Path, cfg, step: int, model, ema, opt, sampler, noise_gen, losses, val_history,

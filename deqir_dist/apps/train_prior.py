@@ -230,6 +230,8 @@ def add_parser(subparsers):
     p.add_argument("--state", help="training-state file: saved every --state-every steps and at a --time-limit "
                                    "stop; an existing one is resumed (same flags), so training can span sittings")
     p.add_argument("--state-every", type=int, default=200, help="steps between state saves (default 200)")
+    p.add_argument("--init", help="fine-tune: start from this weights file (.safetensors of the same architecture, "
+                                  "e.g. the shipped builtin) instead of a random initialisation")
     p.add_argument("--data", help="extra photographs: a folder from bench/prior_data.py (train/, heldout/ PNGs)")
     p.add_argument("--train-images", help=f"comma list (default {','.join(TRAIN_IMAGES)})")
     p.add_argument("--heldout-images", help=f"comma list (default {','.join(HELDOUT_IMAGES)})")
@@ -257,7 +259,7 @@ def config_from_args(args) -> TrainConfig:
               warmup=args.warmup, ema=args.ema, amp=args.amp, seed=args.seed, threads=args.threads,
               device=device, val_every=args.val_every, val_crops=args.val_crops,
               restore_eval=not args.no_restore_eval, time_limit_min=args.time_limit, store_dtype=args.store_dtype,
-              state_path=args.state, state_every=args.state_every, data_dir=args.data)
+              state_path=args.state, state_every=args.state_every, data_dir=args.data, init=args.init)
     if args.train_images:
         kw["train_images"] = tuple(s.strip() for s in args.train_images.split(",") if s.strip())
     if args.heldout_images:
@@ -276,7 +278,8 @@ def canonical_command(args) -> str:
         parts += ["--attn", args.attn]
     for flag, v in (("--card", args.card), ("--log", args.log), ("--threads", args.threads),
                     ("--device", args.device), ("--time-limit", args.time_limit),
-                    ("--train-images", args.train_images), ("--heldout-images", args.heldout_images)):
+                    ("--train-images", args.train_images), ("--heldout-images", args.heldout_images),
+                    ("--data", args.data), ("--init", args.init)):
         if v is not None:
             parts += [flag, str(v)]
     if args.no_restore_eval:

@@ -77,6 +77,10 @@ def test_schedule_counts_the_calls_that_ran(blocks, m, layout):
         sched = parareal_schedule(bounds, [min(m, hi - lo) for lo, hi in bounds], k)
         assert out.calls == sched["calls"], k
         assert sched["critical_path"] <= sched["calls"]
+        # one timing per pass (the coarse pass, then each iteration); they count every call
+        assert len(out.timings) == k + 1 and sum(t.rows for t in out.timings) == out.calls
+        assert out.timings[0].rows == sum(min(m, hi - lo) for lo, hi in bounds)
+        assert all(0 <= t.denoiser_s <= t.total_s and t.comm_s == 0 and t.active == 1 for t in out.timings)
     # one worker holding every block: the critical path is all its calls
     one = parareal_schedule(bounds, [m] * blocks, 2, procs=1)
     assert one["critical_path"] == one["calls"] == sum(one["per_worker"])
@@ -217,7 +221,7 @@ def test_planner_never_picks_a_plan_slower_than_serial():
 def test_planner_reads_k_from_the_benchmarks(tmp_path, monkeypatch):
     """K comes from the JSON: a benchmark that says parareal needs K = B makes it lose everywhere."""
     table = planner.parareal_k_table()
-    assert table, "bench/results/parareal-builtin-cpu.json is missing"
+    assert table, "deqir_dist/api/planner_k/parareal-builtin-cpu.json (package data) is missing"
     fake = {"cases": [{"steps": 100, "blocks": 10, "coarse_steps": 1, "etw": 0.0, "final": {"K_max": 10}}]}
     path = tmp_path / "p.json"
     path.write_text(json.dumps(fake))

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import time
 from dataclasses import dataclass, field
 
 import torch
@@ -28,6 +29,7 @@ from deqir_dist.errors import DeqirError, is_int, is_real
 from deqir_dist.parallel.comm import split_rows
 from deqir_dist.sampling.schedule import ChainCoefficients, null_coordinates
 from deqir_dist.sampling.serial import ddnm_step
+from deqir_dist.solvers.driver import IterationTiming
 
 COARSE_KINDS = ("normalized", "unrolled", "ddim", "ab2")
 STOP_RULES = ("final", "none")
@@ -160,6 +162,9 @@ class PararealOutput:
     boundaries: list = field(default_factory=list)   # (only with keep=True) U_B of every image per iteration
     critical_path: float | None = None      # pipelined schedule at max K, one worker per block (run_parareal)
     schedule_calls: int | None = None       # its denoiser calls per image
+    # this process's wall time per pass: [0] the coarse pass, [k] iteration k (its fine solves and
+    # corrections); denoiser and communication seconds, bytes sent and denoiser rows inside each
+    timings: list[IterationTiming] = field(default_factory=list)
 
 
 class Parareal:
@@ -175,6 +180,7 @@ class Parareal:
             subs = split_rows(hi - lo, min(opts.coarse_steps, hi - lo))
             self.jumps.append([CoarseJump(coeffs, lo + a, lo + b, opts.coarse, opts.data_std) for a, b in subs])
         self.calls = 0      # denoiser evaluations (image rows)
+        self.denoiser_s = 0.0   # wall time inside the denoiser
 
     def coarse_calls(self, n: int) -> int:
         return len(self.jumps[n])
@@ -183,7 +189,23 @@ class Parareal:
         """eps of the stacked states h (len(rows) groups of ``per`` images; group g at row rows[g])."""
         t = self.coeffs.taus[torch.tensor(rows)].repeat_interleave(per).to(h.device)
         self.calls += h.shape[0]
-        return self.eps_fn(h, t)
+        t0 = time.perf_counter()
+        out = self.eps_fn(h, t)
+        self.denoiser_s += time.perf_counter() - t0
+        return out
+
+    def timing(self, since: tuple, active: int, comm=None) -> IterationTiming:
+        """The IterationTiming of a pass that began at ``since`` = :meth:`mark`."""
+        t0, den0, calls0, comm0, bytes0 = since
+        comm_s = 0.0 if comm is None else comm.stats.seconds - comm0
+        sent = 0 if comm is None else comm.stats.bytes_sent - bytes0
+        return IterationTiming(time.perf_counter() - t0, self.denoiser_s - den0, comm_s, sent, active,
+                               self.calls - calls0)
+
+    def mark(self, comm=None) -> tuple:
+        """The counters at the start of a pass (for :meth:`timing`)."""
+        return (time.perf_counter(), self.denoiser_s, self.calls, 0.0 if comm is None else comm.stats.seconds,
+                0 if comm is None else comm.stats.bytes_sent)
 
     def coarse(self, n: int, u: torch.Tensor, ids, eps0: torch.Tensor | None = None):
         """G_n(u) for images ``ids``; eps0 = eps(u, tau_lo) if known. Returns (G_n(u), eps(u, tau_lo))."""
@@ -263,10 +285,12 @@ def solve_parareal(eps_fn, op, coeffs: ChainCoefficients, y: torch.Tensor, xi: t
     # coarse pass: U^0, G_n(U^0_{n-1}) and the shared first evaluations
     U, G, E = [xi], [None] * nb, [None] * nb
     H = [[] for _ in range(nb)]               # per block: (input, F - G at it), newest last (secant)
+    since = pr.mark()
     for n in range(nb):
         g, E[n] = pr.coarse(n, U[n], ids)
         G[n] = g
         U.append(g)
+    timings = [pr.timing(since, batch)]
     final = U[-1].clone()
     iters, trace, kept = [0] * batch, [], ([U[-1].clone()] if keep else [])
     if callback is not None:
@@ -276,6 +300,7 @@ def solve_parareal(eps_fn, op, coeffs: ChainCoefficients, y: torch.Tensor, xi: t
             break
         todo = list(range(k - 1, nb))          # blocks whose input changed in the last iteration
         per = len(ids)
+        since = pr.mark()
         Fv = pr.fine(todo, torch.cat([U[n] for n in todo]), torch.cat([E[n] for n in todo]), ids)
         Fv = {n: Fv[j * per:(j + 1) * per] for j, n in enumerate(todo)}
         newU = U[:k] + [Fv[k - 1]]             # U_k^k = F_k(U_{k-1}): exact
@@ -301,6 +326,7 @@ def solve_parareal(eps_fn, op, coeffs: ChainCoefficients, y: torch.Tensor, xi: t
             full = kept[-1].clone()
             full[ids] = U[-1]
             kept.append(full)
+        timings.append(pr.timing(since, per))
         if callback is not None:
             callback(k, list(ids), U[-1], q)
         stop = done(opts.stop, q, opts.stop_tol) if k < opts.max_iter else torch.ones_like(q, dtype=torch.bool)
@@ -317,7 +343,7 @@ def solve_parareal(eps_fn, op, coeffs: ChainCoefficients, y: torch.Tensor, xi: t
             ids = [ids[j] for j in keepj]
     if opts.max_iter == 0:
         final = U[-1]
-    return PararealOutput(final, iters, trace, pr.bounds, opts.coarse_steps, pr.calls, kept)
+    return PararealOutput(final, iters, trace, pr.bounds, opts.coarse_steps, pr.calls, kept, timings=timings)
 
 
 def block_owners(blocks: int, procs: int) -> list[int]:

@@ -128,7 +128,9 @@ def solve_parareal_dist(eps_fn, op, coeffs: ChainCoefficients, y: torch.Tensor, 
             H[n] = [(x[keep], c[keep]) for x, c in hist]
 
     kmax, k_done, decided = opts.max_iter, -1, 0
+    timings = []
     for k in range(kmax + 1):
+        since = pr.mark(comm)
         if k - STOP_LAG >= 1:                  # iteration k - STOP_LAG's decision, taken STOP_LAG iterations later
             decided = k - STOP_LAG
             ids, keep = _decide(comm, pipe, decided, ids, qs, ends, final, iters, trace, opts, last, kmax, nb,
@@ -165,6 +167,7 @@ def solve_parareal_dist(eps_fn, op, coeffs: ChainCoefficients, y: torch.Tensor, 
                 callback(k, list(ids), out, qs.get(k))
         k_done = k
         if k == kmax:
+            timings.append(pr.timing(since, len(ids), comm))
             break
         todo = [n for n in mine if n >= k]     # F pass, for iteration k + 1
         if todo:
@@ -172,6 +175,7 @@ def solve_parareal_dist(eps_fn, op, coeffs: ChainCoefficients, y: torch.Tensor, 
             fv = pr.fine(todo, torch.cat([U[n] for n in todo]), torch.cat([E[n] for n in todo]), ids)
             for j, n in enumerate(todo):
                 F[n] = fv[j * per:(j + 1) * per]
+        timings.append(pr.timing(since, len(ids), comm))
     for j in range(decided + 1, k_done + 1):   # the decisions not taken yet; the last one stops every image
         if not ids:
             break
@@ -182,7 +186,7 @@ def solve_parareal_dist(eps_fn, op, coeffs: ChainCoefficients, y: torch.Tensor, 
         final[ids] = ends[0]
     pipe.flush()
     final = comm.from_rank(final, owner[nb - 1], "final broadcast")
-    return PararealOutput(final, iters, trace, pr.bounds, opts.coarse_steps, pr.calls)
+    return PararealOutput(final, iters, trace, pr.bounds, opts.coarse_steps, pr.calls, timings=timings)
 
 
 def _decide(comm, pipe, k, ids, qs, ends, final, iters, trace, opts, last, kmax, nb, batch):

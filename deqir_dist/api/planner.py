@@ -29,9 +29,13 @@ DEFAULT_BATCHES = (1, 2, 4, 8, 13, 16, 25, 50, 100)
 # every task and image benchmarked, at the nearest etw; ``python bench/parareal.py --model builtin``). A learned
 # prior needs far more than the analytic oracle, and planning with the oracle's K would pick a
 # parallel solver where it is slower. Without the files no parallel plan is offered.
-RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"
-PICARD_K_FILE = RESULTS_DIR / "builtin-sr_avgpool-cpu.json"
-PARAREAL_K_FILE = (RESULTS_DIR / "parareal-builtin-cpu.json", RESULTS_DIR / "parareal-builtin-B6-7-10-cpu.json")
+# The files ship inside the package (K_DIR, package data: an installed wheel has no bench/); they
+# are byte-for-byte copies of bench/results/<same name>, which tests/test_profile.py checks.
+RESULTS_DIR = Path(__file__).resolve().parents[2] / "bench" / "results"     # where the benchmarks write
+K_DIR = Path(__file__).resolve().parent / "planner_k"                        # what the planner reads
+K_FILES = ("builtin-sr_avgpool-cpu.json", "parareal-builtin-cpu.json", "parareal-builtin-B6-7-10-cpu.json")
+PICARD_K_FILE = K_DIR / K_FILES[0]
+PARAREAL_K_FILE = (K_DIR / K_FILES[1], K_DIR / K_FILES[2])
 # a parallel plan must beat serial by this fraction of serial's modelled latency
 MARGIN = 0.1
 _K_CACHE: dict = {}
@@ -96,9 +100,10 @@ def measure_cost(model, image_shape, batches=DEFAULT_BATCHES, device=None, dtype
     (the least disturbed by other work on the machine); CUDA graphs if ``graph``."""
     device = torch.device(device) if device is not None else model_device(model)
     dtype = dtype or model_dtype(model) or torch.float32
+    gen = torch.Generator(device=device).manual_seed(0)     # its own draws: the global RNG is left as it was
     out = {}
     for b in batches:
-        x = torch.randn((b, *image_shape), device=device, dtype=dtype)
+        x = torch.randn((b, *image_shape), device=device, dtype=dtype, generator=gen)
         t = torch.full((b,), 500, dtype=torch.int64, device=device)
         fn = model
         if graph:
@@ -137,6 +142,12 @@ def expected_iterations(steps: int, window: int | None = None, etw: float | None
     frac = (window or steps) / steps
     f = min(table[key], key=lambda v: abs(math.log(v / frac)))
     return min(table[key][f], steps)
+
+
+def profile_batches(steps: int, procs: int = 1) -> tuple[int, ...]:
+    """The batch sizes auto times (``cost_at`` interpolates between them): one row, and the rows per
+    device of the whole chain (P = 1: N; P > 1: also ceil(N / P))."""
+    return tuple(sorted({1, int(steps), math.ceil(steps / max(1, procs))}))
 
 
 def predict_ms(c_ms: dict, steps: int, procs: int = 1, iterations: int | None = None,

@@ -17,6 +17,7 @@ the same trajectory, to within their stopping tolerance, and cost about N times 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import io
 import sys
 import time
@@ -34,6 +35,10 @@ from deqir_dist.models.builtin import builtin_bench_images, heldout_images, load
 from deqir_dist.physics.registry import make_operator
 from deqir_dist.quality.baselines import baselines_for
 from deqir_dist.quality.metrics import psnr, ssim
+
+
+def _sha256(path) -> str | None:
+    return hashlib.sha256(open(path, "rb").read()).hexdigest() if path else None
 
 
 def quantize8(y: torch.Tensor) -> torch.Tensor:
@@ -91,16 +96,21 @@ def main(argv=None) -> int:
                    help="comma list of float, 8bit, jpegQ (a JPEG of quality Q; default float,8bit)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--weights", help="a prior written by deqir train-prior (default: the shipped one)")
+    p.add_argument("--heldout-from", help="take the held-out photographs from this weights file (default: "
+                                          "--weights), so two priors can be compared on the same photographs")
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = load_builtin()
-    held = heldout_images()
+    model = load_builtin(path=args.weights)
+    photos = args.heldout_from or args.weights
+    held = heldout_images(photos)
     sets = {"whole": [to_tensor(resize_short(img, args.whole)) for img in held.values()],
-            "crops": list(builtin_bench_images(4 + args.crops, 64)[4:])}
+            "crops": list(builtin_bench_images(4 + args.crops, 64, photos)[4:])}
     result = {"command": "python bench/defaults_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
-              "model": "builtin", "heldout": list(held),
+              "model": "builtin", "weights": getattr(model, "weights_path", None),
+              "weights_sha256": _sha256(getattr(model, "weights_path", None)), "heldout": list(held),
               "whole_sizes": [list(x.shape[1:]) for x in sets["whole"]], "crops": args.crops,
               "sampler": "restore() at the model card's settings, solver serial, sigma_y from the bit depth",
               "torch_threads": args.threads, "results": {}}

@@ -99,7 +99,7 @@ def test_for_noise_keeps_projector_identities(task):
     # A+ of the filtered y is the Tikhonov estimate V s/(s^2 + sig^2) U^T y on the kept directions
     A = _dense(op, op.A, n)
     U, s, Vt = torch.linalg.svd(A, full_matrices=False)
-    keep = s > reg.NOISE_KEEP * sig
+    keep = s > reg.NOISE_KEEP * sig * s.max()       # relative to the largest gain
     y = torch.randn(1, *op.measurement_shape, dtype=torch.float64)
     want = Vt.T[:, keep] @ ((s / (s * s + sig ** 2))[keep] * (U.T[keep] @ y.flatten()))
     torch.testing.assert_close(reg.A_pinv(reg.filter_measurement(y, sig)).flatten(), want, atol=1e-9, rtol=0)
@@ -269,3 +269,17 @@ def test_auto_times_the_padded_size():
     res = restore(load_builtin(), op.A(torch.rand(1, 3, 18, 22) * 2 - 1), op, solver="auto", steps=3,
                   generator=_gen())
     assert res.image.shape == (1, 3, 18, 22) and res.solver in ("serial", "picard")
+
+
+def test_for_noise_threshold_is_relative_to_the_largest_gain():
+    """An x4 average has gains <= 1/4 by normalisation: 2 % noise must not make it all null space
+    (it did, with an absolute threshold: the sampler then ignored y and gave about 6 dB)."""
+    op = make_operator("sr_bicubic", (3, 64, 64), scale=4)
+    s = op._buffers["s"]
+    assert float(s.max()) < 0.3
+    assert op.for_noise(0.02).rank == op.rank
+    scaled = op.for_noise(0.2)        # s / s_max <= 16 * 0.2 everywhere: nothing is left to measure
+    assert scaled.rank == 0
+    blur = make_operator("deblur_gauss", (3, 64, 64))
+    keep = int((blur._buffers["s"] > blur.NOISE_KEEP * 0.01 * float(blur._buffers["s"].max())).sum())
+    assert blur.for_noise(0.01).rank == keep < blur.rank

@@ -13,11 +13,12 @@ import os
 import torch
 
 # JPEG adds block-DCT and chroma-subsampling error far above 8-bit rounding (std 0.018 at quality
-# 95, 0.034 at 75 on held-out crops, [-1, 1] scale). Deblurring 8-bit JPEGs of two held-out 64x64
-# crops (chelsea, coffee; serial, the card's settings; /tmp script, not a committed benchmark):
-# sigma_y 0.00226 / 0.005 / 0.01 / 0.02 / 0.04 gave 23.4 / 26.3 / 28.6 / 26.9 / 24.7 dB at
-# quality 95 and 19.9 / 23.1 / 26.0 / 26.2 / 24.5 dB at 75, the best Tikhonov filter 27.3 / 24.6.
-# 0.01 is the default for a JPEG file; give --sigma-y for heavier compression.
+# 95, 0.034 at 75 on held-out crops, [-1, 1] scale). Deblurring 8-bit JPEGs of the four tuning
+# crops (``python bench/noise_scans.py``, bench/results/noise-scans-builtin-cpu.json; serial, the
+# card's settings): sigma_y 0.00226 / 0.005 / 0.01 / 0.02 / 0.04 gave 23.4 / 26.3 / 28.0 / 26.0 /
+# 23.6 dB at quality 95 and 20.0 / 23.1 / 25.5 / 25.3 / 23.5 dB at 75, the best Tikhonov filter
+# 26.9 / 24.4; SR x4 hardly depends on it (within 0.1 dB). 0.01 is the default for a JPEG file;
+# give --sigma-y for heavier compression.
 JPEG_SIGMA = 0.01
 
 

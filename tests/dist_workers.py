@@ -2,6 +2,7 @@
 import json
 import os
 import sys
+import time
 import traceback
 from datetime import timedelta
 
@@ -63,7 +64,7 @@ def window_equivalence(rank, world, port, out_dir):
     for steps, window, nw, sigma_y, task in ((12, 12, 0.0, 0.0, "sr_avgpool"), (25, 7, 0.0, 0.0, "inpaint"),
                                              (25, 2, 0.3, 0.0, "inpaint"), (12, 5, 0.3, 0.1, "sr_avgpool")):
         model, op, y, xi = _problem(2, seed=steps + window, task=task)
-        kw = dict(steps=steps, noise=xi, nw=nw, sigma_y=sigma_y, window=window,
+        kw = dict(steps=steps, solver="picard", noise=xi, nw=nw, sigma_y=sigma_y, window=window,
                   generator=torch.Generator().manual_seed(5))
         single = restore(model, y, op, **kw)
         kw["generator"] = torch.Generator().manual_seed(5)
@@ -111,7 +112,7 @@ def mismatched(rank, world, port, out_dir):
     if rank == 1:
         y = y + 1e-3
     try:
-        restore(model, y, op, steps=10, noise=xi, distributed=True)
+        restore(model, y, op, steps=10, solver="picard", noise=xi, distributed=True)
     except DeqirError as e:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(str(e))
@@ -128,13 +129,54 @@ def too_many_ranks(rank, world, port, out_dir):
     _init(rank, world, port)
     model, op, y, xi = _problem(1)
     try:
-        restore(model, y, op, steps=2, noise=xi, distributed=True)
+        restore(model, y, op, steps=2, solver="picard", noise=xi, distributed=True)
     except DeqirError as e:
         with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
             f.write(str(e))
         dist.destroy_process_group()
         sys.exit(1)
     sys.exit(0)
+
+
+class _Timed(torch.nn.Module):
+    """The same eps, at a set cost: each call sleeps fixed_ms + row_ms per row."""
+
+    def __init__(self, inner, fixed_ms, row_ms):
+        super().__init__()
+        self.inner = inner
+        self.register_buffer("cost_ms", torch.tensor([fixed_ms, row_ms]))    # in the state: its own cache key
+
+    def forward(self, x, t):
+        fixed, row = self.cost_ms.tolist()
+        time.sleep((fixed + row * x.shape[0]) / 1e3)
+        return self.inner(x, t)
+
+
+def auto_plan_agrees(rank, world, port, out_dir):
+    """solver="auto" (the default) under distributed=True: rank 0 times its model and decides, every
+    rank runs that plan. Rank 0's model costs 2 ms a row (compute-bound: serial); rank 1's 30 ms a
+    call whatever its rows (launch-bound: its own timing would pick picard)."""
+    from deqir_dist import DeqirError, restore
+    from deqir_dist.api.restore import plan_auto
+    _init(rank, world, port)
+    model, op, y, xi = _problem(1, seed=4)
+    mine = _Timed(model, 30.0, 0.0) if rank == 1 else _Timed(model, 0.0, 2.0)
+    rows = []
+    for profile in (None, {1: 1.0, 25: 1.1}):       # measured on rank 0; a flat profile: picard pays
+        res = restore(mine, y, op, steps=25, noise=xi, distributed=True, profile=profile)
+        rows.append({"solver": res.solver, "chosen": res.plan["chosen"], "reason": res.plan["reason"],
+                     "c_ms": {str(k): v for k, v in res.plan["c_ms"].items()},
+                     "source": res.plan["profile"]["source"], "rows": list(res.rank_rows or (0, 25)),
+                     "image_sum": float(res.image.double().sum())})
+    own = plan_auto(mine, op, world, None, 25)[0]       # what this rank alone would have chosen
+    try:
+        restore(model, y, op, steps=25, noise=xi, distributed=True, profile=os.path.join(out_dir, "none.json"))
+        err = ""
+    except DeqirError as e:
+        err = str(e)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"runs": rows, "own": own, "error": err}, f)
+    dist.destroy_process_group()
 
 
 def noise_gradient_equivalence(rank, world, port, out_dir):

@@ -98,9 +98,9 @@ class _DiffusersLike(torch.nn.Module):
 def test_model_output_with_sample_is_unwrapped(gmm):
     _, op, y = _problem(gmm)
     xi = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    ref = dq.restore(gmm, y, op, steps=5, noise=xi).image
+    ref = dq.restore(gmm, y, op, steps=5, noise=xi, solver="picard").image
     for wrapped in (_DiffusersLike(gmm), _DiffusersLike(gmm, as_tuple=True)):
-        assert torch.equal(dq.restore(wrapped, y, op, steps=5, noise=xi).image, ref)
+        assert torch.equal(dq.restore(wrapped, y, op, steps=5, noise=xi, solver="picard").image, ref)
     with pytest.raises(dq.DeqirError, match="denoiser returned"):
         dq.restore(lambda x, t: {"eps": x}, y, op, steps=2)
 
@@ -108,9 +108,10 @@ def test_model_output_with_sample_is_unwrapped(gmm):
 def test_device_is_accepted_or_says_what_to_do(gmm):
     _, op, y = _problem(gmm)
     xi = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    ref = dq.restore(gmm, y, op, steps=4, noise=xi).image
-    assert torch.equal(dq.restore(gmm, y, op, steps=4, noise=xi, device="cpu").image, ref)
-    assert torch.equal(dq.restore(gmm, y, op, steps=4, noise=xi, device=torch.device("cpu")).image, ref)
+    ref = dq.restore(gmm, y, op, steps=4, noise=xi, solver="picard").image
+    assert torch.equal(dq.restore(gmm, y, op, steps=4, noise=xi, device="cpu", solver="picard").image, ref)
+    assert torch.equal(dq.restore(gmm, y, op, steps=4, noise=xi, device=torch.device("cpu"), solver="picard").image,
+                       ref)
     with pytest.raises(dq.DeqirError, match="unknown device"):
         dq.restore(gmm, y, op, steps=4, device="gpu0")
     if not torch.cuda.is_available():
@@ -138,8 +139,8 @@ def test_value_range_zero_one_is_converted_exactly(gmm, task, params):
     x, op, y = _problem(gmm, task, **params)
     y01 = op.A((x + 1) / 2)
     xi = torch.randn(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
-    ref = dq.restore(gmm, y, op, steps=5, noise=xi).image
-    got = dq.restore(gmm, y01, op, steps=5, noise=xi, value_range=(0, 1)).image
+    ref = dq.restore(gmm, y, op, steps=5, noise=xi, solver="picard").image
+    got = dq.restore(gmm, y01, op, steps=5, noise=xi, value_range=(0, 1), solver="picard").image
     assert torch.allclose(got, ref, atol=1e-5)
 
 

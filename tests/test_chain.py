@@ -342,8 +342,8 @@ def test_bad_tensors(gmm):
 def test_numpy_scalars_are_accepted(gmm):
     np = pytest.importorskip("numpy")
     op, _, y, xi, _ = problem(gmm, "sr_avgpool", {"scale": 2})
-    a = restore(gmm, y, op, steps=np.int64(6), etw=np.float32(0.25), noise=xi, max_iter=np.int64(6))
-    b = restore(gmm, y, op, steps=6, etw=0.25, noise=xi)
+    a = restore(gmm, y, op, steps=np.int64(6), etw=np.float32(0.25), noise=xi, max_iter=np.int64(6), solver="picard")
+    b = restore(gmm, y, op, steps=6, etw=0.25, noise=xi, solver="picard")
     assert torch.equal(a.image, b.image) and a.iterations_per_image == b.iterations_per_image
 
 
@@ -402,8 +402,8 @@ def test_clipped_x0_serial_matches_transcription_and_picard_reaches_it(gmm, name
     assert float((ser.image - ref).abs().max()) < 1e-9
     assert float((plain - ref).abs().max()) > 1e-3               # the clip is active here
     for window in (10, 0, 3):
-        par = restore(gmm, y.double(), op, steps=10, noise=xi.double(), dtype=torch.float64, clip_x0=True,
-                      window=window, stop_tol=1e-12, warm_start=0)
+        par = restore(gmm, y.double(), op, steps=10, solver="picard", noise=xi.double(), dtype=torch.float64,
+                      clip_x0=True, window=window, stop_tol=1e-12, warm_start=0)
         assert float((par.image - ref).abs().max()) < 1e-9
 
 

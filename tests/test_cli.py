@@ -41,10 +41,15 @@ def test_degrade_then_restore_then_eval(photos, tmp_path, capsys):
     assert read_image(meas / "img0.png").shape == (3, 16, 16)
     out_dir = tmp_path / "restored"
     code, out, _ = _run(["restore", meas, "--task", "sr_bicubic", "--scale", "2", "-o", out_dir,
-                         "--steps", "10", "--no-progress"], capsys)
+                         "--steps", "10", "--no-progress", "--device", "cpu"], capsys)
     assert code == 0, out
     summary = json.loads((out_dir / "summary.json").read_text())
-    assert summary["summary"]["images"] == 2 and summary["solver"] == "picard"
+    # no --solver: auto, which on a CPU runs serial, and the summary says both
+    assert summary["summary"]["images"] == 2 and summary["solver"] == "auto"
+    assert summary["summary"]["solvers"] == {"serial": 2}
+    assert [r["solver"] for r in summary["images"]] == ["serial", "serial"]
+    assert [r["plan"]["chosen"] for r in summary["images"]] == ["serial", "serial"]
+    assert [p["chosen"] for p in summary["summary"]["plans"]] == ["serial"]
     assert read_image(out_dir / "img1.png").shape == (3, 32, 32)
     code, out, _ = _run(["eval", out_dir, photos, "--json", tmp_path / "ev.json"], capsys)
     assert code == 0 and "mean" in out
@@ -114,7 +119,7 @@ def test_conflicting_or_untrained_settings_fail_before_work(photos, tmp_path, ca
                 capsys)[0] == 0
     _bad(capsys, [*one, "--model", "adm-256-uncond"], tmp_path, "--checkpoint")
     _bad(capsys, [*one, "--device", "nosuch"], tmp_path, "unknown device")
-    _bad(capsys, [*one, "--profile", tmp_path / "p.json"], tmp_path, "--solver auto")
+    _bad(capsys, [*one, "--solver", "picard", "--profile", tmp_path / "p.json"], tmp_path, "--solver auto")
     _bad(capsys, [*one, "--solver", "auto", "--profile", tmp_path / "missing.json"], tmp_path, "cost profile")
     _bad(capsys, [*one, "--solver", "serial", "--window", "2"], tmp_path, "window")
     _bad(capsys, [*one, "--warm-start", "9"], tmp_path, "warm_start")

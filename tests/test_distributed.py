@@ -85,6 +85,24 @@ def test_more_ranks_than_rows_is_an_error(tmp_path):
     assert "at most one rank per row" in (tmp_path / "rank0.err").read_text()
 
 
+def test_auto_is_planned_once_on_rank_0_and_followed_by_every_rank(tmp_path):
+    """The default solver, auto, sharded over P = 2: rank 0 alone times its model (or reads the
+    profile) and decides; rank 1, whose own timing would pick picard, runs rank 0's choice."""
+    codes, _ = _run(dist_workers.auto_plan_agrees, 2, tmp_path)
+    assert codes == [0, 0]
+    r0, r1 = (json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1))
+    assert r1["own"] == "picard" and r0["own"] == "serial"        # alone, the ranks would disagree
+    measured, flat = zip(r0["runs"], r1["runs"])
+    for a, b in (measured, flat):
+        assert a["solver"] == b["solver"] == a["chosen"] == b["chosen"]
+        assert (a["reason"], a["c_ms"], a["source"], a["image_sum"]) == (b["reason"], b["c_ms"], b["source"],
+                                                                        b["image_sum"])
+    assert measured[0]["solver"] == "serial" and measured[0]["source"] in ("measured", "cache")
+    assert flat[0]["solver"] == "picard" and flat[0]["rows"] != flat[1]["rows"]    # sharded
+    assert "cannot read cost profile" in r0["error"]
+    assert r1["error"].startswith("solver='auto': rank 0 could not plan: cannot read cost profile")
+
+
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_noise_gradient_equals_single_process(world, tmp_path):
     """issue 7.4: the adjoint sharded like the forward (reverse scan over ranks) gives the same dL/dxi."""

@@ -85,7 +85,7 @@ def test_load_denoiser_emulate_cost_and_restore_equals_the_oracle():
     got = restore(fast, y, op, steps=10, solver="serial", noise=xi)
     assert torch.equal(got.image, ref.image)
     assert fast.calls == 10 and fast.batches == {1: 10}
-    par = restore(fast, y, op, steps=10, noise=xi, window=0, stop="none", max_iter=10)
+    par = restore(fast, y, op, steps=10, solver="picard", noise=xi, window=0, stop="none", max_iter=10)
     assert fast.calls == 21 and fast.batches == {1: 11, 10: 10}      # the warm start: one call of 1 row
     assert float((par.image - ref.image).abs().max()) <= 1e-5
 

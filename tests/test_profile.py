@@ -76,3 +76,84 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     data = json.loads((tmp_path / "g.json").read_text())
     assert data["serial_vs_parallel"][0]["psnr_vs_serial"] >= 40
     assert all(r["parallel_ms"] > 0 for r in data["modelled_adm_t100"])
+
+
+def test_k_tables_ship_in_the_package_as_copies_of_the_benchmarks():
+    """The planner reads its K from package data (a wheel has no bench/), each file an exact copy of
+    the benchmark's JSON; pyproject.toml ships them. Without them no parallel plan is offered."""
+    import re
+    from pathlib import Path
+
+    from deqir_dist.api import planner
+    root = Path(__file__).resolve().parents[1]
+    pkg = Path(planner.__file__).resolve().parent
+    assert planner.K_DIR.parent == pkg and planner.PICARD_K_FILE.parent == planner.K_DIR
+    assert all(Path(p).parent == planner.K_DIR for p in planner.PARAREAL_K_FILE)
+    for name in planner.K_FILES:
+        shipped, bench = planner.K_DIR / name, root / "bench" / "results" / name
+        assert shipped.is_file(), f"{shipped} missing"
+        if bench.is_file():             # a source checkout: the copy must be current
+            assert shipped.read_bytes() == bench.read_bytes(), \
+                f"bench/results/{name} changed: copy it to deqir_dist/api/planner_k/ (the planner's K tables)"
+    assert re.search(r'^"deqir_dist\.api" = \[[^\]]*"planner_k/\*\.json"', (root / "pyproject.toml").read_text(), re.M)
+    assert planner.picard_k_table() and planner.parareal_k_table()
+
+
+def test_without_k_tables_no_parallel_plan(monkeypatch, tmp_path):
+    from deqir_dist.api import planner
+    monkeypatch.setattr(planner, "PICARD_K_FILE", tmp_path / "none.json")
+    monkeypatch.setattr(planner, "PARAREAL_K_FILE", (tmp_path / "none2.json",))
+    planner._K_CACHE.clear()
+    try:
+        for c_ms in ({1: 10.0, 100: 10.0}, {1: 1.0, 8: 1.0, 100: 90.0}):     # flat: anything would pay
+            for procs in (1, 4, 25):
+                assert choose_solver(c_ms, 25, procs)[0] == "serial"
+    finally:
+        planner._K_CACHE.clear()
+
+
+def test_on_one_device_parareal_never_pays_and_picard_only_on_a_flat_cost():
+    """P = 1 (a Ray worker with one device, a single process): with the shipped K tables, parareal's
+    critical path is at least N batch-1 calls, so it never beats serial, whatever c(b); picard beats
+    serial exactly when its c(1) + K c(W) (the window of the nearest benchmarked N) wins by the margin,
+    i.e. only when c(W) / c(1) < (N / 1.1 - 1) / K (between 1.5 and 3.3 for the shipped K): a
+    launch-bound model on a GPU, not a CPU, where c(b) grows about like b. So "one device: serial"
+    is the planner's answer on a CPU, not a rule: auto measures c(b) there too."""
+    from deqir_dist.api import planner
+    from deqir_dist.solvers.parareal import block_bounds, parareal_schedule
+    for steps in (25, 50, 100):
+        for b, m, k in planner.parareal_candidates(steps):
+            bounds = block_bounds(steps, b)
+            crit = parareal_schedule(bounds, [min(m, hi - lo) for lo, hi in bounds], k, 1)["critical_path"]
+            assert crit >= steps, (steps, b, m, k, crit)
+        for alpha in (0.0, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0):   # c(b) = b^alpha: monotone, flat to linear
+            c_ms = {b: float(b) ** alpha for b in (1, 2, 4, 8, 16, 25, 32, 50, 64, 100)}
+            choice, best = choose_solver(c_ms, steps, 1)
+            assert choice != "parareal"
+            wins = [1 + planner.expected_iterations(steps, w) * cost_at(c_ms, w)
+                    for w in {steps, round(steps / 2), round(steps / 4)}]
+            assert (choice == "picard") == (min(wins) * (1 + planner.MARGIN) < steps), (steps, alpha, best)
+            if alpha >= 0.5:
+                assert choice == "serial", (steps, alpha, best)
+
+
+def test_restore_defaults_to_auto_and_timing_leaves_the_global_rng_alone(gmm, monkeypatch, tmp_path):
+    """restore()'s default solver is auto; timing the model (cold cache) draws from its own generator,
+    so a run that measures and one that reads the cache draw the same noise from the global RNG."""
+    import inspect
+
+    from deqir_dist.api.restore import check_settings
+    from deqir_dist.solvers.options import DEFAULT_SOLVER
+    assert DEFAULT_SOLVER == "auto"
+    assert inspect.signature(restore).parameters["solver"].default == "auto"
+    assert inspect.signature(check_settings).parameters["solver"].default == "auto"
+    monkeypatch.setenv("DEQIR_CACHE_DIR", str(tmp_path))
+    op = make_operator("sr_avgpool", (3, 8, 8), scale=2)
+    y = op.A(gmm.sample(1, (3, 8, 8), torch.Generator().manual_seed(0)))
+    torch.manual_seed(0)
+    a = restore(gmm, y, op, steps=6)
+    torch.manual_seed(0)
+    b = restore(gmm, y, op, steps=6)
+    assert (a.plan["profile"]["source"], b.plan["profile"]["source"]) == ("measured", "cache")
+    assert a.solver == b.solver == a.plan["chosen"] == "serial"      # N = 6: K = N, no saving possible
+    assert torch.equal(a.image, b.image)

@@ -68,12 +68,12 @@ def _pngs(out: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted(out.glob("*.png"))}
 
 
-def _plain_loop(data: Path, out: Path) -> dict:
+def _plain_loop(data: Path, out: Path, **kw) -> dict:
     """The fault-free reference: the in-process loop ``deqir restore --from-clean`` runs (SR2, FAST)."""
     from deqir_dist.dataset.items import expand_inputs, load_items, restore_items
     from deqir_dist.models import load_denoiser
     items = load_items(expand_inputs([str(data)]), "sr_avgpool", {"scale": 2}, True, seed=0)
-    restore_items(load_denoiser("analytic"), items, str(out), {"steps": 6}, seed=0, progress=False)
+    restore_items(load_denoiser("analytic"), items, str(out), {"steps": 6, **kw}, seed=0, progress=False)
     return _pngs(out)
 
 
@@ -134,12 +134,12 @@ def test_worker_death_is_replaced_and_outputs_identical(ray_session, tmp_path, m
 def test_gang_of_two_gloo_ranks_survives_a_dead_rank(ray_session, tmp_path, monkeypatch):
     data = _photos(tmp_path / "data", 4, seed=2)
     ref = tmp_path / "ref"
-    _plain_loop(data, ref)
+    _plain_loop(data, ref, solver="picard")
     monkeypatch.setenv("DEQIR_TEST_WORKER_EXIT_AFTER", "2")   # one rank dies; its peer hangs in a collective
     monkeypatch.setenv("DEQIR_TEST_WORKER_EXIT_MARKER", str(tmp_path / "exited.marker"))
     out = tmp_path / "out"
     assert main([str(data), "-o", str(out), "--from-clean", *SR2, *FAST, "--gpus-per-worker", "2",
-                 "--workers", "1", "--device", "cpu"]) == 0
+                 "--workers", "1", "--device", "cpu", "--solver", "picard"]) == 0
     s = _summary(out)
     assert s["ok"] == 4 and s["ranks_per_worker"] == 2 and s["workers"] == 1
     assert s["worker_restarts"] == 1                        # the whole gang was replaced
@@ -223,7 +223,7 @@ def test_bad_inputs_fail_before_writing(tmp_path, capsys):
     m.write_text(json.dumps({"id": "img00", "path": "data/img00.png"}) + "\n")
     _fails(capsys, [m, "-o", data, *SR2, *FAST], "would overwrite an input")
     _fails(capsys, [data, *base, "--gpus-per-worker", "2", "--solver", "serial"], "gangs")
-    _fails(capsys, [data, *base, "--solver", "auto"], "needs --profile")
+    _fails(capsys, [data, *base, "--profile", tmp_path / "missing.json"], "cannot read cost profile")   # auto's
     assert not out.exists()
 
 
@@ -353,7 +353,7 @@ def test_bad_device_model_or_checkpoint_fail_before_ray_and_write_nothing(tmp_pa
         (["--model", "sdedit-celeba-hq", "--checkpoint", tmp_path / "odd.safetensors"], "unrecognised checkpoint"),
         (["--model", "analytic", "--connect-timeout", "0"], "--connect-timeout must be positive"),
         (["--model", "adm-256-uncond"], "needs --checkpoint"),
-        (["--model", "analytic", "--profile", tmp_path / "p.json"], "--solver auto"),
+        (["--model", "analytic", "--solver", "picard", "--profile", tmp_path / "p.json"], "--solver auto"),
     ]
     for extra, match in cases:
         _fails(capsys, [*base, *extra], match)
@@ -411,3 +411,19 @@ def test_small_job_gives_every_worker_a_batch_and_a_full_summary(ray_session, tm
     assert s["model"] == "builtin" and s["images_per_batch"] == 3 and s["workers"] == 2
     assert s["task"] == "sr_avgpool"
     assert [k for k, v in s.items() if v is None] == []
+    # no --solver, no --profile: auto, planned once (one worker timed the model) and followed by both
+    assert s["solver"] == "auto" and s["auto"]["chosen"] == "serial" and s["auto"]["procs"] == 1
+    assert s["auto"]["profile"] in ("measured", "cache") and s["auto"]["c_ms"]
+    assert s["solvers"] == {"serial": 6} and [p["images"] for p in s["plans"]] == [6]
+    assert {r["plan"]["profile"] for r in recs} == {"profile (dict)"}       # the driver's table, not their own
+    assert {r["plan"]["reason"] for r in recs} == {s["auto"]["reason"]}
+
+
+def test_gang_with_auto_that_plans_serial_is_refused_before_writing(ray_session, tmp_path, capsys):
+    """Gangs shard the chain; when auto's one plan is serial (here: N = 6, K = N), each rank would
+    run the whole chain: refused in one line, and nothing is written."""
+    data = _photos(tmp_path / "data", 2)
+    out = tmp_path / "out"
+    _fails(capsys, [data, "-o", out, "--from-clean", *SR2, *FAST, "--gpus-per-worker", "2", "--workers", "1",
+                    "--device", "cpu"], "--solver auto chose serial for gangs of 2 ranks")
+    assert not out.exists()

@@ -25,10 +25,10 @@ def test_window_of_one_row_is_the_serial_sampler(problem, nw, sigma_y):
     z = torch.randn((3, 12, *SHAPE), generator=torch.Generator().manual_seed(1))
     kw = dict(steps=12, noise=xi, nw=nw, step_noise=z, sigma_y=sigma_y)
     ref = restore(model, y, op, solver="serial", **kw).image
-    out = restore(model, y, op, window=1, **kw)
+    out = restore(model, y, op, solver="picard", window=1, **kw)
     assert out.iterations_per_image == [12, 12, 12]
     assert float((out.image - ref).abs().max()) < 1e-5
-    out = restore(model, y, op, window=5, stop_tol=1e-12, **kw)
+    out = restore(model, y, op, solver="picard", window=5, stop_tol=1e-12, **kw)
     assert float((out.image - ref).abs().max()) < 1e-5
 
 
@@ -36,7 +36,7 @@ def test_window_of_one_row_is_the_serial_sampler(problem, nw, sigma_y):
 def test_tight_tolerance_reaches_the_serial_result_within_n_sweeps(problem, window):
     model, op, y, xi = problem
     ref = restore(model, y, op, steps=25, solver="serial", noise=xi).image
-    out = restore(model, y, op, steps=25, noise=xi, window=window, stop_tol=1e-12)
+    out = restore(model, y, op, solver="picard", steps=25, noise=xi, window=window, stop_tol=1e-12)
     assert max(out.iterations_per_image) <= 25
     assert float((out.image - ref).abs().max()) < 1e-5
 
@@ -44,8 +44,8 @@ def test_tight_tolerance_reaches_the_serial_result_within_n_sweeps(problem, wind
 def test_frozen_prefix_saves_denoiser_rows_at_the_same_accuracy(problem):
     model, op, y, xi = problem
     ref = restore(model, y, op, steps=50, solver="serial", noise=xi).image
-    full = restore(model, y, op, steps=50, noise=xi, window=0)
-    frozen = restore(model, y, op, steps=50, noise=xi)         # the default for picard + rows
+    full = restore(model, y, op, solver="picard", steps=50, noise=xi, window=0)
+    frozen = restore(model, y, op, solver="picard", steps=50, noise=xi)         # the default for picard + rows
     assert float(psnr(frozen.image, ref).min()) > 50
     assert frozen.iterations_per_image == full.iterations_per_image
     rows_full = sum(t.rows for t in full.timings)
@@ -56,24 +56,25 @@ def test_frozen_prefix_saves_denoiser_rows_at_the_same_accuracy(problem):
 
 def test_a_looser_freeze_threshold_freezes_earlier(problem):
     model, op, y, xi = problem
-    rows = {f: sum(t.rows for t in restore(model, y, op, steps=50, noise=xi, freeze=f).timings)
+    rows = {f: sum(t.rows for t in restore(model, y, op, solver="picard", steps=50, noise=xi, freeze=f).timings)
             for f in (0.01, 0.1, 1.0)}
     assert rows[0.01] > rows[0.1] > rows[1.0]
 
 
 def test_a_short_window_holds_only_its_rows(problem):
     model, op, y, xi = problem
-    out = restore(model, y, op, steps=40, noise=xi, window=10)
+    out = restore(model, y, op, solver="picard", steps=40, noise=xi, window=10)
     assert out.state_rows == 10
     assert max(t.rows for t in out.timings) <= 3 * 10
 
 
 def test_window_is_the_default_only_for_picard_with_the_rows_rule(problem):
     model, op, y, xi = problem
-    assert restore(model, y, op, steps=20, noise=xi).state_rows == 20
-    assert max(t.rows for t in restore(model, y, op, steps=20, noise=xi).timings[1:]) < 3 * 20
+    assert restore(model, y, op, solver="picard", steps=20, noise=xi).state_rows == 20
+    assert max(t.rows for t in restore(model, y, op, solver="picard", steps=20, noise=xi).timings[1:]) < 3 * 20
     for kw in ({"window": 0}, {"solver": "anderson"}, {"stop": "final"}):
-        assert all(t.rows == t.active * 20 for t in restore(model, y, op, steps=20, noise=xi, **kw).timings)
+        out = restore(model, y, op, steps=20, noise=xi, **{"solver": "picard", **kw})
+        assert all(t.rows == t.active * 20 for t in out.timings)
 
 
 def test_rows_entering_the_window_start_from_the_given_trajectory(problem):
@@ -83,7 +84,7 @@ def test_rows_entering_the_window_start_from_the_given_trajectory(problem):
                   callback=lambda k, ids, h, q: states.append(h.clone())).image
     exact = torch.stack(states, 1)                                  # (B, N, C, H, W): the serial trajectory
     for window in (20, 5):
-        out = restore(model, y, op, steps=20, noise=xi, init=exact, window=window)
+        out = restore(model, y, op, solver="picard", steps=20, noise=xi, init=exact, window=window)
         assert max(out.iterations_per_image) <= 20 // window + 1, (window, out.iterations_per_image)
         assert float((out.image - ref).abs().max()) < 1e-5
 
@@ -91,8 +92,8 @@ def test_rows_entering_the_window_start_from_the_given_trajectory(problem):
 def test_a_short_window_needs_the_full_sweep_budget(problem):
     model, op, y, xi = problem
     with pytest.raises(DeqirError, match="max_iter"):
-        restore(model, y, op, steps=20, noise=xi, window=5, max_iter=10)
-    assert restore(model, y, op, steps=20, noise=xi, max_iter=3).iterations == 3    # W = N: any budget
+        restore(model, y, op, solver="picard", steps=20, noise=xi, window=5, max_iter=10)
+    assert restore(model, y, op, solver="picard", steps=20, noise=xi, max_iter=3).iterations == 3    # W = N: any budget
 
 
 def test_reshard_plan_moves_every_new_row_once_and_copies_forward():
@@ -113,4 +114,4 @@ def test_reshard_plan_moves_every_new_row_once_and_copies_forward():
 def test_bad_window_settings(problem, kw, msg):
     model, op, y, xi = problem
     with pytest.raises(DeqirError, match=msg):
-        restore(model, y, op, steps=10, noise=xi, **kw)
+        restore(model, y, op, steps=10, noise=xi, **{"solver": "picard", **kw})

@@ -1,15 +1,16 @@
 """``restore``: the public entry point, serial or chain-parallel, one or many processes."""
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 
 import torch
 
 from deqir_dist.api.conventions import apply_value_range, place_model, resolve_eta
-from deqir_dist.api.planner import choose_solver, cost_table, load_profile
+from deqir_dist.api.planner import choose_solver, cost_table, load_profile, profile_batches
 from deqir_dist.api.profile_cache import cached_cost, plan_reason
-from deqir_dist.errors import DeqirError, check_int, check_tensor
+from deqir_dist.errors import DeqirError, check_int, check_tensor, one_line
 from deqir_dist.parallel.comm import LocalComm, offset_split, split_rows
 from deqir_dist.models.settings import LIBRARY_DEFAULTS, resolve_settings
 from deqir_dist.parallel.dist import DistComm, check_same_inputs, problem_digest
@@ -20,7 +21,7 @@ from deqir_dist.sampling.noise import draw_noise
 from deqir_dist.sampling.schedule import chain_coefficients, linear_alphas_cumprod
 from deqir_dist.sampling.serial import coarse_trajectory, sample_serial
 from deqir_dist.solvers import registry
-from deqir_dist.solvers.options import SolverOptions
+from deqir_dist.solvers.options import DEFAULT_SOLVER, SolverOptions
 from deqir_dist.solvers.parareal import PararealOptions
 from deqir_dist.solvers.parareal_dist import run_parareal
 
@@ -62,13 +63,13 @@ class RestoreResult:
         return [Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a) for a in u8]
 
 
-def check_settings(steps: int | None = None, solver: str = "picard", start: int = 1000, etw: float | None = None,
+def check_settings(steps: int | None = None, solver: str = DEFAULT_SOLVER, start: int = 1000, etw: float | None = None,
                    nw: float | None = None, sigma_y: float = 0.0, stop: str = "rows", stop_tol: float | None = None,
                    max_iter: int | None = None, alphas_cumprod=None, warm_start: int = 1, profile=None,
                    clip_x0: bool | None = None, **solver_options):
     """Validate the sampler settings (DeqirError on bad ones): (ChainCoefficients, SolverOptions | None).
 
-    ``solver="auto"`` is validated as "picard" (what it may choose besides serial). None (not
+    ``solver="auto"`` (the default) is validated as "picard" (the options it may run with). None (not
     given) stands for ``settings.LIBRARY_DEFAULTS``; ``restore`` resolves None from the model card."""
     steps, etw, nw, clip_x0 = (LIBRARY_DEFAULTS[k] if v is None else v
                                for k, v in (("steps", steps), ("etw", etw), ("nw", nw), ("clip_x0", clip_x0)))
@@ -91,7 +92,7 @@ def check_settings(steps: int | None = None, solver: str = "picard", start: int 
 
 
 @torch.no_grad()
-def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str = "picard",
+def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str = DEFAULT_SOLVER,
             noise: torch.Tensor | None = None, etw: float | None = None, nw: float | None = None, start: int = 1000,
             stop: str = "rows", stop_tol: float | None = None, max_iter: int | None = None,
             generator: torch.Generator | None = None, alphas_cumprod: torch.Tensor | None = None,
@@ -102,7 +103,8 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     """Restore images from measurements y = A(x) (+ noise of std sigma_y).
 
     denoiser(x, t) -> eps (C or 2C channels); y (B, *op.measurement_shape); op from
-    ``make_operator``. solver "serial" runs the N steps one after another; "picard" and
+    ``make_operator``. solver "auto" (the default) asks the latency model which of the others is
+    fastest here (below); "serial" runs the N steps one after another; "picard" and
     "anderson" solve the joint fixed point over all N rows (see ``solvers``); "parareal" cuts the
     rows into ``blocks`` B (default N / 5) whose starts ``coarse_steps`` m DDNM jumps per
     block predict and the blocks' serial steps correct (``solvers.parareal``: K = B is the serial
@@ -137,9 +139,14 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     padding is null space) and the result cropped back; ``noise``, ``step_noise`` and ``init``
     then have the padded size.
 
-    ``solver="auto"`` picks serial, picard or parareal from the cost model of docs/design.md section 5 with
-    measured c(b): ``profile`` (a dict {b: ms} or a JSON file from ``deqir bench --profile``),
-    or, in a single process without one, two quick timings of this denoiser on this input size.
+    ``solver="auto"`` (the default) picks serial, picard or parareal from the cost model of
+    docs/design.md section 5 with measured c(b) and the K the benchmarks measured (shipped in
+    ``api/planner_k``): ``profile`` (a dict {b: ms} or a JSON file from ``deqir bench --profile``),
+    or, without one, a few timings of this denoiser on this input size, taken once per model,
+    device, dtype and size and cached (``api.profile_cache``). A parallel solver must beat serial
+    by a margin (``planner.MARGIN``); on a CPU that is rare, so auto mostly runs serial there.
+    ``result.solver`` is what ran, ``result.plan`` why. With ``distributed=True`` rank 0 alone
+    times (or reads the profile) and decides; every rank runs its choice.
 
     ``distributed=True`` (inside an initialised torch.distributed group, or ``group``): this
     rank owns a contiguous block of the rows and evaluates the denoiser on them only; every
@@ -161,24 +168,21 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     if dtype not in (torch.float32, torch.float64):
         raise DeqirError(f"dtype is the precision of the chain state: torch.float32 or torch.float64, got {dtype!r} "
                          "(the denoiser runs in its own precision)")
+    y = check_tensor(y, "y", (None, *op.measurement_shape))
+    if y.shape[0] < 1:
+        raise DeqirError("y holds no images (a batch of 0)")
+    dcomm = None
     if solver == "auto":    # validate before the planner times anything
         check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter, alphas_cumprod, warm_start,
                        clip_x0=clip_x0, **solver_options)
-        canvas = PaddedOperator.to_multiple(op, check_int("size_multiple", getattr(denoiser, "size_multiple", 1)))
-        solver, plan = _plan(denoiser, canvas, steps, profile, distributed, group, stop == "rows", max_iter, etw)
-        if solver == "picard" and stop == "rows" and "window" not in solver_options and \
-                (max_iter is None or max_iter >= steps or plan["window"] >= steps):
-            solver_options["window"] = plan["window"]
-        if solver == "parareal":        # the planner's (B, m)
-            solver_options.setdefault("blocks", plan["blocks"])
-            solver_options.setdefault("coarse_steps", plan["coarse_steps"])
+        if distributed:
+            dcomm = DistComm(group, device)
+        solver, plan = _plan(denoiser, op, steps, profile, dcomm, etw, stop, max_iter, "window" in solver_options)
+        solver_options = apply_plan(solver, plan, stop, max_iter, steps, solver_options)
     coeffs, opts = check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter,
                                   alphas_cumprod, warm_start, clip_x0=clip_x0, **solver_options)
     steps = coeffs.steps
-    y = check_tensor(y, "y", (None, *op.measurement_shape))
     batch = y.shape[0]
-    if batch < 1:
-        raise DeqirError("y holds no images (a batch of 0)")
     settings["sigma_y"], sources["sigma_y"] = float(sigma_y), "user"
     op = op.for_noise(sigma_y)                  # sigma_y > 0: the directions the noise swamps go to the prior
     y = op.filter_measurement(y, sigma_y)
@@ -187,7 +191,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     crop = op.crop if isinstance(op, PaddedOperator) else (lambda t: t)
     comm, blocks = LocalComm(), [(0, steps)]
     if distributed and solver != "serial":
-        comm = DistComm(group, device)
+        comm = dcomm or DistComm(group, device)
         if comm.size == 1:
             comm = LocalComm()          # P = 1: the same code, no collectives
         elif comm.size > steps:
@@ -246,25 +250,64 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
                          sol.state_rows, plan, settings, sources)
 
 
+def apply_plan(solver: str, plan: dict, stop: str, max_iter: int | None, steps: int, solver_options: dict) -> dict:
+    """The solver options ``restore`` runs auto's choice with: picard over the planner's window (the
+    rows rule, unless the user gave one or a max_iter too short for it), parareal with its (B, m)."""
+    out = dict(solver_options)
+    if solver == "picard" and stop == "rows" and "window" not in out and \
+            (max_iter is None or max_iter >= steps or plan["window"] >= steps):
+        out["window"] = plan["window"]
+    if solver == "parareal":
+        out.setdefault("blocks", plan["blocks"])
+        out.setdefault("coarse_steps", plan["coarse_steps"])
+    return out
 
-def _plan(denoiser, op, steps: int, profile, distributed: bool, group, windows: bool,
-          max_iter: int | None = None, etw: float | None = None) -> tuple[str, dict]:
-    """solver="auto": serial, picard or parareal (default stop rule, no max_iter), whichever the latency
-    model predicts is fastest (by a margin over serial: api.planner.choose_solver)."""
-    procs = 1
-    if distributed:
-        import torch.distributed as dist
-        procs = dist.get_world_size(group)
+
+def plan_auto(denoiser, op, procs: int = 1, profile=None, steps: int = 25, etw: float | None = None,
+              stop: str = "rows", max_iter: int | None = None, window_given: bool = False) -> tuple[str, dict]:
+    """What ``restore(solver="auto")`` chooses for ``op`` on ``procs`` devices, in one process and
+    without restoring: (choice, plan). ``steps`` and ``etw`` as restore resolved them (the model
+    card's where not given). From ``profile`` (a dict {b: ms} or a ``deqir bench --profile`` file)
+    or, without one, c(b) of this denoiser on the padded image size, measured once per key
+    (``api.profile_cache``). Candidates: picard's windows with the rows rule; parareal with the rows
+    rule, no max_iter and no window given. Ray's driver asks one worker for this plan and hands
+    its c(b) to every worker, so that all choose alike."""
+    canvas = PaddedOperator.to_multiple(op, check_int("size_multiple", getattr(denoiser, "size_multiple", 1)))
+    windows = stop == "rows"
+    parareal = windows and max_iter is None and not window_given
     if profile is None:
-        if procs > 1:
-            raise DeqirError("solver='auto' with distributed=True needs a cost profile (deqir bench --profile), "
-                             "so that every rank makes the same choice")
-        c_ms, source = cached_cost(denoiser, tuple(op.image_shape), (1, steps))     # api.profile_cache
+        c_ms, source = cached_cost(denoiser, tuple(canvas.image_shape), profile_batches(steps, procs))
     elif isinstance(profile, dict):
         c_ms, source = cost_table(profile, "profile"), {"source": "profile (dict)"}
     else:
         c_ms, source = load_profile(profile), {"source": "profile", "file": str(profile)}
-    choice, prediction = choose_solver(c_ms, steps, procs, windows=windows, parareal=windows and max_iter is None,
-                                       etw=etw)
+    choice, prediction = choose_solver(c_ms, steps, procs, windows=windows, parareal=parareal, etw=etw)
     return choice, {**prediction, "chosen": choice, "c_ms": c_ms, "profile": source,
                     "reason": plan_reason(choice, prediction)}
+
+
+def _plan(denoiser, op, steps: int, profile, comm, etw, stop, max_iter, window_given) -> tuple[str, dict]:
+    """serial, picard or parareal, whichever the latency model predicts is fastest (by a margin over
+    serial: api.planner.choose_solver). Sharded over a group (``comm``, a DistComm), rank 0 alone
+    times the model (or reads the profile) and decides; every rank receives its plan
+    (``Comm.share``), so all ranks run the same solver with the same options."""
+    procs = 1 if comm is None else comm.size
+    args = (denoiser, op, procs, profile, steps, etw, stop, max_iter, window_given)
+    if procs == 1:
+        return plan_auto(*args)
+    payload, err = b"", None
+    if comm.rank == 0:
+        try:
+            choice, plan = plan_auto(*args)
+            payload = json.dumps({"choice": choice, "plan": plan}).encode()
+        except Exception as e:         # the others learn of it at once, instead of at their timeout
+            err = e
+            payload = json.dumps({"error": one_line(e, bare_deqir=True)}).encode()
+    got = json.loads(comm.share(payload).decode())
+    if err is not None:
+        raise err
+    if "error" in got:
+        raise DeqirError(f"solver='auto': rank 0 could not plan: {got['error']}")
+    plan = got["plan"]
+    plan["c_ms"] = {int(b): float(v) for b, v in plan["c_ms"].items()}     # JSON keys are strings
+    return got["choice"], plan

@@ -8,6 +8,7 @@ from deqir_dist.errors import DeqirError, check_int
 from deqir_dist.models.loading import PRESETS
 from deqir_dist.sampling.denoiser import resolve_device
 from deqir_dist.solvers import registry
+from deqir_dist.solvers.options import DEFAULT_SOLVER
 
 
 def add_task_flags(p: argparse.ArgumentParser, task_required: bool = True) -> None:
@@ -56,8 +57,10 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
                    help="builtin (the default without --checkpoint: the shipped prior), analytic (exact "
                         "oracle), adm-256-uncond, sdedit-celeba-hq, or a checkpoint file")
     g.add_argument("--checkpoint", help="weights file for the model")
-    g.add_argument("--solver", default="picard", choices=registry.names("restore"), help=registry.help_text("restore"))
-    g.add_argument("--profile", help="solver auto: cost profile JSON from 'deqir bench --profile'")
+    g.add_argument("--solver", default=DEFAULT_SOLVER, choices=registry.names("restore"),
+                   help=registry.help_text("restore"))
+    g.add_argument("--profile", help="solver auto: cost profile JSON from 'deqir bench --profile' (default: the "
+                                     "model timed once on this device and image size, and cached)")
     g.add_argument("--steps", type=int, help="sampling steps N (default: the model card's, else 25)")
     g.add_argument("--start", type=int, default=1000, help="start timestep S (default 1000)")
     g.add_argument("--stop", default="rows", choices=("final", "rows", "residual", "none"))
@@ -85,13 +88,14 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
 def check_sampler_flags(args) -> None:
     """Flag combinations argparse cannot see."""
     if args.profile and args.solver != "auto":
-        raise DeqirError("--profile is the cost model of --solver auto; add --solver auto or drop --profile")
+        raise DeqirError(f"--profile is the cost model of --solver auto (the default); it does nothing with "
+                         f"--solver {args.solver}: drop one of them")
     if args.window is not None and args.solver not in ("picard", "auto"):
         raise DeqirError(f"--window is a picard option; it does nothing with --solver {args.solver}")
     for flag in ("blocks", "coarse_steps"):
         if getattr(args, flag, None) is not None and args.solver != "parareal":
             raise DeqirError(f"--{flag.replace('_', '-')} is a parareal option; it does nothing with --solver "
-                             f"{args.solver}")
+                             f"{args.solver}: add --solver parareal")
     if args.model in PRESETS and not args.checkpoint:
         raise DeqirError(f"--model {args.model} needs --checkpoint FILE (its weights); without it the network "
                          "is untrained")

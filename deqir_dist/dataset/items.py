@@ -38,6 +38,7 @@ from deqir_dist.models.registry import load_denoiser
 from deqir_dist.models.settings import resolve_settings
 from deqir_dist.physics.registry import make_operator
 from deqir_dist.quality.metrics import psnr, ssim
+from deqir_dist.solvers.options import DEFAULT_SOLVER
 
 
 def seed_for(seed: int, name: str) -> int:
@@ -302,12 +303,14 @@ def _optimize(model, item: Item, spec: NoiseOptimizationSpec, generator, kw: dic
     keep = ("steps", "etw", "nw", "start", "sigma_y")
     settings = resolve_settings(model, item.op.name, kw)[0]     # the model card's where not given (no clip)
     kw = {**kw, **{k: settings[k] for k in ("steps", "etw", "nw")}}
-    solver = kw.get("solver", "picard")
+    # auto (the default) keeps picard as the forward solver: the planner models one restore, not the
+    # repeated, warm-started forward solves of noise optimisation
+    solver = kw.get("solver", DEFAULT_SOLVER)
+    solver = "picard" if solver == "auto" else solver
     res = optimize_noise(model, item.y, item.op, loss=spec.loss, target=spec.target(item), iters=spec.iters,
-                         lr=spec.lr, generator=generator, solver="picard" if solver == "auto" else solver,
-                         **{k: kw[k] for k in keep if k in kw})
+                         lr=spec.lr, generator=generator, solver=solver, **{k: kw[k] for k in keep if k in kw})
     hist = res.history
-    extra = {"optimize_noise": spec.loss, "oracle": res.oracle, "opt_iters": spec.iters,
+    extra = {"solver": solver, "optimize_noise": spec.loss, "oracle": res.oracle, "opt_iters": spec.iters,
              "consistency_before": round(float(hist[0]["consistency"][0]), 5),
              "consistency_after": round(float(min(h["consistency"][0] for h in hist)), 5)}
     return res.image, kw.get("steps", 25), extra

@@ -119,6 +119,10 @@ class Comm(Protocol):
     def agree(self, payload: bytes) -> list[bytes]:
         """Every rank's ``payload`` (input digests)."""
 
+    def share(self, payload: bytes) -> bytes:
+        """Rank 0's ``payload`` on every rank (any length; the others' payloads are ignored):
+        one decision, made once, that every rank follows (solver="auto"'s plan)."""
+
 
 @dataclass
 class LocalComm:
@@ -168,6 +172,9 @@ class LocalComm:
 
     def agree(self, payload: bytes) -> list[bytes]:
         return [payload]
+
+    def share(self, payload: bytes) -> bytes:
+        return payload
 
     def timed(self):
         return _Timer(self.stats)

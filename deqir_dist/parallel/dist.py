@@ -268,6 +268,20 @@ class DistComm(LocalComm):
             return [bytes(p.tolist()) for p in parts]
         return self._run("input check", go)
 
+    def share(self, payload: bytes) -> bytes:
+        """Rank 0's bytes on every rank: its length, then its bytes (two broadcasts)."""
+        def go():
+            n = torch.tensor([len(payload) if self.rank == 0 else 0], dtype=torch.int64, device=self.device)
+            dist.broadcast(n, src=self.global_ranks[0], group=self.group)
+            buf = torch.zeros(int(n.item()), dtype=torch.uint8, device=self.device)
+            if self.rank == 0:
+                buf.copy_(torch.frombuffer(bytearray(payload), dtype=torch.uint8))
+            dist.broadcast(buf, src=self.global_ranks[0], group=self.group)
+            if self.rank == 0:
+                self.stats.bytes_sent += (8 + buf.numel()) * (self.size - 1)
+            return buf.cpu().numpy().tobytes()
+        return self._run("plan broadcast", go)
+
 
 def problem_digest(y: torch.Tensor, xi: torch.Tensor, op, config: dict) -> bytes:
     """A digest of everything that must be equal on all ranks (inputs, operator, settings)."""

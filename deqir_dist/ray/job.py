@@ -16,6 +16,13 @@ Design (docs/design.md section 9): a pool of Ray actors driven by this process.
   before anything runs, and keeps two batches in flight per worker. It reads each input's bytes
   and ships them with the batch, so workers need no shared file system; workers decode,
   validate, restore and return encoded PNG bytes and a record per image.
+* **solver auto** (the default). Decided once per job, so that every worker (and a retried
+  batch) chooses alike: once the pool is up, the first worker (rank 0 of a gang) plans the first
+  input that loads, from ``--profile`` or from c(b) timed there once (on its padded size, cached
+  on that node), and that one c(b) table goes to every worker; each then plans its images from it
+  (``restore(..., profile=table)``; on a CPU almost always serial). summary.json records what was asked
+  (``solver``), the job's plan (``auto``: choice, reason, the table) and what ran (``solvers``,
+  ``plans``). A gang whose plan is serial is refused before anything is written.
 * **Output.** Only the driver writes: ``OUT/<id>.png`` atomically, then one JSONL record per
   image in ``OUT/results.jsonl`` (flushed and fsynced), then ``OUT/summary.json``. A crash at
   any point leaves complete files only; a record exists only for a written output.
@@ -50,6 +57,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from deqir_dist.api.planner import load_profile
+from deqir_dist.api.profile_cache import plan_summary
 from deqir_dist.api.restore import check_settings
 from deqir_dist.dataset.manifest import InputEntry, _check_out, read_input
 from deqir_dist.dataset.results import (
@@ -76,6 +84,7 @@ from deqir_dist.ray.cluster import (
     _restore_env,
 )
 from deqir_dist.ray.pool import _Batch, _Pool, batch_size
+from deqir_dist.solvers.options import DEFAULT_SOLVER
 
 
 @dataclass
@@ -111,6 +120,11 @@ class RayRestoreJob:
     progress: bool = True
     connect_timeout: float = 30.0
 
+    @property
+    def solver(self) -> str:
+        """The solver asked for (``restore_kw["solver"]``; default auto)."""
+        return self.restore_kw.get("solver", DEFAULT_SOLVER)
+
     # ---------------------------------------------------------------- preparation (no Ray)
     def prepare(self):
         """Check everything that can be checked without Ray; writes nothing (OUT is not created)."""
@@ -137,18 +151,15 @@ class RayRestoreJob:
                 raise DeqirError("--device cuda, but this machine has no usable CUDA GPU "
                                  f"(torch {torch.__version__}); use --device cpu")
         settings = {k: v for k, v in self.restore_kw.items() if k != "profile"}
-        if settings.get("solver") == "auto":
-            # every worker must choose the same solver (a retried image must be identical): the
-            # choice comes from one measured profile, read here and shipped to the workers
-            if not self.restore_kw.get("profile"):
-                raise DeqirError("ray-restore --solver auto needs --profile (a cost profile from "
-                                 "'deqir bench --profile'), so that every worker makes the same choice")
-            if not isinstance(self.restore_kw["profile"], dict):
-                self.restore_kw = {**self.restore_kw, "profile": load_profile(self.restore_kw["profile"])}
-            settings["solver"] = "picard"         # auto picks serial or picard: check the latter's settings
-        check_settings(**settings)
+        if self.solver == "auto" and self.restore_kw.get("profile") is not None \
+                and not isinstance(self.restore_kw["profile"], dict):
+            # every worker must choose the same solver (a retried image must be identical): they all
+            # plan from one c(b) table, this file's, read here; without one, the table is timed once
+            # on one worker when the pool starts (_start, pool.plan_auto)
+            self.restore_kw = {**self.restore_kw, "profile": load_profile(self.restore_kw["profile"])}
+        check_settings(**settings)                # auto: validated as picard
         if self.gpus_per_worker > 1:
-            if self.restore_kw.get("solver", "picard") == "serial":
+            if self.solver == "serial":
                 raise DeqirError("gangs (--gpus-per-worker > 1) shard the chain: use --solver picard or anderson")
             if self.gpus_per_worker > self.restore_kw.get("steps", 25):
                 raise DeqirError(f"{self.gpus_per_worker} ranks for a chain of {self.restore_kw.get('steps')} rows")
@@ -255,10 +266,19 @@ class RayRestoreJob:
             "steady_images_per_second": round(processed / max(wall - startup, 1e-9), 4) if processed else 0.0,
             "workers": getattr(self, "_n_workers", 0), "ranks_per_worker": self.gpus_per_worker,
             "worker_restarts": stats["worker_restarts"], "retried_batches": stats["retried_batches"],
-            "results": str(results_path),
+            "results": str(results_path), "solver": self.solver,     # asked; what ran: "solvers", "plans"
         }
+        auto = getattr(self, "_auto", None)
+        if auto is not None:            # the one plan every worker followed, and its c(b) table
+            summary["auto"] = {k: auto[k] for k in ("chosen", "reason", "window", "K", "speedup", "procs", "image",
+                                                    "image_shape", "c_ms") if auto.get(k) is not None}
+            summary["auto"]["profile"] = (auto.get("profile") or {}).get("source", "profile")
         ok = [r for r in records if r["status"] == "ok"]
         if ok:
+            solvers = [r["solver"] for r in ok if "solver" in r]
+            if solvers:
+                summary["solvers"] = {v: solvers.count(v) for v in sorted(set(solvers))}
+            summary.update(plan_summary(ok))
             summary["mean_iterations"] = round(sum(r["iterations"] for r in ok) / len(ok), 3)
             # what was sampled with and where each setting came from (the model card, the user, a
             # file's bit depth: models.settings), as the workers resolved it
@@ -315,12 +335,25 @@ class RayRestoreJob:
             self._batch_size = size
             session.batches = [_Batch(i, todo[s:s + size]) for i, s in enumerate(range(0, len(todo), size))]
             session.pool.start(min(session.pool.n_workers, len(session.batches)))
+            if self.solver == "auto":
+                self._auto = self._plan_auto(session.pool, session.batches)
         except BaseException:
             session.close()
             raise
         session.startup = time.perf_counter() - t0
         self._n_workers = len(session.pool.workers)
         return session
+
+    def _plan_auto(self, pool, batches) -> dict | None:
+        """solver="auto": one plan for the job (pool.plan_auto: one worker times the model once, or
+        reads the profile; every worker then plans from that table). A gang whose plan is serial
+        would run the whole chain on each of its ranks: refused, before anything is written."""
+        plan = pool.plan_auto(batches)
+        if plan is not None and self.gpus_per_worker > 1 and plan["chosen"] == "serial":
+            raise DeqirError(f"--solver auto chose serial for gangs of {self.gpus_per_worker} ranks "
+                             f"({plan['reason']}): sharding is not predicted to pay here; use "
+                             "--gpus-per-worker 1, or --solver picard to shard anyway")
+        return plan
 
     def _run_pool(self, session: "_Session", todo, out: Path, log: _ResultsLog, stats: dict,
                   records: list) -> None:

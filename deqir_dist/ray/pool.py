@@ -15,6 +15,7 @@ from deqir_dist.ray.cluster import _check_device, _ray_error_line
 from deqir_dist.ray.worker import TEST_ENV_PREFIX, RestoreWorker
 
 _INFLIGHT_PER_WORKER = 2
+_PLAN_INPUTS = 8               # solver="auto": inputs tried, in order, for the one planning load
 
 
 
@@ -167,6 +168,25 @@ class _Pool:
             if w.alive:
                 self._kill(w)
         self.workers = []
+
+    # ---------------------------------------------------------------- solver="auto"
+    def plan_auto(self, batches: list[_Batch]) -> dict | None:
+        """solver="auto", decided once for the job: the first worker (rank 0 of a gang) plans the
+        first input that loads (tried ``_PLAN_INPUTS`` at a time, in order), from the given profile
+        or c(b) timed there once; that c(b) table then goes to every worker (and every replacement,
+        through the spec), so that all of them, planning each image from the same table, choose
+        alike. None when no input loads (each fails, and is recorded, when its batch runs)."""
+        entries = [e for b in batches for e in b.entries]
+        for start in range(0, len(entries), _PLAN_INPUTS):
+            items, _ = self._payload(_Batch(-1, entries[start:start + _PLAN_INPUTS]))
+            plan = self._get([self.workers[0].ranks[0].plan_auto.remote(items)], "plan solver auto")[0] \
+                if items else None
+            if plan is not None:
+                self.spec["restore"] = {**self.spec["restore"], "profile": plan["c_ms"]}
+                self._get([a.set_profile.remote(plan["c_ms"]) for w in self.workers for a in w.ranks],
+                          "take the cost profile")
+                return plan
+        return None
 
     # ---------------------------------------------------------------- scheduling
     def _payload(self, batch: _Batch):

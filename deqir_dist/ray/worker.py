@@ -9,7 +9,8 @@ import time
 import uuid
 from pathlib import Path
 
-from deqir_dist.api.restore import restore
+from deqir_dist.api.profile_cache import plan_record
+from deqir_dist.api.restore import plan_auto, restore
 from deqir_dist.dataset.items import generator_for, load_items
 from deqir_dist.dataset.results import _canonical
 from deqir_dist.errors import DeqirError, one_line
@@ -174,7 +175,7 @@ class RestoreWorker:
         out = []
         for j, (it, item) in enumerate(group):
             img = res.image[j:j + 1].float().cpu()
-            rec = {"iterations": int(res.iterations_per_image[j]), "seconds": round(sec, 4), "solver": res.solver,
+            rec = {"iterations": int(res.iterations_per_image[j]), "seconds": round(sec, 4), **plan_record(res),
                    "ranks": self.world, "sampler": sampler}
             if item.gt is not None:
                 c = img.clamp(-1, 1)
@@ -182,6 +183,31 @@ class RestoreWorker:
                 rec["ssim"] = round(float(ssim(c, item.gt)[0]), 4)
             out.append((rec, self._encode(it["id"], img[0])))
         return out
+
+    # ---------------------------------------------------------------- solver="auto", once per job
+    def plan_auto(self, items: list[dict]) -> dict | None:
+        """What ``restore(solver="auto")`` chooses on this worker (``self.world`` ranks) for the first
+        of ``items`` that loads: its plan (``api.restore.plan_auto``: from the spec's profile, or c(b)
+        timed here on its padded size), with ``image`` and ``image_shape``; None if none loads."""
+        kw = self.spec["restore"]
+        with tempfile.TemporaryDirectory(prefix="deqir-ray-") as scratch:
+            self.scratch = Path(scratch)
+            for it in items:
+                try:
+                    item = self._load(it)
+                except Exception:
+                    continue                  # it fails again, and is recorded, when its batch runs
+                settings, _ = resolve_settings(self.model, item.op.name, kw)
+                choice, plan = plan_auto(self.model, item.op, self.world, kw.get("profile"), settings["steps"],
+                                         settings["etw"], kw.get("stop", "rows"), kw.get("max_iter"),
+                                         "window" in kw)
+                canvas = PaddedOperator.to_multiple(item.op, getattr(self.model, "size_multiple", 1))
+                return {**plan, "image": it["id"], "image_shape": list(canvas.image_shape)}
+        return None
+
+    def set_profile(self, c_ms: dict) -> None:
+        """Plan every later restore from this c(b) table (the driver's one measurement)."""
+        self.spec["restore"] = {**self.spec["restore"], "profile": dict(c_ms)}
 
     def restore_batch(self, items: list[dict]) -> list[dict]:
         """Restore a batch; one record per item, in order (``status`` ok with ``png`` bytes, or failed)."""

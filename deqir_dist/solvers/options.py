@@ -6,6 +6,9 @@ from dataclasses import dataclass
 
 from deqir_dist.errors import DeqirError, is_int, is_real
 
+# restore(), the CLI's --solver (deqir restore, ray-restore), Ray jobs and dataset items: the latency
+# model chooses (api.planner; serial unless a parallel solver is predicted faster by a margin)
+DEFAULT_SOLVER = "auto"
 STOP_RULES = ("final", "rows", "residual", "none")
 DEFAULT_STOP_TOL = {"final": 43.0, "rows": 0.03, "residual": 1e-3, "none": 0.0}
 TAA_HISTORY = 2     # solver="parataa": ParaTAA's history, two entries (one difference), unless m is given
@@ -21,7 +24,7 @@ ADJOINT_RIDGE = 1e-8            # adjoint Anderson: ridge, relative to the mean 
 
 @dataclass(frozen=True)
 class SolverOptions:
-    solver: str = "picard"
+    solver: str                 # the chain solver these options run (never "auto": restore resolves it first)
     stop: str = "rows"
     stop_tol: float = 0.03
     max_iter: int = 25

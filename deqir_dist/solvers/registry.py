@@ -41,7 +41,7 @@ import torch
 from deqir_dist.errors import DeqirError
 from deqir_dist.solvers.chain import solve_chain
 from deqir_dist.solvers.driver import SolveOutput
-from deqir_dist.solvers.options import SolverOptions
+from deqir_dist.solvers.options import DEFAULT_SOLVER, SolverOptions
 from deqir_dist.solvers.triangular import solve_triangular
 from deqir_dist.solvers.window import solve_window
 
@@ -92,11 +92,12 @@ def _all_rows(opts) -> bool:
 _ENTRIES = (
     SolverEntry("serial", "the reference sampler, one step after another", None,
                 inversion=True, adjoint=True),
-    SolverEntry("picard", "(default) chain-parallel fixed-point sweeps (sliding window with the rows rule)",
+    SolverEntry("picard", "chain-parallel fixed-point sweeps (sliding window with the rows rule)",
                 solve_picard, _window_rows, inversion=True, adjoint=True),
     SolverEntry("anderson", "chain-parallel sweeps with Anderson mixing", solve_anderson,
                 inversion=True, adjoint=True),
-    SolverEntry("auto", "serial or picard, whichever the measured cost model predicts is faster", None),
+    SolverEntry("auto", "serial, picard or parareal, whichever the cost model (measured c(b), the benchmarks' K) "
+                "predicts is fastest by a margin over serial (on a CPU: almost always serial)", None),
     SolverEntry("parataa", "triangular Anderson (ParaTAA, history m = 2): per-row weights over the noisier "
                 "rows (solvers.triangular)", solve_triangular),
     # two-level: restore runs solvers.parareal_dist.run_parareal itself (its own options, no ChainBlock)
@@ -125,5 +126,6 @@ def get(name: str, purpose: str = "restore", what: str = "solver") -> SolverEntr
 
 
 def help_text(purpose: str = "restore") -> str:
-    """'name: help; name: help ...' for the CLI."""
-    return "; ".join(f"{n}: {SOLVERS[n].help}" for n in names(purpose))
+    """'name: help; name: help ...' for the CLI (the default, ``options.DEFAULT_SOLVER``, marked)."""
+    return "; ".join(f"{n}{' (default)' if n == DEFAULT_SOLVER and purpose == 'restore' else ''}: {SOLVERS[n].help}"
+                     for n in names(purpose))

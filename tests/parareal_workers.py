@@ -30,7 +30,10 @@ def equivalence(rank, world, port, out_dir):
         rows.append({"blocks": blocks, "diff": float((multi.image - single.image).abs().max()),
                      "k_single": single.iterations_per_image, "k_multi": multi.iterations_per_image,
                      "trace_single": single.trace, "trace_multi": multi.trace,
-                     "image_sum": float(multi.image.double().sum()), "crit": multi.critical_path_calls})
+                     "image_sum": float(multi.image.double().sum()), "crit": multi.critical_path_calls,
+                     "timings_single": len(single.timings), "rows_single": sum(t.rows for t in single.timings),
+                     "timings_multi": len(multi.timings), "bytes_multi": sum(t.bytes_sent for t in multi.timings),
+                     "comm_multi": sum(t.comm_s for t in multi.timings)})
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(rows, f)
     dist.barrier()                      # nobody exits while another rank still talks to it

@@ -147,8 +147,12 @@ def test_distributed_parareal_equals_single_process(world, tmp_path):
             assert row["diff"] <= 1e-10, row
             assert row["k_multi"] == row["k_single"], row
             assert row["image_sum"] == case[0]["image_sum"]
+            # per-pass timings: one process has the coarse pass + K iterations; the ranks time theirs
+            assert row["timings_single"] == max(row["k_single"]) + 1 and row["rows_single"] > 0
+            assert row["timings_multi"] >= 1 and row["comm_multi"] >= 0
             tm, ts = torch.tensor(row["trace_multi"]), torch.tensor(row["trace_single"])
             assert tm.shape == ts.shape and torch.allclose(tm, ts, rtol=1e-8, atol=1e-10, equal_nan=True), row
+        assert sum(row["bytes_multi"] for row in case) > 0       # the ranks passed states along
 
 
 def test_dead_rank_makes_the_others_fail_fast(tmp_path):

@@ -39,7 +39,8 @@ class RestoreResult:
     stop: str
     stop_tol: float
     seconds: float
-    timings: list = field(default_factory=list)   # per-iteration IterationTiming (parallel only)
+    timings: list = field(default_factory=list)   # per-iteration IterationTiming (parallel only;
+    #                                               parareal: [0] its coarse pass, then one per iteration)
     rank_rows: tuple[int, int] | None = None      # rows [lo, hi) this process owned (parallel only;
     #                                               with a window: in the first sweep, the most it holds)
     state_rows: int | None = None                 # rows of chain state this process held
@@ -234,7 +235,8 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
         return RestoreResult(crop(sol.final), max(sol.iterations), sol.iterations, sol.trace, solver, steps,
                              opts.stop, opts.stop_tol, time.perf_counter() - t0, plan=plan, settings=settings,
                              settings_source=sources, blocks=opts.blocks, coarse_steps=opts.coarse_steps,
-                             critical_path_calls=sol.critical_path, denoiser_calls=sol.schedule_calls)
+                             critical_path_calls=sol.critical_path, denoiser_calls=sol.schedule_calls,
+                             timings=sol.timings)
     block = ChainBlock(eps_fn, op, coeffs, y, xi, lo, hi, step_noise, opts.data_std)
     x0 = None
     if init is not None:

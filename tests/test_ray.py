@@ -6,6 +6,7 @@ outputs byte-identical to ``deqir restore``, a gloo gang of 2 rank actors, manif
 per-image parameters and ground truth, and bad input (each fails before anything is written).
 """
 import argparse
+import hashlib
 import json
 from pathlib import Path
 
@@ -248,6 +249,23 @@ def test_config_hash_covers_what_changes_the_output():
     assert h != config_hash({**base, "seed": 1})
     assert h != config_hash({**base, "op_params": {"mask": torch.zeros(4, 4)}})
     assert h != config_hash({**base, "restore": {"steps": 7}})
+
+
+def test_model_identity_covers_the_weights_and_the_cards_settings(tmp_path, monkeypatch):
+    """Retrained built-in weights, or a card that recommends other settings, change every image's
+    hash, so a resumed job restores again instead of keeping the old model's images."""
+    from deqir_dist.dataset import results
+    ident = results._model_identity("builtin", None)
+    assert ident["weights_sha256"] == hashlib.sha256(results.BUILTIN_WEIGHTS.read_bytes()).hexdigest()
+    assert ident["sampler"]["etw"] == 0.8 and set(ident["sampler"]) <= {"steps", "etw", "nw", "clip_x0"}
+    fake = tmp_path / "builtin.safetensors"
+    fake.write_bytes(b"other weights")
+    monkeypatch.setattr(results, "BUILTIN_WEIGHTS", fake)
+    assert results._model_identity("builtin", None)["weights_sha256"] != ident["weights_sha256"]
+    monkeypatch.setattr(results, "builtin_sampler_card", lambda: {"steps": 25, "etw": 0.5, "source": "x"})
+    assert results._model_identity("builtin", None)["sampler"] == {"steps": 25, "etw": 0.5}
+    assert results._model_identity("adm-256-uncond", None)["sampler"]["etw"] == 0.1
+    assert "sampler" not in results._model_identity("analytic", None)
 
 
 def test_worker_records_corrupt_nan_and_wrong_size_in_process(tmp_path):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 from deqir_dist.errors import DeqirError, one_line
 from deqir_dist.io.files import atomic_write
+from deqir_dist.models.builtin import BUILTIN_WEIGHTS, builtin_sampler_card
+from deqir_dist.models.settings import PRESET_SAMPLERS, SAMPLER_KEYS
 
 RESULTS_NAME = "results.jsonl"
 SUMMARY_NAME = "summary.json"
@@ -36,8 +38,34 @@ def config_hash(config: dict) -> str:
     return hashlib.sha256(data).hexdigest()[:16]
 
 
+_SHA_CACHE: dict = {}
+
+
+def _file_sha256(path) -> str:
+    """sha256 of a file, remembered per (path, size, mtime)."""
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 20), b""):
+                h.update(chunk)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
+
+
 def _model_identity(model: str, checkpoint: str | None) -> dict:
+    """What decides the model's output: its name, its files, and the sampler settings its card
+    recommends (used wherever the user sets none), so retrained weights or a changed card make a
+    resumed job restore again instead of keeping images of the old model."""
     out = {"model": model}
+    if model == "builtin":
+        if BUILTIN_WEIGHTS.is_file():
+            out["weights_sha256"] = _file_sha256(BUILTIN_WEIGHTS)
+        card = builtin_sampler_card()
+        out["sampler"] = None if card is None else {k: v for k, v in card.items() if k in SAMPLER_KEYS}
+    elif model in PRESET_SAMPLERS:
+        out["sampler"] = {k: v for k, v in PRESET_SAMPLERS[model].items() if k in SAMPLER_KEYS}
     for key, val in (("model_file", model), ("checkpoint", checkpoint)):
         if val and os.path.isfile(val):
             st = os.stat(val)

@@ -1,18 +1,22 @@
-"""DEQ inversion: the implicit gradient equals autograd through the serial sampler; the adjoint
-pieces equal autograd of the joint map; phantom is the linear term only; noise optimisation."""
+"""DEQ inversion: the implicit gradient equals autograd through the serial sampler, and its chain
+is restore's (the noise model for sigma_y > 0, the padded canvas, the model card's settings); the
+adjoint pieces equal autograd of the joint map; phantom is the linear term only; noise optimisation."""
 import math
 
 import pytest
 import torch
 
-from deqir_dist import DeqirError, make_operator
+from deqir_dist import DeqirError, make_operator, restore
 from deqir_dist.api.inversion import noise_gradient
 from deqir_dist.api.optimize import optimize_noise
+from deqir_dist.models.analytic import GaussianMixtureDenoiser
 from deqir_dist.parallel.comm import split_rows
+from deqir_dist.physics.padded import PaddedOperator
 from deqir_dist.sampling.adjoint import AdjointBlock, ReverseCarry, reverse_scan
 from deqir_dist.sampling.chain import ChainBlock
 from deqir_dist.sampling.denoiser import EpsFn
-from deqir_dist.sampling.schedule import chain_coefficients
+from deqir_dist.sampling.noise import draw_noise
+from deqir_dist.sampling.schedule import chain_coefficients, linear_alphas_cumprod
 from deqir_dist.sampling.serial import sample_serial
 
 SHAPE = (3, 8, 8)
@@ -32,12 +36,26 @@ def problem(gmm, name, params, batch=2, seed=0, steps=STEPS, nw=0.0, sigma_y=0.0
     return op, x, y, xi, z, target
 
 
-def autograd_serial(gmm, op, y, xi, loss_fn, steps=STEPS, etw=0.0, nw=0.0, z=None, sigma_y=0.0):
-    """The reference: backprop through the serial sampler, float64."""
+def serial_chain(gmm, op, y, xi, steps=STEPS, etw=0.0, nw=0.0, z=None, sigma_y=0.0, clip_x0=False, multiple=1):
+    """restore's serial chain written out, float64, differentiable in xi: with sigma_y > 0 the
+    operator for the noise and the filtered y; an image size off ``multiple`` padded to it (xi and
+    z on the canvas), the result cropped back."""
+    if sigma_y > 0:
+        op = op.for_noise(sigma_y)
+        y = op.filter_measurement(y, sigma_y)
+    _, H, W = op.image_shape
+    canvas = (-(-H // multiple) * multiple, -(-W // multiple) * multiple)
+    if canvas != (H, W):
+        op = PaddedOperator(op, canvas)
     c = chain_coefficients(steps, etw=etw, nw=nw, sigma_y=sigma_y)
+    eps = EpsFn(gmm, 3, torch.float64, clip_abar=linear_alphas_cumprod() if clip_x0 else None)
+    return sample_serial(eps, op, c, y, xi, z)[..., :H, :W]
+
+
+def autograd_serial(gmm, op, y, xi, loss_fn, steps=STEPS, **kw):
+    """The reference: backprop through the serial sampler (``serial_chain``), float64."""
     x = xi.clone().requires_grad_(True)
-    h = sample_serial(EpsFn(gmm, 3, torch.float64), op, c, y, x, z)
-    g, = torch.autograd.grad(loss_fn(h).sum(), x)
+    g, = torch.autograd.grad(loss_fn(serial_chain(gmm, op, y, x, steps, **kw)).sum(), x)
     return g
 
 
@@ -57,7 +75,8 @@ EXACT_FWD = dict(solver="anderson", tol=300.0, dtype=torch.float64)      # runs 
     ("inpaint", {"mask": "random", "fraction": 0.6}, 0.0, 0.0, 0.0, "picard"),
     ("colorize", {}, 0.1, 0.3, 0.0, "anderson"),
     ("deblur_gauss", {}, 0.0, 0.0, 0.0, "serial"),
-    ("sr_bicubic", {"scale": 2}, 0.0, 0.0, 0.1, "anderson"),     # noisy y: the range part is a recurrence
+    ("sr_bicubic", {"scale": 2}, 0.0, 0.0, 0.05, "anderson"),    # noisy y: the range part is a recurrence,
+    ("deblur_gauss", {}, 0.1, 0.2, 0.01, "serial"),              # and for_noise drops directions
 ])
 def test_implicit_equals_autograd_through_serial(gmm, name, params, etw, nw, sigma_y, adjoint):
     op, _, y, xi, z, target = problem(gmm, name, params, nw=nw, sigma_y=sigma_y)
@@ -69,10 +88,70 @@ def test_implicit_equals_autograd_through_serial(gmm, name, params, etw, nw, sig
     assert rel(got.grad, want) <= 1e-10          # measured: 1e-13 .. 6e-12
     assert got.adjoint_iterations == STEPS
     # the loss and image are those of the serial result
-    c = chain_coefficients(STEPS, etw=etw, nw=nw, sigma_y=sigma_y)
-    h = sample_serial(EpsFn(gmm, 3, torch.float64), op, c, y, xi, z)
+    h = serial_chain(gmm, op, y, xi, etw=etw, nw=nw, z=z, sigma_y=sigma_y)
     assert (got.image - h).abs().max() < 1e-9
     assert torch.allclose(got.loss, loss(h))
+
+
+def test_noisy_measurements_differentiate_restores_chain(gmm):
+    """sigma_y > 0 on a blur whose weak directions for_noise drops: noise_gradient's image is
+    restore(solver="serial", noise=xi)'s, its gradient autograd's through that chain, and not the
+    gradient of the chain on the unfiltered operator (what it differentiated before)."""
+    sigma_y = 0.01
+    op, _, y, xi, z, target = problem(gmm, "deblur_gauss", {}, nw=0.2, sigma_y=sigma_y)
+    assert 0 < op.for_noise(sigma_y).rank < op.rank
+    loss = mse_to(target)
+    kw = dict(steps=STEPS, etw=0.1, nw=0.2, sigma_y=sigma_y)
+    ref = restore(gmm, y, op, solver="serial", noise=xi, step_noise=z, dtype=torch.float64, **kw)
+    want = autograd_serial(gmm, op, y, xi, loss, etw=0.1, nw=0.2, z=z, sigma_y=sigma_y)
+    for solver in ("serial", "anderson"):
+        got = noise_gradient(gmm, y, op, xi, loss, step_noise=z, solver=solver, tol=300.0, dtype=torch.float64,
+                             **kw)
+        assert (got.image - ref.image).abs().max() < 1e-12, solver
+        assert rel(got.grad, want) <= 1e-10, solver
+    c = chain_coefficients(STEPS, etw=0.1, nw=0.2, sigma_y=sigma_y)
+    x = xi.clone().requires_grad_(True)
+    raw, = torch.autograd.grad(loss(sample_serial(EpsFn(gmm, 3, torch.float64), op, c, y, x, z)).sum(), x)
+    assert rel(raw, want) > 1e-2
+
+
+def test_padded_canvas_as_restore(gmm):
+    """A size off the model's multiple runs on restore's padded canvas: xi, z, grad and trajectory
+    on the canvas, loss_fn and image on the user's size; sigma_y > 0 and x0 clipping as restore."""
+    model = GaussianMixtureDenoiser(seed=0)
+    model.size_multiple = 4
+    sigma_y = 0.01
+    op, _, y, _, _, target = problem(gmm, "deblur_gauss", {}, sigma_y=sigma_y, shape=(3, 6, 10))
+    g = torch.Generator().manual_seed(5)
+    xi = torch.randn((2, 3, 8, 12), generator=g, dtype=torch.float64)
+    z = torch.randn((2, STEPS, 3, 8, 12), generator=g, dtype=torch.float64)
+    seen = []
+
+    def loss(h):
+        seen.append(tuple(h.shape))
+        return mse_to(target)(h)
+
+    kw = dict(steps=STEPS, etw=0.1, nw=0.2, sigma_y=sigma_y, clip_x0=True)
+    ref = restore(model, y, op, solver="serial", noise=xi, step_noise=z, dtype=torch.float64, **kw)
+    want = autograd_serial(gmm, op, y, xi, mse_to(target), etw=0.1, nw=0.2, z=z, sigma_y=sigma_y, clip_x0=True,
+                           multiple=4)
+    for adjoint in ("serial", "picard"):
+        got = noise_gradient(model, y, op, xi, loss, step_noise=z, solver="serial", adjoint=adjoint,
+                             dtype=torch.float64, **kw)
+        assert got.image.shape == (2, 3, 6, 10) and got.grad.shape == xi.shape
+        assert got.trajectory.shape == (2, STEPS, 3, 8, 12)
+        assert set(seen) == {(2, 3, 6, 10)}
+        assert (got.image - ref.image).abs().max() < 1e-12
+        assert rel(got.grad, want) <= 1e-10, adjoint
+    assert got.grad[..., 6:, :].abs().max() > 0          # the padding's noise does reach the image
+    ph = noise_gradient(model, y, op, xi, loss, step_noise=z, method="phantom", dtype=torch.float64, **kw)
+    assert ph.image.shape == (2, 3, 6, 10) and ph.grad.shape == xi.shape
+    with pytest.raises(DeqirError, match=r"xi must be on the model's canvas \(3, 8, 12\).*multiples of 4"):
+        noise_gradient(model, y, op, xi[..., :6, :10], loss, **kw)
+    with pytest.raises(DeqirError, match=r"step_noise must be on the model's canvas.*multiples of 4"):
+        noise_gradient(model, y, op, xi, loss, step_noise=z[..., :6, :10], **kw)
+    with pytest.raises(DeqirError, match="clip_x0"):
+        noise_gradient(model, y, op, xi, loss, step_noise=z, **{**kw, "clip_x0": 1})
 
 
 def test_serial_forward_and_vjp_chunks_agree(gmm):
@@ -222,6 +301,38 @@ def test_oracle_and_reference(gmm):
     r = optimize_noise(gmm, y.float(), op, loss="reference", target=target[:1].float(), steps=STEPS, iters=4,
                        lr=0.2, xi=xi.float(), method="phantom", phantom_steps=2)
     assert not r.oracle and torch.isfinite(r.image).all()
+
+
+def test_optimize_noise_is_restore_with_the_model_card(gmm):
+    """optimize_noise takes the settings left out from the model card as restore does, draws the xi
+    restore would draw, and its image is restore(noise=xi, solver="serial")'s (sigma_y > 0, a
+    padded size, a card that clips x0 for this task)."""
+    model = GaussianMixtureDenoiser(seed=0)
+    model.size_multiple = 4
+    model.sampler_card = {"steps": 6, "etw": 0.3, "nw": 0.2, "clip_x0": {"default": False, "deblur_gauss": True},
+                          "source": "test card"}
+    sigma_y = 0.01
+    op, x, y, _, _, _ = problem(gmm, "deblur_gauss", {}, batch=1, sigma_y=sigma_y, shape=(3, 6, 10))
+    r = optimize_noise(model, y, op, loss="oracle", target=x, iters=3, lr=0.2, solver="serial", sigma_y=sigma_y,
+                       dtype=torch.float64, generator=torch.Generator().manual_seed(7))
+    assert r.settings == {"steps": 6, "etw": 0.3, "nw": 0.2, "clip_x0": True, "sigma_y": sigma_y}
+    assert r.settings_source["etw"] == "test card" and r.settings_source["sigma_y"] == "user"
+    assert r.xi.shape == (1, 3, 8, 12) and r.image.shape == (1, 3, 6, 10)
+    first = restore(model, y, op, solver="serial", sigma_y=sigma_y, dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(7))
+    assert first.settings == r.settings
+    assert (r.initial_image - first.image).abs().max() < 1e-12          # the same xi and z drawn
+    assert r.best_iteration[0] > 0                                      # Adam moved xi; the z rows stay
+    xi0, zs = draw_noise(1, (3, 8, 12), 6, 0.2, torch.Generator().manual_seed(7))
+    assert not torch.equal(r.xi, xi0.double())
+    final = restore(model, y, op, solver="serial", noise=r.xi, step_noise=zs, sigma_y=sigma_y, dtype=torch.float64)
+    assert (r.image - final.image).abs().max() < 1e-12
+    user = optimize_noise(model, y, op, loss="oracle", target=x, steps=4, etw=0.0, nw=0.0, clip_x0=False, iters=1,
+                          solver="serial", sigma_y=sigma_y, dtype=torch.float64, xi=r.xi)
+    assert user.settings == {"steps": 4, "etw": 0.0, "nw": 0.0, "clip_x0": False, "sigma_y": sigma_y}
+    assert set(user.settings_source.values()) == {"user"}
+    with pytest.raises(DeqirError, match="multiples of 4"):
+        optimize_noise(model, y, op, loss="oracle", target=x, iters=1, xi=r.xi[..., :6, :10], sigma_y=sigma_y)
 
 
 def test_bad_arguments(gmm):

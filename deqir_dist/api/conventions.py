@@ -7,6 +7,9 @@
 * Images are in [-1, 1]. A measurement that looks like [0, 1] data is warned about;
   ``value_range=(0, 1)`` converts it exactly (y -> 2 y - A(1) for the linear operators here, and
   sigma_y -> 2 sigma_y); ``value_range=(-1, 1)`` says the data is right and silences the warning.
+* The measurement model every sampler runs (``sampling_problem``: ``restore``, ``noise_gradient``,
+  ``optimize_noise``): the operator for the noise (``for_noise`` / ``filter_measurement``) on the
+  model's canvas (``PaddedOperator.to_multiple``), the result cropped back.
 """
 from __future__ import annotations
 
@@ -14,7 +17,8 @@ import warnings
 
 import torch
 
-from deqir_dist.errors import DeqirError, check_tensor, is_real
+from deqir_dist.errors import DeqirError, check_int, check_tensor, is_real
+from deqir_dist.physics.padded import PaddedOperator
 from deqir_dist.sampling.denoiser import model_device, resolve_device
 
 VALUE_RANGES = ((-1, 1), (0, 1))
@@ -66,3 +70,43 @@ def apply_value_range(y, op, value_range, sigma_y: float):
                       "convert it (or x * 2 - 1 yourself), or value_range=(-1, 1) if it is right",
                       UserWarning, stacklevel=3)
     return y, sigma_y
+
+
+def size_multiple(denoiser) -> int:
+    """The multiple the model needs H and W to be (``denoiser.size_multiple``, default 1)."""
+    return check_int("size_multiple", getattr(denoiser, "size_multiple", 1))
+
+
+def canvas(denoiser, op):
+    """``op`` on the model's canvas: itself when H, W are multiples of ``denoiser.size_multiple``
+    (default 1), else a ``PaddedOperator`` on the next larger multiple (the padding is null space)."""
+    return PaddedOperator.to_multiple(op, size_multiple(denoiser))
+
+
+def sampling_problem(denoiser, op, y: torch.Tensor, sigma_y: float):
+    """(operator, y, crop) as the chain samples them, for ``restore`` and ``noise_gradient`` alike.
+
+    ``sigma_y > 0``: the directions the noise swamps go to the null space (``op.for_noise``: gain
+    relative to the largest <= ``NOISE_KEEP * sigma_y``) and y is Tikhonov filtered on the others
+    (``filter_measurement``); sigma_y = 0 leaves both as they are. Then the operator is put on
+    the model's canvas (``canvas``); ``crop`` cuts a (..., C, H2, W2) canvas image back to the
+    user's (..., C, H, W) (the identity when nothing was padded). y keeps its measurement shape:
+    padding acts on images only."""
+    op = op.for_noise(sigma_y)
+    y = op.filter_measurement(y, sigma_y)
+    op = canvas(denoiser, op)
+    return op, y, (op.crop if isinstance(op, PaddedOperator) else _same)
+
+
+def check_on_canvas(t, name: str, lead: tuple, shape: tuple, user: tuple, denoiser) -> torch.Tensor:
+    """``check_tensor(t, name, (*lead, *shape))`` for a tensor that lives on the model's canvas
+    ``shape``; one in the user's image size ``user`` instead is told why it is refused."""
+    if tuple(shape) != tuple(user) and isinstance(t, torch.Tensor) and tuple(t.shape[len(lead):]) == tuple(user):
+        raise DeqirError(f"{name} must be on the model's canvas {tuple(shape)}, not the image's {tuple(user)}: the "
+                         f"model needs H and W multiples of {size_multiple(denoiser)}, so the chain runs padded "
+                         "(as restore's noise does)")
+    return check_tensor(t, name, (*lead, *shape))
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t

@@ -1,7 +1,9 @@
 """DEQ inversion: exact gradients of a loss on the restored image w.r.t. the initial noise xi.
 
 The whole chain is one fixed point h* = F(h*; xi) over the rows h_1..h_N (``chain.ChainBlock``),
-and F is causal. For a loss L(h*_N) the implicit function theorem gives
+and F is causal; it is the chain ``restore`` samples for the same settings (its measurement model
+under noise and its padded canvas, ``api.conventions.sampling_problem``). For a loss L(h*_N) the
+implicit function theorem gives
 
     dL/dxi = J_xi^T lam,    lam = dL/dh + J_h^T lam                                  (adjoint)
 
@@ -65,13 +67,18 @@ from dataclasses import dataclass, field
 
 import torch
 
+from deqir_dist.api.conventions import check_on_canvas, sampling_problem
 from deqir_dist.errors import DeqirError, check_tensor
 from deqir_dist.parallel.comm import LocalComm, split_rows
 from deqir_dist.parallel.dist import DistComm, check_same_inputs, problem_digest
 from deqir_dist.sampling.adjoint import AdjointBlock, _eps_rows, _Linearization
 from deqir_dist.sampling.chain import ChainBlock, block_decays
 from deqir_dist.sampling.denoiser import EpsFn, model_device
-from deqir_dist.sampling.schedule import ChainCoefficients, chain_coefficients
+from deqir_dist.sampling.schedule import (
+    ChainCoefficients,
+    chain_coefficients,
+    linear_alphas_cumprod,
+)
 from deqir_dist.sampling.serial import sample_serial
 from deqir_dist.solvers import registry
 from deqir_dist.solvers.adjoint import reverse_decays, solve_adjoint
@@ -96,10 +103,11 @@ __all__ = ["ADJOINT_SOLVERS", "DEFAULT_ADJOINT_TOL", "DEFAULT_FORWARD_TOL", "FOR
 class NoiseGradient:
     """dL/dxi at xi, and what came with it.
 
-    grad: (B, C, H, W) gradient of sum(loss) w.r.t. xi (per image independent); loss: the loss
-    values as ``loss_fn`` returned them (scalar or (B,)), detached; image: the restored h*_N
-    (implicit: F(h*)_N, one exact sweep past the solver's fixed point; phantom: the last row of
-    the damped phantom state), detached; trajectory: h*_1..h*_N (B, N, C, H, W), detached (a warm
+    grad: (B, C, H, W) gradient of sum(loss) w.r.t. xi (per image independent; xi's shape, the
+    model's canvas when the image is padded); loss: the loss values as ``loss_fn`` returned them
+    (scalar or (B,)), detached; image: the restored h*_N in the user's size (implicit: F(h*)_N,
+    one exact sweep past the solver's fixed point; phantom: the last row of the damped phantom
+    state), detached; trajectory: h*_1..h*_N (B, N, C, H, W) on the canvas, detached (a warm
     start for the next solve); forward_iterations: joint-map evaluations of the forward solve (max
     over images; serial: N); adjoint_iterations: adjoint evaluations, each one batched denoiser VJP
     over all rows (serial: N single-row VJPs; phantom: phantom_steps); adjoint_trace: the relative
@@ -149,22 +157,32 @@ class _Problem:
     xi: torch.Tensor
     z: torch.Tensor | None
     steps: int
+    crop: Callable[[torch.Tensor], torch.Tensor]      # the model's canvas -> the user's image
 
 
-def _setup(denoiser, y, op, xi, steps, etw, nw, step_noise, start, sigma_y, dtype, alphas_cumprod) -> _Problem:
+def _setup(denoiser, y, op, xi, steps, etw, nw, step_noise, start, sigma_y, dtype, alphas_cumprod,
+           clip_x0) -> _Problem:
+    """The chain ``restore`` runs for the same arguments: its coefficients (sigma_y included), its
+    measurement model (``conventions.sampling_problem``: for_noise, filter_measurement, the
+    model's canvas) and its denoiser (``EpsFn``, x0 clipped when ``clip_x0``)."""
     coeffs = chain_coefficients(steps, start, etw, nw, sigma_y, alphas_cumprod)
-    shape = tuple(op.image_shape)
+    if not isinstance(clip_x0, bool):
+        raise DeqirError(f"clip_x0 must be True or False, got {clip_x0!r}")
     y = check_tensor(y, "y", (None, *op.measurement_shape))
     b = y.shape[0]
-    xi = check_tensor(xi, "xi", (b, *shape))
+    user = tuple(op.image_shape)
+    op, y, crop = sampling_problem(denoiser, op, y, sigma_y)
+    shape = tuple(op.image_shape)
+    xi = check_on_canvas(xi, "xi", (b,), shape, user, denoiser)
     if nw > 0:
         if step_noise is None:
             raise DeqirError("nw > 0 needs step_noise (B, N, C, H, W): the z rows must stay fixed")
-        step_noise = check_tensor(step_noise, "step_noise", (b, steps, *shape))
+        step_noise = check_on_canvas(step_noise, "step_noise", (b, steps), shape, user, denoiser)
     dev = model_device(denoiser, default=y.device)
     z = None if step_noise is None or nw == 0 else step_noise.to(device=dev, dtype=dtype)
-    return _Problem(coeffs, EpsFn(denoiser, shape[0], dtype), op, y.detach().to(device=dev, dtype=dtype),
-                    xi.detach().to(device=dev, dtype=dtype), z, steps)
+    abar = (linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod) if clip_x0 else None
+    return _Problem(coeffs, EpsFn(denoiser, shape[0], dtype, clip_abar=abar), op,
+                    y.detach().to(device=dev, dtype=dtype), xi.detach().to(device=dev, dtype=dtype), z, steps, crop)
 
 
 def _forward(pb: _Problem, comm, blocks, solver: str, opts: SolverOptions,
@@ -218,9 +236,22 @@ def noise_gradient(denoiser, y: torch.Tensor, op, xi: torch.Tensor, loss_fn: Cal
                    max_iter: int | None = None, dtype: torch.dtype = torch.float32,
                    alphas_cumprod: torch.Tensor | None = None, adjoint: str = "serial",
                    adjoint_tol: float = DEFAULT_ADJOINT_TOL, adjoint_max_iter: int | None = None,
-                   vjp_chunk: int | None = None, init: torch.Tensor | None = None,
+                   vjp_chunk: int | None = None, init: torch.Tensor | None = None, clip_x0: bool = False,
                    distributed: bool = False, group=None, **solver_options) -> NoiseGradient:
     """Gradient of sum(loss_fn(h*_N)) w.r.t. the initial noise xi (B, C, H, W).
+
+    The chain is the one ``restore(..., noise=xi, solver="serial")`` runs with the same settings
+    (``_setup``): ``sigma_y > 0`` samples with ``op.for_noise(sigma_y)`` and the Tikhonov-filtered
+    y (``filter_measurement``; and chain_coefficients' lam from the same sigma_y), through
+    ``api.conventions.sampling_problem``, the one place restore takes them from too. An image size
+    that is not a multiple of ``denoiser.size_multiple`` runs on restore's padded canvas
+    (``PaddedOperator``: the padding is null space): then ``xi``, ``step_noise``, ``init``, the
+    returned ``grad`` and ``trajectory`` have the canvas size (restore's ``noise`` has it too),
+    while ``loss_fn`` and the returned ``image`` see the user's image, the canvas cropped back.
+    The settings are what is passed (the library defaults: etw = nw = 0, no clipping, 25 steps);
+    ``optimize_noise`` resolves the model card's, as ``restore`` does. ``clip_x0=True`` clamps every
+    x0 prediction as ``restore``'s does (``EpsFn``); the gradient then goes through the clamp
+    (zero where it is active).
 
     The forward fixed point is solved without a graph (``solver`` "serial", "picard" or
     "anderson", stop rule "final" at ``tol`` dB, default 80; ``max_iter`` evaluations at most;
@@ -261,12 +292,15 @@ def noise_gradient(denoiser, y: torch.Tensor, op, xi: torch.Tensor, loss_fn: Cal
         raise DeqirError("phantom needs 0 < tau <= 1 and an integer phantom_steps >= 1")
     if vjp_chunk is not None and (isinstance(vjp_chunk, bool) or not isinstance(vjp_chunk, int) or vjp_chunk < 1):
         raise DeqirError(f"vjp_chunk must be a positive integer or None, got {vjp_chunk!r}")
-    pb = _setup(denoiser, y, op, xi, steps, etw, nw, step_noise, start, sigma_y, dtype, alphas_cumprod)
+    pb = _setup(denoiser, y, op, xi, steps, etw, nw, step_noise, start, sigma_y, dtype, alphas_cumprod, clip_x0)
+
+    def canvas_loss(h):                 # the loss sees the user's image: the canvas cropped back
+        return loss_fn(pb.crop(h))
     comm = _comm(distributed, group, pb, method, adjoint)
     blocks = split_rows(pb.steps, comm.size)
     if comm.size > 1:
         config = {"steps": steps, "start": start, "etw": etw, "nw": nw, "sigma_y": sigma_y, "dtype": str(dtype),
-                  "solver": solver, "tol": tol, "max_iter": max_iter, "adjoint": adjoint, "adjoint_tol": adjoint_tol,
+                  "clip_x0": clip_x0, "solver": solver, "tol": tol, "max_iter": max_iter, "adjoint": adjoint, "adjoint_tol": adjoint_tol,
                   "adjoint_max_iter": adjoint_max_iter, "options": solver_options}
         z_check = None if pb.z is None else [float(pb.z.double().sum()), float(pb.z.double().abs().sum())]
         check_same_inputs(comm, problem_digest(pb.y, pb.xi, pb.op,
@@ -277,8 +311,8 @@ def noise_gradient(denoiser, y: torch.Tensor, op, xi: torch.Tensor, loss_fn: Cal
                               **{"data_std": FORWARD_DATA_STD, **solver_options})
     traj, k_fwd = _forward(pb, comm, blocks, solver, opts, init)
     if method == "phantom":
-        return _phantom(pb, traj, k_fwd, loss_fn, tau, phantom_steps)
-    return _implicit(pb, comm, blocks, traj, k_fwd, loss_fn, adjoint, adjoint_tol, adjoint_max_iter, vjp_chunk)
+        return _phantom(pb, traj, k_fwd, canvas_loss, tau, phantom_steps)
+    return _implicit(pb, comm, blocks, traj, k_fwd, canvas_loss, adjoint, adjoint_tol, adjoint_max_iter, vjp_chunk)
 
 
 def _comm(distributed: bool, group, pb: _Problem, method: str, adjoint: str):
@@ -343,8 +377,8 @@ def _implicit(pb: _Problem, comm, blocks, traj: torch.Tensor, k_fwd: int, loss_f
         grad, k_adj, trace = solve_adjoint(adj, lin, dl, comm, adjoint, adjoint_tol,
                                            n if adjoint_max_iter is None else adjoint_max_iter, n,
                                            reverse_decays(pb.coeffs, blocks, adj.range_recurrent))
-    return NoiseGradient(grad.detach(), loss, image.detach(), k_fwd, k_adj, "implicit", f.detach(), trace, fres,
-                         rank_rows=(lo, hi) if comm.size > 1 else None)
+    return NoiseGradient(grad.detach(), loss, pb.crop(image).detach(), k_fwd, k_adj, "implicit", f.detach(), trace,
+                         fres, rank_rows=(lo, hi) if comm.size > 1 else None)
 
 
 def _phantom(pb: _Problem, traj: torch.Tensor, k_fwd: int, loss_fn, tau: float, k: int) -> NoiseGradient:
@@ -367,4 +401,4 @@ def _phantom(pb: _Problem, traj: torch.Tensor, k_fwd: int, loss_fn, tau: float, 
         if not isinstance(loss, torch.Tensor) or loss.dim() > 1:
             raise DeqirError("loss_fn must return a scalar or a (B,) tensor")
         grad, = torch.autograd.grad(loss.sum(), xi)
-    return NoiseGradient(grad.detach(), loss.detach(), image.detach(), k_fwd, k, "phantom", traj.detach())
+    return NoiseGradient(grad.detach(), loss.detach(), pb.crop(image).detach(), k_fwd, k, "phantom", traj.detach())

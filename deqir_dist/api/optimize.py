@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from deqir_dist.api.conventions import canvas, check_on_canvas
 from deqir_dist.api.inversion import noise_gradient
 from deqir_dist.errors import DeqirError, check_tensor
+from deqir_dist.models.settings import resolve_settings
 from deqir_dist.sampling.noise import draw_noise
 
 LOSSES = ("consistency", "reference", "oracle")
@@ -18,7 +20,9 @@ LOSSES = ("consistency", "reference", "oracle")
 class NoiseOptimization:
     """Result of ``optimize_noise``.
 
-    image/xi: per image, the iterate with the lowest loss (B, C, H, W); history: one dict per
+    image/xi: per image, the iterate with the lowest loss (B, C, H, W; image in the user's size, xi
+    on the model's canvas, as ``restore``'s noise), and ``image`` is what
+    ``restore(..., noise=xi, solver="serial", **settings)`` returns for it; history: one dict per
     evaluation (``loss`` and ``consistency`` = ||A x0 - y|| per image, ``forward_iterations``,
     ``adjoint_iterations``, ``seconds``); entry 0 is the starting noise. ``oracle`` is True when
     the loss used the ground truth (``loss="oracle"``): then the result is an upper bound on what
@@ -32,6 +36,8 @@ class NoiseOptimization:
     loss: str = "consistency"
     best_iteration: list[int] = field(default_factory=list)
     initial_image: torch.Tensor | None = None
+    settings: dict = field(default_factory=dict)          # steps, etw, nw, clip_x0, sigma_y used
+    settings_source: dict = field(default_factory=dict)   # where each came from: "user", a model card, ...
 
 
 # ---------------------------------------------------------------------------- optimisation
@@ -42,7 +48,7 @@ def consistency(op, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
 
 
 def optimize_noise(denoiser, y: torch.Tensor, op, loss: str = "consistency", target: torch.Tensor | None = None,
-                   steps: int = 25, iters: int = 50, lr: float = 0.1, xi: torch.Tensor | None = None,
+                   steps: int | None = None, iters: int = 50, lr: float = 0.1, xi: torch.Tensor | None = None,
                    generator: torch.Generator | None = None, method: str = "implicit", callback=None,
                    **restore_kw) -> NoiseOptimization:
     """Adam on the initial noise xi to lower a loss of the restored image; keeps the best iterate.
@@ -65,10 +71,18 @@ def optimize_noise(denoiser, y: torch.Tensor, op, loss: str = "consistency", tar
 
     ``iters`` gradient evaluations (entry 0 of the history is the starting noise, so iters - 1
     Adam steps, lr ``lr``, betas (0.9, 0.999)). ``xi`` is the starting noise (else drawn from
-    ``generator`` as ``restore`` does, with the z rows when nw > 0). Every forward solve is warm-
-    started from the previous trajectory. ``restore_kw`` go to ``noise_gradient`` (etw, nw,
-    step_noise, start, sigma_y, solver, tol, max_iter, dtype, adjoint, tau, phantom_steps, ...).
-    ``callback(i, record)`` sees each history record.
+    ``generator`` as ``restore`` does, with the z rows when nw > 0: the same xi restore would
+    draw). Every forward solve is warm-started from the previous trajectory. ``restore_kw`` go to
+    ``noise_gradient`` (etw, nw, clip_x0, step_noise, start, sigma_y, solver, tol, max_iter, dtype,
+    adjoint, tau, phantom_steps, ...). ``callback(i, record)`` sees each history record.
+
+    The chain is ``restore``'s: ``steps``, ``etw``, ``nw`` and ``clip_x0`` left at None come from
+    the model card as restore takes them (``models.settings.resolve_settings``; ``result.settings``
+    / ``settings_source`` say what was used), ``sigma_y > 0`` samples with restore's noise model
+    and a size off ``denoiser.size_multiple`` runs on restore's padded canvas (``noise_gradient``):
+    ``xi`` (given or drawn) then has the canvas size, ``target`` and the losses see the user's
+    image. With the serial forward (``solver="serial"``) the returned image is restore's serial
+    image for the returned xi; the parallel forwards stop at ``tol`` dB of it.
     """
     custom = callable(loss)
     if not custom and loss not in LOSSES:
@@ -78,7 +92,13 @@ def optimize_noise(denoiser, y: torch.Tensor, op, loss: str = "consistency", tar
     if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
         raise DeqirError(f"lr must be a positive finite number, got {lr!r}")
     sigma_y = float(restore_kw.get("sigma_y", 0.0))
-    shape = tuple(op.image_shape)
+    given = {"steps": steps, **{k: restore_kw.pop(k, None) for k in ("etw", "nw", "clip_x0")}}
+    settings, sources = resolve_settings(denoiser, getattr(op, "name", None), given)
+    settings["sigma_y"], sources["sigma_y"] = sigma_y, "user"
+    steps = settings["steps"]
+    sampler = {k: settings[k] for k in ("etw", "nw", "clip_x0")}
+    shape = tuple(op.image_shape)              # the user's image: the losses and target
+    noise_shape = tuple(canvas(denoiser, op).image_shape)   # xi: the chain's canvas, as restore's noise
     y = check_tensor(y, "y", (None, *op.measurement_shape))
     b = y.shape[0]
     if custom:
@@ -96,13 +116,13 @@ def optimize_noise(denoiser, y: torch.Tensor, op, loss: str = "consistency", tar
             raise DeqirError(f"target has {target.shape[0]} images, expected 1 or {b}")
     elif target is not None:
         raise DeqirError("loss='consistency' takes no target")
-    nw = float(restore_kw.get("nw", 0.0))
+    nw = sampler["nw"]
     if xi is None or (nw > 0 and restore_kw.get("step_noise") is None):
-        xi_d, z_d = draw_noise(b, shape, steps, nw, generator)
+        xi_d, z_d = draw_noise(b, noise_shape, steps, nw, generator)
         xi = xi_d if xi is None else xi
         if nw > 0 and restore_kw.get("step_noise") is None:
             restore_kw["step_noise"] = z_d
-    xi = check_tensor(xi, "xi", (b, *shape))
+    xi = check_on_canvas(xi, "xi", (b,), noise_shape, shape, denoiser)
     dtype = restore_kw.get("dtype", torch.float32)
 
     if custom:
@@ -126,7 +146,7 @@ def optimize_noise(denoiser, y: torch.Tensor, op, loss: str = "consistency", tar
     for it in range(iters):
         t0 = time.perf_counter()
         res = noise_gradient(denoiser, y, op, param.detach(), loss_fn, steps=steps, method=method, init=traj,
-                             **restore_kw)
+                             **sampler, **restore_kw)
         traj = res.trajectory
         img = res.image
         if first_img is None:
@@ -153,4 +173,4 @@ def optimize_noise(denoiser, y: torch.Tensor, op, loss: str = "consistency", tar
         if callback is not None:
             callback(it, rec)
     return NoiseOptimization(best_img, best_xi, history, loss == "oracle", "custom" if custom else loss, best_it,
-                             first_img)
+                             first_img, settings, sources)

@@ -7,14 +7,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deqir_dist.api.conventions import apply_value_range, place_model, resolve_eta
+from deqir_dist.api.conventions import apply_value_range, canvas, place_model, resolve_eta, sampling_problem
 from deqir_dist.api.planner import choose_solver, cost_table, load_profile, profile_batches
 from deqir_dist.api.profile_cache import cached_cost, plan_reason
 from deqir_dist.errors import DeqirError, check_int, check_tensor, one_line
 from deqir_dist.parallel.comm import LocalComm, offset_split, split_rows
 from deqir_dist.models.settings import LIBRARY_DEFAULTS, resolve_settings
 from deqir_dist.parallel.dist import DistComm, check_same_inputs, problem_digest
-from deqir_dist.physics.padded import PaddedOperator
 from deqir_dist.sampling.chain import ChainBlock, block_decays
 from deqir_dist.sampling.denoiser import EpsFn
 from deqir_dist.sampling.noise import draw_noise
@@ -185,11 +184,9 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     steps = coeffs.steps
     batch = y.shape[0]
     settings["sigma_y"], sources["sigma_y"] = float(sigma_y), "user"
-    op = op.for_noise(sigma_y)                  # sigma_y > 0: the directions the noise swamps go to the prior
-    y = op.filter_measurement(y, sigma_y)
-    op = PaddedOperator.to_multiple(op, check_int("size_multiple", getattr(denoiser, "size_multiple", 1)))
+    # sigma_y > 0: the directions the noise swamps go to the prior; any size: the model's canvas
+    op, y, crop = sampling_problem(denoiser, op, y, sigma_y)
     image_shape = tuple(op.image_shape)
-    crop = op.crop if isinstance(op, PaddedOperator) else (lambda t: t)
     comm, blocks = LocalComm(), [(0, steps)]
     if distributed and solver != "serial":
         comm = dcomm or DistComm(group, device)
@@ -274,11 +271,11 @@ def plan_auto(denoiser, op, procs: int = 1, profile=None, steps: int = 25, etw: 
     (``api.profile_cache``). Candidates: picard's windows with the rows rule; parareal with the rows
     rule, no max_iter and no window given. Ray's driver asks one worker for this plan and hands
     its c(b) to every worker, so that all choose alike."""
-    canvas = PaddedOperator.to_multiple(op, check_int("size_multiple", getattr(denoiser, "size_multiple", 1)))
+    padded = canvas(denoiser, op)
     windows = stop == "rows"
     parareal = windows and max_iter is None and not window_given
     if profile is None:
-        c_ms, source = cached_cost(denoiser, tuple(canvas.image_shape), profile_batches(steps, procs))
+        c_ms, source = cached_cost(denoiser, tuple(padded.image_shape), profile_batches(steps, procs))
     elif isinstance(profile, dict):
         c_ms, source = cost_table(profile, "profile"), {"source": "profile (dict)"}
     else:

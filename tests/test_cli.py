@@ -104,8 +104,6 @@ def test_bad_inputs_fail_cleanly(photos, tmp_path, capsys):
     _bad(capsys, ["restore", photos / "img0.png", "--task", "sr_avgpool", "--etw", "nan"], tmp_path, "etw")
     _bad(capsys, ["restore", photos / "img0.png", "--task", "sr_avgpool", "--window", "4", "--solver", "anderson"],
          tmp_path, "window")
-    _bad(capsys, ["restore", photos / "img0.png", "--task", "inpaint", "--clip-x0", "--sigma-y", "0.1",
-                  "--optimize-noise", "consistency"], tmp_path, "clip-x0")
 
 
 def test_conflicting_or_untrained_settings_fail_before_work(photos, tmp_path, capsys):
@@ -214,6 +212,11 @@ def test_optimize_noise_from_the_cli(photos, tmp_path, capsys):
     code, out, err = _run([*base, "--optimize-noise", f"oracle:{photos}", "-o", tmp_path / "o"], capsys)
     assert code == 0, err
     assert "ORACLE" in out and json.loads((tmp_path / "o" / "summary.json").read_text())["oracle"] is True
+    # --clip-x0 clips the chain it differentiates (optimize_noise takes restore's settings)
+    code, out, err = _run([*base, "--clip-x0", "--optimize-noise", f"oracle:{photos}", "-o", tmp_path / "k"],
+                          capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "k" / "summary.json").read_text())["sampler"]["settings"]["clip_x0"] is True
     _bad(capsys, [*base, "--optimize-noise", "consistency"], tmp_path, "sigma-y")
     _bad(capsys, [*base, "--optimize-noise", "oracle"], tmp_path, "PATH")
     _bad(capsys, [*base, "--optimize-noise", "reference:/nonexistent.png"], tmp_path, "not found")

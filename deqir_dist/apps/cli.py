@@ -151,9 +151,6 @@ def cmd_restore(args) -> int:
         optimize = NoiseOptimizationSpec.parse(args.optimize_noise, args.opt_iters, args.opt_lr)
         if args.distributed:
             raise DeqirError("--optimize-noise runs in one process; it cannot be combined with --distributed")
-        if args.clip_x0:
-            raise DeqirError("--optimize-noise differentiates the unclipped chain; it cannot be combined with "
-                             "--clip-x0")
         if optimize.loss == "consistency" and (args.sigma_y or 0.0) <= 0:
             raise DeqirError("--optimize-noise consistency needs --sigma-y > 0: without measurement noise every "
                              "step projects onto A x = y, so the consistency does not depend on the noise")

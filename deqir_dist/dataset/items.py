@@ -298,11 +298,9 @@ def _optimize(model, item: Item, spec: NoiseOptimizationSpec, generator, kw: dic
     """Noise optimisation for one item; returns (image, iterations, extra record fields)."""
     if kw.get("distributed"):
         raise DeqirError("--optimize-noise runs in one process; it cannot be combined with --distributed")
-    if kw.get("clip_x0"):
-        raise DeqirError("--optimize-noise differentiates the unclipped chain; it cannot be combined with --clip-x0")
-    keep = ("steps", "etw", "nw", "start", "sigma_y")
-    settings = resolve_settings(model, item.op.name, kw)[0]     # the model card's where not given (no clip)
-    kw = {**kw, **{k: settings[k] for k in ("steps", "etw", "nw")}}
+    # the sampler settings not given are the model card's, as restore takes them (optimize_noise
+    # resolves them itself; --clip-x0 clips the chain it differentiates)
+    keep = ("steps", "etw", "nw", "clip_x0", "start", "sigma_y")
     # auto (the default) keeps picard as the forward solver: the planner models one restore, not the
     # repeated, warm-started forward solves of noise optimisation
     solver = kw.get("solver", DEFAULT_SOLVER)
@@ -313,7 +311,7 @@ def _optimize(model, item: Item, spec: NoiseOptimizationSpec, generator, kw: dic
     extra = {"solver": solver, "optimize_noise": spec.loss, "oracle": res.oracle, "opt_iters": spec.iters,
              "consistency_before": round(float(hist[0]["consistency"][0]), 5),
              "consistency_after": round(float(min(h["consistency"][0] for h in hist)), 5)}
-    return res.image, kw.get("steps", 25), extra
+    return res.image, res.settings["steps"], extra
 
 
 def restore_items(model, items: list[Item], out_dir: str | None, restore_kw: dict, seed: int = 0,

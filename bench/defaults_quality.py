@@ -28,7 +28,7 @@ from PIL import Image
 
 from deqir_dist.api.restore import restore
 from deqir_dist.data.photos import resize_short, to_tensor
-from deqir_dist.dataset.tasks import DEMO_TASKS
+from deqir_dist.dataset.tasks import DEMO_TASKS, measurable
 from deqir_dist.io.jsonio import write_json
 from deqir_dist.io.quantization import JPEG_SIGMA, default_sigma_y
 from deqir_dist.models.builtin import builtin_bench_images, heldout_images, load_builtin
@@ -65,6 +65,7 @@ def evaluate(model, images: list[torch.Tensor], task: str, bits, seed: int) -> d
     scores: dict[str, list] = {}
     settings = None
     for k, x in enumerate(images):
+        x = measurable(x, task)         # SR x4: the whole photo cropped to a multiple of 4 (a few px)
         op = make_operator(op_name, tuple(x.shape), **params)
         y = op.A(x[None])
         if bits == 8:

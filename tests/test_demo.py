@@ -137,3 +137,22 @@ def test_demo_json_in_a_missing_folder_is_created(tmp_path, capsys):
     assert main(["demo", "-o", str(tmp_path / "d"), "--size", "16", "--steps", "2", "--tasks", "colorize",
                  "--images", "coffee", "--no-progress", "--no-inversion", "--threads", "1", "--json", str(target)]) == 0
     assert json.loads(target.read_text())["table"][0]["task"] == "colorize"
+
+
+def test_whole_photo_of_any_aspect_ratio(tmp_path):
+    """A photograph whose downscaled size is no multiple of 4: SR x4 measures a centre crop of it
+    (a few pixels), every other task the whole of it (restore pads), and one grid holds both."""
+    import numpy as np
+
+    from deqir_dist.apps.demo_whole import run_whole
+    from deqir_dist.dataset.tasks import measurable
+    from deqir_dist.models.builtin import load_builtin
+    assert tuple(measurable(torch.zeros(3, 64, 86), "sr_bicubic_x4").shape) == (3, 64, 84)
+    assert tuple(measurable(torch.zeros(3, 64, 86), "inpaint_box").shape) == (3, 64, 86)
+    img = np.random.default_rng(0).integers(0, 256, (30, 45, 3), dtype=np.uint8)
+    block = run_whole(load_builtin(), {"odd": img}, 18, ["sr_bicubic_x4", "deblur_gauss"], set(), 2, 0.8, 0.0, 0,
+                      tmp_path)
+    shapes = {t: block["tasks"][t]["per_image"][0]["shape"] for t in block["tasks"]}
+    assert shapes == {"sr_bicubic_x4": [3, 16, 24], "deblur_gauss": [3, 18, 27]}
+    assert Image.open(tmp_path / "grid_whole_odd.png").height > 2 * 18
+    assert Image.open(tmp_path / "images" / "whole" / "odd_deblur_gauss_restored.png").size == (27, 18)

@@ -18,7 +18,7 @@ from deqir_dist.api.restore import restore
 from deqir_dist.apps.figures import display_measurement, draw_grid
 from deqir_dist.apps.tables import format_table
 from deqir_dist.data.photos import resize_short, to_tensor
-from deqir_dist.dataset.tasks import DEMO_TASKS
+from deqir_dist.dataset.tasks import DEMO_TASKS, measurable
 from deqir_dist.io.images import write_image
 from deqir_dist.physics.registry import make_operator
 from deqir_dist.quality.baselines import baselines_for
@@ -38,7 +38,7 @@ def run_whole(model, held: dict, short: int, tasks, clipped_tasks, steps: int, e
         opname, params = DEMO_TASKS[task]
         clipped = task in clipped_tasks
         for pi, (name, x) in enumerate(photos.items()):
-            x = x[None]
+            x = measurable(x, task)[None]       # SR x4: cropped to a multiple of 4 (a few pixels)
             op = make_operator(opname, tuple(x.shape[1:]), **params)
             y = op.A(x)
             cands = {k: v.clamp(-1, 1) for k, v in baselines_for(op, y).items()}
@@ -93,7 +93,7 @@ def _write(out: Path, grids: dict, steps: int) -> None:
             caps.append(["", f"{e['baseline']} {e['psnr_baseline']:.2f} / {e['ssim_baseline']:.3f}",
                          f"{e['psnr_restored']:.2f} dB / {e['ssim_restored']:.3f}", ""])
             labels.append(task)
-        h, w = cells[0][4].shape[-2:]
+        h, w = max((c[4].shape[-2:] for c in cells), key=lambda hw: hw[0] * hw[1])
         draw_grid(out / f"grid_whole_{name}.png", f"{name}, whole photograph at {h}x{w}: serial T={steps}, "
                   "PSNR / SSIM under each image; builtin prior, held out",
                   ["degraded", "best baseline", "restored (prior)", "ground truth"], rows, labels, caps,

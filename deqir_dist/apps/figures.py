@@ -26,10 +26,12 @@ def _to_pil(x: torch.Tensor, zoom: int):
 
 
 def draw_grid(path, title: str, headers, rows, names, captions=None, zoom: int = 1) -> None:
-    """Save a labelled grid: rows[i][j] is a (3, H, W) tensor in [-1, 1]; captions[i][j] a string."""
+    """Save a labelled grid: rows[i][j] is a (3, H, W) tensor in [-1, 1]; captions[i][j] a string.
+    Cells may differ in size by a few pixels (each is placed at its cell's top left)."""
     from PIL import Image, ImageDraw
 
-    h, w = rows[0][0].shape[-2:]
+    h = max(int(x.shape[-2]) for row in rows for x in row)
+    w = max(int(x.shape[-1]) for row in rows for x in row)
     cw, ch = w * zoom, h * zoom
     pad, head, cap, left = 6, 34, 16, 70
     ncol = len(headers)

@@ -35,6 +35,17 @@ FLAG_TASK = {"mask": "inpaint", "mask_fraction": "inpaint", "mask_seed": "inpain
               "cs_seed": "cs_wht"}
 
 
+def measurable(x: torch.Tensor, task: str) -> torch.Tensor:
+    """``x`` (..., H, W) centre-cropped so a ``DEMO_TASKS`` operator can measure it: H and W down to
+    multiples of the scale for super-resolution (the low-resolution grid must tile the image),
+    unchanged otherwise (any size restores: ``restore`` pads to the model's multiple)."""
+    _, params = DEMO_TASKS[task]
+    s = int(params.get("scale", 1))
+    h, w = x.shape[-2:]
+    top, left = (h % s) // 2, (w % s) // 2
+    return x[..., top:top + h - h % s, left:left + w - w % s]
+
+
 def task_flags(task: str) -> list[str]:
     """The task flags (attribute names) that apply to ``task``."""
     sig = inspect.signature(_REGISTRY[task].__init__).parameters

@@ -33,7 +33,7 @@ def _gen(seed=0):
 def test_builtin_card_recommends_its_settings():
     m = load_builtin()
     s, src = resolve_settings(m, "sr_bicubic")
-    assert (s["etw"], s["nw"], s["steps"], s["clip_x0"]) == (0.8, 0.0, 25, False)
+    assert (s["etw"], s["nw"], s["steps"], s["clip_x0"]) == (0.8, 0.0, 100, False)
     assert src["etw"] == "model card builtin.json"
     assert resolve_settings(m, "colorize")[0]["clip_x0"] is True
     s, src = resolve_settings(m, "colorize", {"clip_x0": False, "etw": 0.0})

@@ -21,13 +21,14 @@ import hashlib
 import io
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from deqir_dist.api.restore import restore
-from deqir_dist.data.photos import resize_short, to_tensor
+from deqir_dist.data.photos import _stored_heldout, heldout_crops, resize_short, to_tensor
 from deqir_dist.dataset.tasks import DEMO_TASKS, measurable
 from deqir_dist.io.jsonio import write_json
 from deqir_dist.io.quantization import JPEG_SIGMA, default_sigma_y
@@ -74,7 +75,8 @@ def evaluate(model, images: list[torch.Tensor], task: str, bits, seed: int) -> d
             y, sigma_y = jpeg(y, int(bits[4:])), JPEG_SIGMA     # what default_sigma_y gives a JPEG file
         else:
             sigma_y = default_sigma_y(y)[0]
-        res = restore(model, y, op, solver="serial", sigma_y=sigma_y, generator=torch.Generator().manual_seed(seed + k))
+        res = restore(model, y, op, solver="serial", sigma_y=sigma_y, value_range=(-1, 1),
+                      generator=torch.Generator().manual_seed(seed + k))
         settings = {**res.settings, "source": res.settings_source}
         cands = {"prior (defaults)": res.images, **{n: e.clamp(-1, 1) for n, e in baselines_for(op, y).items()}}
         for name, est in cands.items():
@@ -100,15 +102,25 @@ def main(argv=None) -> int:
     p.add_argument("--weights", help="a prior written by deqir train-prior (default: the shipped one)")
     p.add_argument("--heldout-from", help="take the held-out photographs from this weights file (default: "
                                           "--weights), so two priors can be compared on the same photographs")
+    p.add_argument("--heldout-dir", help="take the held-out photographs from this folder of PNGs instead (e.g. "
+                                         "bench/prior_data.py's heldout/: scikit-image's pair plus held-out "
+                                         "wallpaper photos), stored as the weights file stores them")
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     model = load_builtin(path=args.weights)
     photos = args.heldout_from or args.weights
-    held = heldout_images(photos)
-    sets = {"whole": [to_tensor(resize_short(img, args.whole)) for img in held.values()],
-            "crops": list(builtin_bench_images(4 + args.crops, 64, photos)[4:])}
+    if args.heldout_dir:
+        held = {f.stem: _stored_heldout(np.asarray(Image.open(f).convert("RGB")))
+                for f in sorted(Path(args.heldout_dir).glob("*.png"))}
+        if not held:
+            raise SystemExit(f"no PNG photographs in {args.heldout_dir}")
+        crops = heldout_crops(held, 64, 4 + args.crops)[4:]
+    else:
+        held = heldout_images(photos)
+        crops = builtin_bench_images(4 + args.crops, 64, photos)[4:]
+    sets = {"whole": [to_tensor(resize_short(img, args.whole)) for img in held.values()], "crops": list(crops)}
     result = {"command": "python bench/defaults_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "model": "builtin", "weights": getattr(model, "weights_path", None),
               "weights_sha256": _sha256(getattr(model, "weights_path", None)), "heldout": list(held),

@@ -21,14 +21,18 @@ import hashlib
 import io
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 
 from deqir_dist.api.restore import restore
-from deqir_dist.data.photos import _stored_heldout, heldout_crops, resize_short, to_tensor
+from deqir_dist.data.photos import (
+    heldout_crops,
+    resize_short,
+    stored_photo_folder,
+    to_tensor,
+)
 from deqir_dist.dataset.tasks import DEMO_TASKS, measurable
 from deqir_dist.io.jsonio import write_json
 from deqir_dist.io.quantization import JPEG_SIGMA, default_sigma_y
@@ -112,10 +116,7 @@ def main(argv=None) -> int:
     model = load_builtin(path=args.weights)
     photos = args.heldout_from or args.weights
     if args.heldout_dir:
-        held = {f.stem: _stored_heldout(np.asarray(Image.open(f).convert("RGB")))
-                for f in sorted(Path(args.heldout_dir).glob("*.png"))}
-        if not held:
-            raise SystemExit(f"no PNG photographs in {args.heldout_dir}")
+        held = stored_photo_folder(args.heldout_dir)
         crops = heldout_crops(held, 64, 4 + args.crops)[4:]
     else:
         held = heldout_images(photos)

@@ -14,14 +14,11 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
-import numpy as np
 import torch
-from PIL import Image
 
 from deqir_dist.api.restore import restore
-from deqir_dist.data.photos import _stored_heldout, heldout_crops
+from deqir_dist.data.photos import heldout_crops, stored_photo_folder
 from deqir_dist.dataset.tasks import DEMO_TASKS
 from deqir_dist.io.jsonio import write_json
 from deqir_dist.models.builtin import builtin_bench_images, load_builtin
@@ -45,8 +42,7 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
     model = load_builtin()
     if args.heldout_dir:
-        held = {f.stem: _stored_heldout(np.asarray(Image.open(f).convert("RGB")))
-                for f in sorted(Path(args.heldout_dir).glob("*.png"))}
+        held = stored_photo_folder(args.heldout_dir)
         x = heldout_crops(held, 64, 4)
     else:
         held, x = None, builtin_bench_images(4, 64)

@@ -285,3 +285,18 @@ def test_init_fine_tunes_from_a_weights_file_and_refuses_another_architecture(tm
         init_weights(w, other)
     with pytest.raises(DeqirError, match="not found"):
         init_weights(tmp_path / "missing.safetensors", other)
+
+
+def test_stored_photo_folder_stores_as_the_weights_file_does(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from deqir_dist.data.photos import HELDOUT_SHORT, stored_photo_folder
+    Image.fromarray(np.zeros((400, 600, 3), np.uint8)).save(tmp_path / "big.png")
+    Image.fromarray(np.zeros((40, 60, 3), np.uint8)).save(tmp_path / "small.png")
+    (tmp_path / "notes.txt").write_text("not a photo")
+    got = stored_photo_folder(tmp_path)
+    assert list(got) == ["big", "small"]
+    assert got["big"].shape == (HELDOUT_SHORT, 384, 3) and got["small"].shape == (40, 60, 3)
+    with pytest.raises(DeqirError, match="no PNG photographs"):
+        stored_photo_folder(tmp_path / "missing")

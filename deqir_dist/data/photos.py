@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -146,6 +147,20 @@ def heldout_crops(images: dict[str, np.ndarray], size: int, n: int, short_factor
 def _stored_heldout(img: np.ndarray) -> np.ndarray:
     """A held-out photograph as stored with the weights: short side at most HELDOUT_SHORT."""
     return resize_short(img, min(HELDOUT_SHORT, min(img.shape[:2])))
+
+
+def stored_photo_folder(folder) -> dict:
+    """name -> every PNG in ``folder`` as the weights file stores a held-out photograph (short
+    side at most HELDOUT_SHORT): held-out photographs from a folder (bench/prior_data.py's heldout/)
+    that benchmarks crop exactly as they crop the stored ones. DeqirError when there is none."""
+    from PIL import Image
+    out = {}
+    for f in sorted(Path(folder).glob("*.png")):
+        with Image.open(f) as im:
+            out[f.stem] = _stored_heldout(np.asarray(im.convert("RGB")))
+    if not out:
+        raise DeqirError(f"no PNG photographs in {folder}")
+    return out
 
 
 def _png_b64(img: np.ndarray) -> str:

@@ -150,9 +150,13 @@ def test_whole_photo_of_any_aspect_ratio(tmp_path):
     assert tuple(measurable(torch.zeros(3, 64, 86), "sr_bicubic_x4").shape) == (3, 64, 84)
     assert tuple(measurable(torch.zeros(3, 64, 86), "inpaint_box").shape) == (3, 64, 86)
     img = np.random.default_rng(0).integers(0, 256, (30, 45, 3), dtype=np.uint8)
-    block = run_whole(load_builtin(), {"odd": img}, 18, ["sr_bicubic_x4", "deblur_gauss"], set(), 2, 0.8, 0.0, 0,
+    block = run_whole(load_builtin(), {"odd": img}, 18, ["sr_bicubic_x4", "deblur_gauss"], 0,
                       tmp_path)
     shapes = {t: block["tasks"][t]["per_image"][0]["shape"] for t in block["tasks"]}
     assert shapes == {"sr_bicubic_x4": [3, 16, 24], "deblur_gauss": [3, 18, 27]}
     assert Image.open(tmp_path / "grid_whole_odd.png").height > 2 * 18
     assert Image.open(tmp_path / "images" / "whole" / "odd_deblur_gauss_restored.png").size == (27, 18)
+    # restored as restore() with no sampler argument restores: the model card's settings
+    from deqir_dist.models.settings import resolve_settings
+    card = resolve_settings(load_builtin(), "sr_bicubic")[0]
+    assert block["tasks"]["sr_bicubic_x4"]["settings"] == {k: card[k] for k in ("steps", "etw", "nw", "clip_x0")}

@@ -11,7 +11,8 @@ etw = 0.8, nw = 0, tuned on other held-out crops, see ``DEMO_ETW``). Written to 
 * ``grid_<task>.png``: degraded | best classical baseline | serial | parallel | ground truth,
   one row per image, labelled, with PSNR/SSIM under each cell;
 * ``grid_whole_<photo>.png``: each photograph whole, downscaled to a short side of ``--whole``
-  (default ``--size``), every task, best baseline | prior (serial) | truth (``demo_whole``);
+  (default ``--size``), every task, best baseline | prior | truth, restored at the library's
+  defaults (the model card's settings, not the demo's T and etw; ``demo_whole``);
 * ``convergence.png``: per parallel iteration, the final image's PSNR against the serial result
   and the stopping quantity (the largest row change in units of its noise level), one line per task;
 * ``metrics.json``: every number, including all classical baselines;
@@ -184,8 +185,7 @@ def run_demo(out_dir="demo-out", size: int = 64, images=None, crops: int = 1, ta
         bar.close()
     result["table"] = rows
     if whole:
-        result["whole"] = run_whole(model, held, whole, tasks, clipped_tasks, steps, etw, nw, seed,
-                                    out if write else None, progress=False)
+        result["whole"] = run_whole(model, held, whole, tasks, seed, out if write else None)
     if inversion:
         result["inversion"] = run_inversion(model, x, names, out if write else None, steps, etw, nw, seed,
                                             iters=inversion_iters, progress=progress)

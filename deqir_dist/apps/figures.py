@@ -33,7 +33,8 @@ def draw_grid(path, title: str, headers, rows, names, captions=None, zoom: int =
     h = max(int(x.shape[-2]) for row in rows for x in row)
     w = max(int(x.shape[-1]) for row in rows for x in row)
     cw, ch = w * zoom, h * zoom
-    pad, head, cap, left = 6, 34, 16, 70
+    pad, head, cap = 6, 34, 16
+    left = max(70, 12 + 7 * max(len(n) for n in names))     # room for the longest row label
     ncol = len(headers)
     W = left + ncol * (cw + pad) + pad
     H = head + len(rows) * (ch + cap + pad) + pad

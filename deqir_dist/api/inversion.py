@@ -74,11 +74,7 @@ from deqir_dist.parallel.dist import DistComm, check_same_inputs, problem_digest
 from deqir_dist.sampling.adjoint import AdjointBlock, _eps_rows, _Linearization
 from deqir_dist.sampling.chain import ChainBlock, block_decays
 from deqir_dist.sampling.denoiser import EpsFn, model_device
-from deqir_dist.sampling.schedule import (
-    ChainCoefficients,
-    chain_coefficients,
-    linear_alphas_cumprod,
-)
+from deqir_dist.sampling.schedule import ChainCoefficients, chain_coefficients
 from deqir_dist.sampling.serial import sample_serial
 from deqir_dist.solvers import registry
 from deqir_dist.solvers.adjoint import reverse_decays, solve_adjoint
@@ -180,8 +176,7 @@ def _setup(denoiser, y, op, xi, steps, etw, nw, step_noise, start, sigma_y, dtyp
         step_noise = check_on_canvas(step_noise, "step_noise", (b, steps), shape, user, denoiser)
     dev = model_device(denoiser, default=y.device)
     z = None if step_noise is None or nw == 0 else step_noise.to(device=dev, dtype=dtype)
-    abar = (linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod) if clip_x0 else None
-    return _Problem(coeffs, EpsFn(denoiser, shape[0], dtype, clip_abar=abar), op,
+    return _Problem(coeffs, EpsFn.for_chain(denoiser, shape[0], dtype, clip_x0, alphas_cumprod), op,
                     y.detach().to(device=dev, dtype=dtype), xi.detach().to(device=dev, dtype=dtype), z, steps, crop)
 
 

@@ -17,7 +17,7 @@ from deqir_dist.parallel.dist import DistComm, check_same_inputs, problem_digest
 from deqir_dist.sampling.chain import ChainBlock, block_decays
 from deqir_dist.sampling.denoiser import EpsFn
 from deqir_dist.sampling.noise import draw_noise
-from deqir_dist.sampling.schedule import chain_coefficients, linear_alphas_cumprod
+from deqir_dist.sampling.schedule import chain_coefficients
 from deqir_dist.sampling.serial import coarse_trajectory, sample_serial
 from deqir_dist.solvers import registry
 from deqir_dist.solvers.options import DEFAULT_SOLVER, SolverOptions
@@ -212,8 +212,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     noise = check_tensor(noise, "noise", (batch, *image_shape))
     xi = noise.to(device=device, dtype=dtype)
     y = y.to(device=device, dtype=dtype)
-    abar = (linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod) if clip_x0 else None
-    eps_fn = EpsFn(denoiser, image_shape[0], dtype, clip_abar=abar)
+    eps_fn = EpsFn.for_chain(denoiser, image_shape[0], dtype, clip_x0, alphas_cumprod)
     t0 = time.perf_counter()
     if solver == "serial":
         step_cb = None if callback is None else (lambda i, h: callback(i - 1, list(range(batch)), h, None))

@@ -9,6 +9,7 @@ from __future__ import annotations
 import torch
 
 from deqir_dist.errors import DeqirError
+from deqir_dist.sampling.schedule import linear_alphas_cumprod
 
 
 def model_device(model, default: torch.device | str = "cpu") -> torch.device:
@@ -82,6 +83,13 @@ class EpsFn:
         self.dtype = dtype
         self.model_dtype = model_dtype(model)
         self.clip_abar = None if clip_abar is None else torch.as_tensor(clip_abar, dtype=torch.float64)
+
+    @classmethod
+    def for_chain(cls, model, channels: int, dtype: torch.dtype, clip_x0: bool, alphas_cumprod=None) -> EpsFn:
+        """The eps a chain samples with: x0 clipped when ``clip_x0``, on ``alphas_cumprod``
+        (default: the linear training schedule)."""
+        abar = (linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod) if clip_x0 else None
+        return cls(model, channels, dtype, clip_abar=abar)
 
     def __call__(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         xin = x if self.model_dtype is None else x.to(self.model_dtype)

@@ -121,11 +121,23 @@ def measure_cost(model, image_shape, batches=DEFAULT_BATCHES, device=None, dtype
     return out
 
 
+def monotone_cost(c_ms: dict) -> dict[int, float]:
+    """The table with c(b) raised to the largest c of any smaller batch: more rows in one call never
+    cost less than fewer, so a larger batch timed below a smaller one is timing noise (a busy machine,
+    a tiny model), and planning on it would pick a parallel solver for a saving that is not there."""
+    out, top = {}, 0.0
+    for b, c in sorted((int(k), float(v)) for k, v in c_ms.items()):
+        top = max(top, c)
+        out[b] = top
+    return out
+
+
 def cost_at(c_ms: dict, b: int) -> float:
-    """c(b) by linear interpolation between measured batch sizes (linear extrapolation above)."""
+    """c(b) by linear interpolation between measured batch sizes (linear extrapolation above), on the
+    table's non-decreasing envelope (``monotone_cost``)."""
     if not c_ms:
         raise DeqirError("empty cost profile")
-    return interpolate_cost({int(k): float(v) for k, v in c_ms.items()}, b)
+    return interpolate_cost(monotone_cost(c_ms), b)
 
 
 def _nearest(table: dict, steps: int):

@@ -335,6 +335,33 @@ def test_optimize_noise_is_restore_with_the_model_card(gmm):
         optimize_noise(model, y, op, loss="oracle", target=x, iters=1, xi=r.xi[..., :6, :10], sigma_y=sigma_y)
 
 
+def test_noise_gradient_takes_the_model_card_as_restore_does(gmm):
+    """noise_gradient with no sampler settings runs the card's (steps, etw, clip_x0 for the task):
+    its image is restore(noise=xi, solver="serial")'s, its gradient autograd's through that chain;
+    what is given wins over the card."""
+    model = GaussianMixtureDenoiser(seed=0)
+    model.sampler_card = {"steps": 6, "etw": 0.4, "nw": 0.0, "clip_x0": {"default": False, "sr_avgpool": True},
+                          "source": "test card"}
+    op, x, y, xi, _, _ = problem(gmm, "sr_avgpool", {"scale": 2}, batch=1)
+    def loss(h):
+        return (h - x).pow(2).flatten(1).sum(1)
+
+    r = noise_gradient(model, y, op, xi, loss, solver="serial", dtype=torch.float64)
+    assert r.settings == {"steps": 6, "etw": 0.4, "nw": 0.0, "clip_x0": True, "sigma_y": 0.0}
+    assert set(r.settings_source.values()) == {"test card", "user"} and r.settings_source["etw"] == "test card"
+    ref = restore(model, y, op, solver="serial", noise=xi, dtype=torch.float64)
+    assert ref.settings == r.settings and (r.image - ref.image).abs().max() < 1e-12
+    c = chain_coefficients(6, etw=0.4)
+    leaf = xi.clone().requires_grad_(True)
+    h = sample_serial(EpsFn.for_chain(model, 3, torch.float64, True), op, c, y, leaf)
+    g, = torch.autograd.grad(loss(h).sum(), leaf)
+    assert (r.grad - g).abs().max() <= 1e-10 * g.abs().max()
+    given = noise_gradient(model, y, op, xi, loss, steps=4, etw=0.0, clip_x0=False, solver="serial", dtype=torch.float64)
+    assert given.settings == {"steps": 4, "etw": 0.0, "nw": 0.0, "clip_x0": False, "sigma_y": 0.0}
+    assert given.settings_source == {"steps": "user", "etw": "user", "nw": "test card", "clip_x0": "user",
+                                     "sigma_y": "user"}
+
+
 def test_bad_arguments(gmm):
     op, x, y, xi, _, _ = problem(gmm, "sr_avgpool", {"scale": 2}, batch=1)
     loss = mse_to(x)

@@ -69,6 +69,7 @@ import torch
 
 from deqir_dist.api.conventions import check_on_canvas, sampling_problem
 from deqir_dist.errors import DeqirError, check_tensor
+from deqir_dist.models.settings import resolve_settings
 from deqir_dist.parallel.comm import LocalComm, split_rows
 from deqir_dist.parallel.dist import DistComm, check_same_inputs, problem_digest
 from deqir_dist.sampling.adjoint import AdjointBlock, _eps_rows, _Linearization
@@ -120,6 +121,8 @@ class NoiseGradient:
     adjoint_trace: list[float] = field(default_factory=list)
     forward_residual: float = 0.0           # max over images of |F(h*) - h*| / |F(h*)| (implicit)
     rank_rows: tuple[int, int] | None = None  # distributed: the rows [lo, hi) of ``trajectory`` (else all)
+    settings: dict = field(default_factory=dict)   # steps, etw, nw, clip_x0, sigma_y: the chain's
+    settings_source: dict = field(default_factory=dict)   # where each came from: "user", the model card, ...
 
 
 # ---------------------------------------------------------------------------- forward
@@ -225,13 +228,13 @@ def _loss_grad(loss_fn, image: torch.Tensor):
 # ---------------------------------------------------------------------------- public API
 
 def noise_gradient(denoiser, y: torch.Tensor, op, xi: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
-                   steps: int = 25, method: str = "implicit", solver: str = "anderson", etw: float = 0.0,
-                   nw: float = 0.0, step_noise: torch.Tensor | None = None, start: int = 1000,
+                   steps: int | None = None, method: str = "implicit", solver: str = "anderson",
+                   etw: float | None = None, nw: float | None = None, step_noise: torch.Tensor | None = None, start: int = 1000,
                    sigma_y: float = 0.0, tau: float = 0.1, phantom_steps: int = 1, tol: float | None = None,
                    max_iter: int | None = None, dtype: torch.dtype = torch.float32,
                    alphas_cumprod: torch.Tensor | None = None, adjoint: str = "serial",
                    adjoint_tol: float = DEFAULT_ADJOINT_TOL, adjoint_max_iter: int | None = None,
-                   vjp_chunk: int | None = None, init: torch.Tensor | None = None, clip_x0: bool = False,
+                   vjp_chunk: int | None = None, init: torch.Tensor | None = None, clip_x0: bool | None = None,
                    distributed: bool = False, group=None, **solver_options) -> NoiseGradient:
     """Gradient of sum(loss_fn(h*_N)) w.r.t. the initial noise xi (B, C, H, W).
 
@@ -243,8 +246,10 @@ def noise_gradient(denoiser, y: torch.Tensor, op, xi: torch.Tensor, loss_fn: Cal
     (``PaddedOperator``: the padding is null space): then ``xi``, ``step_noise``, ``init``, the
     returned ``grad`` and ``trajectory`` have the canvas size (restore's ``noise`` has it too),
     while ``loss_fn`` and the returned ``image`` see the user's image, the canvas cropped back.
-    The settings are what is passed (the library defaults: etw = nw = 0, no clipping, 25 steps);
-    ``optimize_noise`` resolves the model card's, as ``restore`` does. ``clip_x0=True`` clamps every
+    ``steps``, ``etw``, ``nw`` and ``clip_x0`` left None are the model card's for this task, as in
+    ``restore`` (``models.settings.resolve_settings``; a model without a card: the library defaults,
+    etw = nw = 0, no clipping, 25 steps); ``result.settings`` and ``result.settings_source`` say
+    which ran and where each came from. ``clip_x0=True`` clamps every
     x0 prediction as ``restore``'s does (``EpsFn``); the gradient then goes through the clamp
     (zero where it is active).
 
@@ -287,6 +292,9 @@ def noise_gradient(denoiser, y: torch.Tensor, op, xi: torch.Tensor, loss_fn: Cal
         raise DeqirError("phantom needs 0 < tau <= 1 and an integer phantom_steps >= 1")
     if vjp_chunk is not None and (isinstance(vjp_chunk, bool) or not isinstance(vjp_chunk, int) or vjp_chunk < 1):
         raise DeqirError(f"vjp_chunk must be a positive integer or None, got {vjp_chunk!r}")
+    settings, sources = resolve_settings(denoiser, getattr(op, "name", None),
+                                         {"steps": steps, "etw": etw, "nw": nw, "clip_x0": clip_x0})
+    steps, etw, nw, clip_x0 = (settings[k] for k in ("steps", "etw", "nw", "clip_x0"))
     pb = _setup(denoiser, y, op, xi, steps, etw, nw, step_noise, start, sigma_y, dtype, alphas_cumprod, clip_x0)
 
     def canvas_loss(h):                 # the loss sees the user's image: the canvas cropped back
@@ -306,8 +314,12 @@ def noise_gradient(denoiser, y: torch.Tensor, op, xi: torch.Tensor, loss_fn: Cal
                               **{"data_std": FORWARD_DATA_STD, **solver_options})
     traj, k_fwd = _forward(pb, comm, blocks, solver, opts, init)
     if method == "phantom":
-        return _phantom(pb, traj, k_fwd, canvas_loss, tau, phantom_steps)
-    return _implicit(pb, comm, blocks, traj, k_fwd, canvas_loss, adjoint, adjoint_tol, adjoint_max_iter, vjp_chunk)
+        res = _phantom(pb, traj, k_fwd, canvas_loss, tau, phantom_steps)
+    else:
+        res = _implicit(pb, comm, blocks, traj, k_fwd, canvas_loss, adjoint, adjoint_tol, adjoint_max_iter, vjp_chunk)
+    res.settings = {**settings, "sigma_y": float(sigma_y)}
+    res.settings_source = {**sources, "sigma_y": "user"}
+    return res
 
 
 def _comm(distributed: bool, group, pb: _Problem, method: str, adjoint: str):

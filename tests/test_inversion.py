@@ -343,6 +343,7 @@ def test_noise_gradient_takes_the_model_card_as_restore_does(gmm):
     model.sampler_card = {"steps": 6, "etw": 0.4, "nw": 0.0, "clip_x0": {"default": False, "sr_avgpool": True},
                           "source": "test card"}
     op, x, y, xi, _, _ = problem(gmm, "sr_avgpool", {"scale": 2}, batch=1)
+
     def loss(h):
         return (h - x).pow(2).flatten(1).sum(1)
 

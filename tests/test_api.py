@@ -3,8 +3,10 @@ diffusers / deepinv user expects (issue 18): eta, device=, .sample, [0, 1] data,
 self-describing measurement PNGs, eval on files, EXIF orientation, safe threads, Ray batches."""
 import json
 import re
+import struct
 import types
 import warnings
+import zlib
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ import deqir_dist as dq
 from deqir_dist.api import profile_cache
 from deqir_dist.apps.cli import main
 from deqir_dist.apps.demo import safe_threads
+from deqir_dist.io.images import _png16_encode
 from deqir_dist.io.pngtext import TEXT_KEY, read_description
 from deqir_dist.ray.pool import batch_size, least_loaded
 
@@ -347,6 +350,30 @@ def test_exif_orientation_is_applied(tmp_path, orientation, turn):
     im.save(tmp_path / "p.png", exif=exif.tobytes())
     got = ((dq.read_image(tmp_path / "p.png") + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
     assert np.array_equal(got, turn(stored))
+
+
+def _with_chunk(png: bytes, ctype: bytes, body: bytes) -> bytes:
+    """``png`` with one more chunk right after IHDR (8 + 25 bytes)."""
+    chunk = struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
+    return png[:33] + chunk + png[33:]
+
+
+def test_exif_orientation_of_16_bit_colour_pngs_as_pillows(tmp_path):
+    """16-bit colour PNGs go through the package's own decoder; their eXIf chunk turns them upright
+    exactly as Pillow turns the same picture stored at 8 bits (all eight orientations); a broken
+    EXIF block is ignored."""
+    stored = (np.arange(4 * 6 * 3).reshape(4, 6, 3) * 3).astype(np.uint8)
+    for orientation in range(1, 9):
+        im = Image.fromarray(stored)
+        exif = im.getexif()
+        exif[0x0112] = orientation
+        im.save(tmp_path / "p8.png", exif=exif.tobytes())
+        (tmp_path / "p16.png").write_bytes(
+            _with_chunk(_png16_encode(stored.astype(np.uint16) * 257), b"eXIf", exif.tobytes()))
+        want, got = dq.read_image(tmp_path / "p8.png"), dq.read_image(tmp_path / "p16.png")
+        assert got.shape == want.shape and torch.allclose(got, want, atol=1e-6), orientation
+    (tmp_path / "bad.png").write_bytes(_with_chunk(_png16_encode(stored.astype(np.uint16) * 257), b"eXIf", b"MM\0*junk"))
+    assert dq.read_image(tmp_path / "bad.png").shape == (3, 4, 6)
 
 
 def test_exif_orientation_jpeg(tmp_path):

@@ -49,7 +49,7 @@ def read_image(path: str | os.PathLike, channels: int = 3) -> torch.Tensor:
     Supported: 8- and 16-bit PNG, JPEG and anything else Pillow decodes to modes
     1, L, LA, P, PA, RGB, RGBA, I;16 (and its byte-order variants), I, CMYK, YCbCr.
     Multi-frame files give their first frame; an EXIF Orientation tag is applied
-    (the picture comes out upright, as viewers show it; 16-bit colour PNGs excepted).
+    (the picture comes out upright, as viewers show it; 16-bit colour PNGs too, from their eXIf chunk).
 
     Conversions, all done in float64 at full precision:
 
@@ -90,7 +90,8 @@ def read_image(path: str | os.PathLike, channels: int = 3) -> torch.Tensor:
 def _decode(data: bytes) -> tuple[np.ndarray, int]:
     """Fully decode ``data`` to (H, W, K) unsigned samples (K: L, LA, RGB or RGBA) and their max."""
     if _png_needs_own_decoder(data[:_PNG_HEAD_LEN]):
-        return _png16_decode(data), 65535
+        arr, exif = _png16_decode(data)
+        return _orient(arr, _exif_orientation(exif)), 65535
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # io.limits' cap applies instead
@@ -137,6 +138,36 @@ def _upright(im: Image.Image) -> Image.Image:
     return ImageOps.exif_transpose(im) if orientation in (2, 3, 4, 5, 6, 7, 8) else im
 
 
+def _exif_orientation(exif: bytes | None) -> int:
+    """The Orientation tag (1-8) of a raw EXIF block (a PNG eXIf chunk); 1 without one or when the
+    block is broken (ignored, as viewers do)."""
+    if not exif:
+        return 1
+    try:
+        tags = Image.Exif()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")      # Pillow warns of a corrupt block before it gives up
+            tags.load(exif)
+        orientation = tags.get(0x0112, 1)
+    except Exception:  # noqa: BLE001 - a broken EXIF block is ignored, as viewers do
+        return 1
+    return orientation if orientation in (1, 2, 3, 4, 5, 6, 7, 8) else 1
+
+
+def _orient(arr: np.ndarray, orientation: int) -> np.ndarray:
+    """(H, W, K) samples turned upright for EXIF ``orientation``: the transposes ``_upright`` makes
+    Pillow do (2 mirror, 3 half turn, 4 flip, 5 transpose, 6 quarter turn clockwise, 7 transverse,
+    8 quarter turn anticlockwise)."""
+    if orientation in (5, 6, 7, 8):
+        arr = arr.transpose(1, 0, 2)                     # 5; 6, 7, 8 start from the transpose
+        orientation = {5: 1, 6: 2, 7: 3, 8: 4}[orientation]
+    if orientation in (2, 3):
+        arr = arr[:, ::-1]
+    if orientation in (3, 4):
+        arr = arr[::-1]
+    return np.ascontiguousarray(arr)
+
+
 # --------------------------------------------------------------------------- 16-bit PNG codec
 
 _PNG_SIG = b"\x89PNG\r\n\x1a\n"
@@ -173,11 +204,12 @@ def _png_chunks(data: bytes):
         pos = end + 4
 
 
-def _png16_decode(data: bytes) -> np.ndarray:
-    """Decode a 16-bit PNG (any colour type, optionally Adam7) to (H, W, K) uint16."""
+def _png16_decode(data: bytes) -> tuple[np.ndarray, bytes | None]:
+    """Decode a 16-bit PNG (any colour type, optionally Adam7) to (H, W, K) uint16, and its eXIf
+    chunk (raw EXIF, or None)."""
     if not data.startswith(_PNG_SIG):
         raise DeqirError("not a PNG file")
-    ihdr, idat, trns = None, [], None
+    ihdr, idat, trns, exif = None, [], None, None
     for ctype, body in _png_chunks(data):
         if ctype == b"IHDR":
             ihdr = body
@@ -185,6 +217,8 @@ def _png16_decode(data: bytes) -> np.ndarray:
             idat.append(body)
         elif ctype == b"tRNS":
             trns = body
+        elif ctype == b"eXIf":
+            exif = body
     if ihdr is None or len(ihdr) != 13 or not idat:
         raise DeqirError("PNG lacks a valid IHDR or IDAT")
     w, h, depth, color_type, comp, filt, interlace = struct.unpack(">IIBBBBB", ihdr)
@@ -215,7 +249,7 @@ def _png16_decode(data: bytes) -> np.ndarray:
         key = np.frombuffer(trns, dtype=">u2")
         opaque = ~np.all(out == key, axis=-1)
         out = np.concatenate([out, (opaque * 65535).astype(np.uint16)[..., None]], axis=-1)
-    return out
+    return out, exif
 
 
 def _unfilter(data: bytes, w: int, h: int, bpp: int) -> np.ndarray:

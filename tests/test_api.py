@@ -163,12 +163,15 @@ def test_zero_one_input_is_warned_about(gmm):
 # ----------------------------------------------------------------------------- solver="auto": one profile per key
 
 
-def _count_measure(monkeypatch):
+def _count_measure(monkeypatch, cost=None):
+    """Record each timing auto asks for; ``cost(b)`` (ms) stands in for the clock when given."""
     calls = []
     real = profile_cache.measure_cost
 
     def counting(model, shape, batches, **kw):
         calls.append((tuple(shape), tuple(batches)))
+        if cost is not None:
+            return {b: float(cost(b)) for b in batches}
         return real(model, shape, batches=batches, repeats=1, warmup=0)
     monkeypatch.setattr(profile_cache, "measure_cost", counting)
     return calls
@@ -186,11 +189,28 @@ def test_auto_measures_once_per_model_and_size(gmm, tmp_path, monkeypatch):
     assert len(calls) == 1 and second.plan["profile"] == {**first.plan["profile"], "source": "cache"}
     assert second.plan["c_ms"] == first.plan["c_ms"] and second.solver == first.solver
     assert second.plan["chosen"] == second.solver and second.solver in second.plan["reason"]
-    dq.restore(gmm, y, op, steps=12, solver="auto")             # a new batch size only: b = 12 measured
-    assert calls[-1] == ((3, 8, 8), (12,))
     big = dq.make_operator("sr_avgpool", image_shape=(3, 16, 16), scale=2)
     dq.restore(gmm, big.A(torch.zeros(1, 3, 16, 16)), big, steps=6, solver="auto")   # another image size
-    assert calls[-1] == ((3, 16, 16), (1, 6)) and len(calls) == 3
+    assert calls[-1] == ((3, 16, 16), (1,)) and len(calls) == 2     # N = 6: K = N, one row decides it
+
+
+@pytest.mark.parametrize("cost,steps,timed,chosen", [
+    (lambda b: b, 100, [1, 4], "serial"),                         # CPU-like: 4 rows already rule parallel out
+    (lambda b: 10 + 0.01 * b, 25, [1, 4, 6, 12, 25], "picard"),   # launch-bound: every window is weighed
+    (lambda b: 10.0, 6, [1], "serial")])                          # K = N: nothing to time beyond one row
+def test_auto_times_the_model_only_until_serial_is_certain(gmm, tmp_path, monkeypatch, cost, steps, timed, chosen):
+    """auto times c(b) smallest batch first and stops once no untimed cost could make a parallel
+    solver pay; the answer is the one the whole table gives, and the next run times nothing."""
+    from deqir_dist.api.planner import choose_solver, profile_batches
+    monkeypatch.setenv("DEQIR_CACHE_DIR", str(tmp_path / "cache"))
+    calls = _count_measure(monkeypatch, cost)
+    _, op, y = _problem(gmm)
+    res = dq.restore(gmm, y, op, steps=steps, solver="auto")
+    assert [b for _, (b,) in calls] == timed and res.solver == res.plan["chosen"] == chosen
+    whole = {b: float(cost(b)) for b in profile_batches(steps)}
+    assert choose_solver(whole, steps)[0] == chosen
+    again = dq.restore(gmm, y, op, steps=steps, solver="auto")
+    assert len(calls) == len(timed) and again.plan["profile"]["source"] == "cache" and again.solver == chosen
 
 
 def test_profile_key_changes_with_weights_dtype_torch(gmm, monkeypatch):

@@ -157,9 +157,28 @@ def expected_iterations(steps: int, window: int | None = None, etw: float | None
 
 
 def profile_batches(steps: int, procs: int = 1) -> tuple[int, ...]:
-    """The batch sizes auto times (``cost_at`` interpolates between them): one row, and the rows per
-    device of the whole chain (P = 1: N; P > 1: also ceil(N / P))."""
-    return tuple(sorted({1, int(steps), math.ceil(steps / max(1, procs))}))
+    """The batch sizes auto may time, smallest first (``cost_at`` interpolates between them): one
+    row, powers of 4 below the smallest window's rows per device, then the rows per device of each
+    window ``choose_solver`` weighs (N, N/2, N/4 rows over ``procs`` devices). Timed in this order,
+    the timing stops as soon as ``serial_is_certain``: on a CPU, where c(b) grows about like b, a
+    few rows decide it, and the batch of N rows is never timed."""
+    procs = max(1, procs)
+    windows = {w for w in (steps, round(steps / 2), round(steps / 4)) if w >= procs} | {steps}
+    rows = {math.ceil(w / procs) for w in windows}
+    ladder = {4 ** k for k in range(1, 8) if 4 ** k < min(rows)}
+    return tuple(sorted({1} | ladder | rows))
+
+
+def serial_is_certain(c_ms: dict, steps: int, procs: int = 1, **choose_kw) -> bool:
+    """True when ``choose_solver`` picks serial whatever the untimed batches (above the largest
+    timed one) cost: more rows never cost less (``monotone_cost``), so each untimed c(b) is at
+    least the largest timed c, and if no candidate beats serial at that floor, none can."""
+    floor = monotone_cost(c_ms)
+    top = max(floor)
+    need = max(profile_batches(steps, procs))
+    if need > top:
+        floor[need] = floor[top]         # flat above the largest timed batch: the cheapest c can be
+    return choose_solver(floor, steps, procs, **choose_kw)[0] == "serial"
 
 
 def predict_ms(c_ms: dict, steps: int, procs: int = 1, iterations: int | None = None,

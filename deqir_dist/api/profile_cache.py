@@ -147,16 +147,34 @@ def cached_cost(model, image_shape, batches, measure=None) -> tuple[dict[int, fl
     return {b: have[b] for b in batches}, info
 
 
+def cost_until_decided(model, image_shape, batches, decided, measure=None) -> tuple[dict[int, float], dict]:
+    """c(b) for ``batches`` in order (each read from the cache or timed, as ``cached_cost``), stopping
+    after the first b at which ``decided(c_ms so far)`` is true: solver="auto" stops timing once
+    the answer cannot change (``planner.serial_is_certain``). Returns (c_ms, info) as
+    ``cached_cost``: info["source"] is "cache" when nothing was timed now."""
+    c_ms, info = {}, None
+    for b in batches:
+        got, one = cached_cost(model, image_shape, [b], measure)
+        c_ms.update(got)
+        if info is None or one["source"] != "cache":
+            info = one
+        if decided(c_ms):
+            break
+    return c_ms, info
+
+
 def plan_reason(choice: str, prediction: dict) -> str:
     """One line: why solver="auto" chose ``choice`` (from ``choose_solver``'s prediction)."""
     p = prediction
     try:
-        model = (f"modelled {p['parallel_ms']:.0f} ms parallel (K={p['K']}, window {p['window']} of {p['steps']} "
-                 f"rows, {p['procs']} process(es)) vs {p['serial_ms']:.0f} ms serial")
+        shape = (f"{p['blocks']} blocks of the {p['steps']} rows, m={p['coarse_steps']}" if p.get("solver") == "parareal"
+                 else f"window {p['window']} of {p['steps']} rows")
+        model = (f"modelled {p['parallel_ms']:.0f} ms for the best parallel plan ({p.get('solver', 'picard')}, "
+                 f"K={p['K']}, {shape}, {p['procs']} process(es)) vs {p['serial_ms']:.0f} ms serial")
     except (KeyError, TypeError, ValueError):
         return f"{choice}: chosen by the cost model"
     if choice == "serial":
-        return f"serial: the parallel solver is not predicted to be faster ({model})"
+        return f"serial: no parallel solver is predicted to be faster ({model})"
     return f"{choice}: predicted {p['serial_ms'] / max(p['parallel_ms'], 1e-9):.2f}x faster than serial ({model})"
 
 

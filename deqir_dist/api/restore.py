@@ -8,8 +8,8 @@ from dataclasses import dataclass, field
 import torch
 
 from deqir_dist.api.conventions import apply_value_range, canvas, place_model, resolve_eta, sampling_problem
-from deqir_dist.api.planner import choose_solver, cost_table, load_profile, profile_batches
-from deqir_dist.api.profile_cache import cached_cost, plan_reason
+from deqir_dist.api.planner import choose_solver, cost_table, load_profile, profile_batches, serial_is_certain
+from deqir_dist.api.profile_cache import cost_until_decided, plan_reason
 from deqir_dist.errors import DeqirError, check_int, check_tensor, one_line
 from deqir_dist.parallel.comm import LocalComm, offset_split, split_rows
 from deqir_dist.models.settings import LIBRARY_DEFAULTS, resolve_settings
@@ -267,14 +267,18 @@ def plan_auto(denoiser, op, procs: int = 1, profile=None, steps: int = 25, etw: 
     without restoring: (choice, plan). ``steps`` and ``etw`` as restore resolved them (the model
     card's where not given). From ``profile`` (a dict {b: ms} or a ``deqir bench --profile`` file)
     or, without one, c(b) of this denoiser on the padded image size, measured once per key
-    (``api.profile_cache``). Candidates: picard's windows with the rows rule; parareal with the rows
+    (``api.profile_cache``), smallest batch first and only until serial is certain
+    (``planner.serial_is_certain``: on a CPU a few rows decide it). Candidates: picard's windows with the rows rule; parareal with the rows
     rule, no max_iter and no window given. Ray's driver asks one worker for this plan and hands
     its c(b) to every worker, so that all choose alike."""
     padded = canvas(denoiser, op)
     windows = stop == "rows"
     parareal = windows and max_iter is None and not window_given
     if profile is None:
-        c_ms, source = cached_cost(denoiser, tuple(padded.image_shape), profile_batches(steps, procs))
+        def decided(c_ms):
+            return serial_is_certain(c_ms, steps, procs, windows=windows, parareal=parareal, etw=etw)
+        c_ms, source = cost_until_decided(denoiser, tuple(padded.image_shape), profile_batches(steps, procs),
+                                          decided)
     elif isinstance(profile, dict):
         c_ms, source = cost_table(profile, "profile"), {"source": "profile (dict)"}
     else:

@@ -50,6 +50,13 @@ def test_restore_file_gives_the_cli_picture(photo, tmp_path, capsys):
 def test_restore_file_from_clean_and_errors(photo, tmp_path):
     res = dq.restore_file(photo, "inpaint", model="analytic", from_clean=True, mask="random", steps=4)
     assert res.image.shape == (1, 3, 16, 16)
+    assert res.settings_source["sigma_y"].startswith("--from-clean")       # not given: the item says whence
+    res = dq.restore_file(photo, "inpaint", model="analytic", from_clean=True, mask="random", steps=4, sigma_y=0.01)
+    assert res.settings_source["sigma_y"] == "user" and res.settings["sigma_y"] == 0.01
+    (tmp_path / "text.png").write_text("not a picture")
+    with pytest.raises(dq.DeqirError, match="text.png: not an image format Pillow knows") as err:
+        dq.restore_file(tmp_path / "text.png", "inpaint", model="analytic")
+    assert "BytesIO" not in str(err.value)
     with pytest.raises(dq.DeqirError, match="not found"):
         dq.restore_file(tmp_path / "nope.png", "inpaint", model="analytic")
     with pytest.raises(dq.DeqirError, match="does not apply"):
@@ -326,6 +333,13 @@ def test_task_needed_without_a_description(photo, tmp_path, capsys):
     code, err = _restore([tmp_path / "a" / "cat.png", tmp_path / "b" / "dog.png", "-o", tmp_path / "never"], capsys)
     assert code == 2 and "different tasks" in err
     res = dq.restore_file(tmp_path / "a" / "cat.png", model="analytic", steps=3)        # the API reads it too
+    # a file that is no image at all does not decide the task: its own read names what is wrong with it
+    (tmp_path / "a" / "zz.png").write_text("not a picture")
+    (tmp_path / "a" / "zy.png").write_bytes(b"\x89PNG\r\n\x1a\n then garbage")
+    code, err = _restore([tmp_path / "a", "-o", tmp_path / "never"], capsys)
+    assert code == 2 and "zy.png: not an image format Pillow knows" in err and "Error" not in err and not (tmp_path / "never").exists()
+    code, err = _restore([tmp_path / "a" / "zz.png", "-o", tmp_path / "never"], capsys)
+    assert code == 2 and "zz.png is not an image file Pillow can open" in err
     assert res.image.shape == (1, 3, 16, 16)
 
 

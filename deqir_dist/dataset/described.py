@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from pathlib import Path
 
 import torch
+from PIL import Image
 
 from deqir_dist.dataset.results import config_hash
 from deqir_dist.dataset.tasks import OP_FLAGS, task_flags
@@ -23,19 +25,36 @@ def file_description(path) -> dict | None:
     return read_description(p) if p.suffix.lower() == ".png" else None
 
 
+def _is_image(path) -> bool:
+    """Whether Pillow identifies ``path`` as an image (its header only; nothing is decoded)."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # io.limits' cap applies on read
+            with Image.open(path):
+                return True
+    except Exception:  # noqa: BLE001 - Pillow raises many types on a file that is not an image
+        return False
+
+
 def described_task(paths, from_clean: bool = False) -> str:
     """The task of measurements that carry their description (restore without --task)."""
     if from_clean:
         raise DeqirError("--from-clean degrades the inputs here: give --task")
-    tasks = {}
+    tasks, unreadable = {}, []
     for p in paths:
         if Path(p).suffix == MEASUREMENT_SUFFIX:
             raise DeqirError(f"give --task: {p} is a .pt measurement (its task is checked against --task)")
+        if not _is_image(p):
+            unreadable.append(p)   # not an image at all: its own read reports it (ray-restore records it)
+            continue
         desc = file_description(p)
         if desc is None:
             raise DeqirError(f"give --task: {p} carries no operator description (it was not written by "
                              "deqir degrade)")
         tasks.setdefault(desc["task"], p)
+    if not tasks:
+        raise DeqirError(f"give --task: {unreadable[0]} is not an image file Pillow can open, and no input "
+                         "carries an operator description")
     if len(tasks) > 1:
         (a, pa), (b, pb) = list(tasks.items())[:2]
         raise DeqirError(f"the inputs hold different tasks ({pa.name}: {a}, {pb.name}: {b}); restore them separately")

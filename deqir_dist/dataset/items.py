@@ -425,6 +425,7 @@ def restore_file(path, task: str | None = None, model="builtin", out=None, from_
     check_model_fits(model, [item])
     res = restore(model, item.y, item.op, generator=generator_for(seed, item.name), sigma_y=item.sigma_y,
                   device=device, **kw)
+    res.settings_source["sigma_y"] = item.sigma_y_source     # restore saw it given; the item knows whence
     if out is not None:
         write_image(out, res.image[0], bits=bits)
     return res

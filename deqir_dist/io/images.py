@@ -20,12 +20,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 from deqir_dist.errors import DeqirError, one_line
 from deqir_dist.io.files import atomic_write
 from deqir_dist.io.limits import check_pixels, read_file_bytes
-from deqir_dist.io.pngtext import add_text
+from deqir_dist.io.pngtext import NOT_AN_IMAGE, add_text
 
 IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"})
 
@@ -72,6 +72,8 @@ def read_image(path: str | os.PathLike, channels: int = 3) -> torch.Tensor:
         samples, maxval = _decode(data)
     except DeqirError as e:
         raise DeqirError(f"cannot read image {p}: {e}") from e
+    except UnidentifiedImageError as e:  # its message names an in-memory buffer, not the file
+        raise DeqirError(f"cannot read image {p}: {NOT_AN_IMAGE}") from e
     except Exception as e:  # Pillow / zlib raise many types on corrupt input
         raise DeqirError(f"cannot read image {p}: {one_line(e)}") from e
 

@@ -13,13 +13,14 @@ import struct
 import zlib
 from pathlib import Path
 
-from PIL import Image
+from PIL import Image, UnidentifiedImageError
 
 from deqir_dist.errors import DeqirError, one_line
 
 TEXT_KEY = "deqir-measurement"
 FORMAT = 1
 _SIG = b"\x89PNG\r\n\x1a\n"
+NOT_AN_IMAGE = "not an image format Pillow knows (PNG, JPEG, BMP, TIFF, WebP, ...), or a corrupt file"
 _MAX_TEXT = 1 << 16           # a description is a few hundred bytes
 
 
@@ -55,6 +56,8 @@ def read_description(path) -> dict | None:
                 return None
         with Image.open(p) as im:
             raw = im.info.get(TEXT_KEY)          # Pillow reads the text chunks before the pixels
+    except UnidentifiedImageError:
+        raise DeqirError(f"cannot read {p}: {NOT_AN_IMAGE}") from None
     except OSError as e:
         raise DeqirError(f"cannot read {p}: {one_line(e, bare_deqir=True)}") from None
     if raw is None:

@@ -107,9 +107,12 @@ def test_folder_job_records_failures_then_resumes(ray_session, tmp_path, capsys)
     assert main(args) == 1
     s = _summary(out)
     assert (s["ok"], s["failed"], s["skipped_done"], s["written"]) == (0, 2, 18, 0)
+    assert s["restored_total"] == 18 and s["images"] == 20 and s["images_per_second"] == 0.0   # none restored now
     assert {p: p.stat().st_mtime_ns for p in out.glob("*.png")} == mtimes
     assert len(_records(out)) == 21                         # compacted: one line per id
-    assert "18 done before" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "this run: 0 ok, 2 failed" in printed and "18 done before" in printed
+    assert f"18 of 20 images restored in {out}" in printed
 
 
 def test_worker_death_is_replaced_and_outputs_identical(ray_session, tmp_path, monkeypatch, capsys):

@@ -437,7 +437,7 @@ def add_parser(subparsers):
                                                "other work, 1 on machines of 2 cores or fewer)")
     p.add_argument("--json", help="also write the metrics here (missing parent folders are created, as with "
                                   "deqir restore --json)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_demo)
     return p
 

@@ -47,8 +47,8 @@ def add_output_flags(p: argparse.ArgumentParser, out_help: str) -> None:
     p.add_argument("--from-clean", action="store_true",
                    help="inputs are ground-truth images: degrade them here, then report PSNR/SSIM")
     p.add_argument("--json", help="summary JSON file (default: OUT/summary.json)")
-    p.add_argument("--bits", type=int, default=8, choices=(8, 16), help="PNG bit depth")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--bits", type=int, default=8, choices=(8, 16), help="PNG bit depth of the outputs (default 8)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
 def add_sampler_flags(p: argparse.ArgumentParser) -> None:
@@ -63,7 +63,9 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
                                      "model timed once on this device and image size, and cached)")
     g.add_argument("--steps", type=int, help="sampling steps N (default: the model card's, else 25)")
     g.add_argument("--start", type=int, default=1000, help="start timestep S (default 1000)")
-    g.add_argument("--stop", default="rows", choices=("final", "rows", "residual", "none"))
+    g.add_argument("--stop", default="rows", choices=("final", "rows", "residual", "none"),
+                   help="stopping rule of the parallel solvers (default rows: every row settled; final: the "
+                        "last row's change in dB; residual: the joint map's relative residual; none: max-iter)")
     g.add_argument("--stop-tol", type=float, help="rows: largest row change in units of its noise level "
                                                    "(default 0.03); final: dB (43; parareal 40); residual: relative (1e-3)")
     g.add_argument("--max-iter", type=int, help="most joint-map evaluations (default N)")

@@ -41,7 +41,8 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                    help="P: ranks per worker; P > 1 shards each image's chain over a gang of P "
                         "(one GPU each; on a CPU cluster, P CPU ranks on gloo) (default 1)")
     g.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs per rank (default 1)")
-    g.add_argument("--images-per-batch", type=int, default=4, help="images per work unit (default 4)")
+    g.add_argument("--images-per-batch", type=int, default=4, help="images per work unit (default 4; fewer when there are too few images "
+                                                              "for every worker to get one)")
     g.add_argument("--batch-restore", default="auto", choices=("auto", "on", "off"),
                    help="restore the images of a unit that share an operator in one call "
                         "(auto: on CUDA only, where it pays)")
@@ -78,8 +79,10 @@ def cmd_ray_restore(args) -> int:
     for k in ("mean_psnr", "mean_ssim", "mean_iterations"):
         if k in summary:
             brief[k] = summary[k]
-    print(f"ray-restore: {summary['ok']} ok, {summary['failed']} failed, {summary['skipped']} skipped "
+    print(f"ray-restore, this run: {summary['ok']} ok, {summary['failed']} failed, {summary['skipped']} skipped "
           f"({summary['skipped_done']} done before, {summary['skipped_not_image']} not images); "
-          f"{summary['images_per_second']} images/s on {summary['workers']} worker(s)")
+          f"{summary['restored_total']} of {summary['images']} images restored in {args.out}; "
+          f"{summary['steady_images_per_second']} images/s restored on {summary['workers']} worker(s) "
+          f"after {summary['startup_seconds']} s of start-up ({summary['images_per_second']} with it)")
     print(json.dumps(brief))
     return 1 if summary["failed"] else 0

@@ -235,7 +235,7 @@ def add_parser(subparsers):
     p.add_argument("--data", help="extra photographs: a folder from bench/prior_data.py (train/, heldout/ PNGs)")
     p.add_argument("--train-images", help=f"comma list (default {','.join(TRAIN_IMAGES)})")
     p.add_argument("--heldout-images", help=f"comma list (default {','.join(HELDOUT_IMAGES)})")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_prior)
     return p
 

@@ -252,7 +252,7 @@ class RayRestoreJob:
             if session is not None:
                 session.close()
         wall = time.perf_counter() - t_start
-        processed = stats["ok"] + stats["failed"]
+        restored = stats["ok"]         # throughput counts the images restored, not the failures
         summary = {
             "command": "ray-restore", "config": job_hash, "task": self.task,
             "model": self.model or ("builtin" if self.checkpoint is None else str(self.checkpoint)),
@@ -261,9 +261,10 @@ class RayRestoreJob:
             "images": len(entries), "ok": stats["ok"], "failed": stats["failed"],
             "skipped": done_before + len(not_images), "skipped_done": done_before,
             "skipped_not_image": len(not_images), "written": stats["written"],
+            "restored_total": done_before + stats["ok"],      # this run and the earlier ones in this -o
             "seconds": round(wall, 3), "startup_seconds": round(startup, 3),   # Ray connect + workers ready
-            "images_per_second": round(processed / wall, 4) if processed else 0.0,
-            "steady_images_per_second": round(processed / max(wall - startup, 1e-9), 4) if processed else 0.0,
+            "images_per_second": round(restored / wall, 4) if restored else 0.0,
+            "steady_images_per_second": round(restored / max(wall - startup, 1e-9), 4) if restored else 0.0,
             "workers": getattr(self, "_n_workers", 0), "ranks_per_worker": self.gpus_per_worker,
             "worker_restarts": stats["worker_restarts"], "retried_batches": stats["retried_batches"],
             "results": str(results_path), "solver": self.solver,     # asked; what ran: "solvers", "plans"

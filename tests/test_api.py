@@ -307,6 +307,8 @@ def test_scale_contradiction_and_mask_file(photo, tmp_path, capsys):
     _degrade(photo, tmp_path / "x4", "--task", "sr_bicubic", "--scale", "4")
     code, err = _restore([tmp_path / "x4" / "cat.png", "-o", tmp_path / "never", "--scale", "2"], capsys)
     assert code == 2 and "degraded with --scale 4" in err and not (tmp_path / "never").exists()
+    code, err = _restore([tmp_path / "x4" / "cat.png", "-o", tmp_path / "never", "--scale", "3"], capsys)
+    assert code == 2 and "degraded with --scale 4 (its PNG description); the flags give --scale 3" in err
     code, err = _restore([tmp_path / "x4" / "cat.png", "-o", tmp_path / "ok"], capsys)
     assert code == 0 and Image.open(tmp_path / "ok" / "cat.png").size == (16, 16)
     mask = np.ones((16, 16), np.uint8) * 255

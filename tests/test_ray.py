@@ -183,6 +183,13 @@ def test_manifest_params_ground_truth_and_config_change(ray_session, tmp_path):
     assert recs["d"]["status"] == "failed" and "cannot read" in recs["d"]["error"]
     assert recs["a"]["config"] != recs["b"]["config"]       # per-image parameters are hashed
 
+    # a flag that contradicts a measurement's description: refused before Ray starts, nothing written
+    bad = parser.parse_args(["ray-restore", str(meas), "-o", str(tmp_path / "never"), "--task", "sr_avgpool",
+                             "--scale", "3", *FAST, "--workers", "1"])
+    with pytest.raises(DeqirError, match="degraded with --scale 2 .*the flags give --scale 3"):
+        cmd_ray_restore(bad)
+    assert not (tmp_path / "never").exists()
+
     # a changed configuration (seed) redoes the done ones
     args = parser.parse_args(["ray-restore", str(manifest), "-o", str(out), *SR2, *FAST, "--seed", "1",
                               "--workers", "1"])

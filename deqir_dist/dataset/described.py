@@ -36,6 +36,22 @@ def _is_image(path) -> bool:
         return False
 
 
+def check_described_inputs(paths, task: str, given: dict, sigma_y) -> None:
+    """Every described measurement among ``paths`` agrees with the flags (``check_flags``,
+    ``described_sigma_y``): a job refuses a contradiction before it starts. Files that are no image
+    or whose description is broken are left to their own read (a job records them)."""
+    for p in paths:
+        if Path(p).suffix.lower() != ".png" or not _is_image(p):
+            continue
+        try:
+            desc = file_description(p)
+        except DeqirError:
+            continue
+        if desc is not None:
+            check_flags(p, desc, task, given)
+            described_sigma_y(p, desc, sigma_y)
+
+
 def described_task(paths, from_clean: bool = False) -> str:
     """The task of measurements that carry their description (restore without --task)."""
     if from_clean:
@@ -70,17 +86,15 @@ def _show(v) -> str:
     return v if isinstance(v, str) else json.dumps(v)
 
 
-def described_operator(path, desc: dict, task: str, given: dict, cache: dict):
-    """The operator a described measurement was made with: the file's parameters, with the
-    flags' ``given`` operator keywords allowed only where they agree (DeqirError otherwise).
-
-    ``cache`` holds the operators built so far (by description and flags)."""
+def check_flags(path, desc: dict, task: str, given: dict) -> dict:
+    """The operator keywords of a described measurement with the flags' ``given`` ones, which may
+    repeat the file's parameters, never change them (DeqirError naming the contradiction); nothing is
+    built, so a job can check every input before it starts."""
     p = Path(path)
     if desc["task"] != task:
         raise DeqirError(f"{p} is a {desc['task']} measurement (its PNG description says so), not {task}: "
                          "drop --task or give the right one")
     stored = dict(desc["params"])
-    shape = tuple(int(d) for d in desc["image_shape"])
     names = _flag_names(task)
     kwargs = dict(stored)
     mask = stored.get("mask")
@@ -98,7 +112,23 @@ def described_operator(path, desc: dict, task: str, given: dict, cache: dict):
     if unknown:
         flags = ", ".join(names.get(k, k) for k in unknown)
         raise DeqirError(f"{p} was degraded with {task} {_show(stored)}, which has no {flags}: drop it")
+    clash = [k for k in sorted(given) if k in stored and k != "mask" and json.loads(json.dumps(given[k])) != stored[k]]
+    if clash:                           # before building: a contradiction, not whatever the new value breaks
+        raise _contradiction(p, clash, stored, {k: given[k] for k in clash}, names)
     kwargs.update(given)
+    return kwargs
+
+
+def described_operator(path, desc: dict, task: str, given: dict, cache: dict):
+    """The operator a described measurement was made with: the file's parameters, with the
+    flags' ``given`` operator keywords allowed only where they agree (DeqirError otherwise).
+
+    ``cache`` holds the operators built so far (by description and flags)."""
+    p = Path(path)
+    kwargs = check_flags(p, desc, task, given)
+    stored = dict(desc["params"])
+    shape = tuple(int(d) for d in desc["image_shape"])
+    names = _flag_names(task)
     key = config_hash({"task": task, "shape": list(shape), "kwargs": kwargs})
     if key not in cache:
         try:
@@ -109,12 +139,18 @@ def described_operator(path, desc: dict, task: str, given: dict, cache: dict):
     got = json.loads(json.dumps(op.describe()))["params"]
     if got != stored:
         diff = [k for k in sorted(set(got) | set(stored)) if got.get(k) != stored.get(k)]
-        flags = ", ".join(f"{names.get(k, k)} {_show(got.get(k))}" for k in diff if k in given) or \
-            ", ".join(f"{k}={_show(got.get(k))}" for k in diff)
-        file_says = ", ".join(f"{names.get(k, k)} {_show(stored.get(k))}" for k in diff)
-        raise DeqirError(f"{p} was degraded with {file_says} (its PNG description); the flags give {flags}: "
-                         "drop those flags or give the same values")
+        raise _contradiction(p, diff, stored, got, names, given)
     return op
+
+
+def _contradiction(p, keys, stored: dict, flagged: dict, names: dict, given=None) -> DeqirError:
+    """The one-line error for flags whose ``keys`` disagree with the file's description."""
+    given = flagged if given is None else given
+    flags = ", ".join(f"{names.get(k, k)} {_show(flagged.get(k))}" for k in keys if k in given) or \
+        ", ".join(f"{k}={_show(flagged.get(k))}" for k in keys)
+    file_says = ", ".join(f"{names.get(k, k)} {_show(stored.get(k))}" for k in keys)
+    return DeqirError(f"{p} was degraded with {file_says} (its PNG description); the flags give {flags}: "
+                      "drop those flags or give the same values")
 
 
 def described_sigma_y(path, desc: dict, sigma_y):

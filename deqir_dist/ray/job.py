@@ -59,6 +59,7 @@ from pathlib import Path
 from deqir_dist.api.planner import load_profile
 from deqir_dist.api.profile_cache import plan_summary
 from deqir_dist.api.restore import check_settings
+from deqir_dist.dataset.described import check_described_inputs
 from deqir_dist.dataset.manifest import InputEntry, _check_out, read_input
 from deqir_dist.dataset.results import (
     RESULTS_NAME,
@@ -217,6 +218,8 @@ class RayRestoreJob:
         todo, done_before = [], 0
         for e in entries:
             params, sigma_y, h = self._entry_config(e, base, mask_cache)
+            if not self.from_clean:     # a flag contradicting a measurement's description: refused before Ray
+                check_described_inputs([e.path], self.task, params, sigma_y)
             prev = previous.get(e.id)
             if (prev is not None and prev.get("status") == "ok" and prev.get("config") == h
                     and _output_decodes(out / f"{e.id}.png")):

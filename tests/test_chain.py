@@ -313,6 +313,7 @@ def test_low_precision_denoiser_keeps_float32_state(gmm):
     # solver="auto" checks before it times the denoiser
     (dict(solver="auto", steps=0), "steps"), (dict(solver="auto", steps=2.5), "steps"),
     (dict(solver="auto", profile={"a": 1.0}), "cost profile"), (dict(solver="auto", profile={4: -1.0}), "cost profile"),
+    (dict(start=5000), "start=5000 is past the model's noise schedule: start .* at most 1000"),
 ])
 def test_bad_arguments(gmm, kw, match):
     op, _, y, xi, _ = problem(gmm, "sr_avgpool", {"scale": 2})

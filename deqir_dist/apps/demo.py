@@ -430,7 +430,7 @@ def add_parser(subparsers):
                    help="skip the noise-optimisation stage (consistency loss and the ground-truth oracle)")
     p.add_argument("--inversion-iters", type=int,
                    help=f"gradient evaluations per loss in that stage (default {INVERSION_ITERS})")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seed of the demo's random draws (default 0)")
     p.add_argument("--weights", help="a prior written by deqir train-prior (default: the built-in one)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default cpu)")
     p.add_argument("--threads", type=int, help="torch CPU threads, >= 1 (default: one per core left free by "

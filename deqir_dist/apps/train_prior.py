@@ -213,18 +213,23 @@ def add_parser(subparsers):
     p.add_argument("--lr", type=float, default=d["lr"], help=f"peak learning rate (default {d['lr']})")
     p.add_argument("--warmup", type=int, default=d["warmup"], help=f"warm-up steps, >= 0 (default {d['warmup']})")
     p.add_argument("--ema", type=float, default=d["ema"], help=f"EMA decay (default {d['ema']})")
-    p.add_argument("--ch", type=int, default=d["model"]["ch"], help="base width (multiple of 32)")
-    p.add_argument("--ch-mult", default=",".join(map(str, d["model"]["ch_mult"])), help="width multipliers")
-    p.add_argument("--res-blocks", type=int, default=d["model"]["num_res_blocks"])
+    p.add_argument("--ch", type=int, default=d["model"]["ch"], help=f"base width, a multiple of 32 (default {d['model']['ch']})")
+    p.add_argument("--ch-mult", default=",".join(map(str, d["model"]["ch_mult"])),
+                   help=f"width multiplier per resolution (default {','.join(map(str, d['model']['ch_mult']))})")
+    p.add_argument("--res-blocks", type=int, default=d["model"]["num_res_blocks"],
+                   help=f"residual blocks per resolution (default {d['model']['num_res_blocks']})")
     p.add_argument("--attn", default="", help="attention resolutions relative to 64 (e.g. 16); default none "
                                               "(the middle block always has attention)")
     p.add_argument("--amp", default=d["amp"], choices=("bf16", "none"), help="autocast (default bf16 when supported)")
-    p.add_argument("--store-dtype", default=d["store_dtype"], choices=("float16", "float32"))
-    p.add_argument("--seed", type=int, default=d["seed"])
+    p.add_argument("--store-dtype", default=d["store_dtype"], choices=("float16", "float32"),
+                   help=f"precision of the saved weights (default {d['store_dtype']})")
+    p.add_argument("--seed", type=int, default=d["seed"], help=f"seed of the crops and noise (default {d['seed']})")
     p.add_argument("--threads", type=int, help="torch CPU threads, >= 1 (default: torch's choice)")
     p.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--val-every", type=int, default=d["val_every"])
-    p.add_argument("--val-crops", type=int, default=d["val_crops"])
+    p.add_argument("--val-every", type=int, default=d["val_every"],
+                   help=f"steps between validation losses (default {d['val_every']})")
+    p.add_argument("--val-crops", type=int, default=d["val_crops"],
+                   help=f"held-out crops in each validation (default {d['val_crops']})")
     p.add_argument("--no-restore-eval", action="store_true", help="skip the final restoration PSNR check")
     p.add_argument("--time-limit", type=float, help="stop after this many minutes, > 0 (recorded in the card)")
     p.add_argument("--state", help="training-state file: saved every --state-every steps and at a --time-limit "

@@ -38,7 +38,8 @@ def timestep_grid(steps: int, start: int = TRAIN_STEPS) -> torch.Tensor:
 def _check_schedule(alphas_cumprod: torch.Tensor, start: int) -> torch.Tensor:
     ac = torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten().cpu()
     if ac.numel() < start:
-        raise DeqirError(f"alphas_cumprod has {ac.numel()} entries, fewer than start={start}")
+        raise DeqirError(f"start={start} is past the model's noise schedule: start (--start) must be at most "
+                         f"{ac.numel()}, its number of training timesteps")
     if not torch.isfinite(ac).all() or (ac <= 0).any() or (ac > 1).any():
         raise DeqirError("alphas_cumprod must be finite and in (0, 1]")
     return ac

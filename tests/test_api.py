@@ -214,6 +214,7 @@ def test_auto_times_the_model_only_until_serial_is_certain(gmm, tmp_path, monkey
     _, op, y = _problem(gmm)
     res = dq.restore(gmm, y, op, steps=steps, solver="auto")
     assert [b for _, (b,) in calls] == timed and res.solver == res.plan["chosen"] == chosen
+    assert res.plan["seconds"] >= 0 and res.seconds >= 0          # planning is timed apart from the sampling
     whole = {b: float(cost(b)) for b in profile_batches(steps)}
     assert choose_solver(whole, steps)[0] == chosen
     again = dq.restore(gmm, y, op, steps=steps, solver="auto")

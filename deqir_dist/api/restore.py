@@ -37,7 +37,7 @@ class RestoreResult:
     steps: int
     stop: str
     stop_tol: float
-    seconds: float
+    seconds: float                       # the sampling (solver="auto": its planning, the model timed, is plan["seconds"])
     timings: list = field(default_factory=list)   # per-iteration IterationTiming (parallel only;
     #                                               parareal: [0] its coarse pass, then one per iteration)
     rank_rows: tuple[int, int] | None = None      # rows [lo, hi) this process owned (parallel only;
@@ -177,7 +177,9 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
                        clip_x0=clip_x0, **solver_options)
         if distributed:
             dcomm = DistComm(group, device)
+        t_plan = time.perf_counter()
         solver, plan = _plan(denoiser, op, steps, profile, dcomm, etw, stop, max_iter, "window" in solver_options)
+        plan["seconds"] = round(time.perf_counter() - t_plan, 4)    # timing the model (or reading its profile)
         solver_options = apply_plan(solver, plan, stop, max_iter, steps, solver_options)
     coeffs, opts = check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter,
                                   alphas_cumprod, warm_start, clip_x0=clip_x0, **solver_options)

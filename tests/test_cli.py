@@ -76,6 +76,12 @@ def test_cs_measurements_round_trip_as_pt(photos, tmp_path, capsys):
     assert code == 0, err
     code, _, err = _run(["restore", meas, "--task", "inpaint", "-o", tmp_path / "r2", "--steps", "5"], capsys)
     assert code == 2 and "cs_wht" in err
+    code, _, err = _run(["restore", meas, "-o", tmp_path / "r3", "--steps", "5", "--no-progress"], capsys)   # no --task
+    assert code == 0, err
+    assert json.loads((tmp_path / "r3" / "summary.json").read_text())["task"] == "cs_wht"
+    (meas / "junk.pt").write_bytes(b"not a torch file")
+    code, _, err = _run(["restore", meas / "junk.pt", "--task", "cs_wht", "-o", tmp_path / "r4"], capsys)
+    assert code == 2 and "junk.pt: not a measurement deqir degrade wrote" in err
 
 
 def _bad(capsys, args, tmp_path, match):

@@ -14,7 +14,7 @@ from PIL import Image
 from deqir_dist.dataset.results import config_hash
 from deqir_dist.dataset.tasks import OP_FLAGS, task_flags
 from deqir_dist.errors import DeqirError
-from deqir_dist.io.measurements import MEASUREMENT_SUFFIX
+from deqir_dist.io.measurements import MEASUREMENT_SUFFIX, load_measurement
 from deqir_dist.io.pngtext import read_description
 from deqir_dist.physics.registry import make_operator
 
@@ -58,8 +58,12 @@ def described_task(paths, from_clean: bool = False) -> str:
         raise DeqirError("--from-clean degrades the inputs here: give --task")
     tasks, unreadable = {}, []
     for p in paths:
-        if Path(p).suffix == MEASUREMENT_SUFFIX:
-            raise DeqirError(f"give --task: {p} is a .pt measurement (its task is checked against --task)")
+        if Path(p).suffix == MEASUREMENT_SUFFIX:       # a .pt measurement names its operator too
+            try:
+                tasks.setdefault(str(load_measurement(Path(p))[1]["name"]), p)
+            except DeqirError:
+                unreadable.append(p)   # its own read reports it
+            continue
         if not _is_image(p):
             unreadable.append(p)   # not an image at all: its own read reports it (ray-restore records it)
             continue
@@ -69,8 +73,8 @@ def described_task(paths, from_clean: bool = False) -> str:
                              "deqir degrade)")
         tasks.setdefault(desc["task"], p)
     if not tasks:
-        raise DeqirError(f"give --task: {unreadable[0]} is not an image file Pillow can open, and no input "
-                         "carries an operator description")
+        raise DeqirError(f"give --task: {unreadable[0]} is not an image file Pillow can open (nor a measurement "
+                         "deqir degrade wrote), and no input carries an operator description")
     if len(tasks) > 1:
         (a, pa), (b, pb) = list(tasks.items())[:2]
         raise DeqirError(f"the inputs hold different tasks ({pa.name}: {a}, {pb.name}: {b}); restore them separately")

@@ -61,6 +61,9 @@ def load_measurement(path: Path) -> tuple[torch.Tensor, dict]:
     tensor of 2 or 3 dimensions, the description an object with a ``name``, an ``image_shape``
     of three positive integers within the pixel cap, and ``params`` (an object)."""
     data = read_file_bytes(path, "measurement file")
+    if not data.startswith((b"PK\x03\x04", b"\x80")):     # torch.save's zip archive, or its legacy pickle
+        raise DeqirError(f"cannot read measurement file {path}: not a measurement deqir degrade wrote (not a "
+                         "torch file)")
     try:
         obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
         del data
@@ -70,8 +73,11 @@ def load_measurement(path: Path) -> tuple[torch.Tensor, dict]:
     except pickle.UnpicklingError as e:
         raise DeqirError(f"cannot read measurement file {path}: it holds pickled objects beyond tensors, which "
                          "are never loaded (deqir degrade writes only tensors)") from e
-    except Exception as e:
-        raise DeqirError(f"cannot read measurement file {path}: {one_line(e, bare_deqir=True)}") from e
+    except DeqirError as e:
+        raise DeqirError(f"cannot read measurement file {path}: {e}") from e
+    except Exception as e:  # torch.load raises many types on a file that is not a torch archive
+        raise DeqirError(f"cannot read measurement file {path}: not a measurement deqir degrade wrote "
+                         f"({one_line(e)})") from e
     bad = f"measurement file {path}:"
     if not isinstance(y, torch.Tensor) or not y.is_floating_point():
         what = type(y).__name__ if not isinstance(y, torch.Tensor) else f"a {y.dtype} tensor"

@@ -32,6 +32,8 @@ def _is_image(path) -> bool:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)   # io.limits' cap applies on read
             with Image.open(path):
                 return True
+    except Image.DecompressionBombError:
+        return True                          # an image, too large: its read says so (io.limits)
     except Exception:  # noqa: BLE001 - Pillow raises many types on a file that is not an image
         return False
 
@@ -41,10 +43,10 @@ def check_described_inputs(paths, task: str, given: dict, sigma_y) -> None:
     ``described_sigma_y``): a job refuses a contradiction before it starts. Files that are no image
     or whose description is broken are left to their own read (a job records them)."""
     for p in paths:
-        if Path(p).suffix.lower() != ".png" or not _is_image(p):
+        if Path(p).suffix.lower() != ".png":
             continue
         try:
-            desc = file_description(p)
+            desc = file_description(p)      # None: no description (or not a PNG)
         except DeqirError:
             continue
         if desc is not None:
@@ -116,7 +118,7 @@ def check_flags(path, desc: dict, task: str, given: dict) -> dict:
     if unknown:
         flags = ", ".join(names.get(k, k) for k in unknown)
         raise DeqirError(f"{p} was degraded with {task} {_show(stored)}, which has no {flags}: drop it")
-    clash = [k for k in sorted(given) if k in stored and k != "mask" and json.loads(json.dumps(given[k])) != stored[k]]
+    clash = [k for k in sorted(given) if k in stored and k != "mask" and _differs(given[k], stored[k])]
     if clash:                           # before building: a contradiction, not whatever the new value breaks
         raise _contradiction(p, clash, stored, {k: given[k] for k in clash}, names)
     kwargs.update(given)
@@ -145,6 +147,21 @@ def described_operator(path, desc: dict, task: str, given: dict, cache: dict):
         diff = [k for k in sorted(set(got) | set(stored)) if got.get(k) != stored.get(k)]
         raise _contradiction(p, diff, stored, got, names, given)
     return op
+
+
+def _differs(flag, stored) -> bool:
+    """A flag's value plainly different from the file's: numbers against numbers, otherwise values
+    of one JSON type. Anything else (a string "2" for 2) is left to the operator, whose error names
+    the type it needs."""
+    if hasattr(flag, "item") and not isinstance(flag, torch.Tensor):
+        flag = flag.item()                   # a NumPy scalar
+    if _is_number(flag) and _is_number(stored):
+        return flag != stored
+    return type(flag) is type(stored) and flag != stored
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
 
 
 def _contradiction(p, keys, stored: dict, flagged: dict, names: dict, given=None) -> DeqirError:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import struct
+import warnings
 import zlib
 from pathlib import Path
 
@@ -54,10 +55,14 @@ def read_description(path) -> dict | None:
         with open(p, "rb") as fh:
             if fh.read(8) != _SIG:
                 return None
-        with Image.open(p) as im:
-            raw = im.info.get(TEXT_KEY)          # Pillow reads the text chunks before the pixels
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # io.limits' cap applies on read
+            with Image.open(p) as im:
+                raw = im.info.get(TEXT_KEY)      # Pillow reads the text chunks before the pixels
     except UnidentifiedImageError:
         raise DeqirError(f"cannot read {p}: {NOT_AN_IMAGE}") from None
+    except Image.DecompressionBombError as e:
+        raise DeqirError(f"cannot read {p}: {one_line(e, bare_deqir=True)}") from None
     except OSError as e:
         raise DeqirError(f"cannot read {p}: {one_line(e, bare_deqir=True)}") from None
     if raw is None:

@@ -3,7 +3,8 @@
 ``CostEmulatingDenoiser(model, c_ms)`` runs ``model`` (normally the analytic oracle, whose
 E[eps | x_t] is exact and cheap) and then sleeps until the call has lasted c(b) milliseconds,
 b = the call's batch (rows x images), with c interpolated linearly between the table's batches
-and extrapolated linearly above the largest (the rule of ``api.planner.cost_at``). Each rank of
+and extrapolated linearly above the largest (``api.planner.cost_at``'s rule, on the raw table:
+the planner also lifts a dip to its non-decreasing envelope, the emulator sleeps as told). Each rank of
 a real multi-process run then spends as long in its denoiser calls as one GPU running the
 table's model would, while the chain, the solver and the collectives are the real ones: the
 end-to-end latency of serial, picard and parareal at P ranks can be measured without P GPUs.

@@ -218,13 +218,13 @@ class RayRestoreJob:
         todo, done_before = [], 0
         for e in entries:
             params, sigma_y, h = self._entry_config(e, base, mask_cache)
-            if not self.from_clean:     # a flag contradicting a measurement's description: refused before Ray
-                check_described_inputs([e.path], self.task, params, sigma_y)
             prev = previous.get(e.id)
             if (prev is not None and prev.get("status") == "ok" and prev.get("config") == h
                     and _output_decodes(out / f"{e.id}.png")):
                 done_before += 1
                 continue
+            if not self.from_clean:     # a flag contradicting a measurement's description: refused before Ray
+                check_described_inputs([e.path], self.task, params, sigma_y)
             todo.append((e, params, sigma_y, h))
         stats = {"ok": 0, "failed": 0, "written": 0, "worker_restarts": 0, "retried_batches": 0}
         records: list[dict] = []

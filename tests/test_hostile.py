@@ -152,6 +152,8 @@ def test_bombs_lying_headers_devices_and_pipes_fail_in_bounded_memory(tmp_path):
     cases = [
         ("png8 bomb", ["degrade", str(bomb8), *SR2, "-o", o]),
         ("png16 bomb", ["degrade", str(bomb16), *SR2, "-o", o]),
+        ("png8 bomb restored", ["restore", str(bomb8), *SR2, *FAST, "-o", o]),     # its description is read first
+        ("png8 bomb, no --task", ["restore", str(bomb8), "-o", o]),
         ("pt claims 16384^2", ["restore", str(tmp_path / "huge.pt"), "--task", "deblur_gauss", *FAST, "-o", o]),
         ("pt claims 3000^2", ["restore", str(tmp_path / "lying.pt"), "--task", "deblur_gauss", *FAST, "-o", o]),
         ("/dev/zero", ["restore", "/dev/zero", *SR2, *FAST, "-o", o]),
@@ -162,7 +164,8 @@ def test_bombs_lying_headers_devices_and_pipes_fail_in_bounded_memory(tmp_path):
                             "1000001", "-o", o]),
     ]
     results = _run_child(cases)
-    expect = {"png8 bomb": "over the cap", "png16 bomb": "over the cap", "pt claims 16384^2": "over the cap",
+    expect = {"png8 bomb": "over the cap", "png16 bomb": "over the cap", "png8 bomb restored": "over the cap",
+              "png8 bomb, no --task": "over the cap", "pt claims 16384^2": "over the cap",
               "pt claims 3000^2": "does not fit", "/dev/zero": "a device", "fifo": "a named pipe",
               "manifest /dev/zero": "a device", "manifest fifo": "a named pipe", "kernel 1000001": "larger than"}
     for r in results:

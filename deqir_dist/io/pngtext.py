@@ -17,6 +17,7 @@ from pathlib import Path
 from PIL import Image, UnidentifiedImageError
 
 from deqir_dist.errors import DeqirError, one_line
+from deqir_dist.io.limits import check_pixels
 
 TEXT_KEY = "deqir-measurement"
 FORMAT = 1
@@ -53,8 +54,11 @@ def read_description(path) -> dict | None:
     p = Path(path)
     try:
         with open(p, "rb") as fh:
-            if fh.read(8) != _SIG:
-                return None
+            head = fh.read(24)
+        if head[:8] != _SIG:
+            return None
+        if head[12:16] == b"IHDR":            # the cap from the header, before Pillow's own bomb check
+            check_pixels(*struct.unpack(">II", head[16:24]), f"PNG {p}")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # io.limits' cap applies on read
             with Image.open(p) as im:

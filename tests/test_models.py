@@ -671,3 +671,52 @@ def test_cli_restore_with_checkpoint_paths(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "does not match sdedit-celeba-hq" in err and len(err.strip().splitlines()) == 1
     assert not os.path.exists(tmp_path / "e" / "face.png")
+
+
+# ----------------------------------------------------------------------------- attention (issue 25)
+
+def test_attention_matches_the_explicit_formula_and_is_batch_invariant():
+    from deqir_dist.models.attention import _attend_chunked, attend, attend_reference
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(3, 257, 32, generator=g) for _ in range(3))
+    ref = attend_reference(q, k, v)
+    assert torch.allclose(attend(q, k, v), ref, atol=2e-6, rtol=1e-5)
+    # the fallback, in blocks of a few queries, is the formula exactly
+    assert torch.equal(_attend_chunked(q, k, v, max_logits=3 * 257 * 5), ref)
+    # a row's result does not depend on what else is in the batch (parallel = serial relies on it)
+    assert torch.equal(attend(q, k, v)[1:2], attend(q[1:2], k[1:2], v[1:2]))
+
+
+def test_unet_attention_blocks_equal_the_einsum_they_replaced():
+    """The DDPM and ADM attention layers, fed the same features, against the T x T formula."""
+    from deqir_dist.models.adm import _attend
+    from deqir_dist.models.ddpm import _AttnBlock
+    g = torch.Generator().manual_seed(1)
+    blk = _AttnBlock(32)
+    x = torch.randn(2, 32, 6, 10, generator=g)
+    with torch.no_grad():
+        b, c, h, w = x.shape
+        z = blk.norm(x)
+        q, k, v = (m(z).reshape(b, c, h * w) for m in (blk.q, blk.k, blk.v))
+        wts = torch.softmax(torch.einsum("bci,bcj->bij", q, k) * c ** -0.5, dim=2)
+        want = x + blk.proj_out(torch.einsum("bij,bcj->bci", wts, v).reshape(b, c, h, w))
+        assert torch.allclose(blk(x), want, atol=1e-5, rtol=1e-5)
+    q, k, v = (torch.randn(4, 16, 60, generator=g) for _ in range(3))
+    wts = torch.softmax(torch.einsum("ndt,nds->nts", q, k) * 16 ** -0.5, dim=-1)
+    assert torch.allclose(_attend(q, k, v), torch.einsum("nts,nds->ndt", wts, v), atol=1e-5, rtol=1e-5)
+
+
+def test_attention_memory_is_linear_in_pixels():
+    """A 640x428 output's mid-block map (160x107 = 17,120 tokens): the explicit product would hold
+    1.2 GB of logits; the kernel must stay far below that (measured in a child, RSS growth)."""
+    import subprocess
+    import sys
+    code = ("import resource, torch\n"
+            "from deqir_dist.models.attention import attend\n"
+            "q, k, v = (torch.randn(1, 17120, 64) for _ in range(3))\n"
+            "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
+            "attend(q, k, v)\n"
+            "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert int(out.stdout.strip()) < 300, f"attention grew RSS by {out.stdout.strip()} MB"

@@ -38,6 +38,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from deqir_dist.errors import DeqirError
+from deqir_dist.models.attention import attend
 
 
 def adm_timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -144,11 +145,9 @@ class _ResBlock(nn.Module):
 
 
 def _attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """q, k, v: (N, d, T) -> (N, d, T); weights softmax_s(q_t . k_s / sqrt(d)) in float32."""
-    s = q.shape[1] ** -0.25
-    w = torch.einsum("ndt,nds->nts", q * s, k * s)
-    w = torch.softmax(_atleast32(w), dim=-1).to(w.dtype)
-    return torch.einsum("nts,nds->ndt", w, v)
+    """q, k, v: (N, d, T) -> (N, d, T); weights softmax_s(q_t . k_s / sqrt(d)), in memory linear in T
+    (:func:`deqir_dist.models.attention.attend`)."""
+    return attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)).transpose(1, 2)
 
 
 class _Attention(nn.Module):

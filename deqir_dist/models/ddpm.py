@@ -29,6 +29,7 @@ from torch import nn
 
 from deqir_dist.errors import DeqirError
 from deqir_dist.models.adm import _atleast32, _check_input
+from deqir_dist.models.attention import attend
 
 
 def ddpm_timestep_embedding(t: torch.Tensor, dim: int) -> torch.Tensor:
@@ -123,10 +124,8 @@ class _AttnBlock(nn.Module):
     def forward(self, x):
         b, c, hh, ww = x.shape
         z = self.norm(x)
-        q, k, v = (m(z).reshape(b, c, hh * ww) for m in (self.q, self.k, self.v))
-        logits = torch.einsum("bci,bcj->bij", q, k) * (int(c) ** -0.5)
-        w = torch.softmax(_atleast32(logits), dim=2).to(logits.dtype)
-        out = torch.einsum("bij,bcj->bci", w, v).reshape(b, c, hh, ww)
+        q, k, v = (m(z).reshape(b, c, hh * ww).transpose(1, 2) for m in (self.q, self.k, self.v))
+        out = attend(q, k, v).transpose(1, 2).reshape(b, c, hh, ww)     # memory linear in hh * ww
         return x + self.proj_out(out)
 
 

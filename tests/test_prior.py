@@ -300,3 +300,22 @@ def test_stored_photo_folder_stores_as_the_weights_file_does(tmp_path):
     assert got["big"].shape == (HELDOUT_SHORT, 384, 3) and got["small"].shape == (40, 60, 3)
     with pytest.raises(DeqirError, match="no PNG photographs"):
         stored_photo_folder(tmp_path / "missing")
+
+
+def test_min_snr_weighting_and_channels_last(tmp_path):
+    """--loss-weight min_snr:GAMMA scales each crop's eps-MSE by min(SNR, GAMMA) / SNR (checked against the
+    plain loss on one step from the same state); channels-last trains the same network (same losses to
+    float rounding); a bad weight is one line."""
+    pytest.importorskip("skimage")
+    from deqir_dist.apps import prior_training as pt
+    plain = pt.train_prior(_tiny_cfg(steps=1, val_every=0), progress=False)["losses"][0]
+    weighted = pt.train_prior(_tiny_cfg(steps=1, val_every=0, loss_weight="min_snr:5"), progress=False)["losses"][0]
+    assert weighted < plain            # every weight min(SNR, 5) / SNR is <= 1, and < 1 where SNR > 5
+    huge = pt.train_prior(_tiny_cfg(steps=1, val_every=0, loss_weight="min_snr:1e12"), progress=False)["losses"][0]
+    assert huge == pytest.approx(plain, rel=1e-5)       # gamma above every SNR: the plain loss
+    cl = pt.train_prior(_tiny_cfg(steps=3, val_every=0, channels_last=True, amp="none"), progress=False)["losses"]
+    ref = pt.train_prior(_tiny_cfg(steps=3, val_every=0, amp="none"), progress=False)["losses"]
+    assert cl == pytest.approx(ref, rel=1e-3)
+    for bad in ("min_snr:0", "min_snr:x", "snr"):
+        with pytest.raises(DeqirError, match="loss weight must be"):
+            pt.train_prior(_tiny_cfg(loss_weight=bad), progress=False)

@@ -77,6 +77,7 @@ class TrainConfig(dict):
         train_images=TRAIN_IMAGES, heldout_images=HELDOUT_IMAGES, min_short=80, max_short=512,
         pyramid_levels=8, val_every=300, val_crops=8, val_size=64, restore_eval=True,
         time_limit_min=None, store_dtype="float16", state_path=None, state_every=200, data_dir=None, init=None,
+        loss_weight="uniform", channels_last=False,
     )
 
     def __init__(self, **kw):
@@ -84,6 +85,17 @@ class TrainConfig(dict):
         if unknown:
             raise DeqirError(f"unknown training setting(s): {', '.join(sorted(unknown))}")
         super().__init__({**self.DEFAULTS, **kw})
+
+
+def loss_gamma(weight: str):
+    """GAMMA of a 'min_snr:GAMMA' loss weight (Hang et al. 2023), None for anything else."""
+    if isinstance(weight, str) and weight.startswith("min_snr:"):
+        try:
+            g = float(weight.split(":", 1)[1])
+        except ValueError:
+            return None
+        return g if math.isfinite(g) and g > 0 else None
+    return None
 
 
 def _lr_at(cfg, step: int) -> float:
@@ -117,6 +129,8 @@ def _check_cfg(cfg) -> None:
     for key in ("weight_decay", "grad_clip"):
         if not (isinstance(cfg[key], (int, float)) and math.isfinite(cfg[key]) and cfg[key] >= 0):
             raise DeqirError(f"{key} must be a finite number >= 0, got {cfg[key]!r}")
+    if loss_gamma(cfg["loss_weight"]) is None and cfg["loss_weight"] != "uniform":
+        raise DeqirError(f"loss weight must be 'uniform' or 'min_snr:GAMMA' (GAMMA > 0), got {cfg['loss_weight']!r}")
     if not (isinstance(cfg["min_lr_frac"], (int, float)) and 0 <= cfg["min_lr_frac"] <= 1):
         raise DeqirError(f"min_lr_frac must be in [0, 1], got {cfg['min_lr_frac']!r}")
     crops = tuple(int(c) for c in cfg["crops"])
@@ -195,6 +209,8 @@ def train_prior(cfg: TrainConfig, progress: bool = True, log_path: str | os.Path
 
     torch.manual_seed(cfg["seed"])
     model = DDPMUNet(**cfg["model"]).to(device)
+    if cfg["channels_last"]:
+        model = model.to(memory_format=torch.channels_last)
     if cfg["init"]:                     # fine-tune: start from a weights file of the same architecture
         model.load_state_dict(init_weights(cfg["init"], cfg["model"]))
     ema = DDPMUNet(**cfg["model"]).to(device)
@@ -302,6 +318,8 @@ def _train_step(cfg, step: int, model, ema, opt, x0: torch.Tensor, noise_gen, ac
     t = torch.randint(0, TRAIN_STEPS, (bs,), generator=noise_gen)
     eps = torch.randn(x0.shape, generator=noise_gen)
     x0, t, eps = x0.to(device), t.to(device), eps.to(device)
+    if cfg["channels_last"]:
+        x0, eps = x0.contiguous(memory_format=torch.channels_last), eps.contiguous(memory_format=torch.channels_last)
     a = ac[t].view(-1, 1, 1, 1)
     xt = a.sqrt() * x0 + (1 - a).sqrt() * eps
     for group in opt.param_groups:
@@ -309,7 +327,13 @@ def _train_step(cfg, step: int, model, ema, opt, x0: torch.Tensor, noise_gen, ac
     model.train()
     with _amp_ctx(amp, device):
         pred = model(xt, t)
-    loss = F.mse_loss(pred.float(), eps)
+    gamma = loss_gamma(cfg["loss_weight"])
+    if gamma is None:
+        loss = F.mse_loss(pred.float(), eps)
+    else:   # min-SNR-gamma for eps-prediction: weight min(SNR, gamma) / SNR, SNR = abar / (1 - abar)
+        snr = (a / (1 - a)).view(-1)
+        per = (pred.float() - eps).pow(2).mean(dim=(1, 2, 3))
+        loss = (per * snr.clamp(max=gamma) / snr).mean()
     if not torch.isfinite(loss):
         raise DeqirError(f"training diverged at step {step} (loss {float(loss)}); try a lower --lr")
     opt.zero_grad(set_to_none=True)
@@ -356,7 +380,8 @@ def _training_record(cfg, losses: list[float], crops: tuple, amp: str, device, t
         "optimizer": "AdamW", "lr": cfg["lr"], "weight_decay": cfg["weight_decay"],
         "lr_schedule": f"linear warm-up {cfg['warmup']} steps, cosine decay to {cfg['min_lr_frac']} x lr",
         "grad_clip": cfg["grad_clip"], "ema_decay": cfg["ema"], "ema_warmup": "decay = min(ema, (1+n)/(10+n))",
-        "amp": amp, "seed": cfg["seed"], "threads": torch.get_num_threads(), "device": str(device),
+        "amp": amp, "loss_weight": cfg["loss_weight"], "channels_last": cfg["channels_last"],
+        "seed": cfg["seed"], "threads": torch.get_num_threads(), "device": str(device),
         "device_name": _device_name(device), "torch": torch.__version__, "python": platform.python_version(),
         "machine": platform.machine(), "wall_seconds": round(train_seconds, 1),
         "final_loss": round(sum(losses[-window:]) / max(window, 1), 5) if losses else None,
@@ -374,7 +399,8 @@ def _init_record(path) -> dict | None:
             "note": "model and EMA initialised from these weights (fine-tuning); the EMA warm-up restarts"}
 
 
-_STATE_KEYS = ("model", "steps", "batch", "crops", "lr", "seed", "train_images", "heldout_images", "data_dir", "init")
+_STATE_KEYS = ("model", "steps", "batch", "crops", "lr", "seed", "train_images", "heldout_images", "data_dir", "init",
+               "loss_weight")
 
 
 def _save_state(path: Path, cfg, step: int, model, ema, opt, sampler, noise_gen, losses, val_history,

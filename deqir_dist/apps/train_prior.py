@@ -77,7 +77,8 @@ def write_prior(result: dict, out: str | os.PathLike, card_path: str | os.PathLi
         "size_multiple": 2 ** (len(config["ch_mult"]) - 1),
         "size_rule": "runs on any H, W that are multiples of size_multiple (fully convolutional); "
                      "other sizes raise an error naming the multiple",
-        "objective": {"type": "DDPM eps-prediction", "loss": "MSE(eps_theta(x_t, t), eps)",
+        "objective": {"type": "DDPM eps-prediction", "loss": ("MSE(eps_theta(x_t, t), eps)" if cfg.get("loss_weight", "uniform") == "uniform" else
+                               f"min(SNR_t, gamma) / SNR_t x MSE(eps_theta(x_t, t), eps) ({cfg['loss_weight']})"),
                       "schedule": "linear betas 1e-4..0.02", "train_steps": TRAIN_STEPS,
                       "t_sampling": "uniform 0..999", "image_range": "[-1, 1]"},
         "data": {
@@ -240,6 +241,10 @@ def add_parser(subparsers):
     p.add_argument("--data", help="extra photographs: a folder from bench/prior_data.py (train/, heldout/ PNGs)")
     p.add_argument("--train-images", help=f"comma list (default {','.join(TRAIN_IMAGES)})")
     p.add_argument("--heldout-images", help=f"comma list (default {','.join(HELDOUT_IMAGES)})")
+    p.add_argument("--loss-weight", default=d["loss_weight"],
+                   help="per-timestep loss weight: uniform (plain eps-MSE, the default) or min_snr:GAMMA "
+                        "(min-SNR-gamma: weight min(SNR, GAMMA) / SNR)")
+    p.add_argument("--channels-last", action="store_true", help="train in channels-last memory format")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train_prior)
     return p
@@ -264,7 +269,8 @@ def config_from_args(args) -> TrainConfig:
               warmup=args.warmup, ema=args.ema, amp=args.amp, seed=args.seed, threads=args.threads,
               device=device, val_every=args.val_every, val_crops=args.val_crops,
               restore_eval=not args.no_restore_eval, time_limit_min=args.time_limit, store_dtype=args.store_dtype,
-              state_path=args.state, state_every=args.state_every, data_dir=args.data, init=args.init)
+              state_path=args.state, state_every=args.state_every, data_dir=args.data, init=args.init,
+              loss_weight=args.loss_weight, channels_last=args.channels_last)
     if args.train_images:
         kw["train_images"] = tuple(s.strip() for s in args.train_images.split(",") if s.strip())
     if args.heldout_images:
@@ -278,7 +284,10 @@ def canonical_command(args) -> str:
              "--crops", args.crops, "--lr", repr(args.lr), "--warmup", str(args.warmup), "--ema", repr(args.ema),
              "--ch", str(args.ch), "--ch-mult", args.ch_mult, "--res-blocks", str(args.res_blocks),
              "--amp", args.amp, "--store-dtype", args.store_dtype, "--seed", str(args.seed),
-             "--val-every", str(args.val_every), "--val-crops", str(args.val_crops)]
+             "--val-every", str(args.val_every), "--val-crops", str(args.val_crops),
+             "--loss-weight", args.loss_weight]
+    if args.channels_last:
+        parts.append("--channels-last")
     if args.attn:
         parts += ["--attn", args.attn]
     for flag, v in (("--card", args.card), ("--log", args.log), ("--threads", args.threads),

@@ -9,6 +9,9 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 # solver="auto" caches measured cost profiles (api.profile_cache): never in the user's cache folder
 os.environ.setdefault("DEQIR_CACHE_DIR", tempfile.mkdtemp(prefix="deqir-test-cache-"))
+# ... and learns K from parallel runs (api.k_observed): off, so one test's runs never change another's
+# plan; the tests of that store turn it on in their own cache folder
+os.environ.setdefault("DEQIR_LEARN_K", "0")
 
 # One thread: the tests are small, and spawned ranks and Ray workers share the 2 cores;
 # oversubscribed OpenMP threads made small convolutions up to 100x slower here.

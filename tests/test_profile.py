@@ -168,3 +168,92 @@ def test_restore_defaults_to_auto_and_timing_leaves_the_global_rng_alone(gmm, mo
     assert (a.plan["profile"]["source"], b.plan["profile"]["source"]) == ("measured", "cache")
     assert a.solver == b.solver == a.plan["chosen"] == "serial"      # N = 6: K = N, no saving possible
     assert torch.equal(a.image, b.image)
+
+
+def test_a_plan_observed_slower_is_dropped():
+    """choose_solver with observed K (api.k_observed): the knee profile's quarter window wins on the
+    table's K (67); observed needing K = 100 there, it loses, and the plan says where each K came from."""
+    knee = {1: 10.0, 8: 10.0, 100: 100.0}
+    choice, p = choose_solver(knee, 100, procs=4)
+    assert (choice, p["window"], p["K_source"]) == ("picard", 25, "benchmark table")
+    seen = {"picard W=25": {"K": 100, "runs": 3, "source": "observed"},
+            "picard W=50": {"K": 100, "runs": 1, "source": "calibrated"}}
+    choice, p = choose_solver(knee, 100, procs=4, observed=seen)
+    assert p["window"] != 25
+    if p["window"] == 50:
+        assert p["K_source"].startswith("calibrated (1 run ")
+    everything = {f"picard W={w}": {"K": 100, "runs": 2, "source": "observed"} for w in (25, 50, 100)}
+    choice, p = choose_solver(knee, 100, procs=4, observed=everything)
+    assert choice == "serial" and p["K_source"].startswith("observed (2 runs ")
+
+
+def test_auto_learns_k_from_the_users_own_runs(gmm, monkeypatch, tmp_path):
+    """Every parallel run in the planner's regime records its K for (model, task, size, settings, plan);
+    auto then plans that candidate with it, and a plan observed to lose to serial is not chosen again.
+    Off (DEQIR_LEARN_K=0, the test suite's default) nothing is read or written."""
+    from deqir_dist.api import k_observed
+    monkeypatch.setenv("DEQIR_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("DEQIR_LEARN_K", "1")
+    op = make_operator("sr_avgpool", (3, 8, 8), scale=2)
+    y = op.A(gmm.sample(2, (3, 8, 8), torch.Generator().manual_seed(0)))
+    knee = {1: 1.0, 25: 1.0, 100: 10.0}
+    first = restore(gmm, y, op, steps=100, profile=knee, generator=torch.Generator().manual_seed(1))
+    assert first.solver == "picard" and first.plan["window"] == 25
+    assert first.plan["K_source"] == "benchmark table" and first.plan["K"] == 67
+    # the run itself was recorded: the next image plans with the K the oracle really needed
+    assert k_observed.observed(gmm, op, first.settings)["picard W=25"] == {
+        "K": first.iterations, "runs": 1, "source": "observed"}
+    second = restore(gmm, y, op, steps=100, profile=knee, generator=torch.Generator().manual_seed(1))
+    assert second.plan["K"] == first.iterations and second.plan["K_source"].startswith("observed (1 run ")
+    assert torch.equal(second.image, first.image)
+    # runs outside the planner's regime (another stop rule or tolerance) teach it nothing
+    restore(gmm, y, op, steps=100, solver="picard", stop="final", generator=torch.Generator().manual_seed(1))
+    restore(gmm, y, op, steps=100, solver="picard", stop_tol=1e-2, generator=torch.Generator().manual_seed(1))
+    assert set(k_observed.observed(gmm, op, first.settings)) == {"picard W=25"}
+    # every window observed at K = N: no parallel plan pays, auto runs serial
+    for w in (25, 50, 100):
+        assert k_observed.record(gmm, op, first.settings, f"picard W={w}", 100)
+    third = restore(gmm, y, op, steps=100, profile=knee, generator=torch.Generator().manual_seed(1))
+    assert third.solver == "serial" and "observed" in third.plan["K_source"]
+    # another size is another problem; the switch turns the store off
+    op2 = make_operator("sr_avgpool", (3, 8, 12), scale=2)
+    assert k_observed.observed(gmm, op2, first.settings) == {}
+    monkeypatch.setenv("DEQIR_LEARN_K", "0")
+    assert k_observed.observed(gmm, op, first.settings) == {}
+    assert not k_observed.record(gmm, op, first.settings, "picard W=25", 3)
+
+
+def test_bench_calibrate_stores_the_k_of_the_users_images(monkeypatch, tmp_path, capsys):
+    """deqir bench --calibrate runs every candidate auto weighs on the user's images, stores each K
+    (source 'calibrated'), and auto's next plan for that problem reads them."""
+    import json
+
+    import numpy as np
+    from PIL import Image
+
+    from deqir_dist.api import k_observed
+    from deqir_dist.apps.cli import main
+    from deqir_dist.dataset.items import load_items
+    from deqir_dist.models import load_denoiser
+    monkeypatch.setenv("DEQIR_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("DEQIR_LEARN_K", "1")
+    rng = np.random.default_rng(0)
+    img = tmp_path / "photo.png"
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(img)
+    out = tmp_path / "cal.json"
+    assert main(["bench", "--calibrate", str(img), "--from-clean", "--task", "sr_bicubic", "--scale", "2",
+                 "--steps", "6", "--threads", "1", "--no-progress", "--json", str(out)]) == 0
+    res = json.loads(out.read_text())
+    plans = [r["plan"] for r in res["rows"]]
+    assert plans[:3] == ["picard W=6", "picard W=3", "picard W=2"] and all(r["stored"] for r in res["rows"])
+    assert all(r["psnr_vs_serial"] > 40 for r in res["rows"])
+    den = load_denoiser("builtin")
+    item = load_items([img], "sr_bicubic", {"scale": 2}, True)[0]
+    from deqir_dist.models.settings import resolve_settings
+    seen = k_observed.observed(den, item.op, resolve_settings(den, "sr_bicubic", {"steps": 6})[0])
+    assert set(seen) == set(plans) and all(v["source"] == "calibrated" for v in seen.values())
+    assert {r["plan"]: r["K"] for r in res["rows"]} == {p: v["K"] for p, v in seen.items()}
+    assert res["auto"][0]["K_source"].startswith("calibrated (1 run ")
+    assert "solver=auto now plans with these K" in capsys.readouterr().out
+    # the flags of calibrate are refused elsewhere in one line
+    assert main(["bench", "--from-clean"]) == 2

@@ -220,7 +220,7 @@ def parareal_candidates(steps: int, etw: float | None = None) -> list[tuple[int,
 
 def choose_solver(c_ms: dict, steps: int, procs: int = 1, iterations: int | None = None,
                   overhead_ms: float = 0.0, windows: bool = True, parareal: bool = True,
-                  margin: float = MARGIN, etw: float | None = None) -> tuple[str, dict]:
+                  margin: float = MARGIN, etw: float | None = None, observed: dict | None = None) -> tuple[str, dict]:
     """The solver with the lowest modelled latency, if it beats serial by ``margin``; else 'serial'.
 
     Candidates: picard over a window of N, N/2 or N/4 rows (at least one row per device; the
@@ -229,17 +229,34 @@ def choose_solver(c_ms: dict, steps: int, procs: int = 1, iterations: int | None
     ``parareal`` and no ``iterations`` given, parareal for every benchmarked (B, m) with its
     benchmarked K (``parareal_candidates``). ``etw``: plan with the K measured at that sampler setting
     (picard: only where benchmarked, else K = N; parareal: the nearest benchmarked etw); None: the
-    largest K over every setting (parareal) and picard's benchmark as it is. The returned
-    prediction is the best candidate's."""
+    largest K over every setting (parareal) and picard's benchmark as it is. ``observed``: {plan id:
+    {"K", "runs", "source"}} from ``api.k_observed`` (this model, task, size and settings): a
+    candidate run before is planned with the K it needed, not the table's. The returned prediction
+    is the best candidate's; its ``K_source`` says where its K came from."""
     sizes = (steps, round(steps / 2), round(steps / 4)) if windows and not iterations else (steps,)
     candidates = sorted({w for w in sizes if w >= procs} | {steps}, reverse=True)
-    preds = [predict_ms(c_ms, steps, procs, iterations, w, overhead_ms, etw=etw) for w in candidates]
+    observed = observed or {}
+    src = "given" if iterations else "benchmark table"
+    preds = []
+    for w in candidates:
+        seen = None if iterations else observed.get(f"picard W={w}")
+        k = min(int(seen["K"]), steps) if seen else iterations
+        preds.append({**predict_ms(c_ms, steps, procs, k, w, overhead_ms, etw=etw), **_k_source(seen, src)})
     if parareal and not iterations:
-        preds += [predict_parareal_ms(c_ms, steps, procs, b, m, k, overhead_ms)
-                  for b, m, k in parareal_candidates(steps, etw)]
+        for b, m, k in parareal_candidates(steps, etw):
+            seen = observed.get(f"parareal B={b} m={m}")
+            k = min(int(seen["K"]), b) if seen else k
+            preds.append({**predict_parareal_ms(c_ms, steps, procs, b, m, k, overhead_ms), **_k_source(seen, src)})
     best = min(preds, key=lambda p: p["parallel_ms"])     # min keeps the first (larger window) on a tie
     best = {**best, "margin": margin}
     return (best["solver"] if best["parallel_ms"] * (1 + margin) < best["serial_ms"] else "serial"), best
+
+
+def _k_source(seen: dict | None, default: str) -> dict:
+    if not seen:
+        return {"K_source": default}
+    return {"K_source": f"{seen.get('source', 'observed')} ({seen['runs']} run{'s' * (seen['runs'] != 1)} "
+                        "of this model, task, size and settings)"}
 
 
 def save_profile(path, model_name: str, image_shape, device, c_ms: dict, graph: bool) -> None:

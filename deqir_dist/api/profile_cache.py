@@ -186,7 +186,8 @@ def plan_record(res) -> dict:
     if plan:
         src = plan.get("profile") or {}
         out["plan"] = {"chosen": plan.get("chosen"), "reason": plan.get("reason"), "window": plan.get("window"),
-                       "K": plan.get("K"), "speedup": plan.get("speedup"), "profile": src.get("source"),
+                       "K": plan.get("K"), "K_source": plan.get("K_source"), "speedup": plan.get("speedup"),
+                       "profile": src.get("source"),
                        **({"profile_file": src["file"]} if src.get("file") else {})}
     return out
 
@@ -203,4 +204,6 @@ def plan_summary(records: list[dict]) -> dict:
                                                            "window": p["window"], "images": 0})
         g["images"] += 1
     return {"plans": list(groups.values()),
+            "K_sources": {s: sum(p.get("K_source") == s for p in plans)
+                          for s in sorted({str(p.get("K_source")) for p in plans if p.get("K_source")})},
             "profile_sources": {s: sum(p["profile"] == s for p in plans) for s in sorted({p["profile"] for p in plans})}}

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from deqir_dist.api import k_observed
 from deqir_dist.api.conventions import apply_value_range, canvas, place_model, resolve_eta, sampling_problem
 from deqir_dist.api.planner import choose_solver, cost_table, load_profile, profile_batches, serial_is_certain
 from deqir_dist.api.profile_cache import cost_until_decided, plan_reason
@@ -178,7 +179,8 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
         if distributed:
             dcomm = DistComm(group, device)
         t_plan = time.perf_counter()
-        solver, plan = _plan(denoiser, op, steps, profile, dcomm, etw, stop, max_iter, "window" in solver_options)
+        solver, plan = _plan(denoiser, op, steps, profile, dcomm, etw, stop, max_iter, "window" in solver_options,
+                             settings)
         plan["seconds"] = round(time.perf_counter() - t_plan, 4)    # timing the model (or reading its profile)
         solver_options = apply_plan(solver, plan, stop, max_iter, steps, solver_options)
     coeffs, opts = check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter,
@@ -187,6 +189,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     batch = y.shape[0]
     settings["sigma_y"], sources["sigma_y"] = float(sigma_y), "user"
     # sigma_y > 0: the directions the noise swamps go to the prior; any size: the model's canvas
+    task_op = op
     op, y, crop = sampling_problem(denoiser, op, y, sigma_y)
     image_shape = tuple(op.image_shape)
     comm, blocks = LocalComm(), [(0, steps)]
@@ -216,6 +219,12 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     y = y.to(device=device, dtype=dtype)
     eps_fn = EpsFn.for_chain(denoiser, image_shape[0], dtype, clip_x0, alphas_cumprod)
     t0 = time.perf_counter()
+
+    def learn(k: int) -> None:      # the planner's regime: what auto will plan with next time (api.k_observed)
+        pid = k_observed.run_plan_id(solver, opts, steps)
+        if pid and comm.rank == 0 and stop == "rows" and stop_tol is None and max_iter is None \
+                and start == 1000 and alphas_cumprod is None:
+            k_observed.record(denoiser, task_op, settings, pid, int(k))
     if solver == "serial":
         step_cb = None if callback is None else (lambda i, h: callback(i - 1, list(range(batch)), h, None))
         out = sample_serial(eps_fn, op, coeffs, y, xi, step_noise, progress=progress, callback=step_cb)
@@ -230,6 +239,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
         if init is not None:
             raise DeqirError("init (a starting trajectory) does not apply to solver='parareal'")
         sol = run_parareal(eps_fn, op, coeffs, y, xi, opts, step_noise, comm, callback=callback)
+        learn(max(sol.iterations))
         return RestoreResult(crop(sol.final), max(sol.iterations), sol.iterations, sol.trace, solver, steps,
                              opts.stop, opts.stop_tol, time.perf_counter() - t0, plan=plan, settings=settings,
                              settings_source=sources, blocks=opts.blocks, coarse_steps=opts.coarse_steps,
@@ -244,6 +254,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     # a given trajectory also seeds the rows that enter a sliding window later
     sol = entry.solve(block, comm, opts, x0=x0, progress=progress, callback=callback,
                       entering=x0 if init is not None else None)
+    learn(max(sol.iterations))
     owned = offset_split(0, min(opts.window, steps), comm.size)[comm.rank] if opts.window else (lo, hi)
     return RestoreResult(crop(sol.final), max(sol.iterations), sol.iterations, sol.trace, solver, steps,
                          opts.stop, opts.stop_tol, time.perf_counter() - t0, sol.timings, owned,
@@ -264,39 +275,48 @@ def apply_plan(solver: str, plan: dict, stop: str, max_iter: int | None, steps: 
 
 
 def plan_auto(denoiser, op, procs: int = 1, profile=None, steps: int = 25, etw: float | None = None,
-              stop: str = "rows", max_iter: int | None = None, window_given: bool = False) -> tuple[str, dict]:
+              stop: str = "rows", max_iter: int | None = None, window_given: bool = False,
+              settings: dict | None = None) -> tuple[str, dict]:
     """What ``restore(solver="auto")`` chooses for ``op`` on ``procs`` devices, in one process and
     without restoring: (choice, plan). ``steps`` and ``etw`` as restore resolved them (the model
     card's where not given). From ``profile`` (a dict {b: ms} or a ``deqir bench --profile`` file)
     or, without one, c(b) of this denoiser on the padded image size, measured once per key
     (``api.profile_cache``), smallest batch first and only until serial is certain
     (``planner.serial_is_certain``: on a CPU a few rows decide it). Candidates: picard's windows with the rows rule; parareal with the rows
-    rule, no max_iter and no window given. Ray's driver asks one worker for this plan and hands
-    its c(b) to every worker, so that all choose alike."""
+    rule, no max_iter and no window given. A candidate this model has run before on this task,
+    canvas and ``settings`` (restore's resolved steps, etw, nw, clip_x0; default: the card's) is
+    planned with the K it needed (``api.k_observed``), the others with the benchmarks' K. Ray's
+    driver asks one worker for this plan and hands its c(b) to every worker, so that all choose alike."""
     padded = canvas(denoiser, op)
     windows = stop == "rows"
     parareal = windows and max_iter is None and not window_given
+    if settings is None:
+        settings = resolve_settings(denoiser, getattr(op, "name", None), {"steps": steps, "etw": etw})[0]
+    seen = k_observed.observed(denoiser, op, settings) if windows and max_iter is None else {}
     if profile is None:
         def decided(c_ms):
-            return serial_is_certain(c_ms, steps, procs, windows=windows, parareal=parareal, etw=etw)
+            return serial_is_certain(c_ms, steps, procs, windows=windows, parareal=parareal, etw=etw,
+                                     observed=seen)
         c_ms, source = cost_until_decided(denoiser, tuple(padded.image_shape), profile_batches(steps, procs),
                                           decided)
     elif isinstance(profile, dict):
         c_ms, source = cost_table(profile, "profile"), {"source": "profile (dict)"}
     else:
         c_ms, source = load_profile(profile), {"source": "profile", "file": str(profile)}
-    choice, prediction = choose_solver(c_ms, steps, procs, windows=windows, parareal=parareal, etw=etw)
+    choice, prediction = choose_solver(c_ms, steps, procs, windows=windows, parareal=parareal, etw=etw,
+                                       observed=seen)
     return choice, {**prediction, "chosen": choice, "c_ms": c_ms, "profile": source,
                     "reason": plan_reason(choice, prediction)}
 
 
-def _plan(denoiser, op, steps: int, profile, comm, etw, stop, max_iter, window_given) -> tuple[str, dict]:
+def _plan(denoiser, op, steps: int, profile, comm, etw, stop, max_iter, window_given,
+          settings: dict) -> tuple[str, dict]:
     """serial, picard or parareal, whichever the latency model predicts is fastest (by a margin over
     serial: api.planner.choose_solver). Sharded over a group (``comm``, a DistComm), rank 0 alone
     times the model (or reads the profile) and decides; every rank receives its plan
     (``Comm.share``), so all ranks run the same solver with the same options."""
     procs = 1 if comm is None else comm.size
-    args = (denoiser, op, procs, profile, steps, etw, stop, max_iter, window_given)
+    args = (denoiser, op, procs, profile, steps, etw, stop, max_iter, window_given, settings)
     if procs == 1:
         return plan_auto(*args)
     payload, err = b"", None

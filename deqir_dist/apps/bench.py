@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import platform
 import time
+from pathlib import Path
 
 import torch
 
@@ -111,6 +112,78 @@ def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), tas
             "device": str(device or "cpu"),
             "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
             "rows": rows}
+
+
+def run_calibrate(files, task: str | None, flags: dict, model: str = "builtin", checkpoint=None,
+                  from_clean: bool = False, steps: int | None = None, procs=(1,), seed: int = 0, device=None,
+                  progress: bool = True) -> dict:
+    """``deqir bench --calibrate``: the K each parallel plan of ``solver="auto"`` needs on the user's
+    own images, stored for the planner (``api.k_observed``, source "calibrated").
+
+    For every image: the serial reference, then each candidate auto weighs (picard over windows of
+    N, N/2 and N/4 rows; parareal's benchmarked (B, m)) with the noise ``deqir restore`` would draw
+    (seed, file stem), the planner's stop rule; each run's K (and its distance to serial) is recorded.
+    Then auto's choice for this model, task, size and settings at each of ``procs`` devices."""
+    from deqir_dist.api import k_observed
+    from deqir_dist.api.planner import parareal_candidates
+    from deqir_dist.api.restore import plan_auto
+    from deqir_dist.dataset.items import check_model_fits, generator_for, load_items
+    from deqir_dist.dataset.tasks import operator_params
+    from deqir_dist.dataset.described import described_task
+    from deqir_dist.models.settings import resolve_settings
+    paths = [Path(f) for f in files]
+    task = task or described_task(paths, from_clean)
+    den = load_denoiser(model, checkpoint=checkpoint, device=device)
+    items = load_items(paths, task, operator_params(task, flags), from_clean, seed=seed)
+    check_model_fits(den, items)
+    rows, choices = [], []
+    bar = None
+    for item in items:
+        settings = resolve_settings(den, task, {"steps": steps})[0]
+        n = settings["steps"]
+        plans = [("picard", {"window": w}) for w in sorted({n, round(n / 2), round(n / 4)} - {0}, reverse=True)]
+        plans += [("parareal", {"blocks": b, "coarse_steps": m}) for b, m, _ in parareal_candidates(n, settings["etw"])]
+        if progress and bar is None:
+            from tqdm.auto import tqdm
+            bar = tqdm(total=len(items) * (1 + len(plans)), desc="calibrate", unit="run", dynamic_ncols=True)
+        kw = dict(steps=steps, sigma_y=item.sigma_y, device=device)
+        with k_observed.paused():
+            ref = restore(den, item.y, item.op, solver="serial", generator=generator_for(seed, item.name), **kw)
+        if bar is not None:
+            bar.update(1)
+        for solver, opts in plans:
+            t0 = time.perf_counter()
+            with k_observed.paused():
+                res = restore(den, item.y, item.op, solver=solver, generator=generator_for(seed, item.name),
+                              **kw, **opts)
+            pid = k_observed.plan_id({"solver": solver, **opts})
+            stored = k_observed.record(den, item.op, res.settings, pid, int(res.iterations), source="calibrated")
+            rows.append({"image": item.name, "plan": pid, "K": res.iterations, "steps": n,
+                         "seconds": round(time.perf_counter() - t0, 3),
+                         "psnr_vs_serial": round(float(psnr(res.image.cpu(), ref.image.cpu()).min()), 2),
+                         "stored": stored})
+            if bar is not None:
+                bar.update(1)
+        for p in procs:
+            choice, plan = plan_auto(den, item.op, procs=p, steps=n, etw=settings["etw"], settings=ref.settings)
+            choices.append({"image": item.name, "procs": p, "auto": choice, "K": plan.get("K"),
+                            "K_source": plan.get("K_source"), "modelled_speedup": round(plan["speedup"], 3),
+                            "reason": plan["reason"]})
+    if bar is not None:
+        bar.close()
+    return {"mode": "calibrate", "model": model, "checkpoint": checkpoint and str(checkpoint), "task": task,
+            "images": [str(p) for p in paths], "from_clean": from_clean, "seed": seed,
+            "store": str(k_observed.store_dir()), "store_enabled": k_observed.enabled(),
+            "torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows, "auto": choices}
+
+
+def format_calibrate(result: dict) -> str:
+    where = (f"stored in {result['store']}" if result["store_enabled"] else
+             "NOT stored: DEQIR_PROFILE_CACHE or DEQIR_LEARN_K is off")
+    return (f"model={result['model']} task={result['task']} images={len(result['images'])}: K per plan, {where}\n"
+            + format_table(result["rows"], ["image", "plan", "K", "steps", "seconds", "psnr_vs_serial"])
+            + "\nsolver=auto now plans with these K:\n"
+            + format_table(result["auto"], ["image", "procs", "auto", "K", "modelled_speedup", "K_source"]))
 
 
 def format_bench(result: dict) -> str:

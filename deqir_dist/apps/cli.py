@@ -12,7 +12,7 @@ from pathlib import Path
 
 from deqir_dist.api.planner import load_profile
 from deqir_dist.api.restore import check_settings
-from deqir_dist.apps.bench import format_bench, format_profile, run_bench, run_profile
+from deqir_dist.apps.bench import format_bench, format_calibrate, format_profile, run_bench, run_calibrate, run_profile
 from deqir_dist.apps.demo import add_parser as add_demo_parser
 from deqir_dist.apps.demo import cmd_demo
 from deqir_dist.apps.flags import (
@@ -95,11 +95,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", help="write the per-image metrics here (missing folders are created)")
 
     p = sub.add_parser("bench", help="serial vs picard vs anderson on the same input: K, time, PSNR")
-    p.add_argument("--model", default="analytic", help="analytic (default; its own samples as images) or builtin "
+    p.add_argument("--model", help="analytic (default; its own samples as images; --calibrate: builtin) or builtin "
                    "(held-out photograph crops); with --profile also any model name or checkpoint")
     p.add_argument("--checkpoint", help="--profile: weights file for the model")
-    p.add_argument("--steps", type=int, nargs="+", default=[25, 50, 100], help="chain lengths N (default 25 50 100)")
-    p.add_argument("--task", default="sr_avgpool", choices=TASKS, help="degradation (default sr_avgpool)")
+    p.add_argument("--steps", type=int, nargs="+", help="chain lengths N (default 25 50 100; --calibrate: the model "
+                                                        "card's N, or its first value)")
+    p.add_argument("--task", choices=TASKS, help="degradation (default sr_avgpool; --calibrate: the one the "
+                                                 "measurement PNGs describe)")
     p.add_argument("--scale", type=int, default=2, help="sr_*: downsampling factor (default 2)")
     p.add_argument("--size", type=int, default=32, help="image side (default 32)")
     p.add_argument("--images", type=int, default=3, help="images to average over (default 3)")
@@ -114,6 +116,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--profile", action="store_true",
                    help="instead: measure c(b), one denoiser call on b rows, and the modelled speed-ups")
     p.add_argument("--graph", action="store_true", help="--profile with CUDA graphs (GPU only)")
+    p.add_argument("--calibrate", nargs="+", metavar="IMAGE",
+                   help="instead: run every parallel plan solver=auto weighs on these images (measurements as "
+                        "'deqir degrade' writes them, or clean pictures with --from-clean) and store the K each "
+                        "needed, so auto plans with this model's K from now on (api.k_observed)")
+    p.add_argument("--from-clean", action="store_true", help="--calibrate: the images are clean; degrade them first")
+    p.add_argument("--procs", type=int, nargs="+", default=[1],
+                   help="--calibrate: report auto's choice on these numbers of devices (default 1)")
     p.add_argument("--cost-from", metavar="JSON", help="--profile: model this c(b) table instead of measuring")
     p.add_argument("--emulate-cost", metavar="TABLE.json",
                    help="hold every denoiser call of b rows to the table's c(b): seconds as on the table's device")
@@ -263,12 +272,30 @@ def cmd_bench(args) -> int:
     if args.profile and args.emulate_cost:
         raise DeqirError("--emulate-cost runs the solvers against a c(b) table; --profile models one: use "
                          "--profile --cost-from TABLE.json")
-    if args.size < 1 or args.images < 1 or min(args.steps) < 1:
-        raise DeqirError("--size, --images and --steps must be positive")
+    if args.size < 1 or args.images < 1 or min(args.steps or [1]) < 1 or min(args.procs) < 1:
+        raise DeqirError("--size, --images, --steps and --procs must be positive")
     set_threads(args.threads)
     device = _device(args)
     if args.json:
         _check_json_path(args.json)
+    if args.calibrate:
+        if args.profile or args.emulate_cost:
+            raise DeqirError("--calibrate runs the user's model on real images; drop --profile / --emulate-cost")
+        flags = {"scale": args.scale} if args.task and args.task.startswith("sr_") else {}
+        result = run_calibrate(args.calibrate, args.task, flags, model=args.model or (None if args.checkpoint else
+                                                                                        "builtin"),
+                               checkpoint=args.checkpoint,
+                               from_clean=args.from_clean, steps=(args.steps or [None])[0], procs=args.procs,
+                               seed=args.seed, device=device, progress=not args.no_progress)
+        print(format_calibrate(result))
+        if args.json:
+            write_json(args.json, result)
+        return 0
+    if args.from_clean or args.procs != [1]:
+        raise DeqirError("--from-clean and --procs belong to --calibrate")
+    args.steps = args.steps or [25, 50, 100]
+    args.task = args.task or "sr_avgpool"
+    args.model = args.model or "analytic"
     if args.profile:
         result = run_profile(args.model, args.checkpoint, args.size, device, args.steps, args.graph,
                              cost_file=args.cost_from)

@@ -64,7 +64,7 @@ def jpeg(y: torch.Tensor, quality: int) -> torch.Tensor:
     return torch.stack(out).float()
 
 
-def evaluate(model, images: list[torch.Tensor], task: str, bits, seed: int) -> dict:
+def evaluate(model, images: list[torch.Tensor], task: str, bits, seed: int, names=None, keep=None) -> dict:
     """Mean PSNR / SSIM of the prior (library defaults) and of every baseline over ``images``."""
     op_name, params = DEMO_TASKS[task]
     scores: dict[str, list] = {}
@@ -85,13 +85,41 @@ def evaluate(model, images: list[torch.Tensor], task: str, bits, seed: int) -> d
         cands = {"prior (defaults)": res.images, **{n: e.clamp(-1, 1) for n, e in baselines_for(op, y).items()}}
         for name, est in cands.items():
             scores.setdefault(name, []).append((float(psnr(est, x[None])[0]), float(ssim(est, x[None])[0])))
+        if keep is not None:
+            keep.append((x, {n: e[0].clamp(-1, 1) for n, e in cands.items()}))
     out = {name: {"psnr": round(sum(p for p, _ in v) / len(v), 3), "ssim": round(sum(s for _, s in v) / len(v), 4)}
            for name, v in scores.items()}
     base = {n: v for n, v in out.items() if n != "prior (defaults)"}
     best = max(base, key=lambda n: base[n]["psnr"])
     prior = out["prior (defaults)"]
+    per_image = [{"image": names[k] if names else k, "prior_psnr": round(scores["prior (defaults)"][k][0], 3),
+                  "best_baseline_psnr": round(scores[best][k][0], 3),
+                  "prior_minus_best_db": round(scores["prior (defaults)"][k][0] - scores[best][k][0], 3)}
+                 for k in range(len(images))]
     return {"methods": out, "best_baseline": best, "prior_minus_best_db": round(prior["psnr"] - base[best]["psnr"], 3),
-            "prior_beats_best": prior["psnr"] > base[best]["psnr"], "settings": settings}
+            "prior_beats_best": prior["psnr"] > base[best]["psnr"],
+            "images_won": sum(r["prior_minus_best_db"] > 0 for r in per_image), "per_image": per_image,
+            "settings": settings}
+
+
+def gallery(path: str, kept: dict, result: dict) -> str:
+    """The failure gallery: for each task, its worst whole photograph (prior minus best baseline, dB)."""
+    from deqir_dist.apps.figures import draw_grid
+    rows, names, caps = [], [], []
+    for key, cases in kept.items():
+        if not cases or key.split("/")[1] != next(iter(kept)).split("/")[1]:
+            continue
+        r = result["results"][key]
+        k = min(range(len(cases)), key=lambda i: r["per_image"][i]["prior_minus_best_db"])
+        x, est = cases[k]
+        pi = r["per_image"][k]
+        rows.append([x, est[r["best_baseline"]], est["prior (defaults)"]])
+        names.append(f"{key.split('/')[0]}: {pi['image'][:18]}")
+        caps.append(["", f"{r['best_baseline']} {pi['best_baseline_psnr']:.1f}", f"prior {pi['prior_psnr']:.1f} "
+                     f"({pi['prior_minus_best_db']:+.1f})"])
+    draw_grid(path, "worst held-out photo per task (PSNR dB vs the truth)", ["truth", "best baseline",
+              "prior (defaults)"], rows, names, caps, zoom=2)
+    return "per task, the whole held-out photograph with the lowest prior minus best-baseline PSNR"
 
 
 def main(argv=None) -> int:
@@ -110,6 +138,8 @@ def main(argv=None) -> int:
                                          "bench/prior_data.py's heldout/: scikit-image's pair plus held-out "
                                          "wallpaper photos), stored as the weights file stores them")
     p.add_argument("--json", required=True)
+    p.add_argument("--gallery", help="PNG: per task, the whole photograph where the prior does worst against the "
+                                     "best baseline (first --measurements kind): truth, baseline, prior")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -128,18 +158,22 @@ def main(argv=None) -> int:
               "whole_sizes": [list(x.shape[1:]) for x in sets["whole"]], "crops": args.crops,
               "sampler": "restore() at the model card's settings, solver serial, sigma_y from the bit depth",
               "torch_threads": args.threads, "results": {}}
+    kept: dict = {}
     for task in args.tasks.split(","):
         for meas in args.measurements.split(","):
             bits = {"float": None, "8bit": 8}.get(meas, meas)
             for kind, images in sets.items():
                 key = f"{task}/{meas}/{kind}"
-                r = evaluate(model, images, task, bits, args.seed)
+                keep = kept.setdefault(key, []) if args.gallery and kind == "whole" else None
+                r = evaluate(model, images, task, bits, args.seed, list(held) if kind == "whole" else None, keep)
                 result["results"][key] = r
                 pr = r["methods"]["prior (defaults)"]
                 print(f"{key:34s} prior {pr['psnr']:6.2f} dB {pr['ssim']:.3f}  best {r['best_baseline']:12s} "
                       f"{r['methods'][r['best_baseline']]['psnr']:6.2f} dB  diff {r['prior_minus_best_db']:+.2f}",
                       flush=True)
     result["seconds"] = round(time.perf_counter() - t0, 1)
+    if args.gallery:
+        result["gallery"] = {"file": args.gallery, "rule": gallery(args.gallery, kept, result)}
     write_json(args.json, result)
     return 0
 

@@ -21,6 +21,7 @@ from deqir_dist.api.restore import restore
 from deqir_dist.data.photos import heldout_crops, stored_photo_folder
 from deqir_dist.dataset.tasks import DEMO_TASKS
 from deqir_dist.io.jsonio import write_json
+from deqir_dist.io.quantization import default_sigma_y
 from deqir_dist.models.builtin import builtin_bench_images, load_builtin
 from deqir_dist.models.settings import resolve_settings
 from deqir_dist.physics.registry import make_operator
@@ -36,23 +37,31 @@ def main(argv=None) -> int:
     p.add_argument("--heldout-dir", help="PNG photographs to crop (default: those stored with the prior)")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--measurement", default="8bit", choices=("8bit", "float"),
+                   help="y rounded to 8 bits as a PNG stores it, sigma_y from the bit depth (default), or float")
+    p.add_argument("--weights", help="a prior written by deqir train-prior (default: the shipped one)")
     p.add_argument("--json", required=True)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    model = load_builtin()
+    model = load_builtin(path=args.weights)
     if args.heldout_dir:
         held = stored_photo_folder(args.heldout_dir)
         x = heldout_crops(held, 64, 4)
     else:
-        held, x = None, builtin_bench_images(4, 64)
+        held, x = None, builtin_bench_images(4, 64, args.weights)
     out = {"command": "python bench/settings_scan.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "model": "builtin", "photographs": list(held) if held else "stored with the prior",
-           "crops": "the first 4 held-out crops (tuning; not in defaults_quality's evaluation)", "tasks": {}}
+           "crops": "the first 4 held-out crops (tuning; not in defaults_quality's evaluation)",
+           "measurement": args.measurement, "weights": args.weights, "tasks": {}}
     for task in args.tasks.split(","):
         name, params = DEMO_TASKS[task]
         op = make_operator(name, tuple(x.shape[1:]), **params)
         y = op.A(x)
+        sigma_y = 0.0
+        if args.measurement == "8bit":
+            y = (((y + 1) / 2).clamp(0, 1) * 255).round() / 255 * 2 - 1
+            sigma_y = default_sigma_y(y)[0]
         base = {n: e.clamp(-1, 1) for n, e in baselines_for(op, y).items()}
         best = max(base, key=lambda n: float(psnr(base[n], x).mean()))
         clip = resolve_settings(model, name)[0]["clip_x0"]
@@ -60,7 +69,7 @@ def main(argv=None) -> int:
                "baseline_ssim": round(float(ssim(base[best], x).mean()), 4), "clip_x0": clip, "prior": {}}
         for n in (int(v) for v in args.steps.split(",")):
             for etw in (float(v) for v in args.etw.split(",")):
-                res = restore(model, y, op, steps=n, etw=etw, nw=0.0, clip_x0=clip, solver="serial",
+                res = restore(model, y, op, steps=n, etw=etw, nw=0.0, clip_x0=clip, solver="serial", sigma_y=sigma_y,
                               value_range=(-1, 1), generator=torch.Generator().manual_seed(args.seed))
                 pv, sv = float(psnr(res.images, x).mean()), float(ssim(res.images, x).mean())
                 row["prior"][f"N={n} etw={etw:g}"] = {"psnr": round(pv, 3), "ssim": round(sv, 4)}

@@ -76,6 +76,7 @@ COLUMNS = ("degraded", "baseline", "serial", "parallel", "truth")
 # restore(), the CLI and Ray use too (models.settings); the demo reads them from there.
 _CARD = builtin_sampler_card() or {}
 DEMO_ETW, DEMO_NW = float(_CARD.get("etw", 0.0)), float(_CARD.get("nw", 0.0))
+DEMO_IMAGES = ("chelsea", "coffee")     # the photographs the demo shows (held out from every prior)
 DEMO_STOP = "rows"          # the library's default stopping rule
 # Tasks restored with x0 clipped to [-1, 1] (``restore(clip_x0=True)``; DDNM/DeqIR do not clip).
 # ``deqir demo --clip all`` against the default: colorize 7.65 -> 16.03 dB (unclipped, the chroma
@@ -116,7 +117,8 @@ def run_demo(out_dir="demo-out", size: int = 64, images=None, crops: int = 1, ta
     """Run the demo; returns the metrics dict (also written to ``out_dir/metrics.json``).
 
     ``model``: a denoiser (default: the built-in prior, or the prior in ``weights``);
-    ``images``: held-out photograph names (default all stored ones); ``crops`` per photograph;
+    ``images``: held-out photograph names (default ``DEMO_IMAGES`` where the prior stores them, else
+    all stored ones); ``crops`` per photograph;
     ``inversion``: add the noise-optimisation stage (``inversion_iters`` gradient evaluations per
     loss, default ``demo_inversion.INVERSION_ITERS``); ``clip``: which tasks clip x0 ("auto":
     ``DEMO_CLIP``, "all", "none"); ``json_path``: also write the metrics there (missing parent
@@ -137,6 +139,8 @@ def run_demo(out_dir="demo-out", size: int = 64, images=None, crops: int = 1, ta
     check_settings(steps, solver, 1000, etw, nw, 0.0, DEMO_STOP, stop_tol, None, warm_start=warm_start)
     s = _Sampler(steps, solver, stop_tol, etw, nw, samples, seed, warm_start, progress)
     held = heldout_images(weights)
+    if not images and all(n in held for n in DEMO_IMAGES):
+        images = list(DEMO_IMAGES)      # a prior may store more held-out photographs than the demo shows
     if images:
         missing = [n for n in images if n not in held]
         if missing:
@@ -408,7 +412,8 @@ def add_parser(subparsers):
                                           "and write comparison grids, a convergence plot and metrics.")
     p.add_argument("-o", "--out", default="demo-out", help="output folder (default demo-out)")
     p.add_argument("--size", type=int, default=64, help="crop side, a multiple of 4 (default 64)")
-    p.add_argument("--images", help="held-out photographs, comma list (default: all stored with the prior)")
+    p.add_argument("--images", help="held-out photographs, comma list (default: chelsea,coffee; any stored with "
+                                    "the prior)")
     p.add_argument("--crops", type=int, default=1, help="crops per photograph (default 1: the centre)")
     p.add_argument("--tasks", help=f"comma list from {','.join(DEMO_TASKS)} (default all)")
     p.add_argument("--steps", type=int, default=25, help="sampling steps T (default 25)")

@@ -173,7 +173,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     is diffusers' name for ``steps``.
     """
     plan = None
-    denoiser = as_denoiser(denoiser, scheduler, prediction_type)
+    denoiser = as_denoiser(denoiser, scheduler, prediction_type, alphas_cumprod)
     steps = resolve_steps(steps, solver_options)
     given = {"steps": steps, "etw": etw if etw is not None else eta, "nw": nw, "clip_x0": clip_x0,
              "alphas_cumprod": alphas_cumprod, "start": start}

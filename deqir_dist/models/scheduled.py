@@ -75,18 +75,22 @@ def _unet_size_multiple(unet) -> int | None:
     return None
 
 
-def as_denoiser(model, scheduler=None, prediction_type: str | None = None):
+def as_denoiser(model, scheduler=None, prediction_type: str | None = None, alphas_cumprod=None):
     """The denoiser ``restore`` runs: ``model`` itself when nothing is to be added, else a
-    :class:`ScheduledDenoiser` (see the module doc). DeqirError, one line, for what cannot be one."""
+    :class:`ScheduledDenoiser` (see the module doc). DeqirError, one line, for what cannot be one.
+
+    ``alphas_cumprod`` (the user's, which the chain runs on) also becomes the schedule a wrapped
+    model's prediction is converted on, so chain and conversion never disagree."""
     if prediction_type is not None:
         check_prediction_type(prediction_type)
     if hasattr(model, "unet") and hasattr(model, "scheduler") and not isinstance(model, ScheduledDenoiser):
-        sched = read_scheduler(model.scheduler, f"{type(model).__name__}.scheduler")
+        sched = read_scheduler(model.scheduler, f"{type(model).__name__}.scheduler ({type(model.scheduler).__name__})")
         model = ScheduledDenoiser(model.unet, sched, _unet_size_multiple(model.unet), label=type(model.unet).__name__)
     if not callable(model):
         raise DeqirError(f"the model must be callable as model(x, t) (a torch module, a loaded name, or a pipeline "
                          f"with .unet and .scheduler), got {type(model).__name__}")
-    if scheduler is None and prediction_type is None:
+    if scheduler is None and prediction_type is None and (alphas_cumprod is None
+                                                          or not isinstance(model, ScheduledDenoiser)):
         if not isinstance(model, ScheduledDenoiser) and getattr(model, "size_multiple", None) is None \
                 and _unet_size_multiple(model) is not None:         # a bare diffusers UNet: its multiple
             return ScheduledDenoiser(model, default_schedule(), _unet_size_multiple(model),
@@ -99,6 +103,10 @@ def as_denoiser(model, scheduler=None, prediction_type: str | None = None):
         sched = model.schedule if isinstance(model, ScheduledDenoiser) else default_schedule()
     if prediction_type is not None and prediction_type != sched.prediction_type:
         sched = sched.with_prediction(prediction_type, "user")
+    if alphas_cumprod is not None:
+        sched = Schedule(torch.as_tensor(alphas_cumprod, dtype=torch.float64).flatten().cpu(), sched.prediction_type,
+                         sched.spacing, sched.offset, sched.clip_sample, f"{sched.source}; alphas_cumprod from user",
+                         sched.config)
     size = model.size_multiple if isinstance(model, ScheduledDenoiser) else _unet_size_multiple(net)
     return ScheduledDenoiser(net, sched, size, getattr(model, "in_channels", None),
                              label=getattr(model, "label", type(net).__name__))
@@ -118,11 +126,13 @@ def chain_schedule(model, alphas_cumprod=None, start: int | None = None):
     schedule's length (a model's ``num_train_timesteps``, the length of a given ``alphas_cumprod``,
     else 1000), so a longer schedule is never started at t = 999 silently."""
     sched = getattr(model, "schedule", None)
-    if alphas_cumprod is not None:
+    if alphas_cumprod is not None:           # the grid stays the model's (spacing, offset)
         ac = torch.as_tensor(alphas_cumprod)
         n = ac.numel()
-        record = {"alphas_cumprod": f"given ({n} steps)", "timestep_spacing": "leading"}
-        return ac, (n if start is None else start), "leading", 0, record, "user"
+        spacing, offset = (sched.spacing, sched.offset) if isinstance(sched, Schedule) else ("leading", 0)
+        record = {"alphas_cumprod": f"given ({n} steps)", "timestep_spacing": spacing, "steps_offset": offset,
+                  "prediction_type": sched.prediction_type if isinstance(sched, Schedule) else "epsilon"}
+        return ac, (n if start is None else start), spacing, offset, record, "user"
     if isinstance(sched, Schedule):
         return (sched.alphas_cumprod, sched.train_steps if start is None else start, sched.spacing, sched.offset,
                 sched.describe(), sched.source)

@@ -138,6 +138,7 @@ def test_folder_refusals_are_one_line(tmp_path, no_diffusers):
     short = dict(sd)
     short.pop("conv_out.bias")
     cases.append((write_model(tmp_path / "short", SMALL_GOOGLE, short), "1 missing: conv_out.bias"))
+    cases.append((tmp_path / "short" / "diffusion_pytorch_model.safetensors", "diffusers folder not found"))
     for folder, match in cases:
         with pytest.raises(DeqirError, match=match) as e:
             load_denoiser(f"diffusers:{folder}")
@@ -367,3 +368,22 @@ def test_pipeline_objects_and_python_conventions():
         assert "\n" not in str(e.value)
     with pytest.raises(DeqirError, match="must be callable"):
         restore(object(), y, op)
+
+
+@needs_diffusers
+def test_diffusers_objects_pipelines_and_sizes_off_the_multiple(tmp_path):
+    from diffusers import DDPMPipeline, DDPMScheduler, UNet2DModel
+    torch.manual_seed(6)
+    unet = UNet2DModel(**{k: v for k, v in SMALL_GOOGLE.items() if not k.startswith("_")}).eval()
+    sched = DDPMScheduler(beta_schedule="squaredcos_cap_v2", prediction_type="v_prediction", clip_sample=False)
+    op = make_operator("sr_avgpool", (3, 18, 18), scale=2)           # 18: off the UNet's multiple of 4
+    y = op.A(torch.zeros(1, 3, 18, 18))
+    xi = torch.randn(1, 3, 20, 20, generator=torch.Generator().manual_seed(1))
+    bare = restore(unet, y, op, steps=2, solver="serial", noise=xi)                  # padded, not a RuntimeError
+    pipe = restore(DDPMPipeline(unet=unet, scheduler=sched), y, op, steps=2, solver="serial", noise=xi)
+    given = restore(unet, y, op, steps=2, solver="serial", noise=xi, scheduler=sched)
+    assert bare.image.shape == pipe.image.shape == (1, 3, 18, 18) and torch.equal(pipe.image, given.image)
+    assert pipe.settings["schedule"]["prediction_type"] == "v_prediction" and "schedule" not in bare.settings
+    DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(tmp_path / "p")
+    folder = restore(load_denoiser(f"diffusers:{tmp_path / 'p'}"), y, op, steps=2, solver="serial", noise=xi)
+    assert rel(folder.image, pipe.image) < 1e-5

@@ -38,7 +38,7 @@ class ScheduledDenoiser(torch.nn.Module):
         self.schedule = schedule
         self._abar = {}                 # device -> float64 abar (a plain tensor: .half() / .float() leave it)
         self.size_multiple = int(size_multiple or getattr(net, "size_multiple", 1) or 1)
-        channels = in_channels if in_channels is not None else getattr(net, "in_channels", None)
+        channels = in_channels if in_channels is not None else _channels(net)
         if channels is not None:
             self.in_channels = int(channels)
         self.label = label or type(net).__name__
@@ -64,6 +64,14 @@ class ScheduledDenoiser(torch.nn.Module):
     def extra_repr(self) -> str:
         return f"label={self.label!r}, prediction_type={self.schedule.prediction_type!r}, " \
                f"train_steps={self.schedule.train_steps}, size_multiple={self.size_multiple}"
+
+
+def _channels(net) -> int | None:
+    """The input channels a network declares (a diffusers model's config, else ``in_channels``)."""
+    cfg = getattr(net, "config", None)
+    if isinstance(cfg, Mapping) and "in_channels" in cfg:
+        return cfg["in_channels"]
+    return getattr(net, "in_channels", None)
 
 
 def _unet_size_multiple(unet) -> int | None:
@@ -108,7 +116,7 @@ def as_denoiser(model, scheduler=None, prediction_type: str | None = None, alpha
                          sched.spacing, sched.offset, sched.clip_sample, f"{sched.source}; alphas_cumprod from user",
                          sched.config)
     size = model.size_multiple if isinstance(model, ScheduledDenoiser) else _unet_size_multiple(net)
-    return ScheduledDenoiser(net, sched, size, getattr(model, "in_channels", None),
+    return ScheduledDenoiser(net, sched, size, _channels(model),
                              label=getattr(model, "label", type(net).__name__))
 
 

@@ -1,0 +1,126 @@
+"""Ray Data: ``DeqirRestorer``, a callable class for ``Dataset.map_batches``.
+
+::
+
+    ds = ray.data.read_binary_files(root, include_paths=True)          # columns bytes, path
+    out = ds.map_batches(DeqirRestorer, fn_constructor_kwargs={"task": "sr_bicubic", "scale": 4},
+                         batch_size=8, compute=ray.data.ActorPoolStrategy(size=2))
+    out.write_parquet(dest)        # columns id, png, status, error, iterations, solver, seconds
+
+The constructor's keyword arguments are ``deqir restore``'s flag names (``model``, ``checkpoint``,
+``task``, ``scale``, ``mask``, ... ``steps``, ``etw``, ``solver``, ``seed``, ``from_clean``,
+``sigma_y``, ``bits``, ``device``, ``threads``, ``max_pixels``), with the same meaning and
+defaults. Each row is decoded with the project's own codec and caps (16-bit PNGs, the operator
+description a measurement PNG carries, the pixel and byte caps), its noise drawn from
+(seed, id) with id the file's stem, so its PNG is byte for byte the one ``deqir restore`` (and
+``ray-restore``) writes for the same flags. A row that cannot be restored (a corrupt file, a size
+the task cannot measure) is a row with status "error" and the one-line reason; the block goes on.
+One process per actor (a gang of P ranks per actor is not provided here: use ``deqir ray-restore
+--gpus-per-worker P``).
+"""
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from deqir_dist.api.restore import check_settings, restore
+from deqir_dist.dataset.described import described_task
+from deqir_dist.dataset.items import generator_for, load_items
+from deqir_dist.dataset.tasks import OP_FLAGS, TASKS, operator_params
+from deqir_dist.errors import DeqirError, one_line
+from deqir_dist.io.images import write_image
+from deqir_dist.io.limits import set_decode_limits
+from deqir_dist.models import load_denoiser
+
+# deqir restore's sampler flags, as restore() keyword arguments (apps.flags.restore_kwargs)
+SAMPLER_FLAGS = ("steps", "etw", "nw", "sigma_y", "clip_x0", "start", "solver", "stop", "stop_tol", "max_iter",
+                 "warm_start", "profile", "window", "blocks", "coarse_steps")
+COLUMNS = ("id", "png", "status", "error", "iterations", "solver", "seconds")
+
+
+class DeqirRestorer:
+    """Restores a batch of image files (rows with ``bytes`` and ``path``); see the module doc."""
+
+    def __init__(self, model: str | None = None, checkpoint: str | None = None, task: str | None = None,
+                 from_clean: bool = False, seed: int = 0, bits: int = 8, device: str | None = None,
+                 threads: int | None = None, max_pixels: int | None = None, **flags):
+        unknown = sorted(set(flags) - set(OP_FLAGS) - set(SAMPLER_FLAGS))
+        if unknown:
+            raise DeqirError(f"DeqirRestorer: unknown argument(s) {', '.join(unknown)}; it takes deqir restore's "
+                             f"flag names (model, task, {', '.join(OP_FLAGS)}, {', '.join(SAMPLER_FLAGS)}, ...)")
+        if task is not None and task not in TASKS:
+            raise DeqirError(f"unknown task {task!r}; choose from {', '.join(TASKS)}")
+        if bits not in (8, 16):
+            raise DeqirError(f"bits must be 8 or 16, got {bits!r}")
+        if threads is not None:
+            import torch
+            torch.set_num_threads(int(threads))
+        if max_pixels is not None:
+            set_decode_limits(max_pixels=max_pixels)
+        self.task, self.from_clean, self.seed, self.bits = task, bool(from_clean), int(seed), bits
+        op_flags = {k: v for k, v in flags.items() if k in OP_FLAGS}
+        self.params = operator_params(task, op_flags) if task is not None else {}
+        if task is None and op_flags:
+            raise DeqirError("task flags need task= (without it each measurement PNG's own description is used)")
+        self.restore_kw = {k: v for k, v in flags.items() if k in SAMPLER_FLAGS and v is not None}
+        check_settings(**self.restore_kw)
+        if model is None and checkpoint is None:
+            model = "builtin"
+        self.model = load_denoiser(model, checkpoint=checkpoint, device=device)
+
+    def __call__(self, batch) -> dict:
+        rows = _rows(batch)
+        out = {c: [] for c in COLUMNS}
+        with tempfile.TemporaryDirectory(prefix="deqir-data-") as scratch:
+            for data, path in rows:
+                rec = self._one(data, path, Path(scratch))
+                for c in COLUMNS:
+                    out[c].append(rec.get(c))
+        import numpy as np
+        return {c: np.array(v, dtype=object) for c, v in out.items()}
+
+    def _one(self, data, path, scratch: Path) -> dict:
+        name = Path(str(path)).stem
+        rec = {"id": name, "png": None, "status": "error", "error": None, "iterations": None, "solver": None,
+               "seconds": None}
+        t0 = time.perf_counter()
+        tmp = scratch / f"{name}{Path(str(path)).suffix}"
+        try:
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                raise DeqirError(f"{path}: the bytes column holds {type(data).__name__}, not bytes")
+            tmp.write_bytes(bytes(data))
+            try:
+                task = self.task or described_task([tmp], self.from_clean)
+                item = load_items([tmp], task, self.params, self.from_clean, sigma_y=self.restore_kw.get("sigma_y"),
+                                  seed=self.seed)[0]
+            except DeqirError as e:
+                raise DeqirError(str(e).replace(str(tmp), str(path))) from None
+            kw = dict(self.restore_kw)
+            kw.setdefault("sigma_y", item.sigma_y)      # not given: from the file's bit depth, as deqir restore
+            res = restore(self.model, item.y, item.op, generator=generator_for(self.seed, item.name), **kw)
+            png = scratch / f"{name}.out.png"
+            write_image(png, res.image[0], bits=self.bits)
+            rec.update(png=png.read_bytes(), status="ok", iterations=int(res.iterations),
+                       solver=res.solver)
+        except Exception as e:  # noqa: BLE001 - a bad row is a row, never a failed block
+            rec["error"] = one_line(e, bare_deqir=True)
+        finally:
+            for f in (tmp, scratch / f"{name}.out.png"):
+                try:
+                    os.unlink(f)
+                except OSError:
+                    pass
+        rec["seconds"] = round(time.perf_counter() - t0, 4)
+        return rec
+
+
+def _rows(batch) -> list:
+    """(bytes, path) per row of a Ray Data batch: a dict of columns (numpy / lists) or a pandas frame."""
+    try:
+        cols = {k: list(batch[k]) for k in ("bytes", "path")}
+    except (KeyError, TypeError, IndexError):
+        raise DeqirError("DeqirRestorer takes rows with columns bytes and path "
+                         "(ray.data.read_binary_files(root, include_paths=True))") from None
+    return list(zip(cols["bytes"], cols["path"]))

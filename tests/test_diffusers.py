@@ -387,3 +387,15 @@ def test_diffusers_objects_pipelines_and_sizes_off_the_multiple(tmp_path):
     DDPMPipeline(unet=unet, scheduler=sched).save_pretrained(tmp_path / "p")
     folder = restore(load_denoiser(f"diffusers:{tmp_path / 'p'}"), y, op, steps=2, solver="serial", noise=xi)
     assert rel(folder.image, pipe.image) < 1e-5
+
+
+def test_ray_driver_checks_a_folder_without_reading_weights(small_folder, tmp_path, no_diffusers):
+    from deqir_dist.ray.cluster import _check_model
+    _check_model(str(small_folder), None)
+    _check_model(f"diffusers:{small_folder}", None)
+    sd = unet2d_state_dict(SMALL_GOOGLE)
+    sd["conv_in.weight"] = sd["conv_in.weight"][:, :1]
+    with pytest.raises(DeqirError, match=r"shape mismatch: conv_in.weight \[32, 1, 3, 3\]"):
+        _check_model(str(write_model(tmp_path / "bad", SMALL_GOOGLE, sd)), None)
+    with pytest.raises(DeqirError, match="freq_shift=0"):
+        _check_model(str(write_model(tmp_path / "other", {**SMALL_GOOGLE, "freq_shift": 0}, sd)), None)

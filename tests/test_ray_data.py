@@ -97,3 +97,17 @@ def test_a_ray_data_pipeline_writes_the_cli_bytes(tmp_path, capsys):
     assert by_id["zz_bad"]["status"] == "error" and by_id["zz_bad"]["png"] is None
     for i in range(4):
         assert by_id[f"im{i}"]["png"] == (tmp_path / "cli" / f"im{i}.png").read_bytes()
+
+
+@pytest.mark.slow
+def test_ray_restore_runs_a_diffusers_folder_with_the_cli_bytes(tmp_path, capsys):
+    pytest.importorskip("ray")
+    from tests.diffusers_folders import GOOGLE_SCHEDULER, SMALL_GOOGLE, write_model
+    folder = write_model(tmp_path / "m", SMALL_GOOGLE, scheduler={**GOOGLE_SCHEDULER, "prediction_type": "v_prediction"})
+    clean = _images(tmp_path / "clean", 2)
+    common = ["--from-clean", "--task", "sr_avgpool", "--scale", "2", "--model", folder, "--steps", "3",
+              "--solver", "serial", "--no-progress"]
+    _cli(["restore", clean, *common, "-o", tmp_path / "cli"], capsys)
+    _cli(["ray-restore", clean, *common, "-o", tmp_path / "ray", "--address", "local"], capsys)
+    for i in range(2):
+        assert (tmp_path / "ray" / f"im{i}.png").read_bytes() == (tmp_path / "cli" / f"im{i}.png").read_bytes()

@@ -113,11 +113,12 @@ def _weights_file(folder: Path, variant: str | None) -> list[Path]:
     raise DeqirError(f"{folder}: no weights file ({want})")
 
 
-def read_weights(folder: Path, variant: str | None = None) -> dict:
+def read_weights(folder: Path, variant: str | None = None, shapes_only: bool = False) -> dict:
+    """name -> tensor (old attention names renamed); ``shapes_only``: meta tensors, from the headers."""
     sd = {}
     for f in _weights_file(folder, variant):
-        part, _ = read_state_dict(f)
-        sd.update(part)
+        part, _ = read_state_dict(f, shapes_only=shapes_only)
+        sd.update({k: torch.empty(v, device="meta") for k, v in part.items()} if shapes_only else part)
     out = {}
     for k, v in sd.items():
         parts = k.split(".")
@@ -212,7 +213,7 @@ def to_ddpm_names(sd: dict, levels: int) -> dict:
     return out
 
 
-def _diffusers_unet(cfg: dict, sd: dict, folder: Path, why: str):
+def _diffusers_unet(cfg: dict, sd: dict, folder: Path, why: str, shapes_only: bool = False):
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -231,17 +232,26 @@ def _diffusers_unet(cfg: dict, sd: dict, folder: Path, why: str):
     mismatch = state_dict_mismatch(net.state_dict(), sd)
     if mismatch:
         raise DeqirError(f"{folder}: the weights do not match config.json: {mismatch}")
+    if shapes_only:
+        return None
     net.load_state_dict(sd, strict=True)
     return net.float().eval()
 
 
-def load_diffusers(path, variant: str | None = None) -> ScheduledDenoiser:
+def check_diffusers(path, variant: str | None = None) -> None:
+    """``load_diffusers``'s checks (configs, scheduler, weight names and shapes from the file headers)
+    without reading the weights: what a Ray driver checks before its workers load the folder."""
+    load_diffusers(path, variant, shapes_only=True)
+
+
+def load_diffusers(path, variant: str | None = None, shapes_only: bool = False) -> ScheduledDenoiser | None:
     """The denoiser a diffusers folder holds (float32, cpu, eval), with its schedule."""
     raw = os.fspath(path)
     folder, sched_file = _locate(Path(raw[len(PREFIX):] if raw.startswith(PREFIX) else raw))
     cfg = unet_config(folder)
     why = google_mismatch(cfg)
-    sd = read_weights(folder, variant)
+    schedule = schedule_from_config(read_json_config(sched_file), str(sched_file)) if sched_file else None
+    sd = read_weights(folder, variant, shapes_only)
     levels = len(cfg["block_out_channels"]) if isinstance(cfg["block_out_channels"], list) else 1
     if why is None:
         kw = ddpm_kwargs(cfg)
@@ -251,15 +261,17 @@ def load_diffusers(path, variant: str | None = None) -> ScheduledDenoiser:
         mismatch = state_dict_mismatch(net.state_dict(), converted)
         if mismatch:
             raise DeqirError(f"{folder}: the weights do not match config.json: {mismatch}")
+        if shapes_only:
+            return None
         net.load_state_dict(converted, strict=True, assign=True)
         net = net.float().eval()
         kind = "DDPMUNet (google's DDPM family, converted)"
     else:
-        net = _diffusers_unet(cfg, sd, folder, why)
+        net = _diffusers_unet(cfg, sd, folder, why, shapes_only)
+        if shapes_only:
+            return None
         kind = "diffusers UNet2DModel"
-    if sched_file is not None:
-        schedule = schedule_from_config(read_json_config(sched_file), str(sched_file))
-    else:
+    if schedule is None:
         base = default_schedule()
         schedule = Schedule(base.alphas_cumprod, source=f"{LIBRARY_SCHEDULE}: {folder} has no scheduler_config.json",
                             config=base.config)

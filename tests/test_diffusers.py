@@ -80,7 +80,7 @@ def test_every_way_to_name_a_folder_loads_the_same_model(small_folder, tmp_path)
     x, t = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0)), torch.tensor([3, 700])
     outs = []
     for name in (f"diffusers:{small_folder}", str(small_folder), str(small_folder / "config.json"), str(pipe),
-                 f"diffusers:{pipe}", str(pipe / "unet")):
+                 f"diffusers:{pipe}", str(pipe / "unet"), str(small_folder / "diffusion_pytorch_model.safetensors")):
         m = load_denoiser(name)
         assert isinstance(m, ScheduledDenoiser) and isinstance(m.net, DDPMUNet), name
         assert m.size_multiple == 4 and m.in_channels == 3 and m.schedule.train_steps == 1000
@@ -88,6 +88,8 @@ def test_every_way_to_name_a_folder_loads_the_same_model(small_folder, tmp_path)
         assert "scheduler_config.json" in m.schedule.source
         outs.append(m(x, t))
     assert load_denoiser(None, checkpoint=str(small_folder))(x, t).equal(outs[0])
+    weights = str(pipe / "unet" / "diffusion_pytorch_model.safetensors")       # the file: its folder, not its shapes
+    assert load_denoiser(None, checkpoint=weights)(x, t).equal(outs[0])
     for o in outs[1:]:
         assert torch.equal(o, outs[0])
 
@@ -138,7 +140,7 @@ def test_folder_refusals_are_one_line(tmp_path, no_diffusers):
     short = dict(sd)
     short.pop("conv_out.bias")
     cases.append((write_model(tmp_path / "short", SMALL_GOOGLE, short), "1 missing: conv_out.bias"))
-    cases.append((tmp_path / "short" / "diffusion_pytorch_model.safetensors", "diffusers folder not found"))
+    cases.append((tmp_path / "short" / "diffusion_pytorch_model.safetensors", "1 missing: conv_out.bias"))
     for folder, match in cases:
         with pytest.raises(DeqirError, match=match) as e:
             load_denoiser(f"diffusers:{folder}")

@@ -69,8 +69,8 @@ def is_diffusers_folder(path) -> bool:
 
 def _locate(path: Path) -> tuple[Path, Path | None]:
     """(the UNet's folder, its scheduler_config.json or None)."""
-    if path.is_file() and path.name == "config.json":
-        path = path.parent
+    if path.is_file() and (path.name == "config.json" or path.name.startswith(f"{WEIGHTS}.")):
+        path = path.parent          # a folder's file: the folder (its config.json says what the weights are)
     if not path.is_dir():
         raise DeqirError(f"diffusers folder not found: {path} (a local folder; to use a Hub model, download it "
                          "first, e.g. huggingface-cli download google/ddpm-cifar10-32 --local-dir DIR)")
@@ -247,7 +247,10 @@ def check_diffusers(path, variant: str | None = None) -> None:
 def load_diffusers(path, variant: str | None = None, shapes_only: bool = False) -> ScheduledDenoiser | None:
     """The denoiser a diffusers folder holds (float32, cpu, eval), with its schedule."""
     raw = os.fspath(path)
-    folder, sched_file = _locate(Path(raw[len(PREFIX):] if raw.startswith(PREFIX) else raw))
+    given = Path(raw[len(PREFIX):] if raw.startswith(PREFIX) else raw)
+    if variant is None and given.is_file() and given.name.startswith(f"{WEIGHTS}.fp16."):
+        variant = "fp16"            # the fp16 weights file itself was named
+    folder, sched_file = _locate(given)
     cfg = unet_config(folder)
     why = google_mismatch(cfg)
     schedule = schedule_from_config(read_json_config(sched_file), str(sched_file)) if sched_file else None

@@ -141,13 +141,20 @@ def _diffusers_path(name, checkpoint):
             raise DeqirError(f"{name} holds its own weights; it takes no checkpoint")
         return name
     for given in (name, checkpoint):
-        if isinstance(given, str) and (is_diffusers_folder(given) or
-                                       (os.path.basename(given) == "config.json" and os.path.isfile(given))):
+        if isinstance(given, str) and (is_diffusers_folder(given) or _in_diffusers_folder(given)):
             if name not in (None, "analytic", given) or (checkpoint is not None and given == name):
                 raise DeqirError(f"{given} is a diffusers folder (its own model and weights): give it alone as the "
                                  f"model, not with {checkpoint if given == name else name}")
             return given
     return None
+
+
+def _in_diffusers_folder(path: str) -> bool:
+    """A diffusers folder's config.json or weights file (diffusion_pytorch_model*): the file says
+    what it is by the config.json beside it, so the folder is loaded, never the file by its shapes."""
+    base = os.path.basename(path)
+    return os.path.isfile(path) and (base == "config.json" or base.startswith("diffusion_pytorch_model.")) \
+        and os.path.isfile(os.path.join(os.path.dirname(path) or ".", "config.json"))
 
 
 def _check_device(device):

@@ -227,6 +227,11 @@ def test_other_unet2d_configs_run_through_diffusers(tmp_path):
     x, t = torch.randn(2, 3, 16, 16), torch.tensor([10, 800])
     with torch.no_grad():
         assert rel(model(x, t), unet(x, t).sample) < 1e-5
+    cfg = json.loads((tmp_path / "m" / "config.json").read_text())
+    (tmp_path / "m" / "config.json").write_text(json.dumps({**cfg, "block_out_channels": [64, 4096]}))
+    with pytest.raises(DeqirError, match="the weights do not match config.json"):       # checked on meta first
+        load_denoiser(str(tmp_path / "m"))
+    (tmp_path / "m" / "config.json").write_text(json.dumps(cfg))
     op = make_operator("sr_avgpool", (3, 18, 18), scale=2)      # 18 = 2 x 9: 9 is odd, padded to the multiple
     y = op.A(torch.zeros(1, 3, 18, 18))
     assert restore(model, y, op, steps=2, solver="serial").image.shape == (1, 3, 18, 18)

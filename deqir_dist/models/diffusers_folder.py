@@ -222,18 +222,21 @@ def _diffusers_unet(cfg: dict, sd: dict, folder: Path, why: str, shapes_only: bo
         raise DeqirError(f"{folder / 'config.json'}: {why} is not google's DDPM family, which this library runs "
                          "natively; other UNet2DModel configs need diffusers: pip install 'deqir-dist[diffusers]'") \
             from None
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            net = UNet2DModel.from_config(cfg)
-    except Exception as e:  # noqa: BLE001
-        raise DeqirError(f"{folder / 'config.json'}: diffusers cannot build this UNet2DModel "
-                         f"({one_line(e, limit=160)})") from None
-    mismatch = state_dict_mismatch(net.state_dict(), sd)
+    def build(device):
+        try:
+            with warnings.catch_warnings(), torch.device(device):
+                warnings.simplefilter("ignore")
+                return UNet2DModel.from_config(cfg)
+        except Exception as e:  # noqa: BLE001
+            raise DeqirError(f"{folder / 'config.json'}: diffusers cannot build this UNet2DModel "
+                             f"({one_line(e, limit=160)})") from None
+    # on the meta device first: a config is checked against the weights before any memory is taken
+    mismatch = state_dict_mismatch(build("meta").state_dict(), sd)
     if mismatch:
         raise DeqirError(f"{folder}: the weights do not match config.json: {mismatch}")
     if shapes_only:
         return None
+    net = build("cpu")
     net.load_state_dict(sd, strict=True)
     return net.float().eval()
 

@@ -111,3 +111,34 @@ def test_ray_restore_runs_a_diffusers_folder_with_the_cli_bytes(tmp_path, capsys
     _cli(["ray-restore", clean, *common, "-o", tmp_path / "ray", "--address", "local"], capsys)
     for i in range(2):
         assert (tmp_path / "ray" / f"im{i}.png").read_bytes() == (tmp_path / "cli" / f"im{i}.png").read_bytes()
+
+
+@pytest.mark.slow
+def test_a_gang_per_actor_shards_each_image(tmp_path, capsys):
+    ray = pytest.importorskip("ray")
+    import numpy as np
+    from PIL import Image
+    clean = _images(tmp_path / "clean", 2)
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    flags = {**FLAGS, "solver": "picard", "steps": 6}
+    _cli(["restore", clean, "--from-clean", "--task", "sr_avgpool", "--scale", "2", "--model", "analytic",
+          "--steps", "6", "--solver", "picard", "--seed", "5", "-o", tmp_path / "cli", "--no-progress"], capsys)
+    with pytest.raises(DeqirError, match="shards the chain"):
+        DeqirRestorer(**FLAGS, gpus_per_worker=2)
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=3, include_dashboard=False, log_to_driver=False, object_store_memory=256 * 1024**2)
+    try:
+        restorer = DeqirRestorer(**flags, from_clean=True, gpus_per_worker=2)
+        try:
+            out = restorer(_batch(sorted(clean.glob("*.png")) + [tmp_path / "bad.png"]))
+        finally:
+            restorer.close()
+    finally:
+        if started:
+            ray.shutdown()
+    assert list(out["status"]) == ["ok", "ok", "error"] and "bad.png" in out["error"][2]
+    for i in range(2):                      # the sharded chain == one process (to a grey level, as ray-restore's gangs)
+        a = np.asarray(Image.open(tmp_path / "cli" / f"im{i}.png")).astype(int)
+        (tmp_path / "g.png").write_bytes(out["png"][i])
+        assert np.abs(np.asarray(Image.open(tmp_path / "g.png")).astype(int) - a).max() <= 1

@@ -15,8 +15,11 @@ description a measurement PNG carries, the pixel and byte caps), its noise drawn
 (seed, id) with id the file's stem, so its PNG is byte for byte the one ``deqir restore`` (and
 ``ray-restore``) writes for the same flags. A row that cannot be restored (a corrupt file, a size
 the task cannot measure) is a row with status "error" and the one-line reason; the block goes on.
-One process per actor (a gang of P ranks per actor is not provided here: use ``deqir ray-restore
---gpus-per-worker P``).
+``gpus_per_worker=P`` > 1: each Ray Data actor starts a gang of P rank actors in its own
+placement group (STRICT_PACK: one node; a GPU per rank with ``device="cuda"``, NCCL; else gloo on
+CPUs) that shard each image's chain (``restore(distributed=True)``, the ``ray-restore`` worker);
+the Ray Data actor itself only ships rows to its gang and returns rank 0's results. A gang needs
+``task=``. The gang is released when the actor ends (``close()``).
 """
 from __future__ import annotations
 
@@ -45,7 +48,8 @@ class DeqirRestorer:
 
     def __init__(self, model: str | None = None, checkpoint: str | None = None, task: str | None = None,
                  from_clean: bool = False, seed: int = 0, bits: int = 8, device: str | None = None,
-                 threads: int | None = None, max_pixels: int | None = None, **flags):
+                 threads: int | None = None, max_pixels: int | None = None, gpus_per_worker: int = 1,
+                 dist_timeout: float = 600.0, **flags):
         unknown = sorted(set(flags) - set(OP_FLAGS) - set(SAMPLER_FLAGS))
         if unknown:
             raise DeqirError(f"DeqirRestorer: unknown argument(s) {', '.join(unknown)}; it takes deqir restore's "
@@ -68,11 +72,46 @@ class DeqirRestorer:
         check_settings(**self.restore_kw)
         if model is None and checkpoint is None:
             model = "builtin"
+        self.gang = None
+        if isinstance(gpus_per_worker, bool) or not isinstance(gpus_per_worker, int) or gpus_per_worker < 1:
+            raise DeqirError(f"gpus_per_worker must be an integer >= 1, got {gpus_per_worker!r}")
+        if gpus_per_worker > 1:
+            if task is None:
+                raise DeqirError("a gang (gpus_per_worker > 1) needs task=")
+            if self.restore_kw.get("solver") not in ("picard", "anderson", "parareal"):
+                raise DeqirError("a gang (gpus_per_worker > 1) shards the chain: give solver='picard', 'anderson' "
+                                 "or 'parareal'")
+            spec = {"model": model, "checkpoint": checkpoint, "device": "cuda" if device == "cuda" else "cpu",
+                    "threads": int(threads or 1), "task": task, "seed": self.seed, "from_clean": self.from_clean,
+                    "bits": bits, "batch": False, "token": "data",
+                    "restore": {k: v for k, v in self.restore_kw.items() if k != "sigma_y"}}
+            from deqir_dist.io import limits
+            self.gang = _Gang({**spec, "limits": limits.current()}, gpus_per_worker, float(dist_timeout))
+            self.model = None
+            return
         self.model = load_denoiser(model, checkpoint=checkpoint, device=device)
+
+    def close(self) -> None:
+        """Release the gang (its actors and placement group), if any."""
+        if self.gang is not None:
+            self.gang.close()
+            self.gang = None
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # noqa: BLE001 - interpreter shutdown
+            pass
 
     def __call__(self, batch) -> dict:
         rows = _rows(batch)
         out = {c: [] for c in COLUMNS}
+        if self.gang is not None:
+            for rec in self.gang.restore(rows, self.params, self.restore_kw.get("sigma_y")):
+                for c in COLUMNS:
+                    out[c].append(rec.get(c))
+            import numpy as np
+            return {c: np.array(v, dtype=object) for c, v in out.items()}
         with tempfile.TemporaryDirectory(prefix="deqir-data-") as scratch:
             for data, path in rows:
                 rec = self._one(data, path, Path(scratch))
@@ -124,3 +163,71 @@ def _rows(batch) -> list:
         raise DeqirError("DeqirRestorer takes rows with columns bytes and path "
                          "(ray.data.read_binary_files(root, include_paths=True))") from None
     return list(zip(cols["bytes"], cols["path"]))
+
+
+class _Gang:
+    """P ``RestoreWorker`` rank actors in one placement group, joined into one process group."""
+
+    def __init__(self, spec: dict, ranks: int, timeout_s: float):
+        import ray
+        from ray.util.placement_group import placement_group
+        from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+        from deqir_dist.ray.worker import RestoreWorker
+        self.ray, self.timeout = ray, timeout_s
+        cuda = spec["device"] == "cuda"
+        bundle = {"CPU": 1, **({"GPU": 1} if cuda else {})}
+        self.pg = placement_group([dict(bundle) for _ in range(ranks)], strategy="STRICT_PACK")
+        try:
+            ready, _ = ray.wait([self.pg.ready()], timeout=timeout_s)
+            if not ready:
+                raise DeqirError(f"could not place a gang of {ranks} x {bundle} on one node within {timeout_s:.0f} s")
+            cls = ray.remote(RestoreWorker)
+            self.ranks = [cls.options(num_cpus=1, num_gpus=1 if cuda else 0, max_restarts=0,
+                                      scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                          placement_group=self.pg, placement_group_bundle_index=r)).remote(spec)
+                          for r in range(ranks)]
+            addr = ray.get(self.ranks[0].address.remote(), timeout=timeout_s)
+            ray.get([a.join.remote(addr, r, ranks, "nccl" if cuda else "gloo", timeout_s)
+                     for r, a in enumerate(self.ranks)], timeout=timeout_s)
+        except Exception:
+            self.close()
+            raise
+
+    def restore(self, rows, params: dict, sigma_y) -> list[dict]:
+        items, bad = [], {}
+        for data, path in rows:
+            name = Path(str(path)).stem
+            if not isinstance(data, (bytes, bytearray, memoryview)):
+                bad[name] = f"{path}: the bytes column holds {type(data).__name__}, not bytes"
+                continue
+            items.append({"id": name, "source": str(path), "suffix": Path(str(path)).suffix, "data": bytes(data),
+                          "gt_data": None, "op_params": params, "sigma_y": sigma_y, "config": None})
+        t0 = time.perf_counter()
+        recs = self.ray.get([a.restore_batch.remote(items) for a in self.ranks])[0] if items else []
+        done = {r["id"]: r for r in recs}
+        out = []
+        for _, path in rows:
+            name = Path(str(path)).stem
+            r = done.get(name)
+            if r is None:
+                out.append({"id": name, "status": "error", "error": bad.get(name, "not restored")})
+            elif r["status"] == "ok":
+                out.append({"id": name, "png": r["png"], "status": "ok", "error": None,
+                            "iterations": r["iterations"], "solver": r.get("solver"), "seconds": r["seconds"]})
+            else:
+                out.append({"id": name, "status": "error", "error": r.get("error"),
+                            "seconds": round(time.perf_counter() - t0, 4)})
+        return out
+
+    def close(self) -> None:
+        ray = self.ray
+        for a in getattr(self, "ranks", []):
+            try:
+                ray.kill(a, no_restart=True)
+            except Exception:  # noqa: BLE001
+                pass
+        try:
+            ray.util.remove_placement_group(self.pg)
+        except Exception:  # noqa: BLE001
+            pass

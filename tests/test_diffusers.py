@@ -141,6 +141,8 @@ def test_folder_refusals_are_one_line(tmp_path, no_diffusers):
     short.pop("conv_out.bias")
     cases.append((write_model(tmp_path / "short", SMALL_GOOGLE, short), "1 missing: conv_out.bias"))
     cases.append((tmp_path / "short" / "diffusion_pytorch_model.safetensors", "1 missing: conv_out.bias"))
+    with pytest.raises(DeqirError, match="a Hub id"):
+        load_denoiser("google/ddpm-cifar10-32")
     for folder, match in cases:
         with pytest.raises(DeqirError, match=match) as e:
             load_denoiser(f"diffusers:{folder}")

@@ -120,6 +120,10 @@ def load_denoiser(name_or_path: str | os.PathLike | None, checkpoint=None, dtype
                 if cfg is None:
                     raise DeqirError(f"model {name_or_path!r} needs config= (its keyword arguments) or a checkpoint")
             model = build_model(arch, cfg, device=device)
+    elif isinstance(name_or_path, str) and _looks_like_path(name_or_path) and not os.path.exists(name_or_path) \
+            and Path(name_or_path).suffix.lower() not in CHECKPOINT_SUFFIXES and name_or_path.count("/") == 1:
+        raise DeqirError(f"{name_or_path}: no such file or folder (a Hub id? this library reads local folders: "
+                         f"huggingface-cli download {name_or_path} --local-dir DIR, then give DIR)")
     elif isinstance(name_or_path, str) and _looks_like_path(name_or_path):
         if checkpoint is not None and os.path.abspath(checkpoint) != os.path.abspath(name_or_path):
             raise DeqirError(f"two checkpoint files given ({name_or_path} and {checkpoint}); give one")

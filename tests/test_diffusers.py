@@ -141,6 +141,17 @@ def test_folder_refusals_are_one_line(tmp_path, no_diffusers):
     short.pop("conv_out.bias")
     cases.append((write_model(tmp_path / "short", SMALL_GOOGLE, short), "1 missing: conv_out.bias"))
     cases.append((tmp_path / "short" / "diffusion_pytorch_model.safetensors", "1 missing: conv_out.bias"))
+    big = write_model(tmp_path / "big", SMALL_GOOGLE, sd)
+    (big / "config.json").write_text(json.dumps({**SMALL_GOOGLE, "pad": " " * (2 << 20)}))
+    cases.append((big, "not a config file"))
+    badjson = write_model(tmp_path / "badjson", SMALL_GOOGLE, sd)
+    (badjson / "scheduler_config.json").write_text("{not json")
+    cases.append((badjson, "not a valid JSON config"))
+    escape = write_model(tmp_path / "escape", SMALL_GOOGLE, sd)
+    (escape / "diffusion_pytorch_model.safetensors").unlink()
+    (escape / "diffusion_pytorch_model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"conv_in.weight": "../big/diffusion_pytorch_model.safetensors"}}))
+    cases.append((escape, "shard names must be plain file names"))
     with pytest.raises(DeqirError, match="a Hub id"):
         load_denoiser("google/ddpm-cifar10-32")
     for folder, match in cases:

@@ -180,10 +180,14 @@ def read_json_config(path, max_bytes: int = 1 << 20) -> dict:
     """A small JSON object file (a diffusers config), capped in size; DeqirError when it is not one."""
     p = Path(path)
     try:
-        size = p.stat().st_size
-        if not p.is_file() or size > max_bytes:
-            raise DeqirError(f"{p}: not a config file (a regular JSON file under {max_bytes >> 10} KiB)")
-        data = json.loads(p.read_text(encoding="utf-8"))
+        ok = p.is_file() and p.stat().st_size <= max_bytes
+    except OSError:
+        ok = False
+    if not ok:
+        raise DeqirError(f"{p}: not a config file (a regular JSON file under {max_bytes >> 10} KiB)")
+    try:
+        with open(p, "rb") as f:
+            data = json.loads(f.read(max_bytes + 1).decode("utf-8"))
     except (OSError, UnicodeDecodeError, ValueError) as e:
         raise DeqirError(f"{p}: not a valid JSON config ({type(e).__name__})") from None
     if not isinstance(data, dict):

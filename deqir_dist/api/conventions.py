@@ -2,6 +2,9 @@
 
 * ``eta`` (diffusers' and DDIM's name) is accepted for DDNM's ``etw``; both given and different is
   an error. (DDIM's eta also injects fresh noise; here that is the separate ``nw``.)
+* ``num_inference_steps`` (diffusers' name) is accepted for ``steps``; a pipeline-like model
+  (``.unet`` and ``.scheduler``) and ``scheduler=`` / ``prediction_type=`` are
+  ``models.scheduled.as_denoiser``'s.
 * ``device=``: the chain runs there; a torch module on another device is moved (``module.to``,
   in place, as diffusers' ``pipeline.to`` does).
 * Images are in [-1, 1]. A measurement that looks like [0, 1] data is warned about;
@@ -33,6 +36,16 @@ def resolve_eta(etw, eta) -> float:
         raise DeqirError(f"eta is another name for etw; both given and different (etw={etw}, eta={eta}): give one")
     v = etw if etw is not None else eta
     return 0.0 if v is None else float(v)
+
+
+def resolve_steps(steps, solver_options: dict):
+    """``steps`` from ``steps`` and diffusers' ``num_inference_steps`` (taken out of ``solver_options``);
+    both given and different is an error."""
+    n = solver_options.pop("num_inference_steps", None)
+    if n is not None and steps is not None and n != steps:
+        raise DeqirError(f"num_inference_steps is another name for steps; both given and different "
+                         f"(steps={steps}, num_inference_steps={n}): give one")
+    return steps if steps is not None else n
 
 
 def place_model(denoiser, device, default: torch.device) -> torch.device:

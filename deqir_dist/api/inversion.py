@@ -69,6 +69,7 @@ import torch
 
 from deqir_dist.api.conventions import check_on_canvas, sampling_problem
 from deqir_dist.errors import DeqirError, check_tensor
+from deqir_dist.models.scheduled import chain_schedule
 from deqir_dist.models.settings import resolve_settings
 from deqir_dist.parallel.comm import LocalComm, split_rows
 from deqir_dist.parallel.dist import DistComm, check_same_inputs, problem_digest
@@ -163,8 +164,10 @@ def _setup(denoiser, y, op, xi, steps, etw, nw, step_noise, start, sigma_y, dtyp
            clip_x0) -> _Problem:
     """The chain ``restore`` runs for the same arguments: its coefficients (sigma_y included), its
     measurement model (``conventions.sampling_problem``: for_noise, filter_measurement, the
-    model's canvas) and its denoiser (``EpsFn``, x0 clipped when ``clip_x0``)."""
-    coeffs = chain_coefficients(steps, start, etw, nw, sigma_y, alphas_cumprod)
+    model's canvas) and its denoiser (``EpsFn``, x0 clipped when ``clip_x0``), on the model's
+    schedule (``models.scheduled.chain_schedule``) unless ``alphas_cumprod`` is given."""
+    alphas_cumprod, start, spacing, offset, _, _ = chain_schedule(denoiser, alphas_cumprod, start)
+    coeffs = chain_coefficients(steps, start, etw, nw, sigma_y, alphas_cumprod, spacing, offset)
     if not isinstance(clip_x0, bool):
         raise DeqirError(f"clip_x0 must be True or False, got {clip_x0!r}")
     y = check_tensor(y, "y", (None, *op.measurement_shape))
@@ -229,7 +232,7 @@ def _loss_grad(loss_fn, image: torch.Tensor):
 
 def noise_gradient(denoiser, y: torch.Tensor, op, xi: torch.Tensor, loss_fn: Callable[[torch.Tensor], torch.Tensor],
                    steps: int | None = None, method: str = "implicit", solver: str = "anderson",
-                   etw: float | None = None, nw: float | None = None, step_noise: torch.Tensor | None = None, start: int = 1000,
+                   etw: float | None = None, nw: float | None = None, step_noise: torch.Tensor | None = None, start: int | None = None,
                    sigma_y: float = 0.0, tau: float = 0.1, phantom_steps: int = 1, tol: float | None = None,
                    max_iter: int | None = None, dtype: torch.dtype = torch.float32,
                    alphas_cumprod: torch.Tensor | None = None, adjoint: str = "serial",

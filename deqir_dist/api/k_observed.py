@@ -4,8 +4,8 @@
 (``api/planner_k``), which were measured on the built-in prior: a proxy. Every parallel run in the
 planner's regime (the default stop rule and tolerance, no max_iter) reports its K here, keyed by
 everything K depends on: the model (class and weights fingerprint, ``profile_cache``), the task
-(operator name, image and measurement shapes on the model's canvas), the sampler settings (N, etw,
-nw, clip_x0) and the plan (picard with a window of W rows, or parareal with B blocks and m coarse
+(operator name, image and measurement shapes as given), the sampler settings (N, etw, nw, clip_x0)
+and the chain's schedule (``chain_id``), and the plan (picard with a window of W rows, or parareal with B blocks and m coarse
 steps). ``deqir bench --calibrate`` fills the same store from a few of the user's images
 (source "calibrated"). The planner then plans each candidate with the largest K of its last
 :data:`KEEP` runs (a plan whose observed K makes it slower than serial in the latency model is
@@ -29,6 +29,22 @@ from deqir_dist.errors import DeqirError
 from deqir_dist.io.jsonio import write_json
 
 KEEP = 8            # the planner uses the largest K of the last KEEP runs of a plan
+
+
+def chain_id(start: int, alphas_cumprod, spacing: str, offset: int) -> str:
+    """The chain's schedule in a key: its start, grid and a digest of alphas_cumprod (None: the library's)."""
+    ac = "library" if alphas_cumprod is None else hashlib.sha256(
+        alphas_cumprod.detach().double().cpu().numpy().tobytes()).hexdigest()[:16]
+    return f"{int(start)}:{spacing}:{int(offset)}:{ac}"
+
+
+def with_model_chain(model, settings: dict) -> dict:
+    """``settings`` with the chain id of the model's own schedule where it names none."""
+    if "chain" in settings:
+        return settings
+    from deqir_dist.models.scheduled import chain_schedule
+    ac, start, spacing, offset, _, _ = chain_schedule(model)
+    return {**settings, "chain": chain_id(start, ac, spacing, offset)}
 
 
 def plan_id(pred: dict) -> str:
@@ -72,10 +88,11 @@ def problem_key(model, op, settings: dict) -> dict | None:
     fp = model_fingerprint(model)
     if fp is None or not _enabled():
         return None
+    settings = with_model_chain(model, settings)
     return {"model": f"{type(model).__qualname__}:{fp}", "task": str(getattr(op, "name", type(op).__name__)),
             "image_shape": [int(d) for d in op.image_shape],
             "measurement_shape": [int(d) for d in op.measurement_shape],
-            "settings": {k: settings.get(k) for k in ("steps", "etw", "nw", "clip_x0")}}
+            "settings": {k: settings.get(k) for k in ("steps", "etw", "nw", "clip_x0", "chain")}}
 
 
 def _path(key: dict) -> Path:

@@ -8,17 +8,19 @@ from dataclasses import dataclass, field
 import torch
 
 from deqir_dist.api import k_observed
-from deqir_dist.api.conventions import apply_value_range, canvas, place_model, resolve_eta, sampling_problem
+from deqir_dist.api.conventions import (apply_value_range, canvas, place_model, resolve_eta, resolve_steps,
+                                        sampling_problem)
 from deqir_dist.api.planner import choose_solver, cost_table, load_profile, profile_batches, serial_is_certain
 from deqir_dist.api.profile_cache import cost_until_decided, plan_reason
 from deqir_dist.errors import DeqirError, check_int, check_tensor, one_line
 from deqir_dist.parallel.comm import LocalComm, offset_split, split_rows
+from deqir_dist.models.scheduled import as_denoiser, chain_schedule
 from deqir_dist.models.settings import LIBRARY_DEFAULTS, resolve_settings
 from deqir_dist.parallel.dist import DistComm, check_same_inputs, problem_digest
 from deqir_dist.sampling.chain import ChainBlock, block_decays
 from deqir_dist.sampling.denoiser import EpsFn
 from deqir_dist.sampling.noise import draw_noise
-from deqir_dist.sampling.schedule import chain_coefficients
+from deqir_dist.sampling.schedule import TRAIN_STEPS, chain_coefficients
 from deqir_dist.sampling.serial import coarse_trajectory, sample_serial
 from deqir_dist.solvers import registry
 from deqir_dist.solvers.options import DEFAULT_SOLVER, SolverOptions
@@ -67,7 +69,7 @@ class RestoreResult:
 def check_settings(steps: int | None = None, solver: str = DEFAULT_SOLVER, start: int = 1000, etw: float | None = None,
                    nw: float | None = None, sigma_y: float = 0.0, stop: str = "rows", stop_tol: float | None = None,
                    max_iter: int | None = None, alphas_cumprod=None, warm_start: int = 1, profile=None,
-                   clip_x0: bool | None = None, **solver_options):
+                   clip_x0: bool | None = None, spacing: str = "leading", offset: int = 0, **solver_options):
     """Validate the sampler settings (DeqirError on bad ones): (ChainCoefficients, SolverOptions | None).
 
     ``solver="auto"`` (the default) is validated as "picard" (the options it may run with). None (not
@@ -80,7 +82,8 @@ def check_settings(steps: int | None = None, solver: str = DEFAULT_SOLVER, start
     check_int("warm_start", warm_start, 0)
     if not isinstance(clip_x0, bool):
         raise DeqirError(f"clip_x0 must be True or False, got {clip_x0!r}")
-    coeffs = chain_coefficients(steps, start, etw, nw, sigma_y, alphas_cumprod)
+    start = TRAIN_STEPS if start is None else start
+    coeffs = chain_coefficients(steps, start, etw, nw, sigma_y, alphas_cumprod, spacing, offset)
     if warm_start > coeffs.steps:
         raise DeqirError(f"warm_start={warm_start} is more than the {coeffs.steps} steps of the chain")
     if solver == "parareal":            # its own options (solvers.parareal)
@@ -94,13 +97,14 @@ def check_settings(steps: int | None = None, solver: str = DEFAULT_SOLVER, start
 
 @torch.no_grad()
 def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str = DEFAULT_SOLVER,
-            noise: torch.Tensor | None = None, etw: float | None = None, nw: float | None = None, start: int = 1000,
+            noise: torch.Tensor | None = None, etw: float | None = None, nw: float | None = None, start: int | None = None,
             stop: str = "rows", stop_tol: float | None = None, max_iter: int | None = None,
             generator: torch.Generator | None = None, alphas_cumprod: torch.Tensor | None = None,
             sigma_y: float = 0.0, step_noise: torch.Tensor | None = None, init: torch.Tensor | None = None,
             warm_start: int = 1, progress: bool = False, callback=None, dtype: torch.dtype = torch.float32,
             distributed: bool = False, group=None, profile=None, clip_x0: bool | None = None,
-            eta: float | None = None, device=None, value_range=None, **solver_options) -> RestoreResult:
+            eta: float | None = None, device=None, value_range=None, scheduler=None, prediction_type: str | None = None,
+            **solver_options) -> RestoreResult:
     """Restore images from measurements y = A(x) (+ noise of std sigma_y).
 
     denoiser(x, t) -> eps (C or 2C channels); y (B, *op.measurement_shape); op from
@@ -158,11 +162,26 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     ``device`` runs the chain there (a torch module elsewhere is moved, in place); y is in
     [-1, 1]: data that looks like [0, 1] is warned about, ``value_range=(0, 1)`` converts it.
     A model returning an object with a ``.sample`` tensor (diffusers) is unwrapped.
+
+    Schedules and prediction types (``models.scheduled``): the chain runs on the model's own
+    schedule (a diffusers folder's scheduler, a pipeline's ``.scheduler``), or on ``scheduler``
+    (a diffusers scheduler, its config dict, or a scheduler_config.json path) given here: betas,
+    ``num_train_timesteps`` (the default ``start``), ``timestep_spacing``, ``clip_sample`` (the
+    default of clip_x0) and ``prediction_type`` (epsilon, v_prediction, sample; or given alone),
+    turned into eps exactly. ``alphas_cumprod`` given wins; ``start`` not given is the schedule's
+    length. ``result.settings["schedule"]`` records it when it is not the library's linear-1000.
+    ``model`` may be a pipeline-like object (``.unet`` and ``.scheduler``); ``num_inference_steps``
+    is diffusers' name for ``steps``.
     """
     plan = None
-    given = {"steps": steps, "etw": etw if etw is not None else eta, "nw": nw, "clip_x0": clip_x0}
+    denoiser = as_denoiser(denoiser, scheduler, prediction_type, alphas_cumprod)
+    steps = resolve_steps(steps, solver_options)
+    given = {"steps": steps, "etw": etw if etw is not None else eta, "nw": nw, "clip_x0": clip_x0,
+             "alphas_cumprod": alphas_cumprod, "start": start}
     settings, sources = resolve_settings(denoiser, getattr(op, "name", None), given)
+    alphas_cumprod, start, spacing, offset, _, _ = chain_schedule(denoiser, alphas_cumprod, start)
     steps, etw, nw, clip_x0 = (settings[k] for k in ("steps", "etw", "nw", "clip_x0"))
+    k_settings = {**settings, "chain": k_observed.chain_id(start, alphas_cumprod, spacing, offset)}
     etw = resolve_eta(etw, eta)
     y, sigma_y = apply_value_range(y, op, value_range, sigma_y)
     device = place_model(denoiser, device, y.device)
@@ -175,16 +194,17 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     dcomm = None
     if solver == "auto":    # validate before the planner times anything
         check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter, alphas_cumprod, warm_start,
-                       clip_x0=clip_x0, **solver_options)
+                       clip_x0=clip_x0, spacing=spacing, offset=offset, **solver_options)
         if distributed:
             dcomm = DistComm(group, device)
         t_plan = time.perf_counter()
         solver, plan = _plan(denoiser, op, steps, profile, dcomm, etw, stop, max_iter, "window" in solver_options,
-                             settings)
+                             k_settings)
         plan["seconds"] = round(time.perf_counter() - t_plan, 4)    # timing the model (or reading its profile)
         solver_options = apply_plan(solver, plan, stop, max_iter, steps, solver_options)
     coeffs, opts = check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter,
-                                  alphas_cumprod, warm_start, clip_x0=clip_x0, **solver_options)
+                                  alphas_cumprod, warm_start, clip_x0=clip_x0, spacing=spacing, offset=offset,
+                                  **solver_options)
     steps = coeffs.steps
     batch = y.shape[0]
     settings["sigma_y"], sources["sigma_y"] = float(sigma_y), "user"
@@ -222,9 +242,8 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
 
     def learn(k: int) -> None:      # the planner's regime: what auto will plan with next time (api.k_observed)
         pid = k_observed.run_plan_id(solver, opts, steps)
-        if pid and comm.rank == 0 and stop == "rows" and stop_tol is None and max_iter is None \
-                and start == 1000 and alphas_cumprod is None:
-            k_observed.record(denoiser, task_op, settings, pid, int(k))
+        if pid and comm.rank == 0 and stop == "rows" and stop_tol is None and max_iter is None:
+            k_observed.record(denoiser, task_op, k_settings, pid, int(k))
     if solver == "serial":
         step_cb = None if callback is None else (lambda i, h: callback(i - 1, list(range(batch)), h, None))
         out = sample_serial(eps_fn, op, coeffs, y, xi, step_noise, progress=progress, callback=step_cb)

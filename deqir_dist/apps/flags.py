@@ -55,14 +55,15 @@ def add_sampler_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("sampler")
     g.add_argument("--model",
                    help="builtin (the default without --checkpoint: the shipped prior), analytic (exact "
-                        "oracle), adm-256-uncond, sdedit-celeba-hq, or a checkpoint file")
+                        "oracle), adm-256-uncond, sdedit-celeba-hq, a checkpoint file, or a diffusers folder "
+                        "(diffusers:FOLDER or FOLDER: a UNet2DModel with its scheduler)")
     g.add_argument("--checkpoint", help="weights file for the model")
     g.add_argument("--solver", default=DEFAULT_SOLVER, choices=registry.names("restore"),
                    help=registry.help_text("restore"))
     g.add_argument("--profile", help="solver auto: cost profile JSON from 'deqir bench --profile' (default: the "
                                      "model timed once on this device and image size, and cached)")
     g.add_argument("--steps", type=int, help="sampling steps N (default: the model card's, else 25)")
-    g.add_argument("--start", type=int, default=1000, help="start timestep S (default 1000)")
+    g.add_argument("--start", type=int, help="start timestep S (default: the model's num_train_timesteps, else 1000)")
     g.add_argument("--stop", default="rows", choices=("final", "rows", "residual", "none"),
                    help="stopping rule of the parallel solvers (default rows: every row settled; final: the "
                         "last row's change in dB; residual: the joint map's relative residual; none: max-iter)")

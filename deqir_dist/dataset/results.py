@@ -67,7 +67,13 @@ def _model_identity(model: str, checkpoint: str | None) -> dict:
     elif model in PRESET_SAMPLERS:
         out["sampler"] = {k: v for k, v in PRESET_SAMPLERS[model].items() if k in SAMPLER_KEYS}
     for key, val in (("model_file", model), ("checkpoint", checkpoint)):
-        if val and os.path.isfile(val):
+        folder = val[len("diffusers:"):] if isinstance(val, str) and val.startswith("diffusers:") else val
+        if folder and os.path.isdir(folder):       # a diffusers folder: its configs and weights
+            files = sorted(p for sub in ("", "unet", "scheduler") for p in Path(folder, sub).glob("*")
+                           if p.is_file())
+            out[key] = {"path": os.path.abspath(folder), "files": {
+                str(p.relative_to(folder)): [p.stat().st_size, p.stat().st_mtime_ns] for p in files[:64]}}
+        elif val and os.path.isfile(val):
             st = os.stat(val)
             out[key] = {"path": os.path.abspath(val), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
         elif key == "checkpoint" and val:

@@ -69,7 +69,11 @@ def _is_safetensors(path: Path) -> bool:
 
 def _read_torch(path: Path):
     with open(path, "rb") as f:
-        is_zip = f.read(4) == _ZIP_MAGIC
+        head = f.read(4)
+    is_zip = head == _ZIP_MAGIC
+    if head.lstrip()[:1] in (b"{", b"["):
+        raise DeqirError(f"{path} is a JSON file, not a checkpoint (a diffusers folder is loaded by its folder: "
+                         f"diffusers:{path.parent})")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")

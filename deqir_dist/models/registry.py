@@ -9,6 +9,7 @@ import torch
 from deqir_dist.errors import DeqirError
 from deqir_dist.models.analytic import GaussianMixtureDenoiser
 from deqir_dist.models.builtin import load_builtin
+from deqir_dist.models.diffusers_folder import PREFIX as DIFFUSERS, is_diffusers_folder, load_diffusers
 from deqir_dist.models.emulated import CostEmulatingDenoiser, load_cost_file, read_cost_table
 from deqir_dist.models.loading import (
     ARCHITECTURES,
@@ -47,6 +48,11 @@ def load_denoiser(name_or_path: str | os.PathLike | None, checkpoint=None, dtype
     ``checkpoint`` with ``name_or_path`` None or ``analytic``, which has no weights) loads the
     file and detects its architecture (see :mod:`deqir_dist.models.loading`).
 
+    A diffusers folder (``"diffusers:FOLDER"``, or a folder holding ``config.json`` /
+    ``model_index.json``, as ``name_or_path`` or ``checkpoint``) loads its UNet2DModel with its
+    scheduler (:mod:`deqir_dist.models.diffusers_folder`): google's DDPM family natively, other
+    configs through diffusers (optional); the result carries the schedule and prediction type.
+
     ``device``: "cpu", "cuda", "cuda:1" ... (a CUDA device this torch build cannot use is a
     DeqirError saying what to do). ``dtype``: None / float32, float16 (ADM: guided-diffusion's ``convert_to_fp16``) or bfloat16.
 
@@ -80,6 +86,12 @@ def load_denoiser(name_or_path: str | os.PathLike | None, checkpoint=None, dtype
         if checkpoint is not None or config is not None:
             raise DeqirError("the builtin model ships with the package; it takes no checkpoint or config")
         return load_builtin(dtype=parse_dtype(dtype), device=device).eval()
+    folder = _diffusers_path(name_or_path, checkpoint)
+    if folder is not None:
+        if config is not None:
+            raise DeqirError("a diffusers folder's configuration is its config.json; it takes no config=")
+        model = apply_precision(load_diffusers(folder), parse_dtype(dtype))
+        return (model.to(device) if device is not None else model).eval()
     if name_or_path in (None, "analytic") and checkpoint is None:
         if config is not None:
             raise DeqirError("the analytic model takes no config")
@@ -108,6 +120,10 @@ def load_denoiser(name_or_path: str | os.PathLike | None, checkpoint=None, dtype
                 if cfg is None:
                     raise DeqirError(f"model {name_or_path!r} needs config= (its keyword arguments) or a checkpoint")
             model = build_model(arch, cfg, device=device)
+    elif isinstance(name_or_path, str) and _looks_like_path(name_or_path) and not os.path.exists(name_or_path) \
+            and Path(name_or_path).suffix.lower() not in CHECKPOINT_SUFFIXES and name_or_path.count("/") == 1:
+        raise DeqirError(f"{name_or_path}: no such file or folder (a Hub id? this library reads local folders: "
+                         f"huggingface-cli download {name_or_path} --local-dir DIR, then give DIR)")
     elif isinstance(name_or_path, str) and _looks_like_path(name_or_path):
         if checkpoint is not None and os.path.abspath(checkpoint) != os.path.abspath(name_or_path):
             raise DeqirError(f"two checkpoint files given ({name_or_path} and {checkpoint}); give one")
@@ -119,6 +135,30 @@ def load_denoiser(name_or_path: str | os.PathLike | None, checkpoint=None, dtype
     if device is not None:
         model = model.to(device)
     return model.eval()
+
+
+def _diffusers_path(name, checkpoint):
+    """The diffusers folder asked for (``diffusers:FOLDER``, or a folder as the name or the
+    checkpoint), else None."""
+    if isinstance(name, str) and name.startswith(DIFFUSERS):
+        if checkpoint is not None:
+            raise DeqirError(f"{name} holds its own weights; it takes no checkpoint")
+        return name
+    for given in (name, checkpoint):
+        if isinstance(given, str) and (is_diffusers_folder(given) or _in_diffusers_folder(given)):
+            if name not in (None, "analytic", given) or (checkpoint is not None and given == name):
+                raise DeqirError(f"{given} is a diffusers folder (its own model and weights): give it alone as the "
+                                 f"model, not with {checkpoint if given == name else name}")
+            return given
+    return None
+
+
+def _in_diffusers_folder(path: str) -> bool:
+    """A diffusers folder's config.json or weights file (diffusion_pytorch_model*): the file says
+    what it is by the config.json beside it, so the folder is loaded, never the file by its shapes."""
+    base = os.path.basename(path)
+    return os.path.isfile(path) and (base == "config.json" or base.startswith("diffusion_pytorch_model.")) \
+        and os.path.isfile(os.path.join(os.path.dirname(path) or ".", "config.json"))
 
 
 def _check_device(device):

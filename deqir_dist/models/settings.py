@@ -18,6 +18,7 @@ says where each value came from.
 from __future__ import annotations
 
 from deqir_dist.errors import DeqirError
+from deqir_dist.models.scheduled import LIBRARY_SCHEDULE, chain_schedule
 
 SAMPLER_KEYS = ("steps", "etw", "nw", "clip_x0")
 LIBRARY_DEFAULTS = {"steps": 25, "etw": 0.0, "nw": 0.0, "clip_x0": False}
@@ -69,7 +70,11 @@ def resolve_settings(model, task: str | None, given: dict | None = None) -> tupl
     """(settings, sources) for ``SAMPLER_KEYS``: the user's value where given (not None), else the
     model card's (for ``task``, an operator name), else :data:`LIBRARY_DEFAULTS`.
 
-    ``sources[key]`` is "user", the card's ``source`` or :data:`LIBRARY_SOURCE`."""
+    ``sources[key]`` is "user", the card's ``source`` or :data:`LIBRARY_SOURCE`.
+
+    ``schedule`` (with ``start``): recorded when it is not the library's own linear-1000 eps
+    schedule, i.e. when the model carries one (a diffusers folder, a pipeline, ``scheduler=``) or
+    ``given`` holds ``alphas_cumprod`` (``models.scheduled.chain_schedule``)."""
     given = given or {}
     card = sampler_card(model)
     settings, sources = {}, {}
@@ -82,4 +87,7 @@ def resolve_settings(model, task: str | None, given: dict | None = None) -> tupl
             settings[key], sources[key] = LIBRARY_DEFAULTS[key], LIBRARY_SOURCE
     if isinstance(settings["steps"], float) and settings["steps"].is_integer():
         settings["steps"] = int(settings["steps"])
+    _, start, _, _, record, source = chain_schedule(model, given.get("alphas_cumprod"), given.get("start"))
+    if source != LIBRARY_SCHEDULE:
+        settings["schedule"], sources["schedule"] = {**record, "start": start}, source
     return settings, sources

@@ -9,8 +9,9 @@ from pathlib import Path
 
 from deqir_dist.errors import DeqirError
 from deqir_dist.models import load_denoiser
+from deqir_dist.models.diffusers_folder import PREFIX as DIFFUSERS, check_diffusers
 from deqir_dist.models.loading import ARCHITECTURES, PRESETS, check_checkpoint
-from deqir_dist.models.registry import MODEL_NAMES, _looks_like_path
+from deqir_dist.models.registry import MODEL_NAMES, _diffusers_path, _looks_like_path
 
 
 def _check_device(device) -> str | None:
@@ -36,6 +37,11 @@ def _check_model(model: str | None, checkpoint: str | None, local: bool = True) 
     if checkpoint is not None:
         checkpoint = os.fspath(checkpoint)
     name = "builtin" if model is None and checkpoint is None else model
+    folder = _diffusers_path(name, checkpoint)
+    if folder is not None:                     # configs, scheduler, weight shapes: no weights read
+        if local or Path(folder.removeprefix(DIFFUSERS)).exists():
+            check_diffusers(folder)
+        return
     if name == "builtin":
         load_denoiser("builtin", checkpoint=checkpoint)     # a few MB: checks the shipped file
         return

@@ -17,7 +17,7 @@ from deqir_dist.errors import DeqirError, one_line
 from deqir_dist.io.images import read_image, write_image
 from deqir_dist.io.limits import set_decode_limits
 from deqir_dist.models import load_denoiser
-from deqir_dist.models.settings import resolve_settings
+from deqir_dist.models.settings import SAMPLER_KEYS, resolve_settings
 from deqir_dist.physics.padded import PaddedOperator
 from deqir_dist.quality.metrics import psnr, ssim
 from deqir_dist.sampling.noise import draw_noise
@@ -155,7 +155,7 @@ class RestoreWorker:
         # the sampler settings restore would resolve (the model card's where none is given), and the
         # canvas it samples on (padded to the model's size multiple), so the noise draws fit
         settings, sources = resolve_settings(self.model, op.name, kw)
-        kw.update(settings)
+        kw.update({k: settings[k] for k in SAMPLER_KEYS})     # the schedule is the model's (settings records it)
         sigma_y, sources["sigma_y"] = group[0][0]["sigma_y"], "user"
         if sigma_y is None:                 # not given: from the file's bit depth (jobs.load_items)
             sigma_y, sources["sigma_y"] = group[0][1].sigma_y, group[0][1].sigma_y_source

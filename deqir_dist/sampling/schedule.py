@@ -24,15 +24,31 @@ def linear_alphas_cumprod(n: int = TRAIN_STEPS, beta_start: float = 1e-4, beta_e
     return torch.cumprod(1.0 - betas, dim=0)
 
 
-def timestep_grid(steps: int, start: int = TRAIN_STEPS) -> torch.Tensor:
-    """tau_1..tau_N (descending, int64): the N sampling times, noisiest first."""
+def timestep_grid(steps: int, start: int = TRAIN_STEPS, spacing: str = "leading", offset: int = 0) -> torch.Tensor:
+    """tau_1..tau_N (descending, int64): the N sampling times, noisiest first.
+
+    ``spacing`` as diffusers' ``timestep_spacing`` over T = ``start`` training steps: "leading"
+    (this project's grid: skip = T // N, [0, skip, ..., (N-1) skip] + ``offset``), "trailing"
+    (round(T - k T / N) - 1, k = 0..N-1) or "linspace" (round(linspace(0, T - 1, N)))."""
     if not is_int(steps):
         raise DeqirError(f"steps must be an integer, got {steps!r}")
     steps, start = int(steps), check_int("start", start)
     if steps < 1 or steps > start:
         raise DeqirError(f"steps must be in 1..start={start}, got {steps}")
-    skip = start // steps
-    return torch.arange(steps - 1, -1, -1, dtype=torch.int64) * skip
+    offset = check_int("steps_offset", offset, 0)
+    if spacing == "leading":
+        taus = torch.arange(steps - 1, -1, -1, dtype=torch.int64) * (start // steps) + offset
+    elif spacing == "trailing":
+        taus = torch.round(torch.arange(start, 0, -start / steps, dtype=torch.float64)[:steps]).long() - 1
+    elif spacing == "linspace":
+        taus = torch.linspace(0, start - 1, steps, dtype=torch.float64).round().long().flip(0)
+    else:
+        raise DeqirError(f"timestep spacing must be leading, trailing or linspace, got {spacing!r}")
+    if spacing != "leading" and offset:
+        raise DeqirError(f"steps_offset applies to leading spacing only (diffusers), got {offset} with {spacing}")
+    if int(taus[0]) >= start:
+        raise DeqirError(f"steps_offset={offset} puts the first step at t={int(taus[0])}, past start={start}")
+    return taus
 
 
 def _check_schedule(alphas_cumprod: torch.Tensor, start: int) -> torch.Tensor:
@@ -84,9 +100,12 @@ def chain_coefficients(
     nw: float = 0.0,
     sigma_y: float = 0.0,
     alphas_cumprod: torch.Tensor | None = None,
+    spacing: str = "leading",
+    offset: int = 0,
 ) -> ChainCoefficients:
-    """All loop-invariant scalars of the serial sampler / joint map for this grid."""
-    taus = timestep_grid(steps, start)
+    """All loop-invariant scalars of the serial sampler / joint map for this grid
+    (``timestep_grid(steps, start, spacing, offset)``)."""
+    taus = timestep_grid(steps, start, spacing, offset)
     ac = _check_schedule(linear_alphas_cumprod() if alphas_cumprod is None else alphas_cumprod, start)
     for name, val in (("etw", etw), ("nw", nw), ("sigma_y", sigma_y)):
         if not (is_real(val) and math.isfinite(val)):

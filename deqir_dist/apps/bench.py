@@ -133,9 +133,10 @@ def run_profile(model: str = "analytic", checkpoint=None, size: int = 32, device
     meta = {}
     if cost_file is not None:
         import json
-        from pathlib import Path
-        c_ms = load_profile(cost_file)
-        meta = json.loads(Path(cost_file).read_text())
+
+        from deqir_dist.io.limits import read_file_bytes
+        c_ms = load_profile(cost_file)           # checked (a small regular file, valid JSON) before this read
+        meta = json.loads(read_file_bytes(cost_file, "cost profile", cap=1 << 20))
         model, graph = meta.get("model", str(cost_file)), bool(meta.get("graph", False))
         shape, device = meta.get("image_shape", ["?"]), meta.get("device", "?")
     else:

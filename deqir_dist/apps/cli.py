@@ -182,28 +182,40 @@ def cmd_restore(args) -> int:
         items, json_path, model = prepare()
     kw = restore_kwargs(args)
     show = lead and not args.no_progress
+    label = f"{args.checkpoint} ({type(model).__name__})" if args.checkpoint else \
+        (args.model or ("analytic" if args.emulate_cost else "builtin"))
+    built = {}
+
+    def build_summary(records):
+        summary = {"command": "restore", "model": label, "task": args.task,
+                   "operator": items[0].op.describe()["params"], **kw, "seed": args.seed,
+                   "sampler": sampler_record(model, args.task, kw, records),
+                   "world_size": world, "summary": summarize(records), "images": records}
+        if isinstance(model, CostEmulatingDenoiser):
+            summary["emulate_cost"] = args.emulate_cost
+            summary["emulated_calls"] = model.stats()
+        if optimize is not None:
+            summary["optimize_noise"] = optimize.loss
+            summary["oracle"] = optimize.loss == "oracle"
+        built["summary"] = summary
+        return summary
+    # the default summary (OUT/summary.json) is staged with the pictures and committed last, the old
+    # one removed first (io.outdir.Staging.commit): a killed or failed commit never leaves a lying summary
+    in_out = json_path.parent.resolve() == Path(args.out).resolve()
     records = restore_items(model, items, args.out, dict(kw, progress=show, distributed=args.distributed),
-                            seed=args.seed, bits=args.bits, progress=show, write=lead, optimize=optimize)
+                            seed=args.seed, bits=args.bits, progress=show, write=lead, optimize=optimize,
+                            summary=(json_path.name, build_summary) if lead and in_out else None)
     if args.distributed:
         import torch.distributed as dist
         dist.destroy_process_group()
     if not lead:
         return 0
-    label = f"{args.checkpoint} ({type(model).__name__})" if args.checkpoint else \
-        (args.model or ("analytic" if args.emulate_cost else "builtin"))
-    summary = {"command": "restore", "model": label, "task": args.task,
-               "operator": items[0].op.describe()["params"], **kw, "seed": args.seed,
-               "sampler": sampler_record(model, args.task, kw, records),
-               "world_size": world, "summary": summarize(records), "images": records}
+    summary = built.get("summary") or build_summary(records)
     cols = ["id", "iterations", "seconds"] + [c for c in ("psnr", "ssim") if c in records[0]]
-    if isinstance(model, CostEmulatingDenoiser):
-        summary["emulate_cost"] = args.emulate_cost
-        summary["emulated_calls"] = model.stats()
     if optimize is not None:
-        summary["optimize_noise"] = optimize.loss
-        summary["oracle"] = optimize.loss == "oracle"
         cols += ["consistency_before", "consistency_after"]
-    write_json(json_path, summary)
+    if not in_out:
+        write_json(json_path, summary)
     print(format_table(records, cols))
     if optimize is not None and optimize.loss == "oracle":
         print("ORACLE: the noise was optimised against the ground truth; these numbers are an upper bound, "

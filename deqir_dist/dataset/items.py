@@ -23,6 +23,7 @@ from deqir_dist.errors import DeqirError, check_int, is_real, one_line
 from deqir_dist.io.files import ensure_writable_dir
 from deqir_dist.io.limits import check_pixels, check_regular_file
 from deqir_dist.io.images import list_images, read_image, write_image
+from deqir_dist.io.jsonio import write_json
 from deqir_dist.io.quantization import default_sigma_y
 from deqir_dist.io.measurements import (
     MEASUREMENT_SUFFIX,
@@ -316,24 +317,27 @@ def _optimize(model, item: Item, spec: NoiseOptimizationSpec, generator, kw: dic
 
 def restore_items(model, items: list[Item], out_dir: str | None, restore_kw: dict, seed: int = 0,
                   bits: int = 8, progress: bool = True, restore_fn=None, write: bool = True,
-                  optimize: NoiseOptimizationSpec | None = None) -> list[dict]:
+                  optimize: NoiseOptimizationSpec | None = None, summary=None) -> list[dict]:
     """Restore each item (its noise drawn from (seed, id)), write ``<id>.png``, return records.
 
     With ``optimize``, the initial noise of each image is optimised first (``inversion``).
     ``items``: a list of items, or an :class:`ItemSource` (decoded one at a time). The pictures are
     staged inside ``out_dir`` and moved into place only when every image is done, so a failure
-    leaves ``out_dir`` as it was; the caller holds the folder's lock (:class:`OutputFolder`)."""
+    leaves ``out_dir`` as it was; the caller holds the folder's lock (:class:`OutputFolder`).
+    ``summary``: ``(name, build)``: ``build(records)`` is written as JSON to ``out_dir/name``,
+    staged with the pictures and committed last (``Staging.commit``: never a lying summary)."""
     restore_fn = restore_fn or restore
     out = ensure_writable_dir(out_dir) if (write and out_dir is not None) else None
     staging = Staging(out) if out is not None else None
     try:
-        return _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, restore_fn, optimize)
+        return _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, restore_fn, optimize,
+                            summary)
     finally:
         if staging is not None:
             staging.abort()
 
 
-def _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, restore_fn, optimize):
+def _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, restore_fn, optimize, summary):
     records = []
     bar = None
     if progress:
@@ -367,7 +371,9 @@ def _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, r
     if bar is not None:
         bar.close()
     if staging is not None:
-        staging.commit()
+        if summary is not None:
+            write_json(staging.path(summary[0]), summary[1](records))
+        staging.commit(summary=summary[0] if summary is not None else None)
     return records
 
 

@@ -104,6 +104,8 @@ def read_input(input_path: str | os.PathLike) -> tuple[list[InputEntry], list[Pa
             obj = json.loads(line)
         except json.JSONDecodeError as e:
             raise DeqirError(f"{where}: not valid JSON ({e.msg})") from e
+        except RecursionError:
+            raise DeqirError(f"{where}: not valid JSON (nested too deeply)") from None
         if first and isinstance(obj, dict) and set(obj) == {"root"}:
             first = False
             if not isinstance(obj["root"], str) or not obj["root"]:

@@ -51,7 +51,9 @@ from __future__ import annotations
 
 import errno
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -314,12 +316,19 @@ class RayRestoreJob:
             if ray.is_initialized():
                 return False
             kw = dict(include_dashboard=False, log_to_driver=False)
+            main = threading.current_thread() is threading.main_thread()
+            sigterm = signal.getsignal(signal.SIGTERM) if main else None
             try:
                 ray.init(address=address, **kw)
             except Exception as e:           # ConnectionError, RuntimeError, ValueError from ray.init
                 hint = f" within {self.connect_timeout:g} s" if bounded else ""
                 raise DeqirError(f"cannot start or join Ray at --address {address}{hint}: "
                                  f"{one_line(e, bare_deqir=True)[:300]}") from None
+            finally:
+                # ray.init replaces the SIGTERM handler (Python's sys.exit(15), then its C++ core's
+                # stack dump): put back the caller's (apps.guard: the job unwinds, one line, 143)
+                if callable(sigterm):
+                    signal.signal(signal.SIGTERM, sigterm)
             return True
         finally:
             _restore_env(saved)

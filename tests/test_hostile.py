@@ -474,25 +474,33 @@ def test_resume_redoes_an_output_that_does_not_decode(tmp_path):
 
 
 def test_sigterm_unwinds_the_job_and_leaves_no_folder(tmp_path):
-    """kill / a scheduler / torchrun stopping the ranks: one line, exit 143, the folder it made removed."""
+    """kill / a scheduler / torchrun stopping the ranks: one line, exit 143, the folder it made removed.
+
+    No race with the job's own pace (issue 25: this test once saw exit -15, the job having finished
+    its 0.5 s of work before the signal came and the handler already put back): every denoiser call
+    is held to 150 ms (--emulate-cost), so 30 images of 3 steps take >= 13 s, and the signal is sent
+    on a readiness mark the job itself makes once it holds its handler and is restoring: its
+    first staged picture (the lock is taken after the handler is installed, cli.main first thing)."""
     data = _photos(tmp_path / "data", 30)
+    table = tmp_path / "cost.json"
+    table.write_text(json.dumps({"c_ms": {"1": 150.0, "64": 150.0}}))
     out = tmp_path / "new" / "out"
     job = subprocess.Popen([sys.executable, "-m", "deqir_dist", "restore", str(data), "--from-clean", *SR2,
-                            "--model", "analytic", "--steps", "50", "--stop", "none", "--no-progress", "-o", str(out)],
-                           cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            "--emulate-cost", str(table), "--solver", "serial", "--steps", "3", "--no-progress",
+                            "-o", str(out)], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        deadline = time.time() + 60
-        while not (out / LOCK_NAME).exists() and job.poll() is None and time.time() < deadline:
+        deadline = time.time() + 120
+        while not list(out.glob(".deqir-staging-*/*.png")) and job.poll() is None and time.time() < deadline:
             time.sleep(0.02)
         assert job.poll() is None, job.stderr.read().decode()[-500:]
-        time.sleep(0.5)                      # into the restores: some pictures staged
+        assert (out / LOCK_NAME).exists() and list(out.glob(".deqir-staging-*/*.png")), "no readiness mark in time"
         job.send_signal(signal.SIGTERM)
         code = job.wait(timeout=60)
     finally:
         if job.poll() is None:
             job.kill()
     err = job.stderr.read().decode().strip().splitlines()
-    assert code == 143 and err == ["deqir: error: stopped by SIGTERM"], err
+    assert code == 143 and err == ["deqir: error: stopped by SIGTERM"], (code, err)
     assert not (tmp_path / "new").exists()
 
 

@@ -26,7 +26,7 @@ from deqir_dist.apps.flags import (
     set_threads,
     task_params,
 )
-from deqir_dist.apps.guard import job_guard
+from deqir_dist.apps.guard import OneLineParser, Terminated, job_guard, sigterm_unwinds
 from deqir_dist.apps.ray_restore import add_parser as add_ray_parser
 from deqir_dist.apps.ray_restore import cmd_ray_restore
 from deqir_dist.apps.tables import format_table
@@ -55,8 +55,9 @@ from deqir_dist.quality.metrics import psnr, ssim
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deqir", description=(
+    parser = OneLineParser(prog="deqir", description=(
         "Diffusion image restoration with parallel (fixed-point) sampling."))
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("degrade", help="write the measurements A(x) (+ noise) of clean images")
@@ -302,16 +303,28 @@ COMMANDS = {"degrade": cmd_degrade, "restore": cmd_restore, "eval": cmd_eval, "b
             "ray-restore": cmd_ray_restore, "demo": cmd_demo, "train-prior": cmd_train_prior}
 
 
+def _version() -> str:
+    import platform
+
+    import torch
+
+    from deqir_dist import __version__
+    return f"deqir-dist {__version__} (torch {torch.__version__}, Python {platform.python_version()})"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        with job_guard(args):       # --max-pixels; the output folder's lock (apps.guard)
-            return COMMANDS[args.command](args)
-    except DeqirError as e:
-        print(f"deqir: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("deqir: interrupted", file=sys.stderr)
-        return 130
+    with sigterm_unwinds():         # first: SIGTERM is a clean stop from here on (apps.guard)
+        try:
+            args = build_parser().parse_args(argv)
+            with job_guard(args):       # --max-pixels; the output folder's lock (apps.guard)
+                return COMMANDS[args.command](args)
+        except DeqirError as e:
+            print(f"deqir: error: {e}", file=sys.stderr)
+            return 2
+        except Terminated as e:     # before the job began (parsing the flags)
+            print(f"deqir: error: {e}", file=sys.stderr)
+            return 143
+        except KeyboardInterrupt:
+            print("deqir: interrupted", file=sys.stderr)
+            return 130
 

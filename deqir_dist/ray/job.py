@@ -62,7 +62,7 @@ from deqir_dist.api.planner import load_profile
 from deqir_dist.api.profile_cache import plan_summary
 from deqir_dist.api.restore import check_settings
 from deqir_dist.dataset.described import check_described_inputs
-from deqir_dist.dataset.manifest import InputEntry, _check_out, read_input
+from deqir_dist.dataset.manifest import InputEntry, Ticker, _check_out, read_input
 from deqir_dist.dataset.results import (
     RESULTS_NAME,
     SUMMARY_NAME,
@@ -183,6 +183,12 @@ class RayRestoreJob:
         params = dict(self.op_params)
         sigma_y = self.restore_kw.get("sigma_y")        # None: each measurement's from its bit depth
         sigma_y = None if sigma_y is None else float(sigma_y)
+        if not entry.params:        # the job's own settings: one hash for all such entries (10^6 lines)
+            key = ("default", sigma_y)
+            if key not in mask_cache:
+                cfg = {**base, "op_params": params, "restore": {**base["restore"], "sigma_y": sigma_y}}
+                mask_cache[key] = config_hash(cfg)
+            return params, sigma_y, mask_cache[key]
         if entry.params:
             flags = {k: v for k, v in entry.params.items() if k != "sigma_y"}
             mask = flags.get("mask")
@@ -218,7 +224,9 @@ class RayRestoreJob:
         previous = load_results(results_path)
         mask_cache: dict = {}
         todo, done_before = [], 0
-        for e in entries:
+        tick = Ticker("checking inputs and earlier results, image", len(entries))
+        for n, e in enumerate(entries, 1):
+            tick(n)
             params, sigma_y, h = self._entry_config(e, base, mask_cache)
             prev = previous.get(e.id)
             if (prev is not None and prev.get("status") == "ok" and prev.get("config") == h

@@ -68,8 +68,8 @@ def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), tas
     rows = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(steps) * (1 + len(solvers) + len(windows)), desc="bench", unit="run", dynamic_ncols=True)
+        from deqir_dist.sampling.progress import progress_bar
+        bar = progress_bar(len(steps) * (1 + len(solvers) + len(windows)), "bench", "run", dynamic_ncols=True)
     for n in steps:
         if bar is not None:
             bar.set_postfix_str(f"N={n} serial")

@@ -26,7 +26,15 @@ from deqir_dist.apps.flags import (
     set_threads,
     task_params,
 )
-from deqir_dist.apps.guard import OneLineParser, Terminated, job_guard, sigterm_unwinds
+from deqir_dist.apps.guard import (
+    OneLineParser,
+    Terminated,
+    job_guard,
+    one_line_warnings,
+    serial_ranks_note,
+    sigterm_unwinds,
+    versions,
+)
 from deqir_dist.apps.ray_restore import add_parser as add_ray_parser
 from deqir_dist.apps.ray_restore import cmd_ray_restore
 from deqir_dist.apps.tables import format_table
@@ -191,7 +199,8 @@ def cmd_restore(args) -> int:
         summary = {"command": "restore", "model": label, "task": args.task,
                    "operator": items[0].op.describe()["params"], **kw, "seed": args.seed,
                    "sampler": sampler_record(model, args.task, kw, records),
-                   "world_size": world, "summary": summarize(records), "images": records}
+                   "world_size": world, "summary": summarize(records), "images": records,
+                   "argv": ["deqir", *getattr(args, "argv", [])], "versions": versions()}
         if isinstance(model, CostEmulatingDenoiser):
             summary["emulate_cost"] = args.emulate_cost
             summary["emulated_calls"] = model.stats()
@@ -212,6 +221,9 @@ def cmd_restore(args) -> int:
     if not lead:
         return 0
     summary = built.get("summary") or build_summary(records)
+    note = serial_ranks_note(records, world)
+    if note:
+        print(note, file=sys.stderr)
     cols = ["id", "iterations", "seconds"] + [c for c in ("psnr", "ssim") if c in records[0]]
     if optimize is not None:
         cols += ["consistency_before", "consistency_after"]
@@ -313,9 +325,10 @@ def _version() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    with sigterm_unwinds():         # first: SIGTERM is a clean stop from here on (apps.guard)
+    with sigterm_unwinds(), one_line_warnings():      # first: SIGTERM is a clean stop from here on (apps.guard)
         try:
             args = build_parser().parse_args(argv)
+            args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
             with job_guard(args):       # --max-pixels; the output folder's lock (apps.guard)
                 return COMMANDS[args.command](args)
         except DeqirError as e:

@@ -77,3 +77,40 @@ def job_guard(args):
     except Terminated as e:
         print(f"deqir: error: {e}", file=sys.stderr)
         raise SystemExit(143) from None
+
+
+@contextlib.contextmanager
+def one_line_warnings():
+    """Python's warnings as ``deqir: warning: ...`` lines (not file:line and the source line)."""
+    import warnings
+    previous = warnings.formatwarning
+    warnings.formatwarning = lambda message, category, *a, **k: f"deqir: warning: {message}\n"
+    try:
+        yield
+    finally:
+        warnings.formatwarning = previous
+
+
+def versions() -> dict:
+    """What made an output: this package, torch, Python and the libraries that decode and encode."""
+    import platform
+
+    import numpy
+    import PIL
+    import torch
+
+    from deqir_dist import __version__
+    return {"deqir_dist": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "numpy": numpy.__version__, "pillow": PIL.__version__, "platform": platform.platform()}
+
+
+def serial_ranks_note(records: list[dict], world: int) -> str | None:
+    """Under torchrun (``world`` > 1), a line when images ran the serial solver: it does not shard,
+    so every rank ran the whole chain (solver="auto" picks serial where it predicts no speed-up,
+    which on CPUs is most sizes)."""
+    serial = sum(1 for r in records if r.get("solver") == "serial")
+    if world <= 1 or not serial:
+        return None
+    return (f"deqir: note: {serial} of {len(records)} image(s) ran the serial solver, which does not shard: each "
+            f"of the {world} ranks ran the whole chain, no faster than one process; launch one process, or "
+            "give --solver picard to split the chain over the ranks")

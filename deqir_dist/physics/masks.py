@@ -86,8 +86,9 @@ def make_mask(kind: str, H: int, W: int, **params) -> torch.Tensor:
         if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
             raise DeqirError(f"mask size {n} must be a positive integer, got {v!r}")
     p = mask_params(kind, **params)
-    if kind == "text" and p["lines"] > H:
-        raise DeqirError(f"mask 'text' needs lines <= the image height {H}, got {p['lines']}")
+    if kind == "text" and p["lines"] > H:         # (and a billion lines would be a billion empty cells)
+        raise DeqirError(f"mask 'text' with {p['lines']} lines on a {H}x{W} image removes no pixel: use fewer "
+                         "lines or a larger image")
     mask = _GENERATORS[kind](int(H), int(W), **p)
     if kind in ("stripes", "text") and bool(mask.all()):
         raise DeqirError(f"mask {kind!r} with {p} removes no pixel of a {H}x{W} image: "

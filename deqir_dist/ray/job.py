@@ -381,8 +381,8 @@ class RayRestoreJob:
         pool = session.pool
         bar = None
         if self.progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(todo), desc="ray-restore", unit="img")
+            from deqir_dist.sampling.progress import progress_bar
+            bar = progress_bar(len(todo), "ray-restore", "img")
 
         def on_record(rec: dict, png: bytes | None):
             if png is not None:

@@ -323,3 +323,214 @@ def test_long_manifest_checks_report_progress_and_scale(tmp_path, capsys, monkey
     assert len(entries) == n
     assert err == [f"deqir: checking manifest m.jsonl, line {k} of {n}" for k in range(1024, n + 1, 1024)]
     assert seconds < 5.0, seconds          # ~0.2 s here; 10^6 lines were 5 minutes with the job's checks
+
+
+# ================================================================================ part 4: what a user meets
+
+
+def _gray_photo(path: Path, size: int = 16, seed: int = 0) -> Path:
+    from PIL import Image
+    rng = np.random.default_rng(seed)
+    Image.fromarray(rng.integers(0, 256, (size, size), dtype=np.uint8), mode="L").save(path)
+    return path
+
+
+def test_serial_solver_under_ranks_is_said_in_one_line():
+    from deqir_dist.apps.guard import serial_ranks_note
+    recs = [{"solver": "serial"}, {"solver": "picard"}]
+    note = serial_ranks_note(recs, 2)
+    assert note.startswith("deqir: note: 1 of 2 image(s) ran the serial solver") and "--solver picard" in note
+    assert "\n" not in note
+    assert serial_ranks_note(recs, 1) is None and serial_ranks_note([{"solver": "picard"}], 4) is None
+
+
+@pytest.mark.slow
+def test_torchrun_at_the_defaults_says_every_rank_ran_the_whole_chain(tmp_path):
+    data = _photos(tmp_path / "data", 1)
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "launch" / "restore.py"), str(data), "--from-clean", *SR2, "--model", "analytic",
+                           "--steps", "8", "--solver", "serial", "--no-progress", "-o", str(tmp_path / "out")],
+                          capture_output=True, text=True, env=env, timeout=180, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    notes = [ln for ln in proc.stderr.splitlines() if ln.startswith("deqir: note:")]
+    assert len(notes) == 1 and "each of the 2 ranks ran the whole chain" in notes[0], proc.stderr[-2000:]
+
+
+def test_unit_range_warning_survives_bicubic_overshoot():
+    """y = A(x) of a [0, 1] picture under bicubic x4: a few values below 0 (the old check, min >= 0,
+    missed it); the same picture in [-1, 1] is not warned about."""
+    import warnings
+
+    from deqir_dist import make_operator
+    from deqir_dist.api.conventions import apply_value_range
+    x = torch.zeros(1, 3, 64, 64)
+    x[..., 10:30, 6:50] = 1
+    x[..., 40:43, :] = 1
+    op = make_operator("sr_bicubic", (3, 64, 64), scale=4)
+    y = op.A(x)
+    assert float(y.min()) < -0.05                 # the overshoot
+    for data, warned in ((y, True), (2 * y - 1, False)):
+        with warnings.catch_warnings(record=True) as w:
+            warnings.simplefilter("always")
+            apply_value_range(data, op, None, 0.0)
+        assert bool([m for m in w if "[0, 1]" in str(m.message)]) == warned
+
+
+def test_mask_convention_warning_and_mask_invert(tmp_path, capsys):
+    """A mask image that drops 94% of the picture is most likely drawn white = hole (diffusers,
+    OpenCV): one warning line naming --mask-invert; with it the mask is inverted (and no warning)."""
+    from PIL import Image
+
+    import warnings
+
+    from deqir_dist.dataset.tasks import operator_params
+    hole = np.zeros((16, 16), np.uint8)
+    hole[4:8, 4:8] = 255                            # white = the hole: 1/16 of the picture
+    Image.fromarray(hole).save(tmp_path / "mask.png")
+    with pytest.warns(UserWarning, match=r"94% of the image missing.*--mask-invert"):
+        kept = operator_params("inpaint", {"mask": str(tmp_path / "mask.png")})["mask"]
+    assert float(kept.mean()) == 1 / 16
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        inv = operator_params("inpaint", {"mask": str(tmp_path / "mask.png"), "mask_invert": True})["mask"]
+    assert torch.equal(inv, 1 - kept)
+    data = _photos(tmp_path / "data", 1)
+    args = ["restore", str(data), "--from-clean", "--task", "inpaint", "--mask", str(tmp_path / "mask.png"), *FAST]
+    with pytest.warns(UserWarning, match="94%") as w:
+        assert main([*args, "-o", str(tmp_path / "a")]) == 0
+    assert len([m for m in w if "94%" in str(m.message)]) == 1
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        assert main([*args, "--mask-invert", "-o", str(tmp_path / "b")]) == 0
+    # as the command prints it: one line (tests/test_redteam.py::test_cli_errors_version_progress_and_summary)
+    p = subprocess.run([sys.executable, "-m", "deqir_dist", *args, "-o", str(tmp_path / "c")], capture_output=True,
+                       text=True, cwd=ROOT, timeout=120)
+    assert p.returncode == 0, p.stderr
+    warned = [ln for ln in p.stderr.splitlines() if "warn" in ln]
+    assert len(warned) == 1 and warned[0].startswith("deqir: warning: mask ") and "--mask-invert" in warned[0], \
+        p.stderr
+    _fails(capsys, ["restore", str(data), "--from-clean", *SR2, "--mask-invert", *FAST, "-o", tmp_path / "c"],
+           "--mask-invert applies to a mask image")
+
+
+def test_grayscale_in_grayscale_out(tmp_path, capsys):
+    from PIL import Image
+    gray = tmp_path / "gray"
+    gray.mkdir()
+    _gray_photo(gray / "g.png")
+    for argv in (["restore", str(gray), "--from-clean", *SR2, *FAST, "-o", str(tmp_path / "a")],
+                 ["degrade", str(gray), *SR2, "-o", str(tmp_path / "m")]):
+        assert main(argv) == 0, capsys.readouterr().err
+    assert main(["restore", str(tmp_path / "m"), *FAST, "-o", str(tmp_path / "b")]) == 0, capsys.readouterr().err
+    for out in (tmp_path / "a" / "g.png", tmp_path / "b" / "g.png"):
+        with Image.open(out) as im:
+            assert im.mode == "L", (out, im.mode)
+    colour = _photos(tmp_path / "colour", 1)
+    assert main(["restore", str(colour), "--from-clean", *SR2, *FAST, "-o", str(tmp_path / "c")]) == 0
+    with Image.open(tmp_path / "c" / "img000.png") as im:
+        assert im.mode == "RGB"
+
+
+def test_from_clean_on_measurements_is_refused_not_a_silent_overwrite(tmp_path, capsys):
+    """--from-clean on the PNGs deqir degrade wrote degraded them again and replaced the earlier
+    restorations in -o with 4x smaller pictures; now one line, the folder as it was."""
+    data = _photos(tmp_path / "data", 2)
+    assert main(["degrade", str(data), *SR2, "-o", str(tmp_path / "m")]) == 0
+    out = tmp_path / "out"
+    assert main(["restore", str(tmp_path / "m"), *FAST, "-o", str(out)]) == 0
+    before = _tree(out)
+    capsys.readouterr()
+    _fails(capsys, ["restore", tmp_path / "m", "--from-clean", *SR2, *FAST, "-o", out],
+           "is a measurement deqir degrade wrote")
+    assert _tree(out) == before
+
+
+def test_a_failing_metric_keeps_the_restorations(tmp_path, capsys, monkeypatch):
+    """SSIM raising after every image was restored discarded all of them, naming no file."""
+    import deqir_dist.dataset.items as items_mod
+
+    def broken(a, b):
+        raise RuntimeError("window larger than the image")
+    monkeypatch.setattr(items_mod, "ssim", broken)
+    data = _photos(tmp_path / "data", 2)
+    out = tmp_path / "out"
+    with pytest.warns(UserWarning, match="PSNR/SSIM could not be computed") as w:
+        assert main(["restore", str(data), "--from-clean", *SR2, *FAST, "-o", str(out)]) == 0
+    warned = [str(m.message) for m in w if "PSNR/SSIM" in str(m.message)]
+    assert len(warned) == 2 and warned[0].startswith(f"{data / 'img000.png'}: restored, but")
+    summary = json.loads((out / "summary.json").read_text())
+    assert [r["metrics_error"] for r in summary["images"]] == ["RuntimeError: window larger than the image"] * 2
+    assert sorted(p.name for p in out.glob("*.png")) == ["img000.png", "img001.png"]
+
+
+def test_one_name_per_operator_parameter(tmp_path):
+    """make_operator takes the names restore_file, the CLI and manifests use (kernel_size,
+    blur_sigma, mask_fraction, mask_seed, cs_seed); restore_file takes make_operator's with a
+    deprecation line; an operator parameter given to restore is reported as one."""
+    import deqir_dist as dq
+    from deqir_dist.models import load_denoiser
+    a = dq.make_operator("deblur_gauss", (3, 16, 16), kernel_size=3, blur_sigma=2.0)
+    b = dq.make_operator("deblur_gauss", (3, 16, 16), size=3, sigma=2.0)
+    assert a.describe() == b.describe()
+    assert dq.make_operator("inpaint", (3, 16, 16), mask="random", mask_fraction=0.3, mask_seed=2).describe() == \
+        dq.make_operator("inpaint", (3, 16, 16), mask="random", fraction=0.3, seed=2).describe()
+    assert dq.make_operator("cs_wht", (3, 16, 16), cs_seed=3).describe()["params"]["seed"] == 3
+    with pytest.raises(DeqirError, match="name the same parameter"):
+        dq.make_operator("deblur_gauss", (3, 16, 16), kernel_size=3, size=5)
+    photo = _photos(tmp_path / "data", 1) / "img000.png"
+    model = load_denoiser("analytic")
+    kw = dict(task="deblur_gauss", model=model, from_clean=True, steps=3, solver="serial")
+    ref = dq.restore_file(photo, kernel_size=3, **kw)
+    with pytest.warns(FutureWarning, match="size= is make_operator's name of kernel_size="):
+        old = dq.restore_file(photo, size=3, **kw)
+    assert torch.equal(ref.image, old.image)
+    y, op = torch.zeros(1, 3, 16, 16), b
+    with pytest.raises(DeqirError, match="kernel_size is a parameter of the operator, not of restore"):
+        dq.restore(model, y, op, kernel_size=3, steps=3)
+
+
+def test_restore_result_is_documented_with_a_short_repr_and_diffusers_names():
+    import pydoc
+
+    import deqir_dist as dq
+    from deqir_dist.models import load_denoiser
+    text = pydoc.render_doc(dq.RestoreResult)
+    for field_name in ("image", "iterations", "solver", "seconds", "plan", "settings_source", "timings"):
+        assert f"``{field_name}``" in text, field_name
+    model = load_denoiser("analytic")
+    op = dq.make_operator("sr_avgpool", (3, 64, 64), scale=2)
+    y = op.A(torch.zeros(1, 3, 64, 64))
+    res = dq.restore(model, y, op, num_inference_steps=4, output_type="pt", solver="serial")
+    assert res.steps == 4 and res.image.shape == (1, 3, 64, 64)
+    r = repr(res)
+    assert r.startswith("RestoreResult(image=<1x3x64x64 float32>, solver='serial', steps=4") and len(r) < 200
+    with pytest.raises(DeqirError, match=r"result.to_pil\(\)"):
+        dq.restore(model, y, op, output_type="pil", steps=4)
+    with pytest.raises(DeqirError, match="num_inference_steps is another name for steps"):
+        dq.restore(model, y, op, steps=3, num_inference_steps=4)
+
+
+def test_cli_errors_version_progress_and_summary(tmp_path):
+    """argparse's error in one line (was 22 lines of usage), --version, plain progress lines when
+    stderr is not a terminal (tqdm wrote hundreds of \\r redraws into logs), argv and versions in
+    summary.json."""
+    def run(*argv):
+        return subprocess.run([sys.executable, "-m", "deqir_dist", *map(str, argv)], capture_output=True, text=True,
+                              cwd=ROOT, timeout=120)
+    p = run("restore", "x.png", "--task", "nope", "-o", tmp_path / "o")
+    assert p.returncode == 2 and p.stderr.count("\n") == 1, p.stderr
+    assert p.stderr.startswith("deqir: error: argument --task: invalid choice: 'nope'") and "deqir restore --help" \
+        in p.stderr
+    p = run("--version")
+    assert p.returncode == 0 and p.stdout.startswith("deqir-dist ") and "torch" in p.stdout
+    data = _photos(tmp_path / "data", 3)
+    out = tmp_path / "out"
+    p = run("restore", data, "--from-clean", *SR2, "--model", "analytic", "--steps", "20", "--solver", "picard",
+            "-o", out)
+    assert p.returncode == 0, p.stderr
+    assert "\r" not in p.stderr
+    assert [ln for ln in p.stderr.splitlines() if ln.startswith("restore: ")][-1].startswith("restore: 3/3 img")
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["argv"][:3] == ["deqir", "restore", str(data)]
+    assert set(summary["versions"]) >= {"deqir_dist", "torch", "python", "numpy", "pillow"}

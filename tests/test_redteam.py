@@ -303,6 +303,15 @@ def test_sigterm_to_ray_restore_once_ray_is_up_is_the_clean_stop(tmp_path):
     pngs = sorted(p.stem for p in out.glob("*.png"))
     assert 2 <= len(records) < 60 and sorted(records) == pngs
     assert not (out / LOCK_NAME).exists()
+    # the rerun resumes; its summary says what ran it (argv, versions)
+    rerun = subprocess.run([sys.executable, "-m", "deqir_dist", "ray-restore", str(data), "--from-clean", *SR2,
+                            "--model", "analytic", "--solver", "serial", "--steps", "1000", "--no-progress",
+                            "--workers", "1", "--cpus-per-worker", "1", "-o", str(out)],
+                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-800:]
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["skipped_done"] == len(records) and summary["restored_total"] == 60
+    assert summary["argv"][:2] == ["deqir", "ray-restore"] and "torch" in summary["versions"]
 
 
 # ------------------------------------------------------------------------------ long manifests

@@ -122,6 +122,7 @@ class RayRestoreJob:
     summary_path: str | None = None
     progress: bool = True
     connect_timeout: float = 30.0
+    provenance: dict = field(default_factory=dict)    # written into the summary as given (the CLI: argv, versions)
 
     @property
     def solver(self) -> str:
@@ -304,6 +305,7 @@ class RayRestoreJob:
                 if vals:
                     summary[f"mean_{key}"] = round(sum(vals) / len(vals), 4)
         summary["failures"] = [{"id": r["id"], "error": r["error"]} for r in records if r["status"] == "failed"][:50]
+        summary.update(self.provenance)
         write_json(summary_path, summary)
         return summary
 

@@ -543,3 +543,24 @@ def test_cli_errors_version_progress_and_summary(tmp_path):
     summary = json.loads((out / "summary.json").read_text())
     assert summary["argv"][:3] == ["deqir", "restore", str(data)]
     assert set(summary["versions"]) >= {"deqir_dist", "torch", "python", "numpy", "pillow"}
+
+
+def test_messages_name_the_output_not_the_staging_folder_and_ids_have_no_control_characters(tmp_path, capsys,
+                                                                                            monkeypatch):
+    import deqir_dist.dataset.items as items_mod
+    from deqir_dist.dataset.manifest import check_id
+
+    for bad in ("a\nb", "tab\there", "bell\x07"):
+        with pytest.raises(DeqirError, match="control characters"):
+            check_id(bad)
+    data = _photos(tmp_path / "data", 2)
+    out = tmp_path / "out"
+    real = items_mod.write_image
+
+    def full(path, *a, **k):
+        if Path(path).name == "img001.png":
+            raise DeqirError(f"cannot write {path}: OSError: [Errno 28] No space left on device")
+        return real(path, *a, **k)
+    monkeypatch.setattr(items_mod, "write_image", full)
+    line = _fails(capsys, ["restore", data, "--from-clean", *SR2, *FAST, "-o", out], "No space left")
+    assert f"cannot write {out / 'img001.png'}:" in line and ".deqir-staging" not in line, line

@@ -250,6 +250,8 @@ def degrade_files(paths: list[Path], task: str, params: dict, out_dir: str, sigm
                 else:
                     save_measurement(staging.path(f"{it.name}{MEASUREMENT_SUFFIX}"), it.y[0], it.op)
             return staging.commit()
+        except DeqirError as e:          # "cannot write OUT/x.png", not the hidden staging folder's path
+            raise DeqirError(staging.public(str(e))) from e.__cause__
         finally:
             staging.abort()
 
@@ -337,6 +339,10 @@ def restore_items(model, items: list[Item], out_dir: str | None, restore_kw: dic
     try:
         return _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, restore_fn, optimize,
                             summary)
+    except DeqirError as e:              # "cannot write OUT/x.png", not the hidden staging folder's path
+        if staging is None:
+            raise
+        raise DeqirError(staging.public(str(e))) from e.__cause__
     finally:
         if staging is not None:
             staging.abort()

@@ -56,10 +56,10 @@ def check_id(name) -> str:
         name.encode("utf-8")
     except UnicodeEncodeError:
         raise DeqirError(f"image id {name!r} is not valid UTF-8 (a file name in another encoding); rename it") from None
-    bad = [c for c in ("/", "\\", "\0", os.sep) if c in name]
+    bad = [c for c in ("/", "\\", "\0", os.sep) if c in name] + [c for c in name if ord(c) < 32 or c == "\x7f"]
     if bad or ".." in name or name.startswith(".") or len(name) > 200 or name != name.strip():
         raise DeqirError(f"image id {name!r} is not a safe file name (no path separators, '..', "
-                         "leading '.' or surrounding spaces; at most 200 characters)")
+                         "control characters, leading '.' or surrounding spaces; at most 200 characters)")
     return name
 
 

@@ -201,6 +201,10 @@ class Staging:
         self.abort()
         return done
 
+    def public(self, message: str) -> str:
+        """``message`` with the hidden staging folder's paths shown as the outputs' own."""
+        return message if self.dir is None else message.replace(str(self.dir), str(self.out))
+
     def abort(self) -> None:
         if self.dir is not None:
             shutil.rmtree(self.dir, ignore_errors=True)

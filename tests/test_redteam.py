@@ -564,3 +564,14 @@ def test_messages_name_the_output_not_the_staging_folder_and_ids_have_no_control
     monkeypatch.setattr(items_mod, "write_image", full)
     line = _fails(capsys, ["restore", data, "--from-clean", *SR2, *FAST, "-o", out], "No space left")
     assert f"cannot write {out / 'img001.png'}:" in line and ".deqir-staging" not in line, line
+
+
+def test_special_files_in_an_input_folder_are_listed_as_skipped(tmp_path):
+    """ray-restore records each skipped file in results.jsonl; special files were left out silently."""
+    from deqir_dist.dataset.manifest import read_input
+    data = _photos(tmp_path / "data", 1)
+    os.mkfifo(data / "pipe.png")
+    (data / "notes.txt").write_text("x")
+    entries, skipped = read_input(data)
+    assert [e.id for e in entries] == ["img000"]
+    assert [f.name for f in skipped] == ["notes.txt", "pipe.png"]

@@ -84,8 +84,8 @@ def read_input(input_path: str | os.PathLike) -> tuple[list[InputEntry], list[Pa
     if p.is_dir():
         files = expand_inputs([str(p)])          # images + .pt; raises on none or duplicate ids
         chosen = set(files)
-        skipped = sorted(f for f in p.iterdir()
-                         if f.is_file() and not f.name.startswith(".") and f not in chosen
+        skipped = sorted(f for f in p.iterdir()     # special files (pipes, sockets, devices) too: noted, never opened
+                         if not f.is_dir() and not f.name.startswith(".") and f not in chosen
                          and f.suffix != MEASUREMENT_SUFFIX)
         entries = [InputEntry(check_id(f.stem), f) for f in files]
         return entries, skipped

@@ -129,7 +129,7 @@ def zip_members(source, what: str) -> tuple[int, bool]:
         with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as z:
             infos = z.infolist()
     except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
-        raise DeqirError(f"cannot read {what}: not a valid zip archive ({e})") from None
+        raise DeqirError(f"cannot read {what}: truncated or corrupt file (not a valid zip archive: {e})") from None
     return sum(i.file_size for i in infos), any(i.compress_type != zipfile.ZIP_STORED for i in infos)
 
 

@@ -575,3 +575,17 @@ def test_special_files_in_an_input_folder_are_listed_as_skipped(tmp_path):
     entries, skipped = read_input(data)
     assert [e.id for e in entries] == ["img000"]
     assert [f.name for f in skipped] == ["notes.txt", "pipe.png"]
+
+
+def test_a_pixel_cap_above_pillows_own_is_honoured(tmp_path):
+    """--max-pixels above 178,956,970 met Pillow's DecompressionBombError: the cap the user set rules."""
+    from deqir_dist.io import limits
+    from deqir_dist.io.pngtext import read_description
+    from tests.test_hostile import png_bomb
+    bomb = png_bomb(tmp_path / "big.png", 13500, 13500)          # 182 M pixels, ~180 KB; only its header is read
+    with pytest.raises(DeqirError, match="over the cap"):
+        read_description(bomb)
+    with limits.decode_limits(max_pixels=200_000_000):
+        assert read_description(bomb) is None
+    from PIL import Image
+    assert Image.MAX_IMAGE_PIXELS == 89_478_485                 # put back with the cap

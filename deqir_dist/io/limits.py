@@ -27,6 +27,7 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 _MIB = 1 << 20
 
 _limits: dict = {"max_pixels": DEFAULT_MAX_PIXELS, "max_bytes": None}
+_PILLOW_DEFAULT = 89_478_485           # PIL.Image.MAX_IMAGE_PIXELS as Pillow ships it
 
 
 def max_pixels() -> int:
@@ -58,8 +59,16 @@ def set_decode_limits(max_pixels: int | None = None, max_bytes: int | None = Non
     if max_pixels is not None:
         new["max_pixels"] = _check_cap("--max-pixels", max_pixels)
     new["max_bytes"] = None if max_bytes is None else _check_cap("the input byte cap", max_bytes)
-    _limits.update(new)
+    _apply(new)
     return previous
+
+
+def _apply(new: dict) -> None:
+    """Set the caps; Pillow's own bomb check (an error at 2 x its MAX_IMAGE_PIXELS, 179 M pixels)
+    is raised to follow a larger cap, which every reader checks from the header itself."""
+    _limits.update(new)
+    from PIL import Image
+    Image.MAX_IMAGE_PIXELS = max(_PILLOW_DEFAULT, _limits["max_pixels"])
 
 
 @contextlib.contextmanager
@@ -69,7 +78,7 @@ def decode_limits(max_pixels: int | None = None, max_bytes: int | None = None):
     try:
         yield current()
     finally:
-        _limits.update(previous)
+        _apply(previous)
 
 
 def check_pixels(width: int, height: int, what: str = "image") -> None:

@@ -278,6 +278,8 @@ def test_sigterm_to_ray_restore_once_ray_is_up_is_the_clean_stop(tmp_path):
     back: one line, exit 143, and the folder consistent (a rerun resumes)."""
     data = _photos(tmp_path / "data", 60, size=32)          # 1000 serial steps: ~0.3 s an image, 60 images
     out = tmp_path / "out"
+    out.mkdir()
+    (out / "summary.json").write_text(json.dumps({"command": "ray-restore", "restored_total": 0}))   # an earlier run's
     env = {**os.environ, "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0", "RAY_AUTH_MODE": "disabled",
            "RAY_USAGE_STATS_ENABLED": "0"}
     job = subprocess.Popen([sys.executable, "-m", "deqir_dist", "ray-restore", str(data), "--from-clean", *SR2,
@@ -303,6 +305,7 @@ def test_sigterm_to_ray_restore_once_ray_is_up_is_the_clean_stop(tmp_path):
     pngs = sorted(p.stem for p in out.glob("*.png"))
     assert 2 <= len(records) < 60 and sorted(records) == pngs
     assert not (out / LOCK_NAME).exists()
+    assert not (out / "summary.json").exists()      # the earlier run's went before the first output: never a lying one
     # the rerun resumes; its summary says what ran it (argv, versions)
     rerun = subprocess.run([sys.executable, "-m", "deqir_dist", "ray-restore", str(data), "--from-clean", *SR2,
                             "--model", "analytic", "--solver", "serial", "--steps", "1000", "--no-progress",

@@ -246,6 +246,13 @@ class RayRestoreJob:
             output.make_dir(out)
             output.make_dir(summary_path.parent)
             log = output.open_log(results_path)
+            # an earlier run's summary would describe a folder this run is changing: it goes before the
+            # first output (results.jsonl is the record meanwhile), the new one is written at the end
+            if summary_path.is_symlink() or summary_path.is_file():
+                try:
+                    summary_path.unlink()
+                except OSError as e:
+                    raise DeqirError(f"cannot replace {summary_path}: {one_line(e, bare_deqir=True)}") from None
             try:
                 skipped_logged = _skipped_ids(results_path)
                 for f in not_images:

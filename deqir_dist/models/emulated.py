@@ -23,7 +23,6 @@ import itertools
 import json
 import math
 import time
-from pathlib import Path
 
 import torch
 

@@ -212,18 +212,23 @@ def cmd_restore(args) -> int:
     # the default summary (OUT/summary.json) is staged with the pictures and committed last, the old
     # one removed first (io.outdir.Staging.commit): a killed or failed commit never leaves a lying summary
     in_out = json_path.parent.resolve() == Path(args.out).resolve()
+    noted = []
+
+    def note_serial(rec):             # said as soon as the first image ran serial, not after all of them
+        note = None if noted or not lead else serial_ranks_note([rec], world)
+        if note:
+            noted.append(note)
+            print(note, file=sys.stderr, flush=True)
     records = restore_items(model, items, args.out, dict(kw, progress=show, distributed=args.distributed),
                             seed=args.seed, bits=args.bits, progress=show, write=lead, optimize=optimize,
-                            summary=(json_path.name, build_summary) if lead and in_out else None)
+                            summary=(json_path.name, build_summary) if lead and in_out else None,
+                            on_record=note_serial)
     if args.distributed:
         import torch.distributed as dist
         dist.destroy_process_group()
     if not lead:
         return 0
     summary = built.get("summary") or build_summary(records)
-    note = serial_ranks_note(records, world)
-    if note:
-        print(note, file=sys.stderr)
     cols = ["id", "iterations", "seconds"] + [c for c in ("psnr", "ssim") if c in records[0]]
     if optimize is not None:
         cols += ["consistency_before", "consistency_after"]

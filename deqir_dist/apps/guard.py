@@ -108,9 +108,9 @@ def serial_ranks_note(records: list[dict], world: int) -> str | None:
     """Under torchrun (``world`` > 1), a line when images ran the serial solver: it does not shard,
     so every rank ran the whole chain (solver="auto" picks serial where it predicts no speed-up,
     which on CPUs is most sizes)."""
-    serial = sum(1 for r in records if r.get("solver") == "serial")
+    serial = [r for r in records if r.get("solver") == "serial"]
     if world <= 1 or not serial:
         return None
-    return (f"deqir: note: {serial} of {len(records)} image(s) ran the serial solver, which does not shard: each "
-            f"of the {world} ranks ran the whole chain, no faster than one process; launch one process, or "
+    return (f"deqir: note: {serial[0].get('id', 'an image')} ran the serial solver, which does not shard: each "
+            f"of the {world} ranks runs the whole chain, no faster than one process; launch one process, or "
             "give --solver picard to split the chain over the ranks")

@@ -324,7 +324,7 @@ def _optimize(model, item: Item, spec: NoiseOptimizationSpec, generator, kw: dic
 
 def restore_items(model, items: list[Item], out_dir: str | None, restore_kw: dict, seed: int = 0,
                   bits: int = 8, progress: bool = True, restore_fn=None, write: bool = True,
-                  optimize: NoiseOptimizationSpec | None = None, summary=None) -> list[dict]:
+                  optimize: NoiseOptimizationSpec | None = None, summary=None, on_record=None) -> list[dict]:
     """Restore each item (its noise drawn from (seed, id)), write ``<id>.png``, return records.
 
     With ``optimize``, the initial noise of each image is optimised first (``inversion``).
@@ -332,13 +332,14 @@ def restore_items(model, items: list[Item], out_dir: str | None, restore_kw: dic
     staged inside ``out_dir`` and moved into place only when every image is done, so a failure
     leaves ``out_dir`` as it was; the caller holds the folder's lock (:class:`OutputFolder`).
     ``summary``: ``(name, build)``: ``build(records)`` is written as JSON to ``out_dir/name``,
-    staged with the pictures and committed last (``Staging.commit``: never a lying summary)."""
+    staged with the pictures and committed last (``Staging.commit``: never a lying summary).
+    ``on_record(record)``: called as each image is done."""
     restore_fn = restore_fn or restore
     out = ensure_writable_dir(out_dir) if (write and out_dir is not None) else None
     staging = Staging(out) if out is not None else None
     try:
         return _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, restore_fn, optimize,
-                            summary)
+                            summary, on_record)
     except DeqirError as e:              # "cannot write OUT/x.png", not the hidden staging folder's path
         if staging is None:
             raise
@@ -348,7 +349,8 @@ def restore_items(model, items: list[Item], out_dir: str | None, restore_kw: dic
             staging.abort()
 
 
-def _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, restore_fn, optimize, summary):
+def _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, restore_fn, optimize, summary,
+                 on_record=None):
     records = []
     bar = None
     if progress:
@@ -376,6 +378,8 @@ def _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, r
             write_image(staging.path(f"{it.name}.png"), image[0], bits=bits)
             rec["output"] = str(out / f"{it.name}.png")
         records.append(rec)
+        if on_record is not None:
+            on_record(rec)
         if bar is not None:
             bar.update(1)
     if bar is not None:

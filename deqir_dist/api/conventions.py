@@ -10,6 +10,10 @@
 * Images are in [-1, 1]. A measurement that looks like [0, 1] data is warned about;
   ``value_range=(0, 1)`` converts it exactly (y -> 2 y - A(1) for the linear operators here, and
   sigma_y -> 2 sigma_y); ``value_range=(-1, 1)`` says the data is right and silences the warning.
+* ``num_inference_steps`` (diffusers) is ``steps``; ``output_type="pt"`` is what ``restore``
+  returns (tensors); "pil" / "np" are pointed at ``RestoreResult.to_pil()`` / ``.images``.
+  An operator's parameter given to ``restore`` (``size``, ``kernel_size``, ...) is reported as
+  one, not as an unknown solver option (:func:`diffusers_names`).
 * The measurement model every sampler runs (``sampling_problem``: ``restore``, ``noise_gradient``,
   ``optimize_noise``): the operator for the noise (``for_noise`` / ``filter_measurement``) on the
   model's canvas (``PaddedOperator.to_multiple``), the result cropped back.
@@ -38,14 +42,30 @@ def resolve_eta(etw, eta) -> float:
     return 0.0 if v is None else float(v)
 
 
-def resolve_steps(steps, solver_options: dict):
-    """``steps`` from ``steps`` and diffusers' ``num_inference_steps`` (taken out of ``solver_options``);
-    both given and different is an error."""
+# operator parameters, under make_operator's and restore_file's names: not restore's
+_OPERATOR_WORDS = ("scale", "size", "sigma", "sigma_h", "sigma_w", "mask", "fraction", "seed", "ratio",
+                   "kernel_size", "blur_sigma", "mask_fraction", "mask_seed", "cs_seed", "image_shape")
+
+
+def diffusers_names(steps, solver_options: dict):
+    """``steps`` with diffusers' ``num_inference_steps`` folded in, and ``solver_options`` without
+    the diffusers names (``output_type``); an operator parameter among them is a DeqirError."""
     n = solver_options.pop("num_inference_steps", None)
-    if n is not None and steps is not None and n != steps:
-        raise DeqirError(f"num_inference_steps is another name for steps; both given and different "
-                         f"(steps={steps}, num_inference_steps={n}): give one")
-    return steps if steps is not None else n
+    if n is not None:
+        if steps is not None and n != steps:
+            raise DeqirError(f"num_inference_steps is another name for steps; both given and different "
+                             f"(steps={steps}, num_inference_steps={n}): give one")
+        steps = n
+    out = solver_options.pop("output_type", "pt")
+    if out != "pt":
+        hint = {"pil": "result.to_pil()", "np": "result.images.numpy()"}.get(out)
+        raise DeqirError(f"output_type={out!r}: restore returns a RestoreResult of tensors (output_type 'pt')"
+                         + (f"; {hint} gives the {out} form" if hint else ""))
+    wrong = [k for k in solver_options if k in _OPERATOR_WORDS]
+    if wrong:
+        raise DeqirError(f"{wrong[0]} is a parameter of the operator, not of restore: give it to "
+                         "make_operator (or to restore_file under its flag name)")
+    return steps
 
 
 def place_model(denoiser, device, default: torch.device) -> torch.device:
@@ -77,12 +97,23 @@ def apply_value_range(y, op, value_range, sigma_y: float):
     if value_range == (0, 1):
         ones = torch.ones((1, *op.image_shape), dtype=y.dtype, device=y.device)
         return 2 * y - op.A(ones), 2 * float(sigma_y)
-    if value_range is None and op.measurement_is_image and y.numel() >= 16 \
-            and float(y.min()) >= 0 and 0 < float(y.max()) <= 1:      # (all zero: mid-grey, fine)
+    if value_range is None and op.measurement_is_image and y.numel() >= 16 and _looks_unit_range(y):
         warnings.warn("y lies in [0, 1], but restore works on images in [-1, 1]: pass value_range=(0, 1) to "
                       "convert it (or x * 2 - 1 yourself), or value_range=(-1, 1) if it is right",
                       UserWarning, stacklevel=3)
     return y, sigma_y
+
+
+def _looks_unit_range(y: torch.Tensor) -> bool:
+    """y looks like [0, 1] data: its maximum in (0, 1.15], at most 5% of it below -0.05 and none
+    below -0.25 (bicubic's and sharpening kernels' overshoot at edges makes some values of a
+    [0, 1] picture's measurement slightly negative, 4% for black-and-white bars; a [-1, 1]
+    picture has its whole dark half there)."""
+    y = y.detach()
+    hi, lo = float(y.max()), float(y.min())
+    if not (0 < hi <= 1.15) or lo < -0.25:          # (all zero: mid-grey, fine)
+        return False
+    return float((y < -0.05).float().mean()) <= 0.05
 
 
 def size_multiple(denoiser) -> int:

@@ -15,7 +15,8 @@ from pathlib import Path
 
 import torch
 
-from deqir_dist.errors import DeqirError
+from deqir_dist.errors import DeqirError, one_line
+from deqir_dist.io.limits import read_file_bytes
 from deqir_dist.io.jsonio import write_json
 from deqir_dist.models.cuda_graph import CUDAGraphDenoiser
 from deqir_dist.models.emulated import interpolate_cost, read_cost_table
@@ -270,10 +271,14 @@ def cost_table(c_ms, source) -> dict[int, float]:
     return read_cost_table(c_ms, f"cost profile {source}")
 
 
+_MAX_TABLE = 1 << 20          # a c(b) profile is a few hundred bytes: no /dev/zero, no pipe
+
+
 def load_profile(path) -> dict[int, float]:
     """The ``c_ms`` table of a profile JSON file (``save_profile``'s format)."""
     try:
-        data = json.loads(Path(path).read_text())["c_ms"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DeqirError(f"cannot read cost profile {path}: {e}") from e
+        data = json.loads(read_file_bytes(path, "cost profile", cap=_MAX_TABLE))["c_ms"]
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else one_line(e, bare_deqir=True)
+        raise DeqirError(f"cannot read cost profile {path}: {why}") from None
     return cost_table(data, path)

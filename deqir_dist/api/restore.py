@@ -8,8 +8,14 @@ from dataclasses import dataclass, field
 import torch
 
 from deqir_dist.api import k_observed
-from deqir_dist.api.conventions import (apply_value_range, canvas, place_model, resolve_eta, resolve_steps,
-                                        sampling_problem)
+from deqir_dist.api.conventions import (
+    apply_value_range,
+    canvas,
+    diffusers_names,
+    place_model,
+    resolve_eta,
+    sampling_problem,
+)
 from deqir_dist.api.planner import choose_solver, cost_table, load_profile, profile_batches, serial_is_certain
 from deqir_dist.api.profile_cache import cost_until_decided, plan_reason
 from deqir_dist.errors import DeqirError, check_int, check_tensor, one_line
@@ -30,8 +36,25 @@ from deqir_dist.solvers.parareal_dist import run_parareal
 METHODS = registry.names("restore")     # ("serial", "picard", "anderson", "auto", ...): solvers.registry
 
 
-@dataclass
+@dataclass(repr=False)
 class RestoreResult:
+    """What :func:`restore` returns. Fields:
+
+    * ``image``: (B, C, H, W) restored images in the solver's dtype, in [-1, 1], not clipped
+      (``images``: float32 on the CPU, clipped; ``to_pil()``: 8-bit PIL images).
+    * ``iterations``: joint-map evaluations K (the most over the images; serial: N);
+      ``iterations_per_image``: K of each; ``trace``: per iteration, each image's stopping quantity.
+    * ``solver``, ``steps``, ``stop``, ``stop_tol``: what ran (solver "auto": the solver it chose).
+    * ``seconds``: the sampling (solver "auto": its planning, the model timed, is ``plan["seconds"]``).
+    * ``timings``: per-iteration IterationTiming (parallel solvers; parareal: its coarse pass first).
+    * ``rank_rows``, ``state_rows``: the rows [lo, hi) this process owned and held (parallel only).
+    * ``plan``: solver "auto": the prediction it chose by (K, modelled times, the reason).
+    * ``settings`` / ``settings_source``: the sampler settings used (steps, etw, nw, clip_x0,
+      sigma_y) and where each came from ("user", the model card, ...).
+    * ``blocks``, ``coarse_steps``, ``critical_path_calls``, ``denoiser_calls``: parareal's B, m
+      and its schedule (``solvers.parareal.parareal_schedule``).
+    """
+
     image: torch.Tensor                  # (B, C, H, W) in the solver dtype (float32 unless asked), [-1, 1], not clipped
     iterations: int                      # joint-map evaluations K (max over images; serial: N)
     iterations_per_image: list[int]
@@ -53,6 +76,12 @@ class RestoreResult:
     coarse_steps: int | None = None               # one batch-1 call as the unit): the critical path and the
     critical_path_calls: float | None = None      # denoiser calls per image (solvers.parareal.parareal_schedule)
     denoiser_calls: int | None = None
+
+    def __repr__(self) -> str:              # the fields that say what ran, never the tensor's values
+        shape = "x".join(map(str, self.image.shape)) if isinstance(self.image, torch.Tensor) else "?"
+        return (f"RestoreResult(image=<{shape} {str(getattr(self.image, 'dtype', '?')).replace('torch.', '')}>, "
+                f"solver={self.solver!r}, steps={self.steps}, iterations={self.iterations}, "
+                f"seconds={self.seconds:.3f})")
 
     @property
     def images(self) -> torch.Tensor:
@@ -175,7 +204,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     """
     plan = None
     denoiser = as_denoiser(denoiser, scheduler, prediction_type, alphas_cumprod)
-    steps = resolve_steps(steps, solver_options)
+    steps = diffusers_names(steps, solver_options)      # num_inference_steps, output_type (api.conventions)
     given = {"steps": steps, "etw": etw if etw is not None else eta, "nw": nw, "clip_x0": clip_x0,
              "alphas_cumprod": alphas_cumprod, "start": start}
     settings, sources = resolve_settings(denoiser, getattr(op, "name", None), given)

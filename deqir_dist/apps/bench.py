@@ -69,8 +69,8 @@ def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), tas
     rows = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(steps) * (1 + len(solvers) + len(windows)), desc="bench", unit="run", dynamic_ncols=True)
+        from deqir_dist.sampling.progress import progress_bar
+        bar = progress_bar(len(steps) * (1 + len(solvers) + len(windows)), "bench", "run", dynamic_ncols=True)
     for n in steps:
         if bar is not None:
             bar.set_postfix_str(f"N={n} serial")
@@ -206,9 +206,10 @@ def run_profile(model: str = "analytic", checkpoint=None, size: int = 32, device
     meta = {}
     if cost_file is not None:
         import json
-        from pathlib import Path
-        c_ms = load_profile(cost_file)
-        meta = json.loads(Path(cost_file).read_text())
+
+        from deqir_dist.io.limits import read_file_bytes
+        c_ms = load_profile(cost_file)           # checked (a small regular file, valid JSON) before this read
+        meta = json.loads(read_file_bytes(cost_file, "cost profile", cap=1 << 20))
         model, graph = meta.get("model", str(cost_file)), bool(meta.get("graph", False))
         shape, device = meta.get("image_shape", ["?"]), meta.get("device", "?")
     else:

@@ -26,7 +26,15 @@ from deqir_dist.apps.flags import (
     set_threads,
     task_params,
 )
-from deqir_dist.apps.guard import job_guard
+from deqir_dist.apps.guard import (
+    OneLineParser,
+    Terminated,
+    job_guard,
+    one_line_warnings,
+    serial_ranks_note,
+    sigterm_unwinds,
+    versions,
+)
 from deqir_dist.apps.ray_restore import add_parser as add_ray_parser
 from deqir_dist.apps.ray_restore import cmd_ray_restore
 from deqir_dist.apps.tables import format_table
@@ -55,8 +63,9 @@ from deqir_dist.quality.metrics import psnr, ssim
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="deqir", description=(
+    parser = OneLineParser(prog="deqir", description=(
         "Diffusion image restoration with parallel (fixed-point) sampling."))
+    parser.add_argument("--version", action="version", version=_version())
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("degrade", help="write the measurements A(x) (+ noise) of clean images")
@@ -191,28 +200,49 @@ def cmd_restore(args) -> int:
         items, json_path, model = prepare()
     kw = restore_kwargs(args)
     show = lead and not args.no_progress
+    label = f"{args.checkpoint} ({type(model).__name__})" if args.checkpoint else \
+        (args.model or ("analytic" if args.emulate_cost else "builtin"))
+    built = {}
+
+    def build_summary(records):
+        summary = {"command": "restore", "model": label, "task": args.task,
+                   "operator": items[0].op.describe()["params"], **kw, "seed": args.seed,
+                   "sampler": sampler_record(model, args.task, kw, records),
+                   "world_size": world, "summary": summarize(records), "images": records,
+                   "argv": ["deqir", *getattr(args, "argv", [])], "versions": versions()}
+        if isinstance(model, CostEmulatingDenoiser):
+            summary["emulate_cost"] = args.emulate_cost
+            summary["emulated_calls"] = model.stats()
+        if optimize is not None:
+            summary["optimize_noise"] = optimize.loss
+            summary["oracle"] = optimize.loss == "oracle"
+        built["summary"] = summary
+        return summary
+    # the default summary (OUT/summary.json) is staged with the pictures and committed last, the old
+    # one removed first (io.outdir.Staging.commit): a killed or failed commit never leaves a lying summary
+    in_out = json_path.parent.resolve() == Path(args.out).resolve()
+    noted = []
+
+    def note_serial(rec):             # said as soon as the first image ran serial, not after all of them
+        note = None if noted or not lead else serial_ranks_note([rec], world)
+        if note:
+            noted.append(note)
+            print(note, file=sys.stderr, flush=True)
     records = restore_items(model, items, args.out, dict(kw, progress=show, distributed=args.distributed),
-                            seed=args.seed, bits=args.bits, progress=show, write=lead, optimize=optimize)
+                            seed=args.seed, bits=args.bits, progress=show, write=lead, optimize=optimize,
+                            summary=(json_path.name, build_summary) if lead and in_out else None,
+                            on_record=note_serial)
     if args.distributed:
         import torch.distributed as dist
         dist.destroy_process_group()
     if not lead:
         return 0
-    label = f"{args.checkpoint} ({type(model).__name__})" if args.checkpoint else \
-        (args.model or ("analytic" if args.emulate_cost else "builtin"))
-    summary = {"command": "restore", "model": label, "task": args.task,
-               "operator": items[0].op.describe()["params"], **kw, "seed": args.seed,
-               "sampler": sampler_record(model, args.task, kw, records),
-               "world_size": world, "summary": summarize(records), "images": records}
+    summary = built.get("summary") or build_summary(records)
     cols = ["id", "iterations", "seconds"] + [c for c in ("psnr", "ssim") if c in records[0]]
-    if isinstance(model, CostEmulatingDenoiser):
-        summary["emulate_cost"] = args.emulate_cost
-        summary["emulated_calls"] = model.stats()
     if optimize is not None:
-        summary["optimize_noise"] = optimize.loss
-        summary["oracle"] = optimize.loss == "oracle"
         cols += ["consistency_before", "consistency_after"]
-    write_json(json_path, summary)
+    if not in_out:
+        write_json(json_path, summary)
     print(format_table(records, cols))
     if optimize is not None and optimize.loss == "oracle":
         print("ORACLE: the noise was optimised against the ground truth; these numbers are an upper bound, "
@@ -317,16 +347,29 @@ COMMANDS = {"degrade": cmd_degrade, "restore": cmd_restore, "eval": cmd_eval, "b
             "ray-restore": cmd_ray_restore, "demo": cmd_demo, "train-prior": cmd_train_prior}
 
 
+def _version() -> str:
+    import platform
+
+    import torch
+
+    from deqir_dist import __version__
+    return f"deqir-dist {__version__} (torch {torch.__version__}, Python {platform.python_version()})"
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    try:
-        with job_guard(args):       # --max-pixels; the output folder's lock (apps.guard)
-            return COMMANDS[args.command](args)
-    except DeqirError as e:
-        print(f"deqir: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("deqir: interrupted", file=sys.stderr)
-        return 130
+    with sigterm_unwinds(), one_line_warnings():      # first: SIGTERM is a clean stop from here on (apps.guard)
+        try:
+            args = build_parser().parse_args(argv)
+            args.argv = [str(a) for a in (sys.argv[1:] if argv is None else argv)]
+            with job_guard(args):       # --max-pixels; the output folder's lock (apps.guard)
+                return COMMANDS[args.command](args)
+        except DeqirError as e:
+            print(f"deqir: error: {e}", file=sys.stderr)
+            return 2
+        except Terminated as e:     # before the job began (parsing the flags)
+            print(f"deqir: error: {e}", file=sys.stderr)
+            return 143
+        except KeyboardInterrupt:
+            print("deqir: interrupted", file=sys.stderr)
+            return 130
 

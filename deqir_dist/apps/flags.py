@@ -21,6 +21,8 @@ def add_task_flags(p: argparse.ArgumentParser, task_required: bool = True) -> No
     g.add_argument("--sigma-h", type=float, help="deblur_aniso: sigma along H (default 1)")
     g.add_argument("--sigma-w", type=float, help="deblur_aniso: sigma along W (default 20)")
     g.add_argument("--mask", help="inpaint: box | random | stripes | text, or a mask image (white = keep)")
+    g.add_argument("--mask-invert", action="store_true", default=None,
+                   help="inpaint: the mask image is white = missing (diffusers', OpenCV's convention): invert it")
     g.add_argument("--mask-fraction", type=float, help="inpaint box/random: fraction missing (default 0.25 box, "
                                                          "0.5 random)")
     g.add_argument("--mask-seed", type=int, help="inpaint random: seed (default 0)")
@@ -38,7 +40,7 @@ def add_task_flags(p: argparse.ArgumentParser, task_required: bool = True) -> No
 
 def task_params(args) -> dict:
     """The operator keyword arguments of the task flags in ``args``."""
-    return operator_params(args.task, {f: getattr(args, f, None) for f in OP_FLAGS})
+    return operator_params(args.task, {f: getattr(args, f, None) for f in (*OP_FLAGS, "mask_invert")})
 
 
 def add_output_flags(p: argparse.ArgumentParser, out_help: str) -> None:

@@ -229,8 +229,8 @@ def train_prior(cfg: TrainConfig, progress: bool = True, log_path: str | os.Path
         log.write("step,loss,lr,crop,batch,seconds\n")
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=cfg["steps"], desc="train-prior", unit="step", dynamic_ncols=True)
+        from deqir_dist.sampling.progress import progress_bar
+        bar = progress_bar(cfg["steps"], "train-prior", "step", dynamic_ncols=True)
     stopped_early = None
     step = 0
     first = 0

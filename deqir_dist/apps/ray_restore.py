@@ -5,6 +5,7 @@ import argparse
 import json
 import sys
 
+from deqir_dist.apps.guard import versions
 from deqir_dist.apps.flags import (
     add_output_flags,
     add_sampler_flags,
@@ -66,7 +67,8 @@ def job_from_args(args) -> RayRestoreJob:
         workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
         images_per_batch=args.images_per_batch, batch_restore=args.batch_restore, max_retries=args.max_retries,
         dist_timeout=args.dist_timeout, summary_path=args.json, progress=not args.no_progress,
-        connect_timeout=getattr(args, "connect_timeout", 30.0))
+        connect_timeout=getattr(args, "connect_timeout", 30.0),
+        provenance={"argv": ["deqir", *getattr(args, "argv", [])], "versions": versions()})
 
 
 def cmd_ray_restore(args) -> int:

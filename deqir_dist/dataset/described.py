@@ -58,13 +58,14 @@ def described_task(paths, from_clean: bool = False) -> str:
     """The task of measurements that carry their description (restore without --task)."""
     if from_clean:
         raise DeqirError("--from-clean degrades the inputs here: give --task")
-    tasks, unreadable = {}, []
+    tasks, unreadable, why = {}, [], []
     for p in paths:
         if Path(p).suffix == MEASUREMENT_SUFFIX:       # a .pt measurement names its operator too
             try:
                 tasks.setdefault(str(load_measurement(Path(p))[1]["name"]), p)
-            except DeqirError:
+            except DeqirError as e:
                 unreadable.append(p)   # its own read reports it
+                why.append(e)
             continue
         if not _is_image(p):
             unreadable.append(p)   # not an image at all: its own read reports it (ray-restore records it)
@@ -74,6 +75,8 @@ def described_task(paths, from_clean: bool = False) -> str:
             raise DeqirError(f"give --task: {p} carries no operator description (it was not written by "
                              "deqir degrade)")
         tasks.setdefault(desc["task"], p)
+    if not tasks and why:            # only unreadable measurements: the first one's reason
+        raise why[0]
     if not tasks:
         raise DeqirError(f"give --task: {unreadable[0]} is not an image file Pillow can open (nor a measurement "
                          "deqir degrade wrote), and no input carries an operator description")

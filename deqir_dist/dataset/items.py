@@ -9,6 +9,7 @@ import hashlib
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from deqir_dist.errors import DeqirError, check_int, is_real, one_line
 from deqir_dist.io.files import ensure_writable_dir
 from deqir_dist.io.limits import check_pixels, check_regular_file
 from deqir_dist.io.images import list_images, read_image, write_image
+from deqir_dist.io.jsonio import write_json
 from deqir_dist.io.quantization import default_sigma_y
 from deqir_dist.io.measurements import (
     MEASUREMENT_SUFFIX,
@@ -127,6 +129,10 @@ def iter_items(paths: list[Path], task: str, params: dict, from_clean: bool, sig
     ops = ops or OperatorCache(task, params)
     for p in paths:
         if from_clean:
+            if file_description(p) is not None:     # a measurement taken for a clean picture
+                raise DeqirError(f"{p} is a measurement deqir degrade wrote (its PNG description says so), "
+                                 "not a clean image: --from-clean would degrade it again and replace any "
+                                 "earlier restoration of it with a smaller picture; drop --from-clean")
             x = read_image(p, channels=3)
             op = ops.get(x.shape)
             y = op.A(x[None])
@@ -244,6 +250,8 @@ def degrade_files(paths: list[Path], task: str, params: dict, out_dir: str, sigm
                 else:
                     save_measurement(staging.path(f"{it.name}{MEASUREMENT_SUFFIX}"), it.y[0], it.op)
             return staging.commit()
+        except DeqirError as e:          # "cannot write OUT/x.png", not the hidden staging folder's path
+            raise DeqirError(staging.public(str(e))) from e.__cause__
         finally:
             staging.abort()
 
@@ -316,29 +324,38 @@ def _optimize(model, item: Item, spec: NoiseOptimizationSpec, generator, kw: dic
 
 def restore_items(model, items: list[Item], out_dir: str | None, restore_kw: dict, seed: int = 0,
                   bits: int = 8, progress: bool = True, restore_fn=None, write: bool = True,
-                  optimize: NoiseOptimizationSpec | None = None) -> list[dict]:
+                  optimize: NoiseOptimizationSpec | None = None, summary=None, on_record=None) -> list[dict]:
     """Restore each item (its noise drawn from (seed, id)), write ``<id>.png``, return records.
 
     With ``optimize``, the initial noise of each image is optimised first (``inversion``).
     ``items``: a list of items, or an :class:`ItemSource` (decoded one at a time). The pictures are
     staged inside ``out_dir`` and moved into place only when every image is done, so a failure
-    leaves ``out_dir`` as it was; the caller holds the folder's lock (:class:`OutputFolder`)."""
+    leaves ``out_dir`` as it was; the caller holds the folder's lock (:class:`OutputFolder`).
+    ``summary``: ``(name, build)``: ``build(records)`` is written as JSON to ``out_dir/name``,
+    staged with the pictures and committed last (``Staging.commit``: never a lying summary).
+    ``on_record(record)``: called as each image is done."""
     restore_fn = restore_fn or restore
     out = ensure_writable_dir(out_dir) if (write and out_dir is not None) else None
     staging = Staging(out) if out is not None else None
     try:
-        return _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, restore_fn, optimize)
+        return _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, restore_fn, optimize,
+                            summary, on_record)
+    except DeqirError as e:              # "cannot write OUT/x.png", not the hidden staging folder's path
+        if staging is None:
+            raise
+        raise DeqirError(staging.public(str(e))) from e.__cause__
     finally:
         if staging is not None:
             staging.abort()
 
 
-def _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, restore_fn, optimize):
+def _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, restore_fn, optimize, summary,
+                 on_record=None):
     records = []
     bar = None
     if progress:
-        from tqdm.auto import tqdm
-        bar = tqdm(total=len(items), desc="restore", unit="img")
+        from deqir_dist.sampling.progress import progress_bar
+        bar = progress_bar(len(items), "restore", "img")
     for it in (items.stream() if isinstance(items, ItemSource) else items):
         t0 = time.perf_counter()
         extra = {}
@@ -354,21 +371,53 @@ def _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, r
         rec = {"id": it.name, "input": str(it.source), "iterations": iterations,
                "seconds": round(time.perf_counter() - t0, 4), "sigma_y": round(float(kw["sigma_y"]), 6),
                "sigma_y_source": noise_source, **extra}
+        image = keep_gray(it.gt if it.gt is not None else it.y, image)
         if it.gt is not None:
-            img = image.clamp(-1, 1)
-            rec["psnr"] = round(float(psnr(img, it.gt)[0]), 3)
-            rec["ssim"] = round(float(ssim(img, it.gt)[0]), 4)
+            rec.update(metrics(image, it.gt, it.source))
         if out is not None:
             write_image(staging.path(f"{it.name}.png"), image[0], bits=bits)
             rec["output"] = str(out / f"{it.name}.png")
         records.append(rec)
+        if on_record is not None:
+            on_record(rec)
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
     if staging is not None:
-        staging.commit()
+        if summary is not None:
+            write_json(staging.path(summary[0]), summary[1](records))
+        staging.commit(summary=summary[0] if summary is not None else None)
     return records
+
+
+def _is_gray(t: torch.Tensor) -> bool:
+    return t.dim() == 4 and t.shape[1] == 3 and bool(torch.equal(t[:, 0], t[:, 1])) and bool(torch.equal(t[:, 1], t[:, 2]))
+
+
+def keep_gray(source: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
+    """``image`` (B, 3, H, W) as a grayscale picture (B, 1, H, W): the channel mean, when
+    ``source`` (the ground truth, or an image measurement) has three equal channels (a grayscale
+    photograph, read as RGB); the prior, trained on colour, otherwise tints it. Else ``image``."""
+    if image.dim() == 4 and image.shape[1] == 3 and _is_gray(source):
+        return image.mean(1, keepdim=True)
+    return image
+
+
+def metrics(image: torch.Tensor, gt: torch.Tensor, source) -> dict:
+    """{"psnr", "ssim"} of a restored (1, C, H, W) image against its ground truth; a metric that
+    fails (a picture too small for SSIM's window, ...) is never fatal once the image is restored:
+    {"metrics_error": ...} instead, and one warning line naming the file."""
+    img = image.clamp(-1, 1)
+    if img.shape[1] == 1 and gt.shape[1] == 3:
+        img = img.expand(-1, 3, -1, -1)
+    try:
+        return {"psnr": round(float(psnr(img, gt)[0]), 3), "ssim": round(float(ssim(img, gt)[0]), 4)}
+    except Exception as e:  # noqa: BLE001 - the restoration is kept whatever the metric raised
+        why = one_line(e, bare_deqir=True)
+        warnings.warn(f"{source}: restored, but its PSNR/SSIM could not be computed ({why}); the output is "
+                      "kept", UserWarning, stacklevel=2)
+        return {"metrics_error": why}
 
 
 def summarize(records: list[dict]) -> dict:
@@ -417,6 +466,13 @@ def restore_file(path, task: str | None = None, model="builtin", out=None, from_
     if not p.is_file():
         raise DeqirError(f"input file not found: {p}")
     task = task or described_task([p], from_clean)
+    for old, new in (("size", "kernel_size"), ("sigma", "blur_sigma"), ("fraction", "mask_fraction")):
+        if old in kw:       # make_operator's names: accepted, and said to be the other spelling
+            warnings.warn(f"restore_file: {old}= is make_operator's name of {new}=; use {new}= (make_operator takes "
+                          "it too)", FutureWarning, stacklevel=2)
+            if new in kw and kw[new] != kw[old]:
+                raise DeqirError(f"{old} and {new} name the same parameter; give {new}")
+            kw[new] = kw.pop(old)
     flags = {k: kw.pop(k) for k in list(kw) if k in OP_FLAGS}
     sigma_y = kw.pop("sigma_y", None)       # None: from the measurement's bit depth
     if isinstance(model, str):

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from deqir_dist.errors import DeqirError, one_line
 from deqir_dist.io.files import atomic_write
+from deqir_dist.io.limits import open_regular
 from deqir_dist.models.builtin import BUILTIN_WEIGHTS, builtin_sampler_card
 from deqir_dist.models.settings import PRESET_SAMPLERS, SAMPLER_KEYS
 
@@ -84,16 +85,24 @@ def _model_identity(model: str, checkpoint: str | None) -> dict:
 # ============================================================================ results manifest
 
 
+def _read_log(path: Path) -> str:
+    """The text of a results log ("" when there is none): a regular file, not followed through a
+    link, never blocking on a planted pipe (io.limits.open_regular)."""
+    if not os.path.lexists(path):
+        return ""
+    fd = open_regular(path, os.O_RDONLY, "results log")
+    with os.fdopen(fd, "rb") as f:
+        return f.read().decode("utf-8", "replace")
+
+
 def load_results(path: str | os.PathLike) -> dict[str, dict]:
     """The latest ``ok``/``failed`` record of each id in a results JSONL (a torn last line is ignored)."""
     p = Path(path)
     latest: dict[str, dict] = {}
-    if not p.is_file():
-        return latest
-    for line in p.read_text(errors="replace").splitlines():
+    for line in _read_log(p).splitlines():
         try:
             rec = json.loads(line)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):          # a torn or planted line
             continue
         if isinstance(rec, dict) and isinstance(rec.get("id"), str) and rec.get("status") in ("ok", "failed"):
             latest[rec["id"]] = rec
@@ -105,12 +114,11 @@ class _ResultsLog:
 
     def __init__(self, path: Path):
         self.path = path
-        self.fh = open(path, "ab", buffering=0)     # unbuffered: a failed write leaves nothing to flush
-        if path.stat().st_size:
-            with open(path, "rb") as r:
-                r.seek(-1, os.SEEK_END)
-                if r.read(1) != b"\n":        # a torn line from a crash: start on a fresh line
-                    self.fh.write(b"\n")
+        fd = open_regular(path, os.O_RDWR | os.O_APPEND | os.O_CREAT, "results log")
+        self.fh = os.fdopen(fd, "ab", buffering=0)     # unbuffered: a failed write leaves nothing to flush
+        size = os.fstat(fd).st_size
+        if size and os.pread(fd, 1, size - 1) != b"\n":     # a torn line from a crash: start on a fresh line
+            self.fh.write(b"\n")
 
     def append(self, rec: dict) -> None:
         try:
@@ -129,10 +137,10 @@ class _ResultsLog:
 
     def compact(self) -> None:
         keep: dict[str, dict] = {}
-        for line in self.path.read_text(errors="replace").splitlines():
+        for line in _read_log(self.path).splitlines():
             try:
                 rec = json.loads(line)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):      # a torn or planted line
                 continue
             if isinstance(rec, dict) and isinstance(rec.get("id"), str):
                 keep.pop(rec["id"], None)
@@ -143,14 +151,13 @@ class _ResultsLog:
 
 def _skipped_ids(path: Path) -> set:
     out = set()
-    if path.is_file():
-        for line in path.read_text(errors="replace").splitlines():
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if isinstance(rec, dict) and rec.get("status") == "skipped":
-                out.add(rec.get("id"))
+    for line in _read_log(path).splitlines():
+        try:
+            rec = json.loads(line)
+        except (ValueError, RecursionError):      # a torn or planted line
+            continue
+        if isinstance(rec, dict) and rec.get("status") == "skipped":
+            out.add(rec.get("id"))
     return out
 
 

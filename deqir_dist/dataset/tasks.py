@@ -3,6 +3,7 @@ keyword arguments they build (shared by the CLI and dataset manifests)."""
 from __future__ import annotations
 
 import inspect
+import warnings
 from pathlib import Path
 
 import torch
@@ -59,6 +60,7 @@ def operator_params(task: str, flags: dict) -> dict:
     that each flag applies to ``task``; a mask given as an image file is read (white = keep)."""
     params = {}
     valid = task_flags(task)
+    invert = bool(flags.get("mask_invert"))
     for flag, key in OP_FLAGS.items():
         v = flags.get(flag)
         if v is None:
@@ -68,6 +70,24 @@ def operator_params(task: str, flags: dict) -> dict:
             raise DeqirError(f"--{flag.replace('_', '-')} does not apply to --task {task} (its flags: {names})")
         params[key] = v
     mask = params.get("mask")
-    if mask is not None and not isinstance(mask, torch.Tensor) and Path(mask).suffix.lower() in MASK_IMAGE_SUFFIXES:
-        params["mask"] = (read_image(mask, channels=1)[0] > 0).float()
+    is_file = mask is not None and not isinstance(mask, torch.Tensor) and Path(mask).suffix.lower() in MASK_IMAGE_SUFFIXES
+    if invert and not is_file:
+        raise DeqirError("--mask-invert applies to a mask image (--mask FILE.png); give one, or drop --mask-invert")
+    if is_file:
+        keep = read_image(mask, channels=1)[0] > 0
+        params["mask"] = (~keep if invert else keep).float()
+        check_mask_convention(params["mask"], mask, invert)
     return params
+
+
+def check_mask_convention(mask: torch.Tensor, source, inverted: bool = False) -> None:
+    """A warning when a mask image keeps less than half of the picture: here white (1) = keep and
+    black (0) = missing, the opposite of diffusers' and OpenCV's inpainting masks, so a mask that
+    drops most of the image has most likely been drawn the other way round."""
+    missing = 1.0 - float(mask.mean())
+    if missing > 0.5:
+        how = "after --mask-invert " if inverted else ""
+        fix = "check the mask" if inverted else "if white marks the hole in yours, pass --mask-invert"
+        warnings.warn(f"mask {source} {how}leaves {missing:.0%} of the image missing: deqir's masks are white = "
+                      f"keep, black = missing (diffusers and OpenCV use the opposite); {fix}", UserWarning,
+                      stacklevel=3)

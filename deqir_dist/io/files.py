@@ -45,6 +45,10 @@ def ensure_writable_dir(path: str | os.PathLike) -> Path:
     d = Path(path)
     try:
         d.mkdir(parents=True, exist_ok=True)
+    except FileExistsError as e:          # a file, or a link that leads nowhere (dangling, or a loop)
+        what = "a symbolic link that leads to no folder (dangling, or a loop)" if d.is_symlink() else \
+            "a file, not a folder"
+        raise DeqirError(f"cannot create directory {d}: it is {what}") from e
     except OSError as e:
         raise DeqirError(f"cannot create directory {d}: {one_line(e)}") from e
     _probe_writable(d, f"directory {d} is not writable")

@@ -27,6 +27,7 @@ DEFAULT_MAX_PIXELS = 4096 * 4096
 _MIB = 1 << 20
 
 _limits: dict = {"max_pixels": DEFAULT_MAX_PIXELS, "max_bytes": None}
+_PILLOW_DEFAULT = 89_478_485           # PIL.Image.MAX_IMAGE_PIXELS as Pillow ships it
 
 
 def max_pixels() -> int:
@@ -58,8 +59,16 @@ def set_decode_limits(max_pixels: int | None = None, max_bytes: int | None = Non
     if max_pixels is not None:
         new["max_pixels"] = _check_cap("--max-pixels", max_pixels)
     new["max_bytes"] = None if max_bytes is None else _check_cap("the input byte cap", max_bytes)
-    _limits.update(new)
+    _apply(new)
     return previous
+
+
+def _apply(new: dict) -> None:
+    """Set the caps; Pillow's own bomb check (an error at 2 x its MAX_IMAGE_PIXELS, 179 M pixels)
+    is raised to follow a larger cap, which every reader checks from the header itself."""
+    _limits.update(new)
+    from PIL import Image
+    Image.MAX_IMAGE_PIXELS = max(_PILLOW_DEFAULT, _limits["max_pixels"])
 
 
 @contextlib.contextmanager
@@ -69,7 +78,7 @@ def decode_limits(max_pixels: int | None = None, max_bytes: int | None = None):
     try:
         yield current()
     finally:
-        _limits.update(previous)
+        _apply(previous)
 
 
 def check_pixels(width: int, height: int, what: str = "image") -> None:
@@ -111,14 +120,51 @@ def check_regular_file(path: str | os.PathLike, what: str = "input") -> os.stat_
     return st
 
 
-def _check_size(p: Path, size: int, what: str) -> None:
-    cap = max_file_bytes()
+def _check_size(p: Path, size: int, what: str, cap: int | None = None) -> None:
+    why = "16 x --max-pixels + 1 MiB" if cap is None else "a file of this kind is far smaller"
+    cap = max_file_bytes() if cap is None else cap
     if size > cap:
-        raise DeqirError(f"{what} {p} has {size} bytes, over the cap of {cap} bytes (16 x --max-pixels + 1 MiB)")
+        raise DeqirError(f"{what} {p} has {size} bytes, over the cap of {cap} bytes ({why})")
 
 
-def read_file_bytes(path: str | os.PathLike, what: str = "input") -> bytes:
-    """The bytes of a regular file within the byte cap; never blocks on a pipe, never reads a device."""
+def zip_members(source, what: str) -> tuple[int, bool]:
+    """``(declared uncompressed bytes of all members, whether any member is compressed)`` of a zip
+    archive (a torch.save file), read from its central directory without inflating anything.
+    ``source``: the bytes or a path. A deflated member is what lets a few MB inflate to GB, and
+    what torch's ``mmap=True`` would map as raw (compressed) tensor bytes."""
+    import io
+    import zipfile
+    try:
+        with zipfile.ZipFile(io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source) as z:
+            infos = z.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError, EOFError) as e:
+        raise DeqirError(f"cannot read {what}: truncated or corrupt file (not a valid zip archive: {e})") from None
+    return sum(i.file_size for i in infos), any(i.compress_type != zipfile.ZIP_STORED for i in infos)
+
+
+def open_regular(path: str | os.PathLike, flags: int, what: str, mode: int = 0o644) -> int:
+    """``os.open`` of a file a job keeps in its output folder (a results log): never through a
+    symbolic link (a planted link cannot make the job write outside the folder), never blocking
+    (a planted named pipe cannot hang it), and only a regular file (``fstat`` on the descriptor)."""
+    p = Path(path)
+    extra = getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(p, flags | extra, mode)
+    except OSError as e:
+        if os.path.islink(p):
+            raise DeqirError(f"{what} {p} is a symbolic link; a job writes only regular files inside its "
+                             "output folder: remove the link") from None
+        raise DeqirError(f"cannot open {what} {p}: {e.strerror or e}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise DeqirError(f"{what} {p} is {_kind(st.st_mode)}, not a regular file: remove it")
+    return fd
+
+
+def read_file_bytes(path: str | os.PathLike, what: str = "input", cap: int | None = None) -> bytes:
+    """The bytes of a regular file within the byte cap (or ``cap``: small JSON tables); never
+    blocks on a pipe, never reads a device."""
     p = Path(path)
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_NOCTTY", 0)
     try:
@@ -131,8 +177,8 @@ def read_file_bytes(path: str | os.PathLike, what: str = "input") -> bytes:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise DeqirError(f"{what} {p} is {_kind(st.st_mode)}, not a regular file; only regular files are read")
-        _check_size(p, st.st_size, what)
-        cap = max_file_bytes()
+        _check_size(p, st.st_size, what, cap)
+        cap = max_file_bytes() if cap is None else cap
         chunks, total = [], 0
         while True:
             chunk = os.read(fd, min(cap + 1 - total, 8 * _MIB))
@@ -141,7 +187,7 @@ def read_file_bytes(path: str | os.PathLike, what: str = "input") -> bytes:
             chunks.append(chunk)
             total += len(chunk)
             if total > cap:                   # the file grew while being read
-                _check_size(p, total, what)
+                _check_size(p, total, what, cap)
         return b"".join(chunks)
     except OSError as e:
         raise DeqirError(f"cannot read {what} {p}: {e.strerror or e}") from None

@@ -11,7 +11,7 @@ import torch
 
 from deqir_dist.errors import DeqirError, is_int, one_line
 from deqir_dist.io.files import atomic_write
-from deqir_dist.io.limits import check_pixels, read_file_bytes
+from deqir_dist.io.limits import check_pixels, max_file_bytes, read_file_bytes, zip_members
 from deqir_dist.physics.registry import _REGISTRY
 
 MEASUREMENT_SUFFIX = ".pt"
@@ -64,6 +64,15 @@ def load_measurement(path: Path) -> tuple[torch.Tensor, dict]:
     if not data.startswith((b"PK\x03\x04", b"\x80")):     # torch.save's zip archive, or its legacy pickle
         raise DeqirError(f"cannot read measurement file {path}: not a measurement deqir degrade wrote (not a "
                          "torch file)")
+    if data.startswith(b"PK"):     # its members' sizes from the zip directory, before torch inflates any
+        size, compressed = zip_members(data, f"measurement file {path}")
+        if compressed:
+            raise DeqirError(f"cannot read measurement file {path}: it holds compressed (deflated) members, "
+                             "which deqir degrade never writes and which could inflate far beyond the file; "
+                             "save it with torch.save")
+        if size > max_file_bytes():
+            raise DeqirError(f"cannot read measurement file {path}: its members hold {size} bytes, over the cap "
+                             f"of {max_file_bytes()} bytes (16 x --max-pixels + 1 MiB)")
     try:
         obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
         del data
@@ -82,6 +91,9 @@ def load_measurement(path: Path) -> tuple[torch.Tensor, dict]:
     if not isinstance(y, torch.Tensor) or not y.is_floating_point():
         what = type(y).__name__ if not isinstance(y, torch.Tensor) else f"a {y.dtype} tensor"
         raise DeqirError(f"{bad} y must be a real floating tensor, got {what}")
+    if y.layout != torch.strided or y.device.type != "cpu":
+        raise DeqirError(f"{bad} y must be a dense (strided) tensor in memory, got a {y.layout} tensor on "
+                         f"{y.device.type}")
     if y.dim() not in (2, 3) or y.numel() == 0:
         raise DeqirError(f"{bad} y has shape {tuple(y.shape)}, expected (C, h, w) or (C, m)")
     if not isinstance(desc, dict):

@@ -169,8 +169,25 @@ class Staging:
         self.names.append(name)
         return self.dir / name
 
-    def commit(self) -> list[Path]:
-        """Move every staged file into ``out`` (each by one rename); returns their final paths."""
+    def commit(self, summary: str | None = None) -> list[Path]:
+        """Move every staged file into ``out`` (each by one rename); returns their final paths.
+
+        ``summary``: the name of a staged file that describes the others (summary.json). The
+        renames are one by one, so a kill (or a failure) can stop the commit half way; a summary
+        must then never describe a folder it does not: the old ``out/summary`` is removed *before*
+        the first rename, and the new one, staged like the pictures (so a disk that is full fails
+        before anything moved), is renamed *last*. At every instant the folder holds either the
+        old summary over the old files, no summary (a commit in progress or interrupted: the
+        files are those of two jobs, and nothing claims otherwise), or the new summary over all
+        the new files."""
+        if summary is not None:
+            self.names = [n for n in self.names if n != summary] + [summary]
+            old = self.out / summary
+            if old.is_symlink() or old.is_file():
+                try:
+                    os.unlink(old)
+                except OSError as e:
+                    raise DeqirError(f"cannot replace {old}: {one_line(e)}") from None
         done = []
         for name in self.names:
             src, dst = self.dir / name, self.out / name
@@ -183,6 +200,10 @@ class Staging:
             done.append(dst)
         self.abort()
         return done
+
+    def public(self, message: str) -> str:
+        """``message`` with the hidden staging folder's paths shown as the outputs' own."""
+        return message if self.dir is None else message.replace(str(self.dir), str(self.out))
 
     def abort(self) -> None:
         if self.dir is not None:

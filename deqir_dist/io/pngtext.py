@@ -18,6 +18,7 @@ from PIL import Image, UnidentifiedImageError
 
 from deqir_dist.errors import DeqirError, one_line
 from deqir_dist.io.limits import check_pixels
+from deqir_dist.physics.registry import _REGISTRY
 
 TEXT_KEY = "deqir-measurement"
 FORMAT = 1
@@ -80,6 +81,9 @@ def read_description(path) -> dict | None:
                 or len(desc["image_shape"]) != 3 \
                 or not all(type(d) is int and d > 0 for d in desc["image_shape"]):
             raise ValueError("needs task, params and image_shape")
-    except (ValueError, TypeError) as e:
-        raise DeqirError(f"{p}: its {TEXT_KEY} text chunk is not a valid operator description ({e})") from None
+        if desc["task"] not in _REGISTRY:
+            raise ValueError(f"unknown task {desc['task'][:40]!r}; known: {', '.join(sorted(_REGISTRY))}")
+    except (ValueError, TypeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else e
+        raise DeqirError(f"{p}: its {TEXT_KEY} text chunk is not a valid operator description ({why})") from None
     return desc

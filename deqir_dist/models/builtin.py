@@ -56,7 +56,7 @@ def read_builtin_file(path: str | os.PathLike | None = None) -> tuple[dict, dict
         raise DeqirError(f"{p} is not a deqir prior weights file (no ddpm architecture metadata)")
     try:
         cfg = _normal(json.loads(meta["deqir_config"]))
-    except ValueError:
+    except (ValueError, RecursionError):
         raise DeqirError(f"{p}: metadata deqir_config is not valid JSON") from None
     return sd, cfg, meta
 

@@ -23,11 +23,11 @@ import itertools
 import json
 import math
 import time
-from pathlib import Path
 
 import torch
 
 from deqir_dist.errors import DeqirError
+from deqir_dist.io.limits import read_file_bytes
 
 
 def read_cost_table(c_ms, source="cost table") -> dict[int, float]:
@@ -44,9 +44,10 @@ def read_cost_table(c_ms, source="cost table") -> dict[int, float]:
 def load_cost_file(path) -> dict[int, float]:
     """The ``c_ms`` table of a cost-profile JSON file (DeqirError with one line otherwise)."""
     try:
-        data = json.loads(Path(path).read_text())["c_ms"]
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise DeqirError(f"cannot read cost table {path}: {' '.join(str(e).split())}") from e
+        data = json.loads(read_file_bytes(path, "cost table", cap=1 << 20))["c_ms"]
+    except (ValueError, KeyError, TypeError, RecursionError) as e:
+        why = "nested too deeply" if isinstance(e, RecursionError) else " ".join(str(e).split())
+        raise DeqirError(f"cannot read cost table {path}: {why}") from None
     return read_cost_table(data, f"cost table {path}")
 
 

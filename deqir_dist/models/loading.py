@@ -38,6 +38,7 @@ from typing import Mapping
 import torch
 
 from deqir_dist.errors import DeqirError, one_line
+from deqir_dist.io.limits import zip_members
 from deqir_dist.models.adm import ADMUNet, adm_256_uncond_config
 from deqir_dist.models.ddpm import DDPMUNet, sdedit_celeba_hq_config
 from deqir_dist.models.settings import PRESET_SAMPLERS
@@ -74,6 +75,18 @@ def _read_torch(path: Path):
     if head.lstrip()[:1] in (b"{", b"["):
         raise DeqirError(f"{path} is a JSON file, not a checkpoint (a diffusers folder is loaded by its folder: "
                          f"diffusers:{path.parent})")
+    if is_zip:
+        # torch maps a zip member's bytes as the tensor's data: a deflated member (an archive
+        # re-zipped by a tool) would load as garbage weights, so it is read without mmap, and only
+        # if its declared size is that of a real checkpoint (deflated weights shrink little; a zip
+        # bomb's members claim hundreds of times the file)
+        size, compressed = zip_members(path, f"checkpoint {path}")
+        if compressed:
+            cap = 4 * path.stat().st_size + (64 << 20)
+            if size > cap:
+                raise DeqirError(f"refused to load {path}: its compressed members would inflate to {size} bytes, "
+                                 f"over {cap} for a file of {path.stat().st_size} bytes (save it with torch.save)")
+            is_zip = False
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -107,7 +120,7 @@ def _read_safetensors(path: Path, shapes_only: bool = False):
     if "deqir_config" in meta:
         try:
             info["config"] = json.loads(meta["deqir_config"])
-        except ValueError:
+        except (ValueError, RecursionError):
             raise DeqirError(f"{path}: metadata deqir_config is not valid JSON") from None
     return sd, info
 

@@ -40,6 +40,7 @@ MASK_DEFAULTS: dict[str, dict] = {
 }
 MASK_KINDS: tuple[str, ...] = tuple(MASK_DEFAULTS)
 
+MAX_TEXT = 256  # characters of a text mask
 _FONT_PX = 64  # render size of the text before it is scaled to the image
 
 
@@ -72,7 +73,10 @@ def mask_params(kind: str, **params) -> dict:
     if "text" in full:
         t = full["text"]
         if not isinstance(t, str) or not t.strip() or "\n" in t:
-            raise DeqirError(f"mask 'text' needs a non-empty one-line string, got {t!r}")
+            raise DeqirError(f"mask 'text' needs a non-empty one-line string, got {t[:40]!r}")
+        if len(t) > MAX_TEXT:   # drawn at 64 px a glyph before scaling: 60,000 characters were a 2 GB canvas
+            raise DeqirError(f"mask 'text' has {len(t)} characters, over the cap of {MAX_TEXT} (a line across "
+                             "the image holds far fewer legible glyphs)")
     return full
 
 
@@ -82,6 +86,9 @@ def make_mask(kind: str, H: int, W: int, **params) -> torch.Tensor:
         if isinstance(v, bool) or not isinstance(v, Integral) or v < 1:
             raise DeqirError(f"mask size {n} must be a positive integer, got {v!r}")
     p = mask_params(kind, **params)
+    if kind == "text" and p["lines"] > H:         # (and a billion lines would be a billion empty cells)
+        raise DeqirError(f"mask 'text' with {p['lines']} lines on a {H}x{W} image removes no pixel: use fewer "
+                         "lines or a larger image")
     mask = _GENERATORS[kind](int(H), int(W), **p)
     if kind in ("stripes", "text") and bool(mask.all()):
         raise DeqirError(f"mask {kind!r} with {p} removes no pixel of a {H}x{W} image: "

@@ -48,18 +48,30 @@ def _validate_image_shape(image_shape) -> tuple[int, int, int]:
     return tuple(int(d) for d in dims)
 
 
+# the parameters' names in the CLI, manifests and restore_file -> the operator's own
+FLAG_NAMES = {"kernel_size": "size", "blur_sigma": "sigma", "mask_fraction": "fraction", "mask_seed": "seed",
+              "cs_seed": "seed"}
+
+
 def make_operator(name: str, image_shape, **params) -> Operator:
     """Build operator ``name`` for images of shape ``image_shape = (C, H, W)``.
 
-    ``params`` are the operator's keyword parameters (see each class); unknown
-    names, unknown parameters, invalid values and image sizes the operator
-    does not allow raise :class:`DeqirError`.
+    ``params`` are the operator's keyword parameters (see each class), or their names in the
+    CLI, manifests and ``restore_file`` (``kernel_size``, ``blur_sigma``, ``mask_fraction``,
+    ``mask_seed``, ``cs_seed``: one spelling that works everywhere); unknown names, unknown
+    parameters, invalid values and image sizes the operator does not allow raise :class:`DeqirError`.
     """
     cls = _REGISTRY.get(name)
     if cls is None:
         raise DeqirError(f"unknown operator {name!r}; valid operators: {', '.join(OPERATOR_NAMES)}")
     shape = _validate_image_shape(image_shape)
     sig = inspect.signature(cls.__init__).parameters
+    for flag, key in FLAG_NAMES.items():
+        owner = {"mask_fraction": "inpaint", "mask_seed": "inpaint", "cs_seed": "cs_wht"}.get(flag)
+        if flag in params and (name == owner if owner else key in sig):
+            if key in params and params[key] != params[flag]:
+                raise DeqirError(f"{flag} and {key} name the same parameter of {name!r}; give one")
+            params[key] = params.pop(flag)
     if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in sig.values()):
         allowed = [k for k in sig if k not in ("self", "image_shape")]
         unknown = sorted(set(params) - set(allowed))

@@ -51,7 +51,9 @@ from __future__ import annotations
 
 import errno
 import math
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,7 +62,7 @@ from deqir_dist.api.planner import load_profile
 from deqir_dist.api.profile_cache import plan_summary
 from deqir_dist.api.restore import check_settings
 from deqir_dist.dataset.described import check_described_inputs
-from deqir_dist.dataset.manifest import InputEntry, _check_out, read_input
+from deqir_dist.dataset.manifest import InputEntry, Ticker, _check_out, read_input
 from deqir_dist.dataset.results import (
     RESULTS_NAME,
     SUMMARY_NAME,
@@ -120,6 +122,7 @@ class RayRestoreJob:
     summary_path: str | None = None
     progress: bool = True
     connect_timeout: float = 30.0
+    provenance: dict = field(default_factory=dict)    # written into the summary as given (the CLI: argv, versions)
 
     @property
     def solver(self) -> str:
@@ -181,6 +184,12 @@ class RayRestoreJob:
         params = dict(self.op_params)
         sigma_y = self.restore_kw.get("sigma_y")        # None: each measurement's from its bit depth
         sigma_y = None if sigma_y is None else float(sigma_y)
+        if not entry.params:        # the job's own settings: one hash for all such entries (10^6 lines)
+            key = ("default", sigma_y)
+            if key not in mask_cache:
+                cfg = {**base, "op_params": params, "restore": {**base["restore"], "sigma_y": sigma_y}}
+                mask_cache[key] = config_hash(cfg)
+            return params, sigma_y, mask_cache[key]
         if entry.params:
             flags = {k: v for k, v in entry.params.items() if k != "sigma_y"}
             mask = flags.get("mask")
@@ -216,7 +225,9 @@ class RayRestoreJob:
         previous = load_results(results_path)
         mask_cache: dict = {}
         todo, done_before = [], 0
-        for e in entries:
+        tick = Ticker("checking inputs and earlier results, image", len(entries))
+        for n, e in enumerate(entries, 1):
+            tick(n)
             params, sigma_y, h = self._entry_config(e, base, mask_cache)
             prev = previous.get(e.id)
             if (prev is not None and prev.get("status") == "ok" and prev.get("config") == h
@@ -235,6 +246,13 @@ class RayRestoreJob:
             output.make_dir(out)
             output.make_dir(summary_path.parent)
             log = output.open_log(results_path)
+            # an earlier run's summary would describe a folder this run is changing: it goes before the
+            # first output (results.jsonl is the record meanwhile), the new one is written at the end
+            if summary_path.is_symlink() or summary_path.is_file():
+                try:
+                    summary_path.unlink()
+                except OSError as e:
+                    raise DeqirError(f"cannot replace {summary_path}: {one_line(e, bare_deqir=True)}") from None
             try:
                 skipped_logged = _skipped_ids(results_path)
                 for f in not_images:
@@ -294,6 +312,7 @@ class RayRestoreJob:
                 if vals:
                     summary[f"mean_{key}"] = round(sum(vals) / len(vals), 4)
         summary["failures"] = [{"id": r["id"], "error": r["error"]} for r in records if r["status"] == "failed"][:50]
+        summary.update(self.provenance)
         write_json(summary_path, summary)
         return summary
 
@@ -314,12 +333,19 @@ class RayRestoreJob:
             if ray.is_initialized():
                 return False
             kw = dict(include_dashboard=False, log_to_driver=False)
+            main = threading.current_thread() is threading.main_thread()
+            sigterm = signal.getsignal(signal.SIGTERM) if main else None
             try:
                 ray.init(address=address, **kw)
             except Exception as e:           # ConnectionError, RuntimeError, ValueError from ray.init
                 hint = f" within {self.connect_timeout:g} s" if bounded else ""
                 raise DeqirError(f"cannot start or join Ray at --address {address}{hint}: "
                                  f"{one_line(e, bare_deqir=True)[:300]}") from None
+            finally:
+                # ray.init replaces the SIGTERM handler (Python's sys.exit(15), then its C++ core's
+                # stack dump): put back the caller's (apps.guard: the job unwinds, one line, 143)
+                if callable(sigterm):
+                    signal.signal(signal.SIGTERM, sigterm)
             return True
         finally:
             _restore_env(saved)
@@ -364,8 +390,8 @@ class RayRestoreJob:
         pool = session.pool
         bar = None
         if self.progress:
-            from tqdm.auto import tqdm
-            bar = tqdm(total=len(todo), desc="ray-restore", unit="img")
+            from deqir_dist.sampling.progress import progress_bar
+            bar = progress_bar(len(todo), "ray-restore", "img")
 
         def on_record(rec: dict, png: bytes | None):
             if png is not None:

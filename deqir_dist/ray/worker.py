@@ -11,7 +11,7 @@ from pathlib import Path
 
 from deqir_dist.api.profile_cache import plan_record
 from deqir_dist.api.restore import plan_auto, restore
-from deqir_dist.dataset.items import generator_for, load_items
+from deqir_dist.dataset.items import generator_for, keep_gray, load_items, metrics
 from deqir_dist.dataset.results import _canonical
 from deqir_dist.errors import DeqirError, one_line
 from deqir_dist.io.images import read_image, write_image
@@ -19,7 +19,6 @@ from deqir_dist.io.limits import set_decode_limits
 from deqir_dist.models import load_denoiser
 from deqir_dist.models.settings import SAMPLER_KEYS, resolve_settings
 from deqir_dist.physics.padded import PaddedOperator
-from deqir_dist.quality.metrics import psnr, ssim
 from deqir_dist.sampling.noise import draw_noise
 
 TEST_ENV_PREFIX = "DEQIR_TEST_"
@@ -174,13 +173,11 @@ class RestoreWorker:
         sec = (time.perf_counter() - t0) / len(group)
         out = []
         for j, (it, item) in enumerate(group):
-            img = res.image[j:j + 1].float().cpu()
+            img = keep_gray(item.gt if item.gt is not None else item.y, res.image[j:j + 1].float().cpu())
             rec = {"iterations": int(res.iterations_per_image[j]), "seconds": round(sec, 4), **plan_record(res),
                    "ranks": self.world, "sampler": sampler}
             if item.gt is not None:
-                c = img.clamp(-1, 1)
-                rec["psnr"] = round(float(psnr(c, item.gt)[0]), 3)
-                rec["ssim"] = round(float(ssim(c, item.gt)[0]), 4)
+                rec.update(metrics(img, item.gt, it["id"]))
             out.append((rec, self._encode(it["id"], img[0])))
         return out
 

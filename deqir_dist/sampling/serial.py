@@ -24,17 +24,21 @@ def sample_serial(eps_fn, op, coeffs: ChainCoefficients, y: torch.Tensor, xi: to
     h = xi
     y = y.to(device=xi.device, dtype=xi.dtype)
     b = xi.shape[0]
-    steps = range(coeffs.steps)
+    bar = None
     if progress:
-        from tqdm.auto import tqdm
-        steps = tqdm(steps, desc="serial", unit="step", leave=False)
-    for i in steps:
+        from deqir_dist.sampling.progress import progress_bar
+        bar = progress_bar(coeffs.steps, "serial", "step", leave=False)
+    for i in range(coeffs.steps):
         a, a_next, lam = float(coeffs.a[i]), float(coeffs.a_next[i]), float(coeffs.lam[i])
         t = torch.full((b,), int(coeffs.taus[i]), dtype=torch.int64, device=xi.device)
         z = step_noise[:, i] if coeffs.nw > 0 else None
         h = ddnm_step(op, h, eps_fn(h, t), y, a, a_next, lam, coeffs.etw, coeffs.nw, z)
         if callback is not None:
             callback(i + 1, h)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
     return h
 
 

@@ -101,8 +101,8 @@ def _is_done(stop: str, q: torch.Tensor, tol: float) -> torch.Tensor:
 def _progress(enabled: bool, total: int):
     if not enabled:
         return None
-    from tqdm.auto import tqdm
-    return tqdm(total=total, desc="fixed point", unit="it", leave=False)
+    from deqir_dist.sampling.progress import progress_bar
+    return progress_bar(total, "fixed point", "it", leave=False)
 
 
 class Rule(Protocol):

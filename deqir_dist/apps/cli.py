@@ -29,6 +29,8 @@ from deqir_dist.apps.flags import (
 from deqir_dist.apps.guard import job_guard
 from deqir_dist.apps.ray_restore import add_parser as add_ray_parser
 from deqir_dist.apps.ray_restore import cmd_ray_restore
+from deqir_dist.apps.serve import add_parser as add_serve_parser
+from deqir_dist.apps.serve import cmd_serve
 from deqir_dist.apps.tables import format_table
 from deqir_dist.apps.train_prior import add_parser as add_prior_parser
 from deqir_dist.apps.train_prior import cmd_train_prior
@@ -126,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(sub)
     add_prior_parser(sub)
     add_ray_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 
@@ -287,7 +290,8 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"degrade": cmd_degrade, "restore": cmd_restore, "eval": cmd_eval, "bench": cmd_bench,
-            "ray-restore": cmd_ray_restore, "demo": cmd_demo, "train-prior": cmd_train_prior}
+            "ray-restore": cmd_ray_restore, "demo": cmd_demo, "train-prior": cmd_train_prior,
+            "serve": cmd_serve}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import signal
 import socket
 import sys
@@ -211,10 +212,15 @@ def cmd_serve(args) -> int:
         shown = f"[{host}]" if ":" in host else host
         asyncio.run(server.run(f"serving on http://{shown}:{port}"))
     finally:
-        engine.close()
+        engine.close(timeout=None if engine.broken is None else 1.0)
         executor.close()
         sock.close()
-    return EXIT_GANG_BROKEN if (broken or engine.broken) else 0
+    if broken or engine.broken:
+        # the engine's thread may still sit in a collective with a dead rank: do not wait for it
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_GANG_BROKEN)
+    return 0
 
 
 def _executor(args):

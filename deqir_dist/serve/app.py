@@ -20,6 +20,7 @@ import base64
 import contextlib
 import hashlib
 import math
+import os
 import shutil
 import tempfile
 import time
@@ -151,7 +152,8 @@ def build_app(engine: Engine, parse_fields, model, model_name: str, max_body_byt
             return JSONResponse({"status": "broken", "error": engine.broken}, status_code=503)
         if not engine.ready:
             return JSONResponse({"status": "not ready"}, status_code=503)
-        return JSONResponse({"status": "ready", "ranks": engine.executor.procs,
+        pids = engine.executor.pids() if hasattr(engine.executor, "pids") else [os.getpid()]
+        return JSONResponse({"status": "ready", "ranks": engine.executor.procs, "pids": pids,
                              "queue_depth": engine.queue_depth()})
 
     async def metrics_endpoint(request):

@@ -102,6 +102,8 @@ class Engine:
         self._waiting = 0
         self._cond = threading.Condition()
         self._stopping = False
+        self._inflight: list[Job] = []
+        self._told = False                 # on_broken called
         self.ready = False
         self.broken: str | None = None
         self.solve_ewma: float | None = None     # seconds per batch, for Retry-After
@@ -109,6 +111,8 @@ class Engine:
 
     # --- life cycle ---------------------------------------------------------------------------
     def start(self) -> None:
+        if hasattr(self.executor, "on_failure"):      # a gang's watcher: a rank died, even while idle
+            self.executor.on_failure = self.mark_broken
         self.executor.warmup()
         self.ready = True
         self.metrics.set("deqir_ready", 1)
@@ -131,16 +135,17 @@ class Engine:
                 self.broken = reason
                 self.metrics.inc("deqir_gang_failures_total")
             self.ready = False
-            queued = [j for q in self._queues.values() for j in q]
+            first, self._told = not self._told, True
+            queued = [j for q in self._queues.values() for j in q] + list(self._inflight)
             self._queues.clear()
             self._waiting = 0
             self._cond.notify_all()
         self.metrics.set("deqir_ready", 0)
         self.metrics.set("deqir_queue_depth", 0)
         for j in queued:
-            _fail(j, GangFailed(reason))
-        if self.on_broken is not None:
-            self.on_broken(reason)
+            _fail(j, GangFailed(f"the gang broke: {self.broken}"))
+        if first and self.on_broken is not None:
+            self.on_broken(self.broken)
 
     # --- requests -----------------------------------------------------------------------------
     def submit(self, prepared: Prepared, timeout_s: float) -> Job:
@@ -237,6 +242,8 @@ class Engine:
                       [j.prepared.item.gt for j in jobs])
         started = time.monotonic()
         self.metrics.set("deqir_inflight", len(jobs))
+        with self._cond:
+            self._inflight = list(jobs)
 
         def abort(*_):
             if all(j.gone(time.monotonic()) for j in jobs):
@@ -265,6 +272,8 @@ class Engine:
             return
         finally:
             self.metrics.set("deqir_inflight", 0)
+            with self._cond:
+                self._inflight = []
         solve_s = time.monotonic() - started
         self.solve_ewma = solve_s if self.solve_ewma is None else 0.8 * self.solve_ewma + 0.2 * solve_s
         self.metrics.observe("deqir_batch_size", len(jobs))

@@ -130,7 +130,7 @@ def field_parser(defaults: argparse.Namespace):
 class _Server:
     """uvicorn's Server whose SIGTERM / SIGINT only ask it to stop (drain); never re-raised."""
 
-    def __init__(self, app, sock):
+    def __init__(self, app, sock, limit_concurrency: int):
         import uvicorn
 
         class Server(uvicorn.Server):
@@ -144,7 +144,8 @@ class _Server:
                 finally:
                     for s, h in old.items():
                         signal.signal(s, h)
-        self.server = Server(uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False))
+        self.server = Server(uvicorn.Config(app, log_level="warning", lifespan="on", access_log=False,
+                                                   limit_concurrency=limit_concurrency))
         self.sock = sock
 
     async def run(self, line: str) -> None:
@@ -208,7 +209,8 @@ def cmd_serve(args) -> int:
     try:
         engine.start()                      # warm-up: every rank, the whole batch path
         app = build_app(engine, field_parser(args), executor.model, name, max_body, args.request_timeout)
-        server = _Server(app, sock)
+        # connections beyond the queue, the batch and a margin for health checks get 503 from uvicorn
+        server = _Server(app, sock, args.max_queue + args.max_batch + 32)
         shown = f"[{host}]" if ":" in host else host
         asyncio.run(server.run(f"serving on http://{shown}:{port}"))
     finally:

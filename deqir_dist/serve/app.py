@@ -40,6 +40,7 @@ except ImportError:          # pragma: no cover - apps.serve says which extra to
     Starlette = None
 
 MAX_FIELDS = 64
+PREPARE_SLOTS = 2
 MAX_FIELD_BYTES = 64 * 1024
 COPY_CHUNK = 1 << 20
 
@@ -68,6 +69,7 @@ def build_app(engine: Engine, parse_fields, model, model_name: str, max_body_byt
     if Starlette is None:
         raise DeqirError("deqir serve needs the serve extra: pip install 'deqir-dist[serve]'")
     metrics = engine.metrics
+    slots = {}                 # decoding is bounded: at most PREPARE_SLOTS uploads decoded at once
     masks = Path(tempfile.mkdtemp(prefix="deqir-serve-masks-", dir=scratch))
 
     async def restore(request: Request):
@@ -112,8 +114,10 @@ def build_app(engine: Engine, parse_fields, model, model_name: str, max_body_byt
             except Exception as e:           # malformed multipart (starlette's MultiPartException ...)
                 metrics.inc("deqir_requests_total", outcome="bad_request")
                 return error(400, f"malformed multipart body: {one_line(e, bare_deqir=True)}")
+            sem = slots.setdefault("sem", asyncio.Semaphore(PREPARE_SLOTS))
             try:
-                prepared = await run_in_threadpool(_prepare, form, work, masks, parse_fields, model, model_name)
+                async with sem:
+                    prepared = await run_in_threadpool(_prepare, form, work, masks, parse_fields, model, model_name)
             except DeqirError as e:
                 status = cap_status(e)
                 metrics.inc("deqir_requests_total", outcome="too_large" if status == 413 else "bad_request")
@@ -258,7 +262,7 @@ def _reply(request, job, prepared, result, total_s: float):
         body = {"id": prepared.item.name, "request_id": job.id, "format": "png",
                 "image_b64": base64.b64encode(result.png).decode(), "shape": list(prepared.item.op.image_shape),
                 "task": prepared.task, "seed": prepared.seed, "bits": prepared.bits, **rec,
-                "plan_ran": result.plan, "batch_size": result.batch_size,
+                "gang_plan": result.plan, "batch_size": result.batch_size,
                 "settings": result.settings, "settings_source": source,
                 "timings": {"queue_ms": round(result.queue_s * 1e3, 2), "solve_ms": round(result.solve_s * 1e3, 2),
                             "total_ms": round(total_s * 1e3, 2)}}

@@ -129,3 +129,23 @@ def test_cancelling_every_image_of_a_running_batch_stops_it():
     nxt.future.result(5)                         # the gang was freed at the next stopping decision
     assert time.monotonic() - t0 < 5
     eng.close()
+
+
+def test_the_layout_follows_the_load(builtin):
+    """Sharded for one image, data-parallel once a batch fills the ranks (where the model says so)."""
+    from deqir_dist.serve.plan import choose_layout, deal
+    op = make_operator("sr_bicubic", image_shape=(3, 24, 24), scale=2)
+
+    def batch(n, **kw):
+        return Batch([f"i{k}" for k in range(n)], [0] * n, torch.zeros((n, 3, 12, 12)), op,
+                     {"steps": 100, "etw": 0.0, "solver": "picard", **kw})
+    gpu_like = {1: 10.0, 2: 10.2, 4: 10.5, 8: 11.0, 16: 12.0, 25: 14.0, 50: 20.0, 100: 36.0}   # flat c(b)
+    cpu_like = {b: 10.0 * b for b in (1, 2, 4, 8, 16, 25, 50, 100)}                          # linear c(b)
+    assert choose_layout(builtin, batch(1, profile=gpu_like), 4)[0] == "sharded"
+    layout, pred = choose_layout(builtin, batch(8, profile=cpu_like), 4)
+    assert layout == "data-parallel" and pred["data_parallel_ms"] < pred["sharded_ms"]
+    assert choose_layout(builtin, batch(8, profile=cpu_like, solver="serial"), 4)[0] == "data-parallel"
+    assert choose_layout(builtin, batch(8, profile=cpu_like), 4, forced="sharded")[0] == "sharded"
+    parts = deal(batch(5), 2)
+    assert [p.names for p in parts] == [["i0", "i1", "i2"], ["i3", "i4"]]
+    assert deal(batch(1), 3)[1:] == [None, None]

@@ -97,3 +97,20 @@ def test_gang_sigterm_drains_and_stops_the_ranks(cache, files):  # noqa: F811
     assert s.proc.wait(30) == 0, s.stderr()
     follower.wait(10)
     assert not follower.is_running()
+
+
+@pytest.mark.slow          # ~15-25 s: a gang and a CLI run
+def test_data_parallel_gives_the_cli_bytes(cache, files, tmp_path):  # noqa: F811
+    """--plan data-parallel: each rank restores its own images in one process: deqir restore's bytes."""
+    meas = sorted((files / "meas").glob("*.png"))
+    want = _cli(meas, tmp_path / "cli", cache, "--solver", "picard")
+    s = Server([*GANG, "--plan", "data-parallel", "--max-batch", "4", "--batch-wait-ms", "400"], cache)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(len(meas)) as pool:
+            got = list(pool.map(lambda p: s.restore({"image": (p.name, p.read_bytes())}), meas))
+        assert any(g[1]["x-deqir-plan"].startswith("data-parallel over 2 ranks") for g in got), [g[1] for g in got]
+        for p, (status, _, body) in zip(meas, got):
+            assert status == 200 and body == want[p.name]
+        assert 'deqir_batches_total{plan="data-parallel"}' in s.get("/metrics")[1].decode()
+    finally:
+        assert s.stop() == 0, s.stderr()

@@ -49,6 +49,9 @@ def add_parser(sub) -> None:
     g.add_argument("--ranks", type=int, default=1, metavar="P",
                    help="processes in the gang: P - 1 local ranks are spawned, every batch's chain is sharded "
                         "over all P (gloo on CPU, nccl on CUDA; default 1)")
+    g.add_argument("--plan", default="auto", choices=("auto", "sharded", "data-parallel"),
+                   help="with --ranks P > 1: shard each batch's chains over the gang, deal its images out (each "
+                        "rank restores its own), or let the cost model choose per batch (auto, the default)")
     g.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429 (default 16)")
     g.add_argument("--max-batch", type=int, default=4,
                    help="compatible requests restored in one call (default 4; 1: no batching)")

@@ -277,6 +277,8 @@ class Engine:
         solve_s = time.monotonic() - started
         self.solve_ewma = solve_s if self.solve_ewma is None else 0.8 * self.solve_ewma + 0.2 * solve_s
         self.metrics.observe("deqir_batch_size", len(jobs))
+        plan = getattr(res, "gang_plan", None) or self.executor.plan_name
+        self.metrics.inc("deqir_batches_total", plan=plan.split(" over ")[0].replace("chain ", ""))
         for i, j in enumerate(jobs):
             if j.gone(time.monotonic()):
                 _fail(j, Cancelled("the client disconnected") if j.cancelled else
@@ -289,7 +291,7 @@ class Engine:
                 _fail(j, ServeError(f"internal error: {one_line(e)}"))
                 continue
             self.metrics.observe("deqir_iterations", rec["iterations"])
-            _set(j, JobResult(png, rec, started - j.enqueued, solve_s, len(jobs), self.executor.plan_name,
+            _set(j, JobResult(png, rec, started - j.enqueued, solve_s, len(jobs), plan,
                               dict(res.settings), dict(res.settings_source)))
 
 

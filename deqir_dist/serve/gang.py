@@ -18,6 +18,7 @@ spawned here and follow. The shape of vLLM's multiprocessing executor and xDiT's
 """
 from __future__ import annotations
 
+import math
 import multiprocessing
 import os
 import re
@@ -25,6 +26,7 @@ import signal
 import socket
 import threading
 import time
+from dataclasses import dataclass
 from datetime import timedelta
 
 import torch
@@ -33,6 +35,7 @@ from deqir_dist.errors import DeqirError, one_line
 from deqir_dist.serve.batch import Batch, run_batch
 from deqir_dist.serve.engine import GangFailed
 from deqir_dist.serve.executor import warmup_batch
+from deqir_dist.serve.plan import choose_layout, deal
 
 JOIN_TIMEOUT_S = 300.0
 _COLLECTIVE_FAILED = re.compile(r"^rank \d+: collective|were given different inputs|failed to prepare")
@@ -94,6 +97,15 @@ def follower_main(conn, rank: int, world: int, spec: dict) -> None:
         n += 1
         if die_at is not None and n >= die_at:
             os._exit(9)
+        if kind == "dp":                      # data-parallel: my own images, in this process
+            try:
+                res = run_batch(model, batch)
+                conn.send(("result", _portable(res)))
+            except DeqirError as e:
+                conn.send(("error", one_line(e, bare_deqir=True)))
+            except Exception as e:
+                conn.send(("error", f"rank {rank}: {one_line(e)}"))
+            continue
         try:
             run_batch(model, batch, distributed=True)
         except DeqirError as e:
@@ -109,6 +121,24 @@ def follower_main(conn, rank: int, world: int, spec: dict) -> None:
     os._exit(0)
 
 
+@dataclass
+class GangResult:
+    """A data-parallel batch's results, in the batch's order (what the engine reads of a RestoreResult)."""
+
+    image: torch.Tensor
+    iterations_per_image: list
+    solver: str
+    plan: dict | None
+    settings: dict
+    settings_source: dict
+    gang_plan: str
+
+
+def _portable(res) -> dict:
+    return {"image": res.image.detach().cpu(), "iterations_per_image": list(res.iterations_per_image),
+            "solver": res.solver, "plan": res.plan, "settings": res.settings, "settings_source": res.settings_source}
+
+
 class LocalGangExecutor:
     """P ranks on this machine; this process is rank 0."""
 
@@ -116,6 +146,8 @@ class LocalGangExecutor:
         self.model, self.procs_list, self.conns, self.procs = model, procs, conns, world
         self.device = device
         self.plan_name = f"chain sharded over {world} ranks"
+        self.layout = "auto"                 # --plan: auto (the cost model), sharded, data-parallel
+        self.dist_timeout = 30.0
         self.on_failure = None
         self.broken: str | None = None
         self._stop = threading.Event()
@@ -152,6 +184,7 @@ class LocalGangExecutor:
                 p.join(5)
             raise
         ex = cls(model, procs, conns, world, dev)
+        ex.layout, ex.dist_timeout = getattr(args, "plan", "auto"), args.dist_timeout
         ex._watcher.start()
         return ex
 
@@ -188,6 +221,9 @@ class LocalGangExecutor:
         the engine discards a gone request's result)."""
         if self.broken:
             raise GangFailed(self.broken)
+        layout, _ = choose_layout(self.model, batch, self.procs, self.layout)
+        if layout == "data-parallel":
+            return self._run_data_parallel(batch)
         try:
             for r, c in enumerate(self.conns, start=1):
                 c.send(("batch", batch))
@@ -204,6 +240,44 @@ class LocalGangExecutor:
         except Exception as e:              # RuntimeError / DistBackendError from torch.distributed
             self._fail(f"the gang failed: {one_line(e)}")
             raise GangFailed(self.broken) from None
+
+    def _run_data_parallel(self, batch: Batch) -> GangResult:
+        """Each rank restores its share of the images in one process; rank 0 gathers them."""
+        parts = deal(batch, self.procs)
+        busy = []
+        try:
+            for r, (c, part) in enumerate(zip(self.conns, parts[1:]), start=1):
+                if part is not None:
+                    c.send(("dp", part))
+                    busy.append(r)
+        except (OSError, ValueError) as e:
+            self._fail(f"rank {r} is gone ({one_line(e)})")
+            raise GangFailed(self.broken) from None
+        t0 = time.monotonic()
+        results = {0: _portable(run_batch(self.model, parts[0]))}
+        deadline = time.monotonic() + 3 * (time.monotonic() - t0) + self.dist_timeout
+        errors = []
+        for r in busy:
+            c, p = self.conns[r - 1], self.procs_list[r - 1]
+            while not c.poll(0.05):
+                if not p.is_alive() or time.monotonic() > deadline:
+                    why = "died" if not p.is_alive() else f"did not answer within {self.dist_timeout:g} s of rank 0"
+                    self._fail(f"rank {r} (pid {p.pid}) {why} during a data-parallel batch")
+                    raise GangFailed(self.broken)
+            kind, payload = c.recv()
+            if kind == "error":
+                errors.append(payload)
+            else:
+                results[r] = payload
+        if errors:
+            raise DeqirError(errors[0])
+        ranks = sorted(results)
+        first = results[0]
+        per = math.ceil(len(batch.names) / self.procs)
+        return GangResult(torch.cat([results[r]["image"] for r in ranks]),
+                          [k for r in ranks for k in results[r]["iterations_per_image"]], first["solver"],
+                          first["plan"], first["settings"], first["settings_source"],
+                          f"data-parallel over {len(ranks)} ranks ({per} image(s) each)")
 
     def close(self) -> None:
         """Stop the followers (after a drain), or kill them when the gang broke."""

@@ -177,6 +177,17 @@ def test_fields_are_the_cli_flags(server, files, cache, tmp_path):
     doc = json.loads(body)
     assert base64.b64decode(doc["image_b64"]) == want["im1.png"]
     assert doc["solver"] == "picard" and "psnr" in doc
+    # an uploaded mask image: the CLI's --mask FILE
+    mask = torch.ones((1, 24, 24))
+    mask[:, 6:14, 8:20] = -1
+    write_image(tmp_path / "mask.png", mask)
+    want = _cli([src], tmp_path / "cli_mask", cache, "--task", "inpaint", "--mask", str(tmp_path / "mask.png"),
+                "--from-clean")
+    status, _, body = server.restore({"image": ("im1.png", src.read_bytes()),
+                                      "mask": ("hole.png", (tmp_path / "mask.png").read_bytes())},
+                                     {"task": "inpaint", "from_clean": "1"})
+    assert status == 200, body
+    assert body == want["im1.png"]
     # the id is the upload's name: another name, other noise, other bytes
     status, _, other = server.restore({"image": ("renamed.png", src.read_bytes())}, fields)
     assert status == 200 and other != want["im1.png"]
@@ -206,6 +217,8 @@ def test_hostile_uploads_are_one_line_4xx_and_the_server_stays_ready(server, fil
         "bad value": ({"image": ("x.png", good)}, {"steps": "-3"}, 400, "steps"),
         "nan": ({"image": ("x.png", good)}, {"etw": "nan"}, 400, ""),
         "server-only field": ({"image": ("x.png", good)}, {"model": "analytic"}, 400, "unknown field"),
+        "a path as mask": ({"image": ("x.png", good)}, {"task": "inpaint", "mask": "/etc/hostname"}, 400,
+                           "file field 'mask'"),
         "contradiction": ({"image": ("x.png", good)}, {"task": "sr_bicubic", "scale": "4"}, 400, ""),
     }
     for what, (fs, fields, status, text) in cases.items():

@@ -145,6 +145,8 @@ def test_the_layout_follows_the_load(builtin):
     layout, pred = choose_layout(builtin, batch(8, profile=cpu_like), 4)
     assert layout == "data-parallel" and pred["data_parallel_ms"] < pred["sharded_ms"]
     assert choose_layout(builtin, batch(8, profile=cpu_like, solver="serial"), 4)[0] == "data-parallel"
+    # serial: a sharded gang would repeat the chain on every rank; one image goes to one rank
+    assert choose_layout(builtin, batch(1, profile=cpu_like, solver="serial"), 4)[0] == "data-parallel"
     assert choose_layout(builtin, batch(8, profile=cpu_like), 4, forced="sharded")[0] == "sharded"
     parts = deal(batch(5), 2)
     assert [p.names for p in parts] == [["i0", "i1", "i2"], ["i3", "i4"]]

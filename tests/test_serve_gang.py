@@ -108,7 +108,7 @@ def test_data_parallel_gives_the_cli_bytes(cache, files, tmp_path):  # noqa: F81
     try:
         with concurrent.futures.ThreadPoolExecutor(len(meas)) as pool:
             got = list(pool.map(lambda p: s.restore({"image": (p.name, p.read_bytes())}), meas))
-        assert any(g[1]["x-deqir-plan"].startswith("data-parallel over 2 ranks") for g in got), [g[1] for g in got]
+        assert any(g[1]["x-deqir-plan"].startswith("data-parallel over 2 rank(s)") for g in got), [g[1] for g in got]
         for p, (status, _, body) in zip(meas, got):
             assert status == 200 and body == want[p.name]
         assert 'deqir_batches_total{plan="data-parallel"}' in s.get("/metrics")[1].decode()

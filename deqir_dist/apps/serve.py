@@ -30,6 +30,7 @@ from deqir_dist.apps.flags import (
 from deqir_dist.dataset.tasks import OP_FLAGS, operator_params
 from deqir_dist.errors import DeqirError, check_int
 from deqir_dist.io.limits import max_file_bytes
+from deqir_dist.physics.masks import MASK_KINDS
 from deqir_dist.serve.inputs import Settings
 
 EXTRA_HINT = "deqir serve needs the serve extra: pip install 'deqir-dist[serve]'"
@@ -77,7 +78,7 @@ def add_parser(sub) -> None:
 def _request_parser() -> argparse.ArgumentParser:
     class Parser(argparse.ArgumentParser):
         def error(self, message):
-            raise DeqirError(message.replace("argument --", "field ").replace("-", "_", 0))
+            raise DeqirError(message.replace("argument --", "field "))
     p = Parser(prog="POST /v1/restore", add_help=False, exit_on_error=False)
     add_task_flags(p, task_required=False)
     add_sampler_flags(p)
@@ -109,12 +110,14 @@ def field_parser(defaults: argparse.Namespace):
             if name in BOOL_FIELDS:
                 flag = name.replace("_", "-")
                 argv.append(f"--{flag}" if _truth(name, value) else f"--no-{flag}")
+            elif name == "mask" and value not in MASK_KINDS:     # never a path on the server's disk
+                raise DeqirError(f"field mask takes {', '.join(MASK_KINDS)}; send a mask image as the file field 'mask'")
             else:
-                argv += [f"--{name.replace('_', '-')}", value]
+                argv.append(f"--{name.replace('_', '-')}={value}")
         if mask_path is not None:
             if "mask" in fields:
                 raise DeqirError("give the mask as a file field or as a form field, not both")
-            argv += ["--mask", mask_path]
+            argv.append(f"--mask={mask_path}")
         ns = argparse.Namespace(**vars(defaults))
         ns.threads = None
         try:

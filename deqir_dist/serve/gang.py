@@ -277,7 +277,7 @@ class LocalGangExecutor:
         return GangResult(torch.cat([results[r]["image"] for r in ranks]),
                           [k for r in ranks for k in results[r]["iterations_per_image"]], first["solver"],
                           first["plan"], first["settings"], first["settings_source"],
-                          f"data-parallel over {len(ranks)} ranks ({per} image(s) each)")
+                          f"data-parallel over {len(ranks)} rank(s) ({per} image(s) each)")
 
     def close(self) -> None:
         """Stop the followers (after a drain), or kill them when the gang broke."""

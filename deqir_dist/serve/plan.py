@@ -6,7 +6,8 @@
   one process (no collectives; throughput when the queue holds enough work),
 
 whichever the cost model of ``api.planner`` (measured c(b), the benchmarks' K, docs/design.md
-section 5) predicts finishes the batch first. A batch of B images makes every denoiser call B
+section 5) predicts finishes the batch first; on a tie, data-parallel (when the plan is serial,
+a sharded gang would only run the same chain on every rank). A batch of B images makes every denoiser call B
 times larger: c_B(b) = c(B b). Sharded: the best plan for P processes on c_B (``auto``), or the
 solver given; data-parallel: the best for one process on c_ceil(B/P). Both are exact: a
 data-parallel image is what ``deqir restore`` writes for it, a sharded one what the same chain
@@ -68,7 +69,9 @@ def choose_layout(model, batch: Batch, procs: int, forced: str = "auto") -> tupl
     sharded = batch_ms(c_ms, steps, procs, images, solver, kw, etw)
     dp = batch_ms(c_ms, steps, 1, math.ceil(images / procs), solver, kw, etw)
     pred = {"sharded_ms": round(sharded, 2), "data_parallel_ms": round(dp, 2)}
-    return ("data-parallel" if images > 1 and dp < sharded else "sharded"), pred
+    # a tie (the serial plan: every rank would repeat the whole chain) goes to data-parallel, where
+    # one image keeps one rank busy and leaves the others free
+    return ("data-parallel" if dp <= sharded else "sharded"), pred
 
 
 def deal(batch: Batch, procs: int) -> list[Batch | None]:

@@ -280,6 +280,17 @@ def test_full_queue_is_429_and_late_is_504(cache, files):
         status, _, body = s.restore({"image": ("late.png", good.read_bytes())}, {"steps": "1000"})
         assert status == 504 and "deadline" in json.loads(body)["error"]
         assert s.get("/health/ready")[0] == 200
+        # a client that leaves: its image stops at the next stopping decision, the gang is free at once
+        body, ctype = multipart({"image": ("gone.png", good.read_bytes())}, {"steps": "1000"})
+        c = http.client.HTTPConnection("127.0.0.1", s.port, timeout=30)
+        c.request("POST", "/v1/restore", body=body, headers={"Content-Type": ctype})
+        time.sleep(1.0)
+        c.sock.shutdown(2)
+        c.close()
+        t0 = time.monotonic()
+        status, _, _ = s.restore({"image": ("next.png", good.read_bytes())}, {"steps": "4"})
+        assert status == 200 and time.monotonic() - t0 < 3.5       # 1000 steps would hold it ~10 s
+        assert 'deqir_requests_total{outcome="cancelled"} 1' in s.get("/metrics")[1].decode()
     finally:
         assert s.stop() == 0
 

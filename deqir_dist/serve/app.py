@@ -122,6 +122,9 @@ def build_app(engine: Engine, parse_fields, model, model_name: str, max_body_byt
                 status = cap_status(e)
                 metrics.inc("deqir_requests_total", outcome="too_large" if status == 413 else "bad_request")
                 return error(status, one_line(e, bare_deqir=True))
+            except Exception as e:           # a bug: one line, and the server carries on
+                metrics.inc("deqir_requests_total", outcome="error")
+                return error(500, f"internal error: {one_line(e)}")
             finally:
                 await form.close()
             try:
@@ -227,7 +230,7 @@ def _prepare(form, work: Path, masks: Path, parse_fields, model, model_name):
 
 async def _wait(job, engine: Engine, receive, disconnected: asyncio.Event):
     """The job's result; the client leaving cancels it, the deadline gives 504."""
-    from deqir_dist.serve.engine import DeadlineExceeded
+    from deqir_dist.serve.engine import Cancelled, DeadlineExceeded
 
     async def watch():
         while not disconnected.is_set():
@@ -235,6 +238,7 @@ async def _wait(job, engine: Engine, receive, disconnected: asyncio.Event):
             if msg["type"] == "http.disconnect":
                 return
     fut = asyncio.wrap_future(job.future)
+    fut.add_done_callback(lambda f: f.cancelled() or f.exception())     # retrieved: no "never retrieved" log
     watcher = asyncio.ensure_future(watch())
     try:
         done, _ = await asyncio.wait({fut, watcher}, timeout=max(job.deadline - time.monotonic(), 0),
@@ -243,7 +247,7 @@ async def _wait(job, engine: Engine, receive, disconnected: asyncio.Event):
             return fut.result()
         engine.cancel(job)
         if watcher in done:
-            raise fut.exception() or ServeError("cancelled")
+            raise Cancelled("the client disconnected")
         raise DeadlineExceeded("the request's deadline passed (--request-timeout)")
     finally:
         watcher.cancel()

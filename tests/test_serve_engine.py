@@ -151,3 +151,27 @@ def test_the_layout_follows_the_load(builtin):
     parts = deal(batch(5), 2)
     assert [p.names for p in parts] == [["i0", "i1", "i2"], ["i3", "i4"]]
     assert deal(batch(1), 3)[1:] == [None, None]
+
+
+def test_slo_caps_a_keys_batches(builtin):
+    from deqir_dist.serve.plan import slo_batch_cap
+    ex = FakeExecutor()
+    ex.gate.clear()
+    eng = Engine(ex, max_queue=16, max_batch=4, batch_wait_s=0.0,
+                 batch_cap=lambda p, m: 2 if p.key == "slow" else m)
+    eng.start()
+    first = eng.submit(_prepared("first", "k0"), 30)
+    time.sleep(0.1)
+    jobs = [eng.submit(_prepared(f"{k}{i}", k), 30) for k in ("slow", "fast") for i in range(4)]
+    ex.gate.set()
+    for j in [first, *jobs]:
+        j.future.result(10)
+    eng.close()
+    assert ex.batches[1:] == [["slow0", "slow1"], ["slow2", "slow3"], ["fast0", "fast1", "fast2", "fast3"]]
+    # the cap from the cost model: serial, N = 100, c(b) = 10 b ms -> a batch of B takes 1000 B ms
+    op = make_operator("sr_bicubic", image_shape=(3, 24, 24), scale=2)
+    b = Batch(["a"], [0], torch.zeros((1, 3, 12, 12)), op,
+              {"steps": 100, "solver": "serial", "profile": {k: 10.0 * k for k in (1, 2, 4, 8)}})
+    assert slo_batch_cap(builtin, b, 1, 8, 2500.0) == 2
+    assert slo_batch_cap(builtin, b, 1, 8, 500.0) == 1
+    assert slo_batch_cap(builtin, b, 2, 8, 2500.0) == 4        # data-parallel over 2 ranks: 2 images each

@@ -56,6 +56,9 @@ def add_parser(sub) -> None:
     g.add_argument("--max-queue", type=int, default=16, help="requests that may wait; more get 429 (default 16)")
     g.add_argument("--max-batch", type=int, default=4,
                    help="compatible requests restored in one call (default 4; 1: no batching)")
+    g.add_argument("--slo-ms", type=float,
+                   help="cap each batch so its modelled latency (api.planner's cost model, the layout that would "
+                        "run it) fits this many milliseconds (default: no cap below --max-batch)")
     g.add_argument("--batch-wait-ms", type=float, default=2.0,
                    help="an idle server waits this long for company before it starts a batch (default 2)")
     g.add_argument("--request-timeout", type=float, default=120.0,
@@ -183,7 +186,8 @@ def cmd_serve(args) -> int:
     check_int("--max-batch", args.max_batch)
     if not 0 <= args.port <= 65535:
         raise DeqirError(f"--port must be 0..65535, got {args.port}")
-    for flag in ("request_timeout", "dist_timeout", "batch_wait_ms"):
+    positive = ("request_timeout", "dist_timeout") + (("slo_ms",) if args.slo_ms is not None else ())
+    for flag in positive + ("batch_wait_ms",):
         v = getattr(args, flag)
         if not (v == v and 0 <= v < float("inf")) or (flag != "batch_wait_ms" and v <= 0):
             raise DeqirError(f"--{flag.replace('_', '-')} must be a finite number > 0, got {v}")
@@ -211,7 +215,8 @@ def cmd_serve(args) -> int:
         if server is not None:
             server.stop()
     engine = Engine(executor, Metrics(), max_queue=args.max_queue, max_batch=args.max_batch,
-                    batch_wait_s=args.batch_wait_ms / 1e3, on_broken=on_broken)
+                    batch_wait_s=args.batch_wait_ms / 1e3, on_broken=on_broken,
+                    batch_cap=_slo_cap(executor, args) if args.slo_ms is not None else None)
     try:
         engine.start()                      # warm-up: every rank, the whole batch path
         app = build_app(engine, field_parser(args), executor.model, name, max_body, args.request_timeout)
@@ -229,6 +234,19 @@ def cmd_serve(args) -> int:
         sys.stderr.flush()
         os._exit(EXIT_GANG_BROKEN)
     return 0
+
+
+def _slo_cap(executor, args):
+    """(Prepared, max_batch) -> the largest batch of its key whose modelled latency fits --slo-ms."""
+    from deqir_dist.serve.batch import Batch
+    from deqir_dist.serve.plan import slo_batch_cap
+
+    def cap(prepared, max_batch: int) -> int:
+        it = prepared.item
+        batch = Batch([it.name], [prepared.seed], it.y, it.op, prepared.kw)
+        return slo_batch_cap(executor.model, batch, executor.procs, max_batch, args.slo_ms,
+                             getattr(args, "plan", "auto"))
+    return cap
 
 
 def _executor(args):

@@ -94,10 +94,12 @@ class JobResult:
 
 class Engine:
     def __init__(self, executor, metrics: Metrics | None = None, max_queue: int = 16, max_batch: int = 4,
-                 batch_wait_s: float = 0.002, on_broken=None):
+                 batch_wait_s: float = 0.002, on_broken=None, batch_cap=None):
         self.executor, self.metrics = executor, metrics or Metrics()
         self.max_queue, self.max_batch, self.batch_wait_s = max_queue, max_batch, batch_wait_s
         self.on_broken = on_broken
+        self.batch_cap = batch_cap             # (Prepared, max_batch) -> the key's cap (--slo-ms), memoised
+        self._caps: dict[str, int] = {}
         self._queues: dict[str, collections.deque] = {}
         self._waiting = 0
         self._cond = threading.Condition()
@@ -198,21 +200,38 @@ class Engine:
                 self._cond.wait(0.5)
                 idle_since = time.monotonic()
             key = min(self._queues, key=lambda k: self._queues[k][0].enqueued)     # oldest head first
+            head = self._queues[key][0].prepared
+        cap = self._cap(key, head)           # outside the lock: the cost model may time the model once
+        with self._cond:
             if idle_since is not None and self.batch_wait_s > 0:     # idle: wait briefly for company
                 until = time.monotonic() + self.batch_wait_s
-                while len(self._queues.get(key, ())) < self.max_batch and time.monotonic() < until \
+                while len(self._queues.get(key, ())) < cap and time.monotonic() < until \
                         and not self._stopping:
                     self._cond.wait(max(until - time.monotonic(), 0))
-                self._drop_gone()
-                if key not in self._queues:
-                    return []
+            self._drop_gone()
+            if key not in self._queues:
+                return []
             q = self._queues[key]
-            jobs = [q.popleft() for _ in range(min(self.max_batch, len(q)))]
+            jobs = [q.popleft() for _ in range(min(cap, len(q)))]
             if not q:
                 del self._queues[key]
             self._waiting -= len(jobs)
             self.metrics.set("deqir_queue_depth", self._waiting)
             return jobs
+
+    def _cap(self, key: str, prepared: Prepared) -> int:
+        """The batch cap of a key: --max-batch, lowered so the modelled latency fits --slo-ms
+        (engine thread only; memoised per key)."""
+        if self.batch_cap is None or self.max_batch == 1:
+            return self.max_batch
+        if key not in self._caps:
+            if len(self._caps) > 4096:
+                self._caps.clear()
+            try:
+                self._caps[key] = max(1, min(self.max_batch, int(self.batch_cap(prepared, self.max_batch))))
+            except Exception:              # the cost model could not be evaluated: no batching for the key
+                self._caps[key] = 1
+        return self._caps[key]
 
     def _drop_gone(self) -> None:
         now = time.monotonic()

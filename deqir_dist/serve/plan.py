@@ -44,17 +44,12 @@ def batch_ms(c_ms: dict, steps: int, procs: int, images: int, solver: str, kw: d
     return pred["serial_ms"] if choice == "serial" else pred["parallel_ms"]
 
 
-def choose_layout(model, batch: Batch, procs: int, forced: str = "auto") -> tuple[str, dict]:
-    """("sharded" | "data-parallel", the two predictions) for ``batch`` on ``procs`` ranks."""
-    images = len(batch.names)
-    if procs == 1:
-        return "sharded", {}
-    if forced != "auto":
-        return forced, {}
+def _model_inputs(model, batch: Batch, procs: int):
+    """(c_ms, steps, etw, solver) the layout model needs for ``batch``'s key (None: no model)."""
     kw = batch.kw
     solver = kw.get("solver", "auto")
     if solver not in ("auto", "serial", "picard", "anderson"):
-        return "sharded", {}
+        return None
     settings, _ = resolve_settings(model, getattr(batch.op, "name", None), {k: kw.get(k) for k in SETTING_KEYS})
     steps, etw = settings["steps"], settings["etw"]
     profile = kw.get("profile")
@@ -66,12 +61,43 @@ def choose_layout(model, batch: Batch, procs: int, forced: str = "auto") -> tupl
         _, plan = plan_auto(model, batch.op, procs, None, steps, etw, kw.get("stop", "rows"), kw.get("max_iter"),
                             "window" in kw)
         c_ms = plan["c_ms"]
-    sharded = batch_ms(c_ms, steps, procs, images, solver, kw, etw)
-    dp = batch_ms(c_ms, steps, 1, math.ceil(images / procs), solver, kw, etw)
-    pred = {"sharded_ms": round(sharded, 2), "data_parallel_ms": round(dp, 2)}
+    return c_ms, steps, etw, solver
+
+
+def predictions(inputs, kw: dict, procs: int, images: int) -> dict:
+    c_ms, steps, etw, solver = inputs
+    return {"sharded_ms": round(batch_ms(c_ms, steps, procs, images, solver, kw, etw), 2),
+            "data_parallel_ms": round(batch_ms(c_ms, steps, 1, math.ceil(images / procs), solver, kw, etw), 2)}
+
+
+def choose_layout(model, batch: Batch, procs: int, forced: str = "auto") -> tuple[str, dict]:
+    """("sharded" | "data-parallel", the two predictions) for ``batch`` on ``procs`` ranks."""
+    if procs == 1:
+        return "sharded", {}
+    if forced != "auto":
+        return forced, {}
+    inputs = _model_inputs(model, batch, procs)
+    if inputs is None:
+        return "sharded", {}
+    pred = predictions(inputs, batch.kw, procs, len(batch.names))
     # a tie (the serial plan: every rank would repeat the whole chain) goes to data-parallel, where
     # one image keeps one rank busy and leaves the others free
-    return ("data-parallel" if dp <= sharded else "sharded"), pred
+    return ("data-parallel" if pred["data_parallel_ms"] <= pred["sharded_ms"] else "sharded"), pred
+
+
+def slo_batch_cap(model, batch: Batch, procs: int, max_batch: int, slo_ms: float, forced: str = "auto") -> int:
+    """The largest batch (<= max_batch) whose modelled latency, in the layout that would run it,
+    fits ``slo_ms``; at least 1 (a lone request is never refused for its own cost)."""
+    inputs = _model_inputs(model, batch, procs)
+    if inputs is None:
+        return 1
+    for images in range(max_batch, 1, -1):
+        pred = predictions(inputs, batch.kw, procs, images)
+        ms = {"sharded": pred["sharded_ms"], "data-parallel": pred["data_parallel_ms"]}.get(
+            forced if procs > 1 else "sharded", min(pred.values()))
+        if ms <= slo_ms:
+            return images
+    return 1
 
 
 def deal(batch: Batch, procs: int) -> list[Batch | None]:

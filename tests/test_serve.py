@@ -312,3 +312,10 @@ def test_without_the_extra_one_line(monkeypatch, capsys):
     assert main(["serve", "--port", "0"]) == 2
     err = capsys.readouterr().err.strip()
     assert err == "deqir: error: deqir serve needs the serve extra: pip install 'deqir-dist[serve]'"
+
+
+def test_a_model_that_cannot_load_is_one_line_exit_2(cache):
+    r = subprocess.run([sys.executable, "-m", "deqir_dist", "serve", "--port", "0", "--model", "/nonexistent.pt"],
+                       env=_env(cache), cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2 and r.stdout == ""
+    assert r.stderr.strip().splitlines() == ["deqir: error: checkpoint file not found: /nonexistent.pt"]

@@ -114,3 +114,41 @@ def test_data_parallel_gives_the_cli_bytes(cache, files, tmp_path):  # noqa: F81
         assert 'deqir_batches_total{plan="data-parallel"}' in s.get("/metrics")[1].decode()
     finally:
         assert s.stop() == 0, s.stderr()
+
+
+def test_live_while_starting_ready_only_when_warm(cache):  # noqa: F811
+    """While the ranks join and warm up, /health/live answers 200 and /health/ready 503."""
+    import socket
+    import subprocess
+    import sys
+    import http.client
+    from tests.test_serve import ROOT, _env
+    with socket.socket() as so:
+        so.bind(("127.0.0.1", 0))
+        port = so.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "deqir_dist", "serve", "--port", str(port), *GANG],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env(cache), cwd=ROOT)
+    seen = set()
+    try:
+        t_end = time.monotonic() + 120
+        while time.monotonic() < t_end:
+            try:
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                c.request("GET", "/health/live")
+                live = c.getresponse().status
+                c = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+                c.request("GET", "/health/ready")
+                ready = c.getresponse().status
+            except OSError:
+                time.sleep(0.05)
+                continue
+            assert live == 200
+            seen.add(ready)
+            if ready == 200:
+                break
+            time.sleep(0.05)
+        assert seen == {503, 200}, seen                # answered while starting, then ready
+        assert proc.stdout.readline().strip() == f"serving on http://127.0.0.1:{port}"
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(60) == 0

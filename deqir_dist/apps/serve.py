@@ -16,6 +16,7 @@ import os
 import signal
 import socket
 import sys
+import threading
 
 from deqir_dist.api.planner import load_profile
 from deqir_dist.api.restore import check_settings
@@ -157,11 +158,12 @@ class _Server:
                                                    limit_concurrency=limit_concurrency))
         self.sock = sock
 
-    async def run(self, line: str) -> None:
+    async def run(self, line: str, ready) -> None:
+        """Serve; print ``line`` once the server listens and ``ready()`` (the engine warmed up)."""
         task = asyncio.ensure_future(self.server.serve(sockets=[self.sock]))
-        while not self.server.started and not task.done():
+        while not (self.server.started and ready()) and not task.done() and not self.server.should_exit:
             await asyncio.sleep(0.01)
-        if self.server.started:
+        if self.server.started and ready() and not self.server.should_exit:
             print(line, flush=True)
         await task
 
@@ -205,38 +207,51 @@ def cmd_serve(args) -> int:
     sock.listen(128)
     host, port = sock.getsockname()[:2]
     name = args.checkpoint or args.model or ("analytic" if args.emulate_cost else "builtin")
-    executor = _executor(args)
+    broken, failed, held = [], [], {}
     server = None
-    broken = []
 
     def on_broken(reason: str) -> None:
         broken.append(reason)
         print(f"deqir: error: the gang broke ({reason}); exiting for a restart", file=sys.stderr, flush=True)
         if server is not None:
             server.stop()
-    engine = Engine(executor, Metrics(), max_queue=args.max_queue, max_batch=args.max_batch,
+    engine = Engine(None, Metrics(), max_queue=args.max_queue, max_batch=args.max_batch,
                     batch_wait_s=args.batch_wait_ms / 1e3, on_broken=on_broken,
-                    batch_cap=_slo_cap(executor, args) if args.slo_ms is not None else None)
+                    batch_cap=_slo_cap(lambda: engine.executor, args) if args.slo_ms is not None else None)
+    app = build_app(engine, field_parser(args), lambda: engine.executor.model, name, max_body, args.request_timeout)
+    # connections beyond the queue, the batch and a margin for health checks get 503 from uvicorn
+    server = _Server(app, sock, args.max_queue + args.max_batch + 32)
+
+    def boot() -> None:
+        """Load the model, join the ranks, warm up; meanwhile /health/live answers, /health/ready is 503."""
+        try:
+            held["executor"] = _executor(args)
+            engine.start(held["executor"])      # warm-up: every rank, the whole batch path
+        except BaseException as e:
+            failed.append(e)
+            server.stop()
+    booter = threading.Thread(target=boot, name="deqir-boot", daemon=True)
+    shown = f"[{host}]" if ":" in host else host
     try:
-        engine.start()                      # warm-up: every rank, the whole batch path
-        app = build_app(engine, field_parser(args), executor.model, name, max_body, args.request_timeout)
-        # connections beyond the queue, the batch and a margin for health checks get 503 from uvicorn
-        server = _Server(app, sock, args.max_queue + args.max_batch + 32)
-        shown = f"[{host}]" if ":" in host else host
-        asyncio.run(server.run(f"serving on http://{shown}:{port}"))
+        booter.start()
+        asyncio.run(server.run(f"serving on http://{shown}:{port}", lambda: engine.ready))
     finally:
+        booter.join()                           # a stop during start-up: the ranks are up before they are stopped
         engine.close(timeout=None if engine.broken is None else 1.0)
-        executor.close()
+        if "executor" in held:
+            held["executor"].close()
         sock.close()
     if broken or engine.broken:
         # the engine's thread may still sit in a collective with a dead rank: do not wait for it
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(EXIT_GANG_BROKEN)
+    if failed:
+        raise failed[0]
     return 0
 
 
-def _slo_cap(executor, args):
+def _slo_cap(executor_of, args):
     """(Prepared, max_batch) -> the largest batch of its key whose modelled latency fits --slo-ms."""
     from deqir_dist.serve.batch import Batch
     from deqir_dist.serve.plan import slo_batch_cap
@@ -244,6 +259,7 @@ def _slo_cap(executor, args):
     def cap(prepared, max_batch: int) -> int:
         it = prepared.item
         batch = Batch([it.name], [prepared.seed], it.y, it.op, prepared.kw)
+        executor = executor_of()
         return slo_batch_cap(executor.model, batch, executor.procs, max_batch, args.slo_ms,
                              getattr(args, "plan", "auto"))
     return cap

@@ -62,10 +62,11 @@ def cap_status(e: DeqirError) -> int:
     return 413 if ("over the cap" in text or "--max-pixels" in text) else 400
 
 
-def build_app(engine: Engine, parse_fields, model, model_name: str, max_body_bytes: int,
+def build_app(engine: Engine, parse_fields, model_of, model_name: str, max_body_bytes: int,
               request_timeout_s: float, scratch: str | None = None):
     """The Starlette app. ``parse_fields(fields: dict[str, str], mask_path: str | None)`` ->
-    ``serve.inputs.Settings`` (the CLI's flags; apps.serve); DeqirError for a bad one."""
+    ``serve.inputs.Settings`` (the CLI's flags; apps.serve); DeqirError for a bad one.
+    ``model_of()``: the loaded model (asked only once the engine is ready)."""
     if Starlette is None:
         raise DeqirError("deqir serve needs the serve extra: pip install 'deqir-dist[serve]'")
     metrics = engine.metrics
@@ -117,7 +118,8 @@ def build_app(engine: Engine, parse_fields, model, model_name: str, max_body_byt
             sem = slots.setdefault("sem", asyncio.Semaphore(PREPARE_SLOTS))
             try:
                 async with sem:
-                    prepared = await run_in_threadpool(_prepare, form, work, masks, parse_fields, model, model_name)
+                    prepared = await run_in_threadpool(_prepare, form, work, masks, parse_fields, model_of(),
+                                                       model_name)
             except DeqirError as e:
                 status = cap_status(e)
                 metrics.inc("deqir_requests_total", outcome="too_large" if status == 413 else "bad_request")
@@ -152,6 +154,8 @@ def build_app(engine: Engine, parse_fields, model, model_name: str, max_body_byt
         return JSONResponse({"status": "live"})
 
     async def ready(request):
+        if engine.executor is None:
+            return JSONResponse({"status": "starting"}, status_code=503)
         why = engine.broken or engine.executor.health()
         if why is not None and engine.broken is None and engine.ready:
             engine.mark_broken(why)

@@ -112,7 +112,10 @@ class Engine:
         self._thread = threading.Thread(target=self._loop, name="deqir-engine", daemon=True)
 
     # --- life cycle ---------------------------------------------------------------------------
-    def start(self) -> None:
+    def start(self, executor=None) -> None:
+        """Warm the executor up (given here, or at construction), then take requests."""
+        if executor is not None:
+            self.executor = executor
         if hasattr(self.executor, "on_failure"):      # a gang's watcher: a rank died, even while idle
             self.executor.on_failure = self.mark_broken
         self.executor.warmup()

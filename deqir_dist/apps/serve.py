@@ -110,12 +110,14 @@ def field_parser(defaults: argparse.Namespace):
         for raw, value in fields.items():
             name = raw.replace("-", "_")
             if name not in FIELDS:
-                raise DeqirError(f"unknown field {raw[:40]!r}; the fields are deqir restore's flags: {', '.join(FIELDS)}")
+                raise DeqirError(f"unknown field {raw[:40]!r}; the fields are deqir restore's flags: "
+                                 f"{', '.join(FIELDS)}")
             if name in BOOL_FIELDS:
                 flag = name.replace("_", "-")
                 argv.append(f"--{flag}" if _truth(name, value) else f"--no-{flag}")
             elif name == "mask" and value not in MASK_KINDS:     # never a path on the server's disk
-                raise DeqirError(f"field mask takes {', '.join(MASK_KINDS)}; send a mask image as the file field 'mask'")
+                raise DeqirError(f"field mask takes {', '.join(MASK_KINDS)}; send a mask image as the file field "
+                                 "'mask'")
             else:
                 argv.append(f"--{name.replace('_', '-')}={value}")
         if mask_path is not None:

@@ -51,7 +51,8 @@ def upload_name(filename: str | None) -> str:
     """The file name an upload is stored (and known) under: its last path component, checked."""
     name = (filename or "").replace("\\", "/").rsplit("/", 1)[-1]
     if not name or name in (".", "..") or name.startswith("."):
-        raise DeqirError("the image upload needs a file name (its stem is the image id, as a file's is in deqir restore)")
+        raise DeqirError("the image upload needs a file name (its stem is the image id, as a file's is in "
+                         "deqir restore)")
     if len(name) > MAX_NAME or any(ord(c) < 32 or c == "\x7f" for c in name):
         raise DeqirError(f"upload file name {name[:40]!r}... is too long or has control characters")
     check_utf8(Path(name))

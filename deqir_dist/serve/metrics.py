@@ -35,7 +35,8 @@ class Metrics:
                                             "not_ready, deadline, cancelled, gang_failed, error)"),
         "deqir_queue_depth": ("gauge", "requests waiting in the queue"),
         "deqir_inflight": ("gauge", "requests being restored"),
-        "deqir_ready": ("gauge", "1 when every rank has joined, the model is loaded and warmed up, and the gang is whole"),
+        "deqir_ready": ("gauge", "1 when every rank has joined, the model is loaded and warmed up, and the gang is "
+                                 "whole"),
         "deqir_batches_total": ("counter", "restore() calls by how they ran (one process, sharded, data-parallel)"),
         "deqir_gang_failures_total": ("counter", "collectives or ranks that failed (the gang is then not reused)"),
         "deqir_request_seconds": ("histogram", "request latency by phase (queue, solve, total)"),

@@ -152,3 +152,42 @@ def test_live_while_starting_ready_only_when_warm(cache):  # noqa: F811
     finally:
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(60) == 0
+
+
+@pytest.mark.slow          # ~20 s: torchrun, two ranks, a CLI run
+def test_under_torchrun_rank_0_serves_and_the_others_follow(cache, files, tmp_path):  # noqa: F811
+    import subprocess
+    import sys
+    import threading
+    from tests.test_serve import ROOT, _env
+    meas = sorted((files / "meas").glob("*.png"))
+    want = _cli(meas, tmp_path / "cli", cache, "--solver", "picard")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+                             "-m", "deqir_dist", "serve", "--port", "0", *FAST, "--solver", "picard",
+                             "--max-batch", "2", "--batch-wait-ms", "1000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env=_env(cache), cwd=ROOT)
+    try:
+        out = []
+        t = threading.Thread(target=lambda: out.append(proc.stdout.readline()), daemon=True)
+        t.start()
+        t.join(120)
+        assert out and out[0].startswith("serving on http://127.0.0.1:"), out
+        s = Server.__new__(Server)
+        s.proc, s.port = proc, int(out[0].strip().rsplit(":", 1)[1])
+        assert json.loads(s.get("/health/ready")[1])["ranks"] == 2
+        status, headers, body = s.restore({"image": (meas[0].name, meas[0].read_bytes())})
+        assert status == 200 and headers["x-deqir-plan"] == "chain sharded over 2 ranks (torchrun)"
+        assert np.abs(_pixels(body) - _pixels(want[meas[0].name])).max() <= 1
+        pair = meas[1:3]            # two together: one image per rank beats sharding both (c(b) ~ b on a CPU)
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            got = list(pool.map(lambda p: s.restore({"image": (p.name, p.read_bytes())}), pair))
+        for p, (status, headers, body) in zip(pair, got):
+            assert status == 200 and headers["x-deqir-plan"].startswith("data-parallel over 2 rank(s)"), headers
+            assert body == want[p.name]                # each rank restored its own: the CLI's bytes
+    finally:
+        proc.send_signal(signal.SIGTERM)              # torchrun stops every rank
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()

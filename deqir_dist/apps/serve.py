@@ -200,6 +200,11 @@ def cmd_serve(args) -> int:
         load_profile(args.profile)
     max_body = args.max_body_bytes or 2 * max_file_bytes() + 64 * 1024
     check_int("--max-body-bytes", max_body)
+    from deqir_dist.serve.torchrun import under_torchrun
+    if under_torchrun():                    # rank 0 serves, the others follow (serve.torchrun)
+        code = _torchrun_join(args)
+        if code is not None:
+            return code
     sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
@@ -267,8 +272,30 @@ def _slo_cap(executor_of, args):
     return cap
 
 
+def _torchrun_join(args) -> int | None:
+    """Join torchrun's group; a follower rank runs here until rank 0 stops it (its exit status)."""
+    import torch.distributed as dist
+    from deqir_dist.models import load_denoiser
+    from deqir_dist.serve.torchrun import run_follower, torch_device_for
+    args.torchrun_device = torch_device_for(args)
+    world, rank = dist.get_world_size(), dist.get_rank()
+    if args.ranks not in (1, world):
+        raise DeqirError(f"under torchrun the gang is its {world} processes: drop --ranks {args.ranks}")
+    args.ranks = world
+    if rank == 0:
+        return None
+    model = load_denoiser(args.model, checkpoint=args.checkpoint, device=args.torchrun_device,
+                          emulate_cost=args.emulate_cost)
+    return run_follower(model, rank)
+
+
 def _executor(args):
     from deqir_dist.models import load_denoiser
+    if getattr(args, "torchrun_device", None) is not None:
+        from deqir_dist.serve.torchrun import TorchrunExecutor
+        model = load_denoiser(args.model, checkpoint=args.checkpoint, device=args.torchrun_device,
+                              emulate_cost=args.emulate_cost)
+        return TorchrunExecutor.start(args, model, args.torchrun_device)
     if args.ranks > 1:
         from deqir_dist.serve.gang import LocalGangExecutor
         return LocalGangExecutor.start(args)

@@ -73,7 +73,7 @@ def _join(rank: int, world: int, spec: dict):
 
 
 def follower_main(conn, rank: int, world: int, spec: dict) -> None:
-    """Rank r >= 1: join, report, then restore every batch rank 0 sends until told to stop."""
+    """Rank r >= 1 of a local gang: join, report, then follow rank 0 until told to stop."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)      # rank 0 drains, then stops us
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     try:
@@ -82,43 +82,46 @@ def follower_main(conn, rank: int, world: int, spec: dict) -> None:
         conn.send(("error", one_line(e, bare_deqir=True)))
         os._exit(2)
     conn.send(("ready", os.getpid()))
-    if os.environ.get("DEQIR_TEST_SERVE_FOLLOWER_EXIT"):    # tests: this rank dies at its Nth batch
-        die_at = int(os.environ["DEQIR_TEST_SERVE_FOLLOWER_EXIT"])
-    else:
-        die_at = None
-    n = 0
-    while True:
+
+    def recv():
         try:
-            kind, batch = conn.recv()
+            return conn.recv()
         except (EOFError, OSError):         # rank 0 is gone
-            os._exit(3)
+            return None
+    code = follow(model, rank, recv, conn.send)
+    conn.close()
+    os._exit(code)
+
+
+def follow(model, rank: int, recv, send) -> int:
+    """A follower's loop: ("batch", b) -> its part of the sharded restore; ("dp", b) -> its own
+    images, the result sent back; ("stop", None) -> leave the group (0); rank 0 gone (None) or
+    a failed collective -> 3."""
+    while True:
+        msg = recv()
+        if msg is None:
+            return 3
+        kind, batch = msg
         if kind == "stop":
             break
-        n += 1
-        if die_at is not None and n >= die_at:
-            os._exit(9)
         if kind == "dp":                      # data-parallel: my own images, in this process
             try:
-                res = run_batch(model, batch)
-                conn.send(("result", _portable(res)))
+                send(("result", _portable(run_batch(model, batch))))
             except DeqirError as e:
-                conn.send(("error", one_line(e, bare_deqir=True)))
+                send(("error", one_line(e, bare_deqir=True)))
             except Exception as e:
-                conn.send(("error", f"rank {rank}: {one_line(e)}"))
+                send(("error", f"rank {rank}: {one_line(e)}"))
             continue
         try:
             run_batch(model, batch, distributed=True)
         except DeqirError as e:
             if _COLLECTIVE_FAILED.search(str(e)):
-                os._exit(3)
+                return 3
         except Exception:
-            os._exit(3)
-    try:
-        import torch.distributed as dist
-        dist.destroy_process_group()
-    finally:
-        conn.close()
-    os._exit(0)
+            return 3
+    import torch.distributed as dist
+    dist.destroy_process_group()
+    return 0
 
 
 @dataclass
@@ -195,12 +198,30 @@ class LocalGangExecutor:
         for images in (1, 2):
             self.run(warmup_batch(self.model, images))
 
+    # --- how rank 0 talks to follower r (a pipe here; the store under torchrun: serve.torchrun) ---
+    def _send(self, r: int, msg) -> None:
+        self.conns[r - 1].send(msg)
+
+    def _poll(self, r: int, timeout: float) -> bool:
+        return self.conns[r - 1].poll(timeout)
+
+    def _recv(self, r: int):
+        return self.conns[r - 1].recv()
+
+    def _gone(self, r: int) -> str | None:
+        p = self.procs_list[r - 1]
+        return None if p.is_alive() else f"rank {r} (pid {p.pid}) exited with status {p.exitcode}"
+
+    def _followers(self) -> range:
+        return range(1, self.procs)
+
     def health(self) -> str | None:
         if self.broken:
             return self.broken
-        for r, p in enumerate(self.procs_list, start=1):
-            if not p.is_alive():
-                return f"rank {r} (pid {p.pid}) exited with status {p.exitcode}"
+        for r in self._followers():
+            why = self._gone(r)
+            if why is not None:
+                return why
         return None
 
     def _fail(self, reason: str) -> None:
@@ -225,9 +246,9 @@ class LocalGangExecutor:
         if layout == "data-parallel":
             return self._run_data_parallel(batch)
         try:
-            for r, c in enumerate(self.conns, start=1):
-                c.send(("batch", batch))
-        except (OSError, ValueError) as e:
+            for r in self._followers():
+                self._send(r, ("batch", batch))
+        except (OSError, ValueError, RuntimeError) as e:
             self._fail(f"rank {r} is gone ({one_line(e)})")
             raise GangFailed(self.broken) from None
         try:
@@ -246,11 +267,11 @@ class LocalGangExecutor:
         parts = deal(batch, self.procs)
         busy = []
         try:
-            for r, (c, part) in enumerate(zip(self.conns, parts[1:]), start=1):
-                if part is not None:
-                    c.send(("dp", part))
+            for r in self._followers():
+                if parts[r] is not None:
+                    self._send(r, ("dp", parts[r]))
                     busy.append(r)
-        except (OSError, ValueError) as e:
+        except (OSError, ValueError, RuntimeError) as e:
             self._fail(f"rank {r} is gone ({one_line(e)})")
             raise GangFailed(self.broken) from None
         t0 = time.monotonic()
@@ -258,13 +279,13 @@ class LocalGangExecutor:
         deadline = time.monotonic() + 3 * (time.monotonic() - t0) + self.dist_timeout
         errors = []
         for r in busy:
-            c, p = self.conns[r - 1], self.procs_list[r - 1]
-            while not c.poll(0.05):
-                if not p.is_alive() or time.monotonic() > deadline:
-                    why = "died" if not p.is_alive() else f"did not answer within {self.dist_timeout:g} s of rank 0"
-                    self._fail(f"rank {r} (pid {p.pid}) {why} during a data-parallel batch")
+            while not self._poll(r, 0.05):
+                gone = self._gone(r)
+                if gone is not None or time.monotonic() > deadline:
+                    why = gone or f"rank {r} did not answer within {self.dist_timeout:g} s of rank 0"
+                    self._fail(f"{why} (during a data-parallel batch)")
                     raise GangFailed(self.broken)
-            kind, payload = c.recv()
+            kind, payload = self._recv(r)
             if kind == "error":
                 errors.append(payload)
             else:

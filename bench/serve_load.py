@@ -117,6 +117,9 @@ def main() -> None:
     ap.add_argument("--ranks", type=int, default=1)
     ap.add_argument("--max-batch", type=int, default=4)
     ap.add_argument("--plan", default="auto")
+    ap.add_argument("--emulate-cost", metavar="TABLE.json",
+                    help="serve the analytic oracle held to this c(b) table (models.emulated), e.g. "
+                         "bench/results/adm256-h200-design-cb.json")
     ap.add_argument("--json", required=True)
     ap.add_argument("server_flags", nargs="*", help="more deqir serve flags (after --)")
     args = ap.parse_args()
@@ -124,7 +127,7 @@ def main() -> None:
     files = measurements(work, args.images, args.size)
     flags = ["--steps", str(args.steps), "--threads", "1", "--ranks", str(args.ranks), "--max-batch",
              str(args.max_batch), "--plan", args.plan, "--max-queue", str(4 * max(args.clients)),
-             *args.server_flags]
+             *(["--emulate-cost", args.emulate_cost] if args.emulate_cost else []), *args.server_flags]
     env = dict(os.environ, PYTHONPATH=str(ROOT), DEQIR_CACHE_DIR=str(work / "cache"), OMP_NUM_THREADS="1")
     load0 = os.getloadavg()
     t0 = time.perf_counter()
@@ -138,7 +141,8 @@ def main() -> None:
         proc.terminate()
         code = proc.wait(120)
     out = {"command": " ".join([Path(sys.argv[0]).name, *sys.argv[1:]]), "server_flags": flags,
-           "model": "builtin", "task": "sr_bicubic x2", "size": args.size, "steps": args.steps,
+           "model": f"analytic held to {args.emulate_cost}" if args.emulate_cost else "builtin",
+           "task": "sr_bicubic x2", "size": args.size, "steps": args.steps,
            "ranks": args.ranks, "startup_s": round(startup, 2), "server_exit": code,
            "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "load_before": load0,
                        "load_after": os.getloadavg()},

@@ -319,3 +319,11 @@ def test_a_model_that_cannot_load_is_one_line_exit_2(cache):
                        env=_env(cache), cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert r.returncode == 2 and r.stdout == ""
     assert r.stderr.strip().splitlines() == ["deqir: error: checkpoint file not found: /nonexistent.pt"]
+
+
+@pytest.mark.parametrize("argv,text", [(["--port", "70000"], "--port"), (["--max-batch", "0"], "--max-batch"),
+                                       (["--steps", "0"], "steps"), (["--request-timeout", "nan"], "--request-timeout")])
+def test_bad_server_flags_are_one_line_before_anything_starts(argv, text, capsys):
+    assert main(["serve", *argv]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("deqir: error:") and "\n" not in err and text in err, err

@@ -173,13 +173,22 @@ class _Server:
         self.server.should_exit = True
 
 
+def _importable(name: str) -> bool:
+    import importlib.util
+    try:
+        return importlib.util.find_spec(name) is not None
+    except (ImportError, ValueError):
+        return False
+
+
 def cmd_serve(args) -> int:
     try:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
-        import multipart  # noqa: F401  (python-multipart: starlette's form parser)
     except ImportError:
         raise DeqirError(EXTRA_HINT) from None
+    if not any(_importable(m) for m in ("python_multipart", "multipart")):    # starlette's form parser
+        raise DeqirError(EXTRA_HINT)
     from deqir_dist.serve.app import build_app
     from deqir_dist.serve.engine import Engine
     from deqir_dist.serve.metrics import Metrics
@@ -194,7 +203,8 @@ def cmd_serve(args) -> int:
     for flag in positive + ("batch_wait_ms",):
         v = getattr(args, flag)
         if not (v == v and 0 <= v < float("inf")) or (flag != "batch_wait_ms" and v <= 0):
-            raise DeqirError(f"--{flag.replace('_', '-')} must be a finite number > 0, got {v}")
+            bound = ">= 0" if flag == "batch_wait_ms" else "> 0"
+            raise DeqirError(f"--{flag.replace('_', '-')} must be a finite number {bound}, got {v}")
     check_settings(**restore_kwargs(args))
     if args.profile:
         load_profile(args.profile)

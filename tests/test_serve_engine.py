@@ -175,3 +175,28 @@ def test_slo_caps_a_keys_batches(builtin):
     assert slo_batch_cap(builtin, b, 1, 8, 2500.0) == 2
     assert slo_batch_cap(builtin, b, 1, 8, 500.0) == 1
     assert slo_batch_cap(builtin, b, 2, 8, 2500.0) == 4        # data-parallel over 2 ranks: 2 images each
+
+
+def test_a_broken_gang_fails_everything_closed():
+    """A rank's death (the watcher) while a batch runs and others wait: all get GangFailed (503),
+    readiness is off for good, on_broken is called once, and nothing is accepted afterwards."""
+    from deqir_dist.serve.engine import GangFailed
+    ex = FakeExecutor()
+    ex.gate.clear()
+    told = []
+    eng = Engine(ex, max_queue=8, max_batch=1, batch_wait_s=0.0, on_broken=told.append)
+    eng.start()
+    running = eng.submit(_prepared("run", "k"), 30)
+    time.sleep(0.1)
+    queued = eng.submit(_prepared("wait", "k"), 30)
+    eng.mark_broken("rank 1 (pid 1) exited with status -9")
+    eng.mark_broken("rank 1 again")
+    for j in (running, queued):
+        with pytest.raises(GangFailed, match="rank 1 \\(pid 1\\)"):
+            j.future.result(1)
+    assert not eng.ready and told == ["rank 1 (pid 1) exited with status -9"]
+    with pytest.raises(GangFailed):
+        eng.submit(_prepared("late", "k"), 30)
+    assert 'deqir_gang_failures_total 1' in eng.metrics.render()
+    ex.gate.set()
+    eng.close(timeout=5)

@@ -11,7 +11,7 @@ PKG = Path(deqir_dist.__file__).resolve().parent
 
 # lowest first; a module may import its own layer or any layer below it
 LAYERS = ("errors", "sampling", "physics", "io", "data", "quality", "parallel", "models", "solvers", "api",
-          "dataset", "ray", "apps")
+          "dataset", "ray", "serve", "apps")
 MAX_LINES = 650
 
 

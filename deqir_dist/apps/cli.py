@@ -37,6 +37,8 @@ from deqir_dist.apps.guard import (
 )
 from deqir_dist.apps.ray_restore import add_parser as add_ray_parser
 from deqir_dist.apps.ray_restore import cmd_ray_restore
+from deqir_dist.apps.serve import add_parser as add_serve_parser
+from deqir_dist.apps.serve import cmd_serve
 from deqir_dist.apps.tables import format_table
 from deqir_dist.apps.train_prior import add_parser as add_prior_parser
 from deqir_dist.apps.train_prior import cmd_train_prior
@@ -144,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_demo_parser(sub)
     add_prior_parser(sub)
     add_ray_parser(sub)
+    add_serve_parser(sub)
     return parser
 
 
@@ -344,7 +347,8 @@ def cmd_bench(args) -> int:
 
 
 COMMANDS = {"degrade": cmd_degrade, "restore": cmd_restore, "eval": cmd_eval, "bench": cmd_bench,
-            "ray-restore": cmd_ray_restore, "demo": cmd_demo, "train-prior": cmd_train_prior}
+            "ray-restore": cmd_ray_restore, "demo": cmd_demo, "train-prior": cmd_train_prior,
+            "serve": cmd_serve}
 
 
 def _version() -> str:

@@ -100,6 +100,18 @@ def _fails(capsys, argv, match: str) -> str:
 CHILD = textwrap.dedent("""
     import contextlib, io, json, resource, sys, time
     from deqir_dist.apps.cli import main
+
+    def peak_mb():
+        # this image's own peak (VmHWM belongs to the address space exec made); ru_maxrss would carry
+        # the forked pytest parent's peak across exec (Linux keeps it in the process's rusage)
+        try:
+            with open("/proc/self/status") as fh:
+                for line in fh:
+                    if line.startswith("VmHWM:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     out = []
     for name, argv in json.loads(sys.argv[1]):
         err = io.StringIO()
@@ -110,7 +122,7 @@ CHILD = textwrap.dedent("""
             except BaseException as e:   # a traceback is a failure of the test, reported as such
                 code = repr(e)[:300]
         out.append({"name": name, "code": code, "err": err.getvalue(), "seconds": time.perf_counter() - t0,
-                    "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                    "rss_mb": peak_mb()})
     print(json.dumps(out))
 """)
 

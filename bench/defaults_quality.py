@@ -124,7 +124,7 @@ def gallery(path: str, kept: dict, result: dict) -> str:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--crops", type=int, default=6, help="64x64 held-out crops (default 6)")
+    p.add_argument("--crops", type=int, default=6, help="64x64 held-out crops (default 6; 0: none)")
     p.add_argument("--whole", type=int, default=64, help="short side of the whole photos (default 64)")
     p.add_argument("--tasks", default=",".join(DEMO_TASKS))
     p.add_argument("--measurements", default="float,8bit",
@@ -152,6 +152,7 @@ def main(argv=None) -> int:
         held = heldout_images(photos)
         crops = builtin_bench_images(4 + args.crops, 64, photos)[4:]
     sets = {"whole": [to_tensor(resize_short(img, args.whole)) for img in held.values()], "crops": list(crops)}
+    sets = {k: v for k, v in sets.items() if v}         # --crops 0: whole photographs only
     result = {"command": "python bench/defaults_quality.py " + " ".join(sys.argv[1:] if argv is None else argv),
               "model": "builtin", "weights": getattr(model, "weights_path", None),
               "weights_sha256": _sha256(getattr(model, "weights_path", None)), "heldout": list(held),

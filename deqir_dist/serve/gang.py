@@ -65,7 +65,11 @@ def _join(rank: int, world: int, spec: dict):
     if dev.type == "cuda":
         torch.cuda.set_device(dev)
     backend = spec.get("backend") or ("nccl" if dev.type == "cuda" else "gloo")
-    dist.init_process_group(backend, init_method=spec["init_method"], rank=rank, world_size=world,
+    # joining waits JOIN_TIMEOUT_S (a rank that imports torch on a loaded machine takes many seconds);
+    # the collectives then fail after --dist-timeout, so a dead or hung rank is noticed in time
+    host, port = spec["init_method"].removeprefix("tcp://").rsplit(":", 1)
+    store = dist.TCPStore(host, int(port), world, is_master=rank == 0, timeout=timedelta(seconds=JOIN_TIMEOUT_S))
+    dist.init_process_group(backend, store=store, rank=rank, world_size=world,
                             timeout=timedelta(seconds=spec["dist_timeout"]))
     model = load_denoiser(spec["model"], checkpoint=spec.get("checkpoint"), device=dev,
                           emulate_cost=spec.get("emulate_cost"))

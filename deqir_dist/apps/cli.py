@@ -44,7 +44,7 @@ from deqir_dist.dataset.items import (
     sampler_record,
     summarize,
 )
-from deqir_dist.errors import DeqirError
+from deqir_dist.errors import DeqirError, one_line
 from deqir_dist.io.files import ensure_writable_dir
 from deqir_dist.io.images import list_images, read_image
 from deqir_dist.io.jsonio import write_json
@@ -88,6 +88,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hold every denoiser call of b rows to the table's c(b) (a 'deqir bench --profile' JSON), "
                         "sleeping after the real compute; the model defaults to analytic (models.emulated)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    g = p.add_argument_group("memory (api.budget: estimated before any input is decoded)")
+    g.add_argument("--max-memory", metavar="SIZE",
+                   help="peak memory the restore may reach, e.g. 6G or 800M (default: half the available "
+                        "memory, less under a cgroup or ulimit -v); an image that does not fit is restored in "
+                        "tiles, or refused naming the size that fits")
+    g.add_argument("--tile", type=int, metavar="PX",
+                   help="restore in overlapping PX x PX tiles (one chain, blended every step); 0: never tile "
+                        "(default: tile only when the whole image does not fit)")
 
     p = sub.add_parser("eval", help="PSNR/SSIM of restored images against ground truth")
     p.add_argument("restored", help="a restored image, or a folder of them")
@@ -161,26 +169,31 @@ def cmd_restore(args) -> int:
             load_profile(args.profile)
         if args.task is None:         # the task the measurement PNGs describe
             args.task = described_task(expand_inputs(args.inputs), args.from_clean)
+        # the model first: each image's memory and time are estimated before its pixels are decoded
+        model = load_denoiser(args.model, checkpoint=args.checkpoint, device=device,
+                              emulate_cost=args.emulate_cost)
+        estimates = []
         items = ItemSource(expand_inputs(args.inputs), args.task, task_params(args), args.from_clean,
-                           sigma_y=args.sigma_y, seed=args.seed)      # all checked; decoded as restored
+                           sigma_y=args.sigma_y, seed=args.seed,
+                           check=_budget_check(model, args, estimates))   # all checked; decoded as restored
         if optimize is not None:
             for it in items:
                 optimize.target(it)       # every target exists and fits, before any work
         json_path = Path(args.json) if args.json else Path(args.out) / "summary.json"
         check_outputs_apart([Path(args.out) / f"{it.name}.png" for it in items] + [json_path],
                             [it.source for it in items] + (optimize.files() if optimize else []))
-        model = load_denoiser(args.model, checkpoint=args.checkpoint, device=device,
-                              emulate_cost=args.emulate_cost)
         check_model_fits(model, items)
         if lead:                      # only rank 0 writes
             _check_json_path(json_path)
             ensure_writable_dir(args.out)
+            if not args.no_progress:  # every input checked: what each size will cost, one line each
+                print("\n".join(estimates), file=sys.stderr)
         return items, json_path, model
     if args.distributed:
         items, json_path, model = all_ranks_ok(prepare, device)
     else:
         items, json_path, model = prepare()
-    kw = restore_kwargs(args)
+    kw = dict(restore_kwargs(args), max_memory=args.max_memory, tile=args.tile)
     show = lead and not args.no_progress
     records = restore_items(model, items, args.out, dict(kw, progress=show, distributed=args.distributed),
                             seed=args.seed, bits=args.bits, progress=show, write=lead, optimize=optimize)
@@ -210,6 +223,37 @@ def cmd_restore(args) -> int:
               "not a restoration result")
     print(json.dumps(summary["summary"]))
     return 0
+
+
+def _budget_check(model, args, lines: list):
+    """check(path, image_shape, from_clean) for ``ItemSource``: the restore's memory and time
+    estimated (``api.budget``) from the image's size before it is decoded; over the cap and not
+    tileable, a one-line DeqirError naming the size that fits. ``lines`` gets one line per
+    distinct size (printed once every input passed): the estimate, and whether it goes in tiles."""
+    from deqir_dist.api.budget import parse_memory, plan_budget, solver_rows
+    from deqir_dist.api.conventions import size_multiple
+    from deqir_dist.models.settings import resolve_settings
+    if args.max_memory is not None:
+        parse_memory(args.max_memory)
+    if args.tile is not None and args.tile < 0:
+        raise DeqirError(f"--tile must be a tile size in pixels (0: never tile), got {args.tile}")
+    steps = resolve_settings(model, args.task, {"steps": args.steps})[0]["steps"]
+    rows, call_rows, m = solver_rows(args.solver, steps, {"window": args.window, "blocks": args.blocks})
+    mult = size_multiple(model)
+    said = set()
+
+    def check(path, shape, from_clean):
+        C, H, W = (int(v) for v in shape)
+        canvas = (C, -(-H // mult) * mult, -(-W // mult) * mult)
+        try:
+            b = plan_budget(model, canvas, 1, steps, args.solver, rows, max_memory=args.max_memory,
+                            tile=args.tile, from_clean=from_clean, call_rows=call_rows, anderson_m=m)
+        except DeqirError as e:
+            raise DeqirError(f"{path}: {e}") from None
+        if canvas not in said:
+            said.add(canvas)
+            lines.append(f"deqir: {Path(path).name}: {b.line()}")
+    return check
 
 
 def _eval_inputs(path, what: str) -> dict:
@@ -298,6 +342,13 @@ def main(argv: list[str] | None = None) -> int:
             return COMMANDS[args.command](args)
     except DeqirError as e:
         print(f"deqir: error: {e}", file=sys.stderr)
+        return 2
+    except (MemoryError, RuntimeError) as e:     # an allocator failure anywhere: one line, not a traceback
+        if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e) \
+                and "out of memory" not in str(e).lower():
+            raise
+        print(f"deqir: error: out of memory: {one_line(e)}; lower --max-memory (restore) or --max-pixels",
+              file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("deqir: interrupted", file=sys.stderr)

@@ -22,7 +22,7 @@ from deqir_dist.dataset.tasks import OP_FLAGS, operator_params
 from deqir_dist.errors import DeqirError, check_int, is_real, one_line
 from deqir_dist.io.files import ensure_writable_dir
 from deqir_dist.io.limits import check_pixels, check_regular_file
-from deqir_dist.io.images import list_images, read_image, write_image
+from deqir_dist.io.images import header_size, list_images, read_image, write_image
 from deqir_dist.io.quantization import default_sigma_y
 from deqir_dist.io.measurements import (
     MEASUREMENT_SUFFIX,
@@ -122,11 +122,16 @@ class Item:
 
 
 def iter_items(paths: list[Path], task: str, params: dict, from_clean: bool, sigma_y: float | None = None,
-               seed: int = 0, ops: OperatorCache | None = None):
-    """The inputs as :class:`Item` s, read and checked one at a time (see :func:`load_items`)."""
+               seed: int = 0, ops: OperatorCache | None = None, check=None):
+    """The inputs as :class:`Item` s, read and checked one at a time (see :func:`load_items`).
+    ``check(path, image_shape, from_clean)``, if given, sees each restored image's (C, H, W)
+    before its pixels are decoded or its operator is built (the CLI's memory estimate)."""
     ops = ops or OperatorCache(task, params)
     for p in paths:
         if from_clean:
+            size = header_size(p) if check is not None else None
+            if size is not None:
+                check(p, (3, size[1], size[0]), True)
             x = read_image(p, channels=3)
             op = ops.get(x.shape)
             y = op.A(x[None])
@@ -140,6 +145,8 @@ def iter_items(paths: list[Path], task: str, params: dict, from_clean: bool, sig
             if desc.get("name") != task:
                 raise DeqirError(f"{p} is a {desc.get('name')!r} measurement, but the task is {task!r}")
             shape = tuple(desc["image_shape"])
+            if check is not None:
+                check(p, shape, False)
             expected = measurement_shape_for(task, ops.params, shape)
             if expected is not None and tuple(y.shape) != expected:   # before the operator is built
                 raise DeqirError(f"{p}: measurement shape {tuple(y.shape)} does not fit {task} on its image "
@@ -155,6 +162,8 @@ def iter_items(paths: list[Path], task: str, params: dict, from_clean: bool, sig
             img = read_image(p, channels=measurement_channels(task))
             shape = tuple(desc["image_shape"]) if desc else image_shape_of_measurement(task, ops.params, img.shape)
             check_pixels(shape[2], shape[1], f"{p}: the restored image")
+            if check is not None:
+                check(p, shape, False)
             expected = measurement_shape_for(desc["task"], desc["params"], shape) if desc else None
             if expected is not None and tuple(img.shape) != expected:     # a lying chunk: before any operator
                 raise DeqirError(f"{p}: its {tuple(img.shape)} pixels do not fit the {desc['task']} measurement of a "
@@ -188,10 +197,10 @@ class ItemSource:
     not grow with the number of inputs."""
 
     def __init__(self, paths: list[Path], task: str, params: dict, from_clean: bool, sigma_y: float | None = None,
-                 seed: int = 0):
+                 seed: int = 0, check=None):
         self._args = (list(paths), task, params, from_clean, sigma_y, seed)
         self._ops = OperatorCache(task, params)
-        self._items = [replace(it, y=None, gt=None) for it in iter_items(*self._args, ops=self._ops)]
+        self._items = [replace(it, y=None, gt=None) for it in iter_items(*self._args, ops=self._ops, check=check)]
 
     def __len__(self) -> int:
         return len(self._items)

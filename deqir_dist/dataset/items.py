@@ -145,12 +145,12 @@ def iter_items(paths: list[Path], task: str, params: dict, from_clean: bool, sig
             if desc.get("name") != task:
                 raise DeqirError(f"{p} is a {desc.get('name')!r} measurement, but the task is {task!r}")
             shape = tuple(desc["image_shape"])
-            if check is not None:
-                check(p, shape, False)
             expected = measurement_shape_for(task, ops.params, shape)
             if expected is not None and tuple(y.shape) != expected:   # before the operator is built
                 raise DeqirError(f"{p}: measurement shape {tuple(y.shape)} does not fit {task} on its image "
                                  f"{shape} with these flags (expected {expected})")
+            if check is not None:
+                check(p, shape, False)
             op = ops.get(shape)
             stored, given = desc.get("params", {}), json.loads(json.dumps(op.describe()))["params"]
             if stored != given:
@@ -162,12 +162,12 @@ def iter_items(paths: list[Path], task: str, params: dict, from_clean: bool, sig
             img = read_image(p, channels=measurement_channels(task))
             shape = tuple(desc["image_shape"]) if desc else image_shape_of_measurement(task, ops.params, img.shape)
             check_pixels(shape[2], shape[1], f"{p}: the restored image")
-            if check is not None:
-                check(p, shape, False)
             expected = measurement_shape_for(desc["task"], desc["params"], shape) if desc else None
             if expected is not None and tuple(img.shape) != expected:     # a lying chunk: before any operator
                 raise DeqirError(f"{p}: its {tuple(img.shape)} pixels do not fit the {desc['task']} measurement of a "
                                  f"{shape} image its PNG description claims (expected {expected})")
+            if check is not None:
+                check(p, shape, False)
             op = described_operator(p, desc, task, ops.params, ops.described) if desc else ops.get(shape)
             if not op.measurement_is_image:
                 raise DeqirError(f"{task} measurements are .pt files (written by deqir degrade), not images: {p}")

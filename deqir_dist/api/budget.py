@@ -32,7 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from deqir_dist.errors import DeqirError, is_int, is_real
+from deqir_dist.errors import DeqirError, is_int, is_real, one_line
 from deqir_dist.models.tiled import overlap_factor, tile_count
 from deqir_dist.sampling.denoiser import model_device, model_dtype
 
@@ -101,8 +101,10 @@ def _key(model):
         return id(model)
 
 
-def model_footprint(model, channels: int) -> Footprint:
-    """The model's cost per row and pixel, measured once per model object on a small canvas."""
+def model_footprint(model, channels: int, canvas_hw: tuple | None = None) -> Footprint:
+    """The model's cost per row and pixel, measured once per model object on a small canvas
+    (``PROBE_SIDE`` px; a model that refuses that size is probed on ``canvas_hw``, the canvas it
+    will run on, when that is at most 512 x 512 pixels)."""
     k = _key(model)
     got = _FOOTPRINTS.get(k)
     if got is not None:
@@ -111,10 +113,21 @@ def model_footprint(model, channels: int) -> Footprint:
     side = max(m, -(-PROBE_SIDE // m) * m)
     dev = model_device(model, default=torch.device("cpu"))
     dt = model_dtype(model) or torch.float32
-    x = torch.randn((1, channels, side, side), generator=torch.Generator().manual_seed(0)).to(dev, dt)
     t = torch.full((1,), 500, dtype=torch.int64, device=dev)
+    hw = (side, side)
+    x = torch.randn((1, channels, *hw), generator=torch.Generator().manual_seed(0)).to(dev, dt)
     with torch.no_grad():
-        _, peak = peak_tensor_bytes(model, x, t)
+        try:
+            _, peak = peak_tensor_bytes(model, x, t)
+        except Exception as e:          # noqa: BLE001 - e.g. a model of one fixed size
+            if canvas_hw is not None and tuple(canvas_hw) == hw:
+                raise                   # it fails on the canvas itself: its own error, as without the probe
+            if canvas_hw is None or canvas_hw[0] * canvas_hw[1] > 512 * 512:
+                raise DeqirError(f"cannot estimate the model's memory: it fails on a {side}x{side} probe "
+                                 f"({one_line(e)})") from None
+            hw = tuple(int(v) for v in canvas_hw)
+            x = torch.randn((1, channels, *hw), generator=torch.Generator().manual_seed(0)).to(dev, dt)
+            _, peak = peak_tensor_bytes(model, x, t)
         times = []
         for _ in range(2):
             if dev.type == "cuda":
@@ -124,7 +137,8 @@ def model_footprint(model, channels: int) -> Footprint:
             if dev.type == "cuda":
                 torch.cuda.synchronize(dev)
             times.append(time.perf_counter() - t0)
-    fp = Footprint(SAFETY * peak / (side * side), 1e3 * min(times) / (side * side), (channels, side, side))
+    px = hw[0] * hw[1]
+    fp = Footprint(SAFETY * peak / px, 1e3 * min(times) / px, (channels, *hw))
     _FOOTPRINTS[k] = fp
     return fp
 
@@ -268,7 +282,7 @@ def estimate(model, canvas: tuple, batch: int = 1, steps: int = 100, solver: str
     model runs in tiles; ``call_rows`` the rows per denoiser call when fewer than ``rows`` (a
     picard window)."""
     C, H, W = (int(v) for v in canvas)
-    fp = model_footprint(model, C)
+    fp = model_footprint(model, C, (H, W))
     img = _image_bytes(canvas, batch, dtype)
     state = SERIAL_STATE * img + (rows * (ROW_STATE + ANDERSON_ROWS * anderson_m) * img if rows > 1 else 0)
     if from_clean:

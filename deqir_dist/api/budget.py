@@ -32,6 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
+from deqir_dist.api.planner import cost_at
 from deqir_dist.errors import DeqirError, is_int, is_real, one_line
 from deqir_dist.models.tiled import overlap_factor, tile_count
 from deqir_dist.sampling.denoiser import model_device, model_dtype
@@ -89,6 +90,7 @@ class Footprint:
     bytes_per_px: float
     ms_per_px: float
     probe: tuple
+    c_ms: dict | None = None        # a cost-emulating model's table: its calls last c(b), whatever the size
 
 
 _FOOTPRINTS: dict = {}
@@ -109,6 +111,12 @@ def model_footprint(model, channels: int, canvas_hw: tuple | None = None) -> Foo
     got = _FOOTPRINTS.get(k)
     if got is not None:
         return got
+    table = getattr(model, "c_ms", None)
+    if isinstance(table, dict) and callable(getattr(model, "model", None)):    # models.emulated: its
+        inner = model_footprint(model.model, channels, canvas_hw)              # model's bytes, its table's time
+        fp = Footprint(inner.bytes_per_px, inner.ms_per_px, inner.probe, dict(table))
+        _FOOTPRINTS[k] = fp
+        return fp
     m = max(1, int(getattr(model, "size_multiple", 1) or 1))
     side = max(m, -(-PROBE_SIDE // m) * m)
     dev = model_device(model, default=torch.device("cpu"))
@@ -300,7 +308,7 @@ def estimate(model, canvas: tuple, batch: int = 1, steps: int = 100, solver: str
         ov, ntiles, per_call = None, None, None
         act = fp.bytes_per_px * calls_rows * H * W
         px = calls_rows * H * W
-    ms = fp.ms_per_px * px
+    ms = fp.ms_per_px * px if fp.c_ms is None else cost_at(fp.c_ms, calls_rows)
     calls = steps if solver == "serial" or rows <= 1 else (iterations or steps)
     cap_bytes, cap_source = cap or memory_cap()
     return Budget((C, H, W), batch, steps, solver, rows, int(state + act), int(cap_bytes), cap_source,

@@ -186,8 +186,8 @@ def cmd_restore(args) -> int:
         if lead:                      # only rank 0 writes
             _check_json_path(json_path)
             ensure_writable_dir(args.out)
-            if not args.no_progress:  # every input checked: what each size will cost, one line each
-                print("\n".join(estimates), file=sys.stderr)
+            for line in estimates:    # every input checked: what each size will cost, one line each
+                print(line, file=sys.stderr)
         return items, json_path, model
     if args.distributed:
         items, json_path, model = all_ranks_ok(prepare, device)

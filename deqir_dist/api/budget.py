@@ -347,6 +347,45 @@ def solver_rows(solver: str, steps: int, options: dict) -> tuple[int, int | None
     return steps, options.get("window") or steps, m
 
 
+_LARGE_MS: dict = {}
+LARGE_SIDE = 256             # the time of a call is re-measured at this side once a run of that size is decided
+
+
+def _refine_time(model, budget: Budget) -> Budget:
+    """The time of a decided run from one call at ``LARGE_SIDE`` px (or the canvas / tile, if
+    smaller) instead of the 64 px probe: per pixel a CPU is slower on large maps (caches), by
+    ~1.2x at 256 px and ~1.7x at 512 px for the built-in prior. Only a run that fits gets here,
+    so this call fits too."""
+    fp = model_footprint(model, budget.canvas[0])
+    side = min(LARGE_SIDE, budget.tile or LARGE_SIDE, budget.canvas[1], budget.canvas[2])
+    mult = max(1, int(getattr(model, "size_multiple", 1) or 1))
+    side = side // mult * mult
+    if fp.c_ms is not None or side * side <= fp.probe[1] * fp.probe[2]:
+        return budget
+    key = (_key(model), side)
+    if key not in _LARGE_MS:
+        dev = model_device(model, default=torch.device("cpu"))
+        x = torch.randn((1, budget.canvas[0], side, side), generator=torch.Generator().manual_seed(0))
+        x = x.to(dev, model_dtype(model) or torch.float32)
+        t = torch.full((1,), 500, dtype=torch.int64, device=dev)
+        try:
+            with torch.no_grad():
+                model(x, t)                  # warm
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                t0 = time.perf_counter()
+                model(x, t)
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+            _LARGE_MS[key] = 1e3 * (time.perf_counter() - t0) / (side * side)
+        except Exception:                   # noqa: BLE001 - a model of one size: keep the probe's
+            _LARGE_MS[key] = fp.ms_per_px
+    ratio = max(1.0, _LARGE_MS[key] / fp.ms_per_px)
+    budget.ms_per_call *= ratio
+    budget.seconds *= ratio
+    return budget
+
+
 def plan_budget(model, canvas: tuple, batch: int, steps: int, solver: str, rows: int, dtype=torch.float32,
                 max_memory=None, tile=None, from_clean: bool = False, iterations: int | None = None,
                 anderson_m: int = 0, device=None, call_rows: int | None = None) -> Budget:
@@ -363,16 +402,16 @@ def plan_budget(model, canvas: tuple, batch: int, steps: int, solver: str, rows:
         if native is None:
             raise DeqirError(f"{type(model).__name__} cannot be tiled (only fully convolutional priors: the "
                              "built-in one, DDPM and ADM UNets); leave tile unset")
-        return _fit_tiles(model, canvas, int(tile), kw)
+        return _refine_time(model, _fit_tiles(model, canvas, int(tile), kw))
     whole = estimate(model, canvas, **kw)
     if whole.fits:
         whole.probe_batches = _probe_rows(model, canvas, kw)
-        return whole
+        return _refine_time(model, whole)
     if native is not None and tile is None and rows <= 1:
         tiled = _fit_tiles(model, canvas, native, kw, quiet=True)
         if tiled is not None:
             tiled.whole_bytes = whole.extra_bytes
-            return tiled
+            return _refine_time(model, tiled)
     C, H, W = canvas
     fixed = OP_MATRICES * (H * H + W * W) if from_clean else 0
     fw, fh = largest_fit(whole, (whole.extra_bytes - fixed) / (H * W), fixed)

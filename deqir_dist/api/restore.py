@@ -225,7 +225,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
         solver_options = apply_plan(solver, plan, stop, max_iter, steps, solver_options)
         if solver != "serial":     # the plan's rows, checked again
             budget = _memory_plan(denoiser, op, y.shape[0], steps, solver, dtype, max_memory, 0, device,
-                                  solver_options)
+                                  solver_options, group if distributed else False)
     coeffs, opts = check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter,
                                   alphas_cumprod, warm_start, clip_x0=clip_x0, **solver_options)
     steps = coeffs.steps

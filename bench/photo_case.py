@@ -59,7 +59,7 @@ def main(argv=None) -> int:
     Image.fromarray(img).save(photo, quality=92)
     out = work / "out"
     cmd = ["deqir", "restore", photo.name, "--task", "sr_bicubic", "--scale", "4", "--threads", "1",
-           "--no-progress", "-o", str(out)]
+           "-o", str(out)]
     if not args.measurement:
         cmd.insert(7, "--from-clean")
     if args.steps:

@@ -186,8 +186,9 @@ def cmd_restore(args) -> int:
         if lead:                      # only rank 0 writes
             _check_json_path(json_path)
             ensure_writable_dir(args.out)
-            for line in estimates:    # every input checked: what each size will cost, one line each
-                print(line, file=sys.stderr)
+            for line, tiled in estimates:    # every input checked: what each size costs, one line each
+                if tiled or not args.no_progress:  # (with --no-progress only a size restored in tiles)
+                    print(line, file=sys.stderr)
         return items, json_path, model
     if args.distributed:
         items, json_path, model = all_ranks_ok(prepare, device)
@@ -228,7 +229,7 @@ def cmd_restore(args) -> int:
 def _budget_check(model, args, lines: list):
     """check(path, image_shape, from_clean) for ``ItemSource``: the restore's memory and time
     estimated (``api.budget``) from the image's size before it is decoded; over the cap and not
-    tileable, a one-line DeqirError naming the size that fits. ``lines`` gets one line per
+    tileable, a one-line DeqirError naming the size that fits. ``lines`` gets (line, tiled) per
     distinct size (printed once every input passed): the estimate, and whether it goes in tiles."""
     from deqir_dist.api.budget import parse_memory, plan_budget, solver_rows
     from deqir_dist.api.conventions import size_multiple
@@ -252,7 +253,7 @@ def _budget_check(model, args, lines: list):
             raise DeqirError(f"{path}: {e}") from None
         if canvas not in said:
             said.add(canvas)
-            lines.append(f"deqir: {Path(path).name}: {b.line()}")
+            lines.append((f"deqir: {Path(path).name}: {b.line()}", bool(b.tile)))
     return check
 
 

@@ -240,3 +240,40 @@ def test_cli_prints_the_estimate_and_restores_in_tiles(tmp_path, capsys):
     assert len(line) == 1 and "56x40 output in 4 overlapping 32 px tiles" in line[0], err
     summary = json.loads((tmp_path / "o" / "summary.json").read_text())
     assert summary["tile"] == 32 and summary["images"][0]["tiles"]["tiles"] == 4
+
+
+def test_auto_times_and_plans_only_batches_that_fit(monkeypatch):
+    """A flat c(b) (a GPU-like model) makes auto time up to N rows and plan a parallel window; under a
+    cap that leaves room for a few rows, it times none larger and plans within them."""
+    from deqir_dist.models.emulated import CostEmulatingDenoiser
+    monkeypatch.setenv("DEQIR_PROFILE_CACHE", "off")
+    emu = CostEmulatingDenoiser(load_denoiser("analytic"), {1: 0.2, 100: 0.2})
+    op, y, _ = _problem(16, 16)
+    free = restore(emu, y, op, steps=40, generator=torch.Generator().manual_seed(0))
+    assert max(free.plan["c_ms"]) > 16                      # unbounded: large batches timed
+    canvas = (3, 16, 16)
+    one = B.estimate(emu, canvas, steps=40, cap=(1 << 40, "test"))
+    per_row = B.model_footprint(emu, 3).bytes_per_px * 16 * 16
+    state = 40 * B.ROW_STATE * B._image_bytes(canvas, 1, torch.float32)
+    emu.batches.clear()
+    cap = B._rss() + one.extra_bytes + state + int(6.5 * per_row)
+    res = restore(emu, y, op, steps=40, max_memory=cap, generator=torch.Generator().manual_seed(0))
+    limit = res.budget["probe_batches"]
+    assert 2 <= limit < 16, res.budget
+    assert max(res.plan["c_ms"]) <= limit and max(emu.batches) <= limit, (res.plan["c_ms"], emu.batches)
+    assert res.solver == "serial" or res.plan["window"] <= limit
+
+
+def test_cli_allocator_failure_is_one_line(tmp_path, capsys, monkeypatch):
+    import deqir_dist.dataset.items as items_mod
+    from PIL import Image
+
+    def greedy(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 3221225472 bytes")
+    monkeypatch.setattr(items_mod, "restore", greedy)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "p.png")
+    code = main(["restore", str(tmp_path / "p.png"), "--task", "sr_avgpool", "--scale", "2", "--from-clean",
+                 "--model", "analytic", "--steps", "2", "--no-progress", "-o", str(tmp_path / "o")])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("deqir: error: out of memory"), lines
+    assert not (tmp_path / "o").exists()

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from deqir_dist.errors import DeqirError, check_int
-from deqir_dist.sampling.denoiser import unwrap_output
+from deqir_dist.sampling.denoiser import model_device, unwrap_output
 
 
 def tile_starts(size: int, tile: int, overlap: int, multiple: int = 1) -> list[int]:
@@ -103,8 +103,9 @@ class TiledDenoiser(nn.Module):
         for (i, j), w in zip(self.boxes, weights):
             total[i:i + self.th, j:j + self.tw] += w
         # the tiling itself (in the state, so a cached cost profile of another tiling is not read)
-        self.register_buffer("weights", weights, persistent=True)
-        self.register_buffer("norm", 1.0 / total, persistent=True)
+        dev = model_device(model, default=torch.device("cpu"))
+        self.register_buffer("weights", weights.to(dev), persistent=True)
+        self.register_buffer("norm", (1.0 / total).to(dev), persistent=True)
         self.register_buffer("layout", torch.tensor([H, W, tile, overlap], dtype=torch.int64), persistent=True)
         self.group, self.rank, self.world = None, 0, 1
 
@@ -142,21 +143,22 @@ class TiledDenoiser(nn.Module):
             eps = unwrap_output(self.model(xs, ts))
             if not isinstance(eps, torch.Tensor) or eps.dim() != 4 or eps.shape[-2:] != xs.shape[-2:]:
                 return eps          # EpsFn reports the shape it got
-            if out is None:
-                out = torch.zeros((B, eps.shape[1], H, W), dtype=eps.dtype, device=eps.device)
-            w = self.weights.to(device=eps.device, dtype=eps.dtype)
+            if out is None:         # accumulated in float32 at least (a half-precision model's eps too)
+                acc = torch.promote_types(eps.dtype, torch.float32)
+                out = torch.zeros((B, eps.shape[1], H, W), dtype=acc, device=eps.device)
+            w = self.weights if self.weights.device == eps.device else self.weights.to(eps.device)
             for (b, k), e in zip(chunk, eps):
                 i, j = self.boxes[k]
-                out[b, :, i:i + self.th, j:j + self.tw] += w[k] * e
+                out[b, :, i:i + self.th, j:j + self.tw] += w[k] * e.to(out.dtype)
             del xs, eps
         if self.world > 1:
             import torch.distributed as dist
             if out is None:         # more ranks than jobs: this one adds nothing
                 ch = getattr(self.model, "out_channels", None) or C
-                out = torch.zeros((B, ch, H, W), dtype=x.dtype if self.in_channels is None else torch.float32,
+                out = torch.zeros((B, ch, H, W), dtype=torch.promote_types(x.dtype, torch.float32),
                                   device=x.device)
             dist.all_reduce(out, group=self.group)
-        return out * self.norm.to(device=out.device, dtype=out.dtype)
+        return out * (self.norm if self.norm.device == out.device else self.norm.to(out.device))
 
 
 def tile_count(canvas_hw: tuple[int, int], tile: int, overlap: int, multiple: int = 1) -> int:

@@ -96,6 +96,9 @@ def check_settings(steps: int | None = None, solver: str = DEFAULT_SOLVER, start
     return coeffs, (None if solver == "serial" else opts)
 
 
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
 def _allocator_errors_are_one_line(fn):
     """An allocation failure anywhere in ``fn`` (torch's CPU or CUDA allocator, Python's) becomes
     a one-line DeqirError: the estimate is a model, and another process may take the memory."""
@@ -103,7 +106,7 @@ def _allocator_errors_are_one_line(fn):
     def wrapped(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except (torch.OutOfMemoryError, MemoryError) as e:
+        except (_OOM, MemoryError) as e:
             raise DeqirError(f"out of memory while restoring: {one_line(e)}; lower --max-memory "
                              "(max_memory=) to have the estimate tile or refuse sooner") from None
         except RuntimeError as e:

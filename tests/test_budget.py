@@ -277,3 +277,13 @@ def test_cli_allocator_failure_is_one_line(tmp_path, capsys, monkeypatch):
     lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert code == 2 and len(lines) == 1 and lines[0].startswith("deqir: error: out of memory"), lines
     assert not (tmp_path / "o").exists()
+
+
+def test_restore_file_checks_the_size_before_decoding(tmp_path):
+    """The API's restore_file estimates from the header too: a 4096x4096 PNG of zeros with
+    from_clean is refused before its 200 MB of pixels are decoded."""
+    import deqir_dist as dq
+    real = _zeros_png(tmp_path / "zeros4096.png", 4096, 4096)
+    with pytest.raises(DeqirError, match="zeros4096.png: restoring a 4096x4096 image") as e:
+        dq.restore_file(real, "sr_bicubic", scale=4, from_clean=True, max_memory=B._rss() + (300 << 20))
+    assert "\n" not in str(e.value)

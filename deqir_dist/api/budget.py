@@ -456,3 +456,33 @@ def _fit_tiles(model, canvas, tile: int, kw, quiet: bool = False) -> Budget | No
     n = int(min(TILES_PER_CALL[model_device(model, default=torch.device("cpu")).type == "cuda"], most,
                 1 + (one.cap_bytes - one.extra_bytes) // per_tile))
     return estimate(model, canvas, tile=tile, tiles_per_call=max(1, n), **kw)
+
+
+def input_check(model, task: str | None, steps: int | None = None, solver: str = "auto", options: dict | None = None,
+                max_memory=None, tile=None, on_budget=None):
+    """``check(path, image_shape, from_clean)`` for ``dataset.items`` (``ItemSource``, ``load_items``):
+    the restore of each input estimated from its header's size, before its pixels are decoded or
+    its operator built; over the cap and not tileable, a one-line DeqirError naming the file and
+    the size that fits. ``steps`` None: the model card's. ``on_budget(path, budget)`` sees each
+    estimate (the CLI prints one line per size)."""
+    from deqir_dist.api.conventions import size_multiple
+    from deqir_dist.models.settings import resolve_settings
+    if max_memory is not None:
+        parse_memory(max_memory)
+    if tile is not None and tile is not False and not (is_int(tile) and int(tile) >= 0):
+        raise DeqirError(f"tile (--tile) must be a tile size in pixels (0: never tile), got {tile!r}")
+    steps = resolve_settings(model, task, {"steps": steps})[0]["steps"]
+    rows, call_rows, m = solver_rows(solver, steps, options or {})
+    mult = size_multiple(model)
+
+    def check(path, shape, from_clean):
+        C, H, W = (int(v) for v in shape)
+        canvas = (C, -(-H // mult) * mult, -(-W // mult) * mult)
+        try:
+            b = plan_budget(model, canvas, 1, steps, solver, rows, max_memory=max_memory, tile=tile,
+                            from_clean=from_clean, call_rows=call_rows, anderson_m=m)
+        except DeqirError as e:
+            raise DeqirError(f"{path}: {e}") from None
+        if on_budget is not None:
+            on_budget(path, b)
+    return check

@@ -227,34 +227,17 @@ def cmd_restore(args) -> int:
 
 
 def _budget_check(model, args, lines: list):
-    """check(path, image_shape, from_clean) for ``ItemSource``: the restore's memory and time
-    estimated (``api.budget``) from the image's size before it is decoded; over the cap and not
-    tileable, a one-line DeqirError naming the size that fits. ``lines`` gets (line, tiled) per
-    distinct size (printed once every input passed): the estimate, and whether it goes in tiles."""
-    from deqir_dist.api.budget import parse_memory, plan_budget, solver_rows
-    from deqir_dist.api.conventions import size_multiple
-    from deqir_dist.models.settings import resolve_settings
-    if args.max_memory is not None:
-        parse_memory(args.max_memory)
-    if args.tile is not None and args.tile < 0:
-        raise DeqirError(f"--tile must be a tile size in pixels (0: never tile), got {args.tile}")
-    steps = resolve_settings(model, args.task, {"steps": args.steps})[0]["steps"]
-    rows, call_rows, m = solver_rows(args.solver, steps, {"window": args.window, "blocks": args.blocks})
-    mult = size_multiple(model)
+    """``api.budget.input_check`` with the flags: each input's restore estimated before it is
+    decoded; ``lines`` gets (line, tiled) per distinct size, printed once every input passed."""
+    from deqir_dist.api.budget import input_check
     said = set()
 
-    def check(path, shape, from_clean):
-        C, H, W = (int(v) for v in shape)
-        canvas = (C, -(-H // mult) * mult, -(-W // mult) * mult)
-        try:
-            b = plan_budget(model, canvas, 1, steps, args.solver, rows, max_memory=args.max_memory,
-                            tile=args.tile, from_clean=from_clean, call_rows=call_rows, anderson_m=m)
-        except DeqirError as e:
-            raise DeqirError(f"{path}: {e}") from None
-        if canvas not in said:
-            said.add(canvas)
+    def note(path, b):
+        if b.canvas not in said:
+            said.add(b.canvas)
             lines.append((f"deqir: {Path(path).name}: {b.line()}", bool(b.tile)))
-    return check
+    return input_check(model, args.task, args.steps, args.solver, {"window": args.window, "blocks": args.blocks},
+                       args.max_memory, args.tile, note)
 
 
 def _eval_inputs(path, what: str) -> dict:

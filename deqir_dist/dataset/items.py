@@ -14,6 +14,7 @@ from pathlib import Path
 
 import torch
 
+from deqir_dist.api.budget import input_check
 from deqir_dist.api.optimize import optimize_noise
 from deqir_dist.api.profile_cache import plan_record, plan_summary
 from deqir_dist.api.restore import restore
@@ -182,12 +183,12 @@ def iter_items(paths: list[Path], task: str, params: dict, from_clean: bool, sig
 
 
 def load_items(paths: list[Path], task: str, params: dict, from_clean: bool,
-               sigma_y: float | None = None, seed: int = 0) -> list[Item]:
+               sigma_y: float | None = None, seed: int = 0, check=None) -> list[Item]:
     """Read and validate every input (``sigma_y`` None: each measurement's from its bit depth). With ``from_clean`` the inputs are ground-truth images that
     are degraded here (y = A(x) + sigma_y n, n drawn from (seed, id)); otherwise they are
     measurements written by ``deqir degrade`` (an image, or a .pt file for non-image ones).
     Holds every input in memory; :class:`ItemSource` holds one at a time."""
-    return list(iter_items(paths, task, params, from_clean, sigma_y, seed))
+    return list(iter_items(paths, task, params, from_clean, sigma_y, seed, check=check))
 
 
 class ItemSource:
@@ -430,7 +431,10 @@ def restore_file(path, task: str | None = None, model="builtin", out=None, from_
     sigma_y = kw.pop("sigma_y", None)       # None: from the measurement's bit depth
     if isinstance(model, str):
         model = load_denoiser(model, device=device)
-    item = load_items([p], task, operator_params(task, flags), from_clean, sigma_y=sigma_y, seed=seed)[0]
+    check = input_check(model, task, kw.get("steps"), kw.get("solver", "auto"), kw, kw.get("max_memory"),
+                        kw.get("tile"))       # the restore's memory, before the file is decoded
+    item = load_items([p], task, operator_params(task, flags), from_clean, sigma_y=sigma_y, seed=seed,
+                      check=check)[0]
     check_model_fits(model, [item])
     res = restore(model, item.y, item.op, generator=generator_for(seed, item.name), sigma_y=item.sigma_y,
                   device=device, **kw)

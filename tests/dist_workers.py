@@ -232,7 +232,9 @@ def tiled_serial(rank, world, port, out_dir):
     model = load_denoiser("builtin")
     op = make_operator("sr_avgpool", (3, 48, 64), scale=4)
     y = op.A(torch.rand((1, 3, 48, 64), generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    from deqir_dist.api.budget import model_footprint
     kw = dict(steps=4, solver="serial", tile=16)
+    model_footprint(model, 3)            # the estimate's probe, before the calls are counted
     rows = [0]
     model.register_forward_pre_hook(lambda m, args: rows.__setitem__(0, rows[0] + args[0].shape[0]))
     single = restore(model, y, op, generator=torch.Generator().manual_seed(3), **kw)

@@ -382,16 +382,15 @@ def _memory_plan(denoiser, op, batch: int, steps: int, solver: str, dtype, max_m
     if group is False:
         return plan_budget(denoiser, tuple(canvas(denoiser, op).image_shape), batch, steps, solver, rows, dtype,
                            max_memory, tile, device=device, call_rows=call_rows, anderson_m=m)
-    import torch.distributed as dist
     budget, err = None, None
     try:
         budget = plan_budget(denoiser, tuple(canvas(denoiser, op).image_shape), batch, steps, solver, rows, dtype,
                              max_memory, tile, device=device, call_rows=call_rows, anderson_m=m)
     except DeqirError as e:
         err = e
-    got = [None if err is None else one_line(err, bare_deqir=True),
-           None if budget is None else (budget.tile or 0, budget.overlap, budget.tiles_per_call)]
-    dist.broadcast_object_list(got, src=dist.get_global_rank(group, 0) if group is not None else 0, group=group)
+    mine = [None if err is None else one_line(err, bare_deqir=True),
+            None if budget is None else [budget.tile or 0, budget.overlap, budget.tiles_per_call]]
+    got = json.loads(DistComm(group, device).share(json.dumps(mine).encode()).decode())   # dead ranks: one line
     if got[0] is not None:
         raise err if err is not None else DeqirError(f"rank 0 refused the restore: {got[0]}")
     if budget is None or (budget.tile or 0, budget.overlap, budget.tiles_per_call) != tuple(got[1]):

@@ -49,16 +49,14 @@ OP_MATRICES = 32             # bytes per (H^2 + W^2): separable operators' float
 
 
 class _PeakBytes(TorchDispatchMode):
-    """The peak bytes of the tensors alive at once, among those created inside the mode."""
+    """The peak bytes of the tensors alive at once, among those created inside the mode: each op's
+    new storages are held by weak reference (no callback: nothing outlives the mode) and the live
+    total is recounted after every op."""
 
     def __init__(self):
         super().__init__()
-        self.live = self.peak = 0
-        self._seen: set = set()
-
-    def _free(self, key, n):
-        self._seen.discard(key)
-        self.live -= n
+        self.peak = 0
+        self._refs: dict = {}
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -66,12 +64,11 @@ class _PeakBytes(TorchDispatchMode):
             if isinstance(t, torch.Tensor) and t.device.type != "meta":
                 st = t.untyped_storage()
                 key, n = (st.device.type, st.data_ptr()), st.nbytes()
-                if n == 0 or key in self._seen:
-                    continue
-                self._seen.add(key)
-                self.live += n
-                self.peak = max(self.peak, self.live)
-                weakref.finalize(st, self._free, key, n)
+                old = self._refs.get(key)
+                if n and (old is None or old[0]() is None):
+                    self._refs[key] = (weakref.ref(st), n)
+        self._refs = {k: v for k, v in self._refs.items() if v[0]() is not None}
+        self.peak = max(self.peak, sum(n for _, n in self._refs.values()))
         return out
 
 
@@ -80,6 +77,7 @@ def peak_tensor_bytes(fn, *args, **kwargs) -> tuple[object, int]:
     mode = _PeakBytes()
     with mode:
         out = fn(*args, **kwargs)
+    mode._refs.clear()
     return out, mode.peak
 
 

@@ -212,8 +212,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     dcomm = None
     check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter, alphas_cumprod, warm_start,
                    clip_x0=clip_x0, **solver_options)     # before the estimate times the model
-    budget = _memory_plan(denoiser, op, y.shape[0], steps, solver, dtype, max_memory, tile, device, solver_options,
-                          group if distributed else False)
+    budget = _memory_plan(denoiser, op, y.shape[0], steps, solver, dtype, max_memory, tile, device, solver_options)
     if budget.tile:
         denoiser = TiledDenoiser(denoiser, budget.canvas[1:], budget.tile, budget.overlap, budget.tiles_per_call)
         if solver == "auto" and profile is None:     # modelled: timing every tile of a row would be the work
@@ -228,7 +227,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
         solver_options = apply_plan(solver, plan, stop, max_iter, steps, solver_options)
         if solver != "serial":     # the plan's rows, checked again
             budget = _memory_plan(denoiser, op, y.shape[0], steps, solver, dtype, max_memory, 0, device,
-                                  solver_options, group if distributed else False)
+                                  solver_options)
     coeffs, opts = check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter,
                                   alphas_cumprod, warm_start, clip_x0=clip_x0, **solver_options)
     steps = coeffs.steps
@@ -237,8 +236,8 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     # sigma_y > 0: the directions the noise swamps go to the prior; any size: the model's canvas
     op, y, crop = sampling_problem(denoiser, op, y, sigma_y)
     image_shape = tuple(op.image_shape)
-    if distributed and solver == "serial" and isinstance(denoiser, TiledDenoiser):
-        denoiser.shard(group)      # every rank runs the serial chain: the tiles of each call are split
+    if distributed and solver == "serial" and isinstance(denoiser, TiledDenoiser) and tile:
+        denoiser.shard(group)      # tile given, so every rank tiles alike: each call's tiles are split
     comm, blocks = LocalComm(), [(0, steps)]
     if distributed and solver != "serial":
         comm = dcomm or DistComm(group, device)
@@ -374,28 +373,9 @@ def _plan(denoiser, op, steps: int, profile, comm, etw, stop, max_iter, window_g
 
 
 def _memory_plan(denoiser, op, batch: int, steps: int, solver: str, dtype, max_memory, tile, device,
-                 solver_options: dict, group=False):
+                 solver_options: dict):
     """``api.budget.plan_budget`` for this restore, with the rows ``solver`` holds (``solver_rows``).
-    Sharded (``group`` not False), every rank takes rank 0's decision (its refusal, or its tiling),
-    so that all ranks run the same calls."""
+    Sharded, each rank decides for itself (no collective before the solve's own checks)."""
     rows, call_rows, m = solver_rows(solver, steps, solver_options)
-    if group is False:
-        return plan_budget(denoiser, tuple(canvas(denoiser, op).image_shape), batch, steps, solver, rows, dtype,
-                           max_memory, tile, device=device, call_rows=call_rows, anderson_m=m)
-    budget, err = None, None
-    try:
-        budget = plan_budget(denoiser, tuple(canvas(denoiser, op).image_shape), batch, steps, solver, rows, dtype,
-                             max_memory, tile, device=device, call_rows=call_rows, anderson_m=m)
-    except DeqirError as e:
-        err = e
-    mine = [None if err is None else one_line(err, bare_deqir=True),
-            None if budget is None else [budget.tile or 0, budget.overlap, budget.tiles_per_call]]
-    got = json.loads(DistComm(group, device).share(json.dumps(mine).encode()).decode())   # dead ranks: one line
-    if got[0] is not None:
-        raise err if err is not None else DeqirError(f"rank 0 refused the restore: {got[0]}")
-    if budget is None or (budget.tile or 0, budget.overlap, budget.tiles_per_call) != tuple(got[1]):
-        t, ov, per_call = got[1]
-        budget = plan_budget(denoiser, tuple(canvas(denoiser, op).image_shape), batch, steps, solver, rows, dtype,
-                             None, t, device=device, call_rows=call_rows, anderson_m=m)
-        budget.overlap, budget.tiles_per_call = ov, per_call
-    return budget
+    return plan_budget(denoiser, tuple(canvas(denoiser, op).image_shape), batch, steps, solver, rows, dtype,
+                       max_memory, tile, device=device, call_rows=call_rows, anderson_m=m)

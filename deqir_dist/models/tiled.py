@@ -29,8 +29,8 @@ Why this blend and not another (measured in ``bench/tiles.py``):
 
 Every tile of every row is a unit of parallel work: one call of the wrapper batches B rows x T
 tiles through the model, ``max_batch`` tiles at a time (the memory bound ``api/budget`` picks);
-under torchrun the serial sampler's calls are split over the ranks by tiles (:meth:`shard`: each
-rank evaluates every P-th tile, one all_reduce of the canvas), so a large photograph on P GPUs
+under torchrun, with the tile given (so every rank tiles alike), the serial sampler's calls are
+split over the ranks by tiles (:meth:`shard`: each rank evaluates every P-th tile, one all_reduce), so a large photograph on P GPUs
 takes about 1/P of the time; on Ray each worker restores whole photographs, tiled or not.
 The model must be fully convolutional with a receptive field well inside a tile (the built-in
 prior, the DDPM and ADM UNets); a model with global attention over the whole image changes

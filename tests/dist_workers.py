@@ -221,3 +221,26 @@ def noise_gradient_equivalence(rank, world, port, out_dir):
     with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
         json.dump(rows, f)
     dist.destroy_process_group()
+
+
+def tiled_serial(rank, world, port, out_dir):
+    """A large photograph under torchrun: the serial chain on every rank, each call's tiles split over
+    the ranks (TiledDenoiser.shard); equal to one process's tiled restore."""
+    from deqir_dist import make_operator, restore
+    from deqir_dist.models import load_denoiser
+    _init(rank, world, port)
+    model = load_denoiser("builtin")
+    op = make_operator("sr_avgpool", (3, 48, 64), scale=4)
+    y = op.A(torch.rand((1, 3, 48, 64), generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    from deqir_dist.api.budget import model_footprint
+    kw = dict(steps=4, solver="serial", tile=16)
+    model_footprint(model, 3)            # the estimate's probe, before the calls are counted
+    rows = [0]
+    model.register_forward_pre_hook(lambda m, args: rows.__setitem__(0, rows[0] + args[0].shape[0]))
+    single = restore(model, y, op, generator=torch.Generator().manual_seed(3), **kw)
+    rows_single, rows[0] = rows[0], 0
+    multi = restore(model, y, op, generator=torch.Generator().manual_seed(3), distributed=True, **kw)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"diff": float((multi.image - single.image).abs().max()), "tiles": multi.budget["tiles"],
+                   "tile_rows_single": rows_single, "tile_rows_this_rank": rows[0]}, f)
+    dist.destroy_process_group()

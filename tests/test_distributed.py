@@ -124,3 +124,15 @@ def test_distributed_noise_gradient_equals_single_process(world, tmp_path):
             assert row["grad_sum"] == case[0]["grad_sum"]    # every rank returns the same gradient
         blocks = [tuple(r["rows"]) for r in case]
         assert blocks[0][0] == 0 and blocks[-1][1] == 10 and all(a[1] == c[0] for a, c in zip(blocks, blocks[1:]))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_tiles_of_a_serial_chain_split_over_ranks(world, tmp_path):
+    codes, _ = _run(dist_workers.tiled_serial, world, tmp_path, timeout=120)
+    assert codes == [0] * world
+    for r in range(world):
+        row = json.loads((tmp_path / f"rank{r}.json").read_text())
+        assert row["tiles"] > world and row["diff"] <= 1e-5, row
+        # 4 steps: one process evaluates every tile each step, each rank its share of them
+        assert row["tile_rows_single"] == 4 * row["tiles"], row
+        assert row["tile_rows_this_rank"] <= 4 * -(-row["tiles"] // world), row

@@ -714,8 +714,10 @@ def test_attention_memory_is_linear_in_pixels():
     code = ("import resource, torch\n"
             "from deqir_dist.models.attention import attend\n"
             "q, k, v = (torch.randn(1, 17120, 64) for _ in range(3))\n"
+            "qt, kt, vt = (torch.randn(1, 64, 17120).transpose(1, 2) for _ in range(3))\n"
             "before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
             "attend(q, k, v)\n"
+            "attend(qt, kt, vt)   # the UNets' layout: (N, C, T) maps seen as (N, T, C)\n"
             "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) // 1024)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr

@@ -157,17 +157,18 @@ def expected_iterations(steps: int, window: int | None = None, etw: float | None
     return min(table[key][f], steps)
 
 
-def profile_batches(steps: int, procs: int = 1) -> tuple[int, ...]:
+def profile_batches(steps: int, procs: int = 1, max_batch: int | None = None) -> tuple[int, ...]:
     """The batch sizes auto may time, smallest first (``cost_at`` interpolates between them): one
     row, powers of 4 below the smallest window's rows per device, then the rows per device of each
     window ``choose_solver`` weighs (N, N/2, N/4 rows over ``procs`` devices). Timed in this order,
     the timing stops as soon as ``serial_is_certain``: on a CPU, where c(b) grows about like b, a
-    few rows decide it, and the batch of N rows is never timed."""
+    few rows decide it, and the batch of N rows is never timed. ``max_batch``: the most rows that
+    fit in memory (``api/budget``); larger batches are neither timed nor planned."""
     procs = max(1, procs)
     windows = {w for w in (steps, round(steps / 2), round(steps / 4)) if w >= procs} | {steps}
     rows = {math.ceil(w / procs) for w in windows}
     ladder = {4 ** k for k in range(1, 8) if 4 ** k < min(rows)}
-    return tuple(sorted({1} | ladder | rows))
+    return tuple(b for b in sorted({1} | ladder | rows) if max_batch is None or b == 1 or b <= max_batch)
 
 
 def serial_is_certain(c_ms: dict, steps: int, procs: int = 1, **choose_kw) -> bool:
@@ -176,7 +177,7 @@ def serial_is_certain(c_ms: dict, steps: int, procs: int = 1, **choose_kw) -> bo
     least the largest timed c, and if no candidate beats serial at that floor, none can."""
     floor = monotone_cost(c_ms)
     top = max(floor)
-    need = max(profile_batches(steps, procs))
+    need = max(profile_batches(steps, procs, choose_kw.get("max_batch")))
     if need > top:
         floor[need] = floor[top]         # flat above the largest timed batch: the cheapest c can be
     return choose_solver(floor, steps, procs, **choose_kw)[0] == "serial"
@@ -221,7 +222,8 @@ def parareal_candidates(steps: int, etw: float | None = None) -> list[tuple[int,
 
 def choose_solver(c_ms: dict, steps: int, procs: int = 1, iterations: int | None = None,
                   overhead_ms: float = 0.0, windows: bool = True, parareal: bool = True,
-                  margin: float = MARGIN, etw: float | None = None, observed: dict | None = None) -> tuple[str, dict]:
+                  margin: float = MARGIN, etw: float | None = None, observed: dict | None = None,
+                  max_batch: int | None = None) -> tuple[str, dict]:
     """The solver with the lowest modelled latency, if it beats serial by ``margin``; else 'serial'.
 
     Candidates: picard over a window of N, N/2 or N/4 rows (at least one row per device; the
@@ -232,10 +234,18 @@ def choose_solver(c_ms: dict, steps: int, procs: int = 1, iterations: int | None
     (picard: only where benchmarked, else K = N; parareal: the nearest benchmarked etw); None: the
     largest K over every setting (parareal) and picard's benchmark as it is. ``observed``: {plan id:
     {"K", "runs", "source"}} from ``api.k_observed`` (this model, task, size and settings): a
-    candidate run before is planned with the K it needed, not the table's. The returned prediction
-    is the best candidate's; its ``K_source`` says where its K came from."""
+    candidate run before is planned with the K it needed, not the table's. ``max_batch``: the
+    most rows a process can hold in memory (``api/budget``); plans that need more are left out
+    (none left: serial). The returned prediction is the best candidate's; its ``K_source`` says
+    where its K came from."""
     sizes = (steps, round(steps / 2), round(steps / 4)) if windows and not iterations else (steps,)
     candidates = sorted({w for w in sizes if w >= procs} | {steps}, reverse=True)
+    if max_batch is not None:
+        fit = [w for w in candidates if w <= max_batch]
+        if not fit:
+            pred = predict_ms(c_ms, steps, procs, iterations, steps, overhead_ms, etw=etw)
+            return "serial", {**pred, "margin": margin, "memory": f"no parallel plan fits: at most {max_batch} rows"}
+        candidates = fit
     observed = observed or {}
     src = "given" if iterations else "benchmark table"
     preds = []
@@ -243,7 +253,7 @@ def choose_solver(c_ms: dict, steps: int, procs: int = 1, iterations: int | None
         seen = None if iterations else observed.get(f"picard W={w}")
         k = min(int(seen["K"]), steps) if seen else iterations
         preds.append({**predict_ms(c_ms, steps, procs, k, w, overhead_ms, etw=etw), **_k_source(seen, src)})
-    if parareal and not iterations:
+    if parareal and not iterations and (max_batch is None or max_batch >= steps):
         for b, m, k in parareal_candidates(steps, etw):
             seen = observed.get(f"parareal B={b} m={m}")
             k = min(int(seen["K"]), b) if seen else k

@@ -179,9 +179,13 @@ def plan_reason(choice: str, prediction: dict) -> str:
 
 
 def plan_record(res) -> dict:
-    """What a result's record says about its solver: {"solver": what ran} and, for solver="auto",
-    {"plan": the choice, why, and where its cost profile came from}."""
+    """What a result's record says about its solver: {"solver": what ran}, for solver="auto",
+    {"plan": the choice, why, and where its cost profile came from}, and {"tiles": ...} when the
+    image was restored in tiles (``api.budget``)."""
     out = {"solver": res.solver} if isinstance(getattr(res, "solver", None), str) else {}
+    budget = getattr(res, "budget", None)
+    if isinstance(budget, dict) and budget.get("tile"):      # restored in tiles (api.budget)
+        out["tiles"] = {k: budget[k] for k in ("tile", "overlap", "tiles", "tiles_per_call", "whole_bytes")}
     plan = getattr(res, "plan", None)
     if plan:
         src = plan.get("profile") or {}

@@ -1,6 +1,7 @@
 """``restore``: the public entry point, serial or chain-parallel, one or many processes."""
 from __future__ import annotations
 
+import functools
 import json
 import time
 from dataclasses import dataclass, field
@@ -8,6 +9,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deqir_dist.api import k_observed
+from deqir_dist.api.budget import plan_budget, solver_rows
 from deqir_dist.api.conventions import (
     apply_value_range,
     canvas,
@@ -22,6 +24,7 @@ from deqir_dist.errors import DeqirError, check_int, check_tensor, one_line
 from deqir_dist.parallel.comm import LocalComm, offset_split, split_rows
 from deqir_dist.models.scheduled import as_denoiser, chain_schedule
 from deqir_dist.models.settings import LIBRARY_DEFAULTS, resolve_settings
+from deqir_dist.models.tiled import TiledDenoiser
 from deqir_dist.parallel.dist import DistComm, check_same_inputs, problem_digest
 from deqir_dist.sampling.chain import ChainBlock, block_decays
 from deqir_dist.sampling.denoiser import EpsFn
@@ -76,6 +79,8 @@ class RestoreResult:
     coarse_steps: int | None = None               # one batch-1 call as the unit): the critical path and the
     critical_path_calls: float | None = None      # denoiser calls per image (solvers.parareal.parareal_schedule)
     denoiser_calls: int | None = None
+    budget: dict | None = None                    # the memory and time estimate checked before any work
+    #                                               (api.budget.Budget.as_dict(); tile set: restored in tiles)
 
     def __repr__(self) -> str:              # the fields that say what ran, never the tensor's values
         shape = "x".join(map(str, self.image.shape)) if isinstance(self.image, torch.Tensor) else "?"
@@ -124,6 +129,28 @@ def check_settings(steps: int | None = None, solver: str = DEFAULT_SOLVER, start
     return coeffs, (None if solver == "serial" else opts)
 
 
+_OOM = getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError)
+
+
+def _allocator_errors_are_one_line(fn):
+    """An allocation failure anywhere in ``fn`` (torch's CPU or CUDA allocator, Python's) becomes
+    a one-line DeqirError: the estimate is a model, and another process may take the memory."""
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (_OOM, MemoryError) as e:
+            raise DeqirError(f"out of memory while restoring: {one_line(e)}; lower --max-memory "
+                             "(max_memory=) to have the estimate tile or refuse sooner") from None
+        except RuntimeError as e:
+            if "can't allocate memory" not in str(e) and "out of memory" not in str(e).lower():
+                raise
+            raise DeqirError(f"out of memory while restoring: {one_line(e)}; lower --max-memory "
+                             "(max_memory=) to have the estimate tile or refuse sooner") from None
+    return wrapped
+
+
+@_allocator_errors_are_one_line
 @torch.no_grad()
 def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str = DEFAULT_SOLVER,
             noise: torch.Tensor | None = None, etw: float | None = None, nw: float | None = None, start: int | None = None,
@@ -133,6 +160,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
             warm_start: int = 1, progress: bool = False, callback=None, dtype: torch.dtype = torch.float32,
             distributed: bool = False, group=None, profile=None, clip_x0: bool | None = None,
             eta: float | None = None, device=None, value_range=None, scheduler=None, prediction_type: str | None = None,
+            max_memory=None, tile=None,
             **solver_options) -> RestoreResult:
     """Restore images from measurements y = A(x) (+ noise of std sigma_y).
 
@@ -201,6 +229,16 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     length. ``result.settings["schedule"]`` records it when it is not the library's linear-1000.
     ``model`` may be a pipeline-like object (``.unet`` and ``.scheduler``); ``num_inference_steps``
     is diffusers' name for ``steps``.
+
+    Memory (``api.budget``): before any work the restore's peak memory and time are estimated
+    from the canvas, the model's measured cost per pixel and the rows the solver holds, and
+    checked against ``max_memory`` (the peak resident size allowed: bytes or "6G"; default half
+    the available memory, or less under a cgroup or ``ulimit -v``). ``tile`` None: a canvas that
+    does not fit whole is restored in overlapping tiles of the model's native size
+    (``models.tiled.TiledDenoiser``: one chain, the tiles' eps blended at every step) when the
+    model is fully convolutional, else refused in one line naming the size that fits; ``tile=0``
+    never tiles; ``tile=P`` always tiles at P pixels. ``result.budget`` is the estimate.
+    An allocation failure anyway is a one-line DeqirError.
     """
     plan = None
     denoiser = as_denoiser(denoiser, scheduler, prediction_type, alphas_cumprod)
@@ -221,16 +259,24 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     if y.shape[0] < 1:
         raise DeqirError("y holds no images (a batch of 0)")
     dcomm = None
+    check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter, alphas_cumprod, warm_start,
+                   clip_x0=clip_x0, spacing=spacing, offset=offset, **solver_options)   # before the estimate times the model
+    budget = _memory_plan(denoiser, op, y.shape[0], steps, solver, dtype, max_memory, tile, device, solver_options)
+    if budget.tile:
+        denoiser = TiledDenoiser(denoiser, budget.canvas[1:], budget.tile, budget.overlap, budget.tiles_per_call)
+        if solver == "auto" and profile is None:     # modelled: timing every tile of a row would be the work
+            profile = {b: b * budget.ms_per_call / budget.batch for b in (1, 2, 4, steps)}
     if solver == "auto":    # validate before the planner times anything
-        check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter, alphas_cumprod, warm_start,
-                       clip_x0=clip_x0, spacing=spacing, offset=offset, **solver_options)
         if distributed:
             dcomm = DistComm(group, device)
         t_plan = time.perf_counter()
         solver, plan = _plan(denoiser, op, steps, profile, dcomm, etw, stop, max_iter, "window" in solver_options,
-                             k_settings)
+                             k_settings, budget.probe_batches)
         plan["seconds"] = round(time.perf_counter() - t_plan, 4)    # timing the model (or reading its profile)
         solver_options = apply_plan(solver, plan, stop, max_iter, steps, solver_options)
+        if solver != "serial":     # the plan's rows, checked again
+            budget = _memory_plan(denoiser, op, y.shape[0], steps, solver, dtype, max_memory, 0, device,
+                                  solver_options)
     coeffs, opts = check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter,
                                   alphas_cumprod, warm_start, clip_x0=clip_x0, spacing=spacing, offset=offset,
                                   **solver_options)
@@ -241,6 +287,8 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     task_op = op
     op, y, crop = sampling_problem(denoiser, op, y, sigma_y)
     image_shape = tuple(op.image_shape)
+    if distributed and solver == "serial" and isinstance(denoiser, TiledDenoiser) and tile:
+        denoiser.shard(group)      # tile given, so every rank tiles alike: each call's tiles are split
     comm, blocks = LocalComm(), [(0, steps)]
     if distributed and solver != "serial":
         comm = dcomm or DistComm(group, device)
@@ -277,7 +325,8 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
         step_cb = None if callback is None else (lambda i, h: callback(i - 1, list(range(batch)), h, None))
         out = sample_serial(eps_fn, op, coeffs, y, xi, step_noise, progress=progress, callback=step_cb)
         return RestoreResult(crop(out), steps, [steps] * batch, [], "serial", steps, "none", 0.0,
-                             time.perf_counter() - t0, plan=plan, settings=settings, settings_source=sources)
+                             time.perf_counter() - t0, plan=plan, settings=settings, settings_source=sources,
+                             budget=budget.as_dict())
     if comm.size > 1:
         config = {"steps": steps, "start": start, "etw": etw, "nw": nw, "sigma_y": sigma_y, "dtype": str(dtype),
                   "clip_x0": clip_x0,
@@ -292,7 +341,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
                              opts.stop, opts.stop_tol, time.perf_counter() - t0, plan=plan, settings=settings,
                              settings_source=sources, blocks=opts.blocks, coarse_steps=opts.coarse_steps,
                              critical_path_calls=sol.critical_path, denoiser_calls=sol.schedule_calls,
-                             timings=sol.timings)
+                             timings=sol.timings, budget=budget.as_dict())
     block = ChainBlock(eps_fn, op, coeffs, y, xi, lo, hi, step_noise, opts.data_std)
     x0 = None
     if init is not None:
@@ -306,7 +355,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     owned = offset_split(0, min(opts.window, steps), comm.size)[comm.rank] if opts.window else (lo, hi)
     return RestoreResult(crop(sol.final), max(sol.iterations), sol.iterations, sol.trace, solver, steps,
                          opts.stop, opts.stop_tol, time.perf_counter() - t0, sol.timings, owned,
-                         sol.state_rows, plan, settings, sources)
+                         sol.state_rows, plan, settings, sources, budget=budget.as_dict())
 
 
 def apply_plan(solver: str, plan: dict, stop: str, max_iter: int | None, steps: int, solver_options: dict) -> dict:
@@ -324,7 +373,7 @@ def apply_plan(solver: str, plan: dict, stop: str, max_iter: int | None, steps: 
 
 def plan_auto(denoiser, op, procs: int = 1, profile=None, steps: int = 25, etw: float | None = None,
               stop: str = "rows", max_iter: int | None = None, window_given: bool = False,
-              settings: dict | None = None) -> tuple[str, dict]:
+              settings: dict | None = None, max_batch: int | None = None) -> tuple[str, dict]:
     """What ``restore(solver="auto")`` chooses for ``op`` on ``procs`` devices, in one process and
     without restoring: (choice, plan). ``steps`` and ``etw`` as restore resolved them (the model
     card's where not given). From ``profile`` (a dict {b: ms} or a ``deqir bench --profile`` file)
@@ -334,7 +383,8 @@ def plan_auto(denoiser, op, procs: int = 1, profile=None, steps: int = 25, etw: 
     rule, no max_iter and no window given. A candidate this model has run before on this task,
     canvas and ``settings`` (restore's resolved steps, etw, nw, clip_x0; default: the card's) is
     planned with the K it needed (``api.k_observed``), the others with the benchmarks' K. Ray's
-    driver asks one worker for this plan and hands its c(b) to every worker, so that all choose alike."""
+    driver asks one worker for this plan and hands its c(b) to every worker, so that all choose alike.
+    ``max_batch``: the most rows that fit in memory (``api.budget``): no larger batch is timed or planned."""
     padded = canvas(denoiser, op)
     windows = stop == "rows"
     parareal = windows and max_iter is None and not window_given
@@ -344,27 +394,27 @@ def plan_auto(denoiser, op, procs: int = 1, profile=None, steps: int = 25, etw: 
     if profile is None:
         def decided(c_ms):
             return serial_is_certain(c_ms, steps, procs, windows=windows, parareal=parareal, etw=etw,
-                                     observed=seen)
-        c_ms, source = cost_until_decided(denoiser, tuple(padded.image_shape), profile_batches(steps, procs),
-                                          decided)
+                                     observed=seen, max_batch=max_batch)
+        c_ms, source = cost_until_decided(denoiser, tuple(padded.image_shape),
+                                          profile_batches(steps, procs, max_batch), decided)
     elif isinstance(profile, dict):
         c_ms, source = cost_table(profile, "profile"), {"source": "profile (dict)"}
     else:
         c_ms, source = load_profile(profile), {"source": "profile", "file": str(profile)}
     choice, prediction = choose_solver(c_ms, steps, procs, windows=windows, parareal=parareal, etw=etw,
-                                       observed=seen)
+                                       observed=seen, max_batch=max_batch)
     return choice, {**prediction, "chosen": choice, "c_ms": c_ms, "profile": source,
                     "reason": plan_reason(choice, prediction)}
 
 
 def _plan(denoiser, op, steps: int, profile, comm, etw, stop, max_iter, window_given,
-          settings: dict) -> tuple[str, dict]:
+          settings: dict, max_batch: int | None = None) -> tuple[str, dict]:
     """serial, picard or parareal, whichever the latency model predicts is fastest (by a margin over
     serial: api.planner.choose_solver). Sharded over a group (``comm``, a DistComm), rank 0 alone
     times the model (or reads the profile) and decides; every rank receives its plan
     (``Comm.share``), so all ranks run the same solver with the same options."""
     procs = 1 if comm is None else comm.size
-    args = (denoiser, op, procs, profile, steps, etw, stop, max_iter, window_given, settings)
+    args = (denoiser, op, procs, profile, steps, etw, stop, max_iter, window_given, settings, max_batch)
     if procs == 1:
         return plan_auto(*args)
     payload, err = b"", None
@@ -383,3 +433,12 @@ def _plan(denoiser, op, steps: int, profile, comm, etw, stop, max_iter, window_g
     plan = got["plan"]
     plan["c_ms"] = {int(b): float(v) for b, v in plan["c_ms"].items()}     # JSON keys are strings
     return got["choice"], plan
+
+
+def _memory_plan(denoiser, op, batch: int, steps: int, solver: str, dtype, max_memory, tile, device,
+                 solver_options: dict):
+    """``api.budget.plan_budget`` for this restore, with the rows ``solver`` holds (``solver_rows``).
+    Sharded, each rank decides for itself (no collective before the solve's own checks)."""
+    rows, call_rows, m = solver_rows(solver, steps, solver_options)
+    return plan_budget(denoiser, tuple(canvas(denoiser, op).image_shape), batch, steps, solver, rows, dtype,
+                       max_memory, tile, device=device, call_rows=call_rows, anderson_m=m)

@@ -54,7 +54,7 @@ from deqir_dist.dataset.items import (
     sampler_record,
     summarize,
 )
-from deqir_dist.errors import DeqirError
+from deqir_dist.errors import DeqirError, one_line
 from deqir_dist.io.files import ensure_writable_dir
 from deqir_dist.io.images import list_images, read_image
 from deqir_dist.io.jsonio import write_json
@@ -99,6 +99,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help="hold every denoiser call of b rows to the table's c(b) (a 'deqir bench --profile' JSON), "
                         "sleeping after the real compute; the model defaults to analytic (models.emulated)")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's choice)")
+    g = p.add_argument_group("memory (api.budget: estimated before any input is decoded)")
+    g.add_argument("--max-memory", metavar="SIZE",
+                   help="peak memory the restore may reach, e.g. 6G or 800M (default: half the available "
+                        "memory, less under a cgroup or ulimit -v); an image that does not fit is restored in "
+                        "tiles, or refused naming the size that fits")
+    g.add_argument("--tile", type=int, metavar="PX",
+                   help="restore in overlapping PX x PX tiles (one chain, blended every step); 0: never tile "
+                        "(default: tile only when the whole image does not fit)")
 
     p = sub.add_parser("eval", help="PSNR/SSIM of restored images against ground truth")
     p.add_argument("restored", help="a restored image, or a folder of them")
@@ -182,26 +190,32 @@ def cmd_restore(args) -> int:
             load_profile(args.profile)
         if args.task is None:         # the task the measurement PNGs describe
             args.task = described_task(expand_inputs(args.inputs), args.from_clean)
+        # the model first: each image's memory and time are estimated before its pixels are decoded
+        model = load_denoiser(args.model, checkpoint=args.checkpoint, device=device,
+                              emulate_cost=args.emulate_cost)
+        estimates = []
         items = ItemSource(expand_inputs(args.inputs), args.task, task_params(args), args.from_clean,
-                           sigma_y=args.sigma_y, seed=args.seed)      # all checked; decoded as restored
+                           sigma_y=args.sigma_y, seed=args.seed,
+                           check=_budget_check(model, args, estimates))   # all checked; decoded as restored
         if optimize is not None:
             for it in items:
                 optimize.target(it)       # every target exists and fits, before any work
         json_path = Path(args.json) if args.json else Path(args.out) / "summary.json"
         check_outputs_apart([Path(args.out) / f"{it.name}.png" for it in items] + [json_path],
                             [it.source for it in items] + (optimize.files() if optimize else []))
-        model = load_denoiser(args.model, checkpoint=args.checkpoint, device=device,
-                              emulate_cost=args.emulate_cost)
         check_model_fits(model, items)
         if lead:                      # only rank 0 writes
             _check_json_path(json_path)
             ensure_writable_dir(args.out)
+            for line, tiled in estimates:    # every input checked: what each size costs, one line each
+                if tiled or not args.no_progress:  # (with --no-progress only a size restored in tiles)
+                    print(line, file=sys.stderr)
         return items, json_path, model
     if args.distributed:
         items, json_path, model = all_ranks_ok(prepare, device)
     else:
         items, json_path, model = prepare()
-    kw = restore_kwargs(args)
+    kw = dict(restore_kwargs(args), max_memory=args.max_memory, tile=args.tile)
     show = lead and not args.no_progress
     label = f"{args.checkpoint} ({type(model).__name__})" if args.checkpoint else \
         (args.model or ("analytic" if args.emulate_cost else "builtin"))
@@ -252,6 +266,20 @@ def cmd_restore(args) -> int:
               "not a restoration result")
     print(json.dumps(summary["summary"]))
     return 0
+
+
+def _budget_check(model, args, lines: list):
+    """``api.budget.input_check`` with the flags: each input's restore estimated before it is
+    decoded; ``lines`` gets (line, tiled) per distinct size, printed once every input passed."""
+    from deqir_dist.api.budget import input_check
+    said = set()
+
+    def note(path, b):
+        if b.canvas not in said:
+            said.add(b.canvas)
+            lines.append((f"deqir: {Path(path).name}: {b.line()}", bool(b.tile)))
+    return input_check(model, args.task, args.steps, args.solver, {"window": args.window, "blocks": args.blocks},
+                       args.max_memory, args.tile, note)
 
 
 def _eval_inputs(path, what: str) -> dict:
@@ -369,6 +397,13 @@ def main(argv: list[str] | None = None) -> int:
                 return COMMANDS[args.command](args)
         except DeqirError as e:
             print(f"deqir: error: {e}", file=sys.stderr)
+            return 2
+        except (MemoryError, RuntimeError) as e:     # an allocator failure anywhere: one line, not a traceback
+            if not isinstance(e, MemoryError) and "can't allocate memory" not in str(e) \
+                    and "out of memory" not in str(e).lower():
+                raise
+            print(f"deqir: error: out of memory: {one_line(e)}; lower --max-memory (restore) or --max-pixels",
+                  file=sys.stderr)
             return 2
         except Terminated as e:     # before the job began (parsing the flags)
             print(f"deqir: error: {e}", file=sys.stderr)

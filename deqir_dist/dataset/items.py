@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from deqir_dist.api.budget import input_check
 from deqir_dist.api.optimize import optimize_noise
 from deqir_dist.api.profile_cache import plan_record, plan_summary
 from deqir_dist.api.restore import restore
@@ -23,7 +24,7 @@ from deqir_dist.dataset.tasks import OP_FLAGS, operator_params
 from deqir_dist.errors import DeqirError, check_int, is_real, one_line
 from deqir_dist.io.files import ensure_writable_dir
 from deqir_dist.io.limits import check_pixels, check_regular_file
-from deqir_dist.io.images import list_images, read_image, write_image
+from deqir_dist.io.images import header_size, list_images, read_image, write_image
 from deqir_dist.io.jsonio import write_json
 from deqir_dist.io.quantization import default_sigma_y
 from deqir_dist.io.measurements import (
@@ -124,8 +125,10 @@ class Item:
 
 
 def iter_items(paths: list[Path], task: str, params: dict, from_clean: bool, sigma_y: float | None = None,
-               seed: int = 0, ops: OperatorCache | None = None):
-    """The inputs as :class:`Item` s, read and checked one at a time (see :func:`load_items`)."""
+               seed: int = 0, ops: OperatorCache | None = None, check=None):
+    """The inputs as :class:`Item` s, read and checked one at a time (see :func:`load_items`).
+    ``check(path, image_shape, from_clean)``, if given, sees each restored image's (C, H, W)
+    before its pixels are decoded or its operator is built (the CLI's memory estimate)."""
     ops = ops or OperatorCache(task, params)
     for p in paths:
         if from_clean:
@@ -133,6 +136,9 @@ def iter_items(paths: list[Path], task: str, params: dict, from_clean: bool, sig
                 raise DeqirError(f"{p} is a measurement deqir degrade wrote (its PNG description says so), "
                                  "not a clean image: --from-clean would degrade it again and replace any "
                                  "earlier restoration of it with a smaller picture; drop --from-clean")
+            size = header_size(p) if check is not None else None
+            if size is not None:
+                check(p, (3, size[1], size[0]), True)
             x = read_image(p, channels=3)
             op = ops.get(x.shape)
             y = op.A(x[None])
@@ -150,6 +156,8 @@ def iter_items(paths: list[Path], task: str, params: dict, from_clean: bool, sig
             if expected is not None and tuple(y.shape) != expected:   # before the operator is built
                 raise DeqirError(f"{p}: measurement shape {tuple(y.shape)} does not fit {task} on its image "
                                  f"{shape} with these flags (expected {expected})")
+            if check is not None:
+                check(p, shape, False)
             op = ops.get(shape)
             stored, given = desc.get("params", {}), json.loads(json.dumps(op.describe()))["params"]
             if stored != given:
@@ -165,6 +173,8 @@ def iter_items(paths: list[Path], task: str, params: dict, from_clean: bool, sig
             if expected is not None and tuple(img.shape) != expected:     # a lying chunk: before any operator
                 raise DeqirError(f"{p}: its {tuple(img.shape)} pixels do not fit the {desc['task']} measurement of a "
                                  f"{shape} image its PNG description claims (expected {expected})")
+            if check is not None:
+                check(p, shape, False)
             op = described_operator(p, desc, task, ops.params, ops.described) if desc else ops.get(shape)
             if not op.measurement_is_image:
                 raise DeqirError(f"{task} measurements are .pt files (written by deqir degrade), not images: {p}")
@@ -179,12 +189,12 @@ def iter_items(paths: list[Path], task: str, params: dict, from_clean: bool, sig
 
 
 def load_items(paths: list[Path], task: str, params: dict, from_clean: bool,
-               sigma_y: float | None = None, seed: int = 0) -> list[Item]:
+               sigma_y: float | None = None, seed: int = 0, check=None) -> list[Item]:
     """Read and validate every input (``sigma_y`` None: each measurement's from its bit depth). With ``from_clean`` the inputs are ground-truth images that
     are degraded here (y = A(x) + sigma_y n, n drawn from (seed, id)); otherwise they are
     measurements written by ``deqir degrade`` (an image, or a .pt file for non-image ones).
     Holds every input in memory; :class:`ItemSource` holds one at a time."""
-    return list(iter_items(paths, task, params, from_clean, sigma_y, seed))
+    return list(iter_items(paths, task, params, from_clean, sigma_y, seed, check=check))
 
 
 class ItemSource:
@@ -194,10 +204,10 @@ class ItemSource:
     not grow with the number of inputs."""
 
     def __init__(self, paths: list[Path], task: str, params: dict, from_clean: bool, sigma_y: float | None = None,
-                 seed: int = 0):
+                 seed: int = 0, check=None):
         self._args = (list(paths), task, params, from_clean, sigma_y, seed)
         self._ops = OperatorCache(task, params)
-        self._items = [replace(it, y=None, gt=None) for it in iter_items(*self._args, ops=self._ops)]
+        self._items = [replace(it, y=None, gt=None) for it in iter_items(*self._args, ops=self._ops, check=check)]
 
     def __len__(self) -> int:
         return len(self._items)
@@ -477,7 +487,10 @@ def restore_file(path, task: str | None = None, model="builtin", out=None, from_
     sigma_y = kw.pop("sigma_y", None)       # None: from the measurement's bit depth
     if isinstance(model, str):
         model = load_denoiser(model, device=device)
-    item = load_items([p], task, operator_params(task, flags), from_clean, sigma_y=sigma_y, seed=seed)[0]
+    check = input_check(model, task, kw.get("steps"), kw.get("solver", "auto"), kw, kw.get("max_memory"),
+                        kw.get("tile"))       # the restore's memory, before the file is decoded
+    item = load_items([p], task, operator_params(task, flags), from_clean, sigma_y=sigma_y, seed=seed,
+                      check=check)[0]
     check_model_fits(model, [item])
     res = restore(model, item.y, item.op, generator=generator_for(seed, item.name), sigma_y=item.sigma_y,
                   device=device, **kw)

@@ -89,6 +89,22 @@ def read_image(path: str | os.PathLike, channels: int = 3) -> torch.Tensor:
     return (out * 2 - 1).to(torch.float32)
 
 
+def header_size(path: str | os.PathLike) -> tuple[int, int] | None:
+    """(width, height) of an image file from its header, nothing decoded (upright: an EXIF
+    orientation that turns the picture swaps them); None when Pillow cannot open it (reading
+    it reports why)."""
+    data = read_file_bytes(path, "image")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as im:
+                w, h = im.size
+                turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+    except Exception:          # noqa: BLE001 - read_image gives the one-line reason
+        return None
+    return (h, w) if turned else (w, h)
+
+
 def _decode(data: bytes) -> tuple[np.ndarray, int]:
     """Fully decode ``data`` to (H, W, K) unsigned samples (K: L, LA, RGB or RGBA) and their max."""
     if _png_needs_own_decoder(data[:_PNG_HEAD_LEN]):

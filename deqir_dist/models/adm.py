@@ -201,6 +201,8 @@ class ADMUNet(nn.Module):
     (B, out_channels, H, W) in x's dtype (the first 3 channels are eps when out_channels is 6).
     """
 
+    tileable = True          # fully convolutional: api/budget may run it in tiles (models/tiled)
+
     arch = "adm"
 
     def __init__(self, image_size: int, in_channels: int, model_channels: int, out_channels: int,

@@ -37,6 +37,9 @@ def _attend_chunked(q, k, v, max_logits: int = MAX_LOGITS) -> torch.Tensor:
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for q, k, v of shape (N, T, d), never forming the (T, T) matrix."""
     if q.dtype in (torch.float32, torch.bfloat16, torch.float16, torch.float64):
+        # the fused CPU kernel needs the feature dim contiguous: the UNets pass (N, C, T) maps
+        # transposed to (N, T, C), for which SDPA silently takes its math path (a T x T matrix)
+        q, k, v = (a.contiguous() for a in (q, k, v))
         try:
             return F.scaled_dot_product_attention(q.unsqueeze(1), k.unsqueeze(1), v.unsqueeze(1)).squeeze(1)
         except RuntimeError:            # no fused kernel for this device / dtype / layout

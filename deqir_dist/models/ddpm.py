@@ -146,6 +146,8 @@ class DDPMUNet(nn.Module):
     in x's dtype.
     """
 
+    tileable = True          # fully convolutional: api/budget may run it in tiles (models/tiled)
+
     arch = "ddpm"
 
     def __init__(self, ch: int = 128, out_ch: int = 3, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks: int = 2,

@@ -1,0 +1,289 @@
+"""Any size in bounded memory (issue 25): the estimate made before any work (api/budget), the cap
+and its one-line refusal, tiles blended at every step (models/tiled), allocator failures as one
+line, and the red team's two files (a 229-byte PNG claiming 4096x4096, a 4096x4096 PNG of zeros
+with --from-clean) refused in one line under 500 MB of RSS."""
+from __future__ import annotations
+
+import json
+import os
+import resource
+import struct
+import subprocess
+import sys
+import textwrap
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from deqir_dist.api import budget as B
+from deqir_dist.api.planner import choose_solver, profile_batches
+from deqir_dist.api.restore import restore
+from deqir_dist.apps.cli import main
+from deqir_dist.errors import DeqirError
+from deqir_dist.models import load_denoiser
+from deqir_dist.models.tiled import TiledDenoiser, tile_starts
+from deqir_dist.physics.registry import make_operator
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def builtin():
+    return load_denoiser("builtin")
+
+
+class _Pointwise(torch.nn.Module):
+    """eps = tanh(x) * (1 + t / 1000): no context at all, so any tiling must give it exactly."""
+
+    size_multiple = 4
+    tileable = True
+
+    def forward(self, x, t):
+        return torch.tanh(x) * (1 + t.float().view(-1, 1, 1, 1) / 1000)
+
+
+def _problem(h, w, scale=4, seed=0):
+    op = make_operator("sr_avgpool", image_shape=(3, h, w), scale=scale)
+    x = torch.rand((1, 3, h, w), generator=torch.Generator().manual_seed(seed)) * 2 - 1
+    return op, op.A(x), x
+
+
+# ------------------------------------------------------------------------------------------- tiles
+
+
+def test_tile_layout_covers_the_canvas_on_the_model_grid():
+    for size, tile, ov in ((100, 32, 8), (64, 64, 16), (40, 64, 16), (257, 64, 0)):
+        starts = tile_starts(size, min(tile, size), ov, 4)
+        assert starts[0] == 0 and starts[-1] + min(tile, size) == size
+        assert all(b - a <= min(tile, size) - ov or ov == 0 for a, b in zip(starts, starts[1:]))
+        if size % 4 == 0:
+            assert all(s % 4 == 0 for s in starts)
+
+
+def test_tiled_pointwise_model_is_exact_and_one_tile_is_the_model(builtin):
+    m = _Pointwise()
+    x = torch.randn(3, 3, 72, 100, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([10, 500, 990])
+    for tile, ov, per_call in ((32, 8, None), (32, 0, 5), (48, 16, 1)):
+        td = TiledDenoiser(m, (72, 100), tile, ov, per_call)
+        assert td.tiles > 1
+        torch.testing.assert_close(td(x, t), m(x, t), rtol=1e-6, atol=1e-6)   # weights sum to one
+    # a canvas within one tile: the model's own call on the whole image, bit for bit
+    xb = torch.randn(2, 3, 32, 48, generator=torch.Generator().manual_seed(2))
+    tb = torch.tensor([300, 300])
+    with torch.no_grad():
+        assert torch.equal(TiledDenoiser(builtin, (32, 48), 64)(xb, tb), builtin(xb, tb))
+
+
+def test_tiled_restore_is_close_to_whole_and_tiles_form_one_chain(builtin):
+    """The built-in prior is convolutional: one chain over blended tiles stays close to the whole
+    canvas's chain (same noise), and far closer than to another sample."""
+    op, y, _ = _problem(64, 96)
+    kw = dict(steps=10, solver="serial", generator=None)
+    whole = restore(builtin, y, op, tile=0, **{**kw, "generator": torch.Generator().manual_seed(0)})
+    tiled = restore(builtin, y, op, tile=32, **{**kw, "generator": torch.Generator().manual_seed(0)})
+    other = restore(builtin, y, op, tile=0, **{**kw, "generator": torch.Generator().manual_seed(1)})
+    assert tiled.budget["tile"] == 32 and tiled.budget["tiles"] > 1 and whole.budget["tile"] is None
+    d_tiled = (tiled.images - whole.images).pow(2).mean()
+    d_other = (other.images - whole.images).pow(2).mean()
+    assert d_tiled < 0.25 * d_other, (float(d_tiled), float(d_other))
+
+
+# ---------------------------------------------------------------------------------- the estimate
+
+
+def test_parse_memory():
+    assert B.parse_memory("6G") == 6 << 30 and B.parse_memory("500M") == 500 << 20
+    assert B.parse_memory("2.5GB") == int(2.5 * (1 << 30)) and B.parse_memory(1234) == 1234
+    for bad in ("lots", "-1G", 0, None, True):
+        with pytest.raises(DeqirError, match="max_memory must be"):
+            B.parse_memory(bad)
+
+
+@pytest.mark.parametrize("solver", ["serial", "picard", "anderson"])
+def test_estimate_bounds_the_tensors_a_restore_holds(builtin, solver):
+    """Every tensor the restore creates, tracked until freed: the estimate is above the peak, and
+    not absurdly so (within 4x): it is a model of the memory, not a guess."""
+    op, y, _ = _problem(48, 64)
+    res, peak = B.peak_tensor_bytes(restore, builtin, y, op, steps=12, solver=solver,
+                                    generator=torch.Generator().manual_seed(0))
+    est = res.budget["extra_bytes"]
+    assert peak <= est <= 4 * peak, (solver, peak, est)
+
+
+def test_over_the_cap_is_one_line_naming_the_size_that_fits():
+    analytic = load_denoiser("analytic")
+    op, y, _ = _problem(128, 128)
+    whole = B.estimate(analytic, (3, 128, 128), steps=5, cap=(1 << 40, "test"))
+    cap = B._rss() + whole.extra_bytes // 4
+    with pytest.raises(DeqirError) as e:
+        restore(analytic, y, op, steps=5, solver="serial", max_memory=cap)
+    msg = str(e.value)
+    assert "\n" not in msg and "128x128" in msg and "--max-memory" in msg and "at most about" in msg
+    side = int(msg.split("at most about ")[1].split("x")[0])
+    assert 40 <= side <= 80, msg            # a quarter of the memory: about half the side
+
+
+def test_a_canvas_over_the_cap_is_tiled_and_says_so(builtin, monkeypatch):
+    monkeypatch.setattr(builtin, "tile_size", 32, raising=False)     # its native tile, on a small canvas
+    op, y, _ = _problem(192, 256)
+    whole = B.estimate(builtin, (3, 192, 256), steps=2, cap=(1 << 40, "test"))      # ~150 MB
+    cap = B._rss() + whole.extra_bytes // 2                  # tiles of 32 px need ~20 MB: a wide margin
+    res = restore(builtin, y, op, steps=2, max_memory=cap, generator=torch.Generator().manual_seed(0))
+    b = res.budget
+    assert b["tile"] == 32 and b["tiles"] > 1 and b["whole_bytes"] > b["cap_bytes"] >= b["extra_bytes"]
+    assert res.solver == "serial" and res.images.shape == (1, 3, 192, 256) and torch.isfinite(res.images).all()
+    with pytest.raises(DeqirError, match="tiling was turned off"):
+        restore(builtin, y, op, steps=2, max_memory=cap, tile=0)
+
+
+def test_memory_decides_what_auto_may_time_and_plan():
+    assert profile_batches(100, 1, max_batch=10) == (1, 4)
+    c = {b: 10.0 for b in (1, 4, 16, 25, 50, 100)}         # flat c(b): parallel would win by far
+    assert choose_solver(c, 100)[0] != "serial"
+    choice, pred = choose_solver(c, 100, max_batch=8)
+    assert choice == "serial" and "no parallel plan fits" in pred["memory"]
+    choice, pred = choose_solver(c, 100, max_batch=30)
+    assert pred["window"] <= 30
+
+
+def test_allocator_failure_is_one_line(tmp_path, capsys):
+    class Greedy(torch.nn.Module):
+        def forward(self, x, t):
+            raise RuntimeError("[enforce fail at alloc_cpu.cpp:117] data. DefaultCPUAllocator: can't allocate "
+                               "memory: you tried to allocate 3221225472 bytes. Error code 12")
+    op, y, _ = _problem(16, 16)
+    with pytest.raises(DeqirError, match="out of memory while restoring") as e:
+        restore(Greedy(), y, op, steps=3, solver="serial")
+    assert "\n" not in str(e.value)
+
+
+# ----------------------------------------------------------------------- the red team's two files
+
+CHILD = textwrap.dedent("""
+    import contextlib, io, json, resource, sys, time
+    from deqir_dist.apps.cli import main
+    out = []
+    for name, argv in json.loads(sys.argv[1]):
+        err = io.StringIO()
+        t0 = time.perf_counter()
+        with contextlib.redirect_stderr(err):
+            try:
+                code = main(argv)
+            except BaseException as e:
+                code = repr(e)[:300]
+        out.append({"name": name, "code": code, "err": err.getvalue(), "seconds": time.perf_counter() - t0,
+                    "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+    print(json.dumps(out))
+""")
+
+
+def _chunk(ctype: bytes, body: bytes) -> bytes:
+    return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
+
+
+def _zeros_png(path: Path, w: int, h: int, text: dict | None = None) -> Path:
+    row = b"\0" * (1 + 3 * w)
+    z = zlib.compressobj(9)
+    data = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    ihdr = struct.pack(">II", w, h) + bytes([8, 2, 0, 0, 0])
+    extra = b"".join(_chunk(b"tEXt", k.encode() + b"\0" + v.encode()) for k, v in (text or {}).items())
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", ihdr) + extra + _chunk(b"IDAT", data)
+                     + _chunk(b"IEND", b""))
+    return path
+
+
+def test_red_team_files_are_refused_in_one_line_in_bounded_memory(tmp_path):
+    desc = {"format": 1, "sigma_y": 0.0, "bits": 8, "task": "sr_avgpool", "image_shape": [3, 4096, 4096],
+            "params": {"scale": 256}}
+    tiny = _zeros_png(tmp_path / "claims4096.png", 16, 16, {"deqir-measurement": json.dumps(desc)})
+    real = _zeros_png(tmp_path / "zeros4096.png", 4096, 4096)
+    assert tiny.stat().st_size < 400 and real.stat().st_size < 100_000
+    o = str(tmp_path / "out")
+    cases = [("tiny, analytic", ["restore", str(tiny), "--model", "analytic", "--solver", "serial", "--steps", "5",
+                                 "--no-progress", "-o", o]),
+             ("tiny, builtin", ["restore", str(tiny), "--no-progress", "-o", o]),
+             ("real, --from-clean", ["restore", str(real), "--task", "sr_bicubic", "--scale", "4", "--from-clean",
+                                     "--no-progress", "-o", o]),
+             ("real, --max-memory", ["restore", str(real), "--task", "sr_bicubic", "--scale", "4", "--from-clean",
+                                     "--max-memory", "1G", "--no-progress", "-o", o])]
+    limit = 3 << 30                     # address space: torch maps ~1 GB; the cap follows the limit
+
+    def cap():
+        resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "DEQIR_CACHE_DIR": str(tmp_path / "cache")}
+    p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases)], capture_output=True, timeout=240,
+                       preexec_fn=cap, env=env, cwd=ROOT)
+    assert p.returncode == 0, p.stderr.decode()[-2000:]
+    results = json.loads(p.stdout.decode().splitlines()[-1])
+    for r in results:
+        lines = [ln for ln in r["err"].splitlines() if ln.strip()]
+        assert r["code"] == 2 and len(lines) == 1, r
+        assert "4096x4096 image" in lines[0] and "at most about" in lines[0], r
+        assert r["seconds"] < 60, r
+    assert max(r["rss_mb"] for r in results) < 500, results
+    assert not Path(o).exists()
+
+
+def test_cli_prints_the_estimate_and_restores_in_tiles(tmp_path, capsys):
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 256, (40, 56, 3), dtype=np.uint8)).save(tmp_path / "p.png")
+    code = main(["restore", str(tmp_path / "p.png"), "--task", "sr_avgpool", "--scale", "4", "--from-clean",
+                 "--steps", "3", "--tile", "32", "-o", str(tmp_path / "o")])
+    err = capsys.readouterr().err
+    assert code == 0, err
+    line = [ln for ln in err.splitlines() if ln.startswith("deqir: p.png:")]
+    assert len(line) == 1 and "56x40 output in 4 overlapping 32 px tiles" in line[0], err
+    summary = json.loads((tmp_path / "o" / "summary.json").read_text())
+    assert summary["tile"] == 32 and summary["images"][0]["tiles"]["tiles"] == 4
+
+
+def test_auto_times_and_plans_only_batches_that_fit(monkeypatch):
+    """A flat c(b) (a GPU-like model) makes auto time up to N rows and plan a parallel window; under a
+    cap that leaves room for a few rows, it times none larger and plans within them."""
+    from deqir_dist.models.emulated import CostEmulatingDenoiser
+    monkeypatch.setenv("DEQIR_PROFILE_CACHE", "off")
+    emu = CostEmulatingDenoiser(load_denoiser("analytic"), {1: 0.2, 100: 0.2})
+    op, y, _ = _problem(16, 16)
+    free = restore(emu, y, op, steps=40, generator=torch.Generator().manual_seed(0))
+    assert max(free.plan["c_ms"]) > 16                      # unbounded: large batches timed
+    canvas = (3, 16, 16)
+    one = B.estimate(emu, canvas, steps=40, cap=(1 << 40, "test"))
+    per_row = B.model_footprint(emu, 3).bytes_per_px * 16 * 16
+    state = 40 * B.ROW_STATE * B._image_bytes(canvas, 1, torch.float32)
+    emu.batches.clear()
+    cap = B._rss() + one.extra_bytes + state + int(6.5 * per_row)
+    res = restore(emu, y, op, steps=40, max_memory=cap, generator=torch.Generator().manual_seed(0))
+    limit = res.budget["probe_batches"]
+    assert 2 <= limit < 16, res.budget
+    assert max(res.plan["c_ms"]) <= limit and max(emu.batches) <= limit, (res.plan["c_ms"], emu.batches)
+    assert res.solver == "serial" or res.plan["window"] <= limit
+
+
+def test_cli_allocator_failure_is_one_line(tmp_path, capsys, monkeypatch):
+    import deqir_dist.dataset.items as items_mod
+    from PIL import Image
+
+    def greedy(*a, **k):
+        raise RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 3221225472 bytes")
+    monkeypatch.setattr(items_mod, "restore", greedy)
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "p.png")
+    code = main(["restore", str(tmp_path / "p.png"), "--task", "sr_avgpool", "--scale", "2", "--from-clean",
+                 "--model", "analytic", "--steps", "2", "--no-progress", "-o", str(tmp_path / "o")])
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("deqir: error: out of memory"), lines
+    assert not (tmp_path / "o").exists()
+
+
+def test_restore_file_checks_the_size_before_decoding(tmp_path):
+    """The API's restore_file estimates from the header too: a 4096x4096 PNG of zeros with
+    from_clean is refused before its 200 MB of pixels are decoded."""
+    import deqir_dist as dq
+    real = _zeros_png(tmp_path / "zeros4096.png", 4096, 4096)
+    with pytest.raises(DeqirError, match="zeros4096.png: restoring a 4096x4096 image") as e:
+        dq.restore_file(real, "sr_bicubic", scale=4, from_clean=True, max_memory=B._rss() + (300 << 20))
+    assert "\n" not in str(e.value)

@@ -167,6 +167,9 @@ CHILD = textwrap.dedent("""
     import contextlib, io, json, resource, sys, time
     from deqir_dist.apps.cli import main
     out = []
+    def peak_mb():   # this image's own peak: ru_maxrss carries the forked pytest parent's across exec
+        with open("/proc/self/status") as fh:
+            return next(int(ln.split()[1]) for ln in fh if ln.startswith("VmHWM:")) / 1024
     for name, argv in json.loads(sys.argv[1]):
         err = io.StringIO()
         t0 = time.perf_counter()
@@ -176,7 +179,7 @@ CHILD = textwrap.dedent("""
             except BaseException as e:
                 code = repr(e)[:300]
         out.append({"name": name, "code": code, "err": err.getvalue(), "seconds": time.perf_counter() - t0,
-                    "rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024})
+                    "rss_mb": peak_mb()})
     print(json.dumps(out))
 """)
 

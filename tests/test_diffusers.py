@@ -359,7 +359,8 @@ def test_timestep_spacing_reaches_the_chain():
     seen = []
     model = lambda x, t: seen.append(int(t[0])) or eps_model(x, t)      # noqa: E731
     restore(model, y, op, steps=5, solver="serial", noise=xi, scheduler={"timestep_spacing": "trailing"})
-    assert seen == [999, 799, 599, 399, 199] == timestep_grid(5, 1000, "trailing").tolist()
+    # the chain's calls are the last five (restore's memory estimate may probe the model first, at t = 500)
+    assert seen[-5:] == [999, 799, 599, 399, 199] == timestep_grid(5, 1000, "trailing").tolist()
     assert timestep_grid(5, 1000, "linspace").tolist() == [999, 749, 500, 250, 0]
     assert timestep_grid(4, 1000, "leading", 1).tolist() == [751, 501, 251, 1]
 

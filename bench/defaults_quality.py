@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import io
+import re
 import sys
 import time
 
@@ -114,7 +115,9 @@ def gallery(path: str, kept: dict, result: dict) -> str:
         x, est = cases[k]
         pi = r["per_image"][k]
         rows.append([x, est[r["best_baseline"]], est["prior (defaults)"]])
-        names.append(f"{key.split('/')[0]}: {pi['image'][:18]}")
+        short = re.sub(r"^(lomiri_wallpapers_16_04_|mate_backgrounds_mate_(nature_)?|plasma_workspace_wallpapers_|"
+                       r"ukui_wallpapers_)", "", str(pi["image"]))
+        names.append(f"{key.split('/')[0]}: {short[:22]}")
         caps.append(["", f"{r['best_baseline']} {pi['best_baseline_psnr']:.1f}", f"prior {pi['prior_psnr']:.1f} "
                      f"({pi['prior_minus_best_db']:+.1f})"])
     draw_grid(path, "worst held-out photo per task (PSNR dB vs the truth)", ["truth", "best baseline",

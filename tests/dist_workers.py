@@ -111,30 +111,40 @@ def mismatched(rank, world, port, out_dir):
     model, op, y, xi = _problem(1)
     if rank == 1:
         y = y + 1e-3
+    err = None
     try:
         restore(model, y, op, steps=10, solver="picard", noise=xi, distributed=True)
     except DeqirError as e:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(str(e))
-        dist.destroy_process_group()   # the group is healthy: the check failed after a good all_gather
-        sys.exit(1)
+        err = str(e)
     except Exception:
         traceback.print_exc()
         sys.exit(2)
+    _fail_after_error(rank, out_dir, err)   # the group is healthy: the check failed after a good all_gather
     sys.exit(0)
+
+
+def _fail_after_error(rank, out_dir, err) -> None:
+    """Record the error, destroy the group and exit 1, outside the except block: a traceback kept
+    alive through sys.exit holds restore()'s frames (its DistComm and groups) into interpreter
+    teardown, after the default group is gone, where gloo's threads can abort the process (-6)."""
+    if err is None:
+        return
+    with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
+        f.write(err)
+    dist.destroy_process_group()
+    sys.exit(1)
 
 
 def too_many_ranks(rank, world, port, out_dir):
     from deqir_dist import DeqirError, restore
     _init(rank, world, port)
     model, op, y, xi = _problem(1)
+    err = None
     try:
         restore(model, y, op, steps=2, solver="picard", noise=xi, distributed=True)
     except DeqirError as e:
-        with open(os.path.join(out_dir, f"rank{rank}.err"), "w") as f:
-            f.write(str(e))
-        dist.destroy_process_group()
-        sys.exit(1)
+        err = str(e)
+    _fail_after_error(rank, out_dir, err)
     sys.exit(0)
 
 

@@ -252,8 +252,9 @@ def test_auto_times_and_plans_only_batches_that_fit(monkeypatch):
     monkeypatch.setenv("DEQIR_PROFILE_CACHE", "off")
     emu = CostEmulatingDenoiser(load_denoiser("analytic"), {1: 0.2, 100: 0.2})
     op, y, _ = _problem(16, 16)
-    free = restore(emu, y, op, steps=40, generator=torch.Generator().manual_seed(0))
-    assert max(free.plan["c_ms"]) > 16                      # unbounded: large batches timed
+    # unbounded (a cap far above any need: the default one follows this machine's free memory)
+    free = restore(emu, y, op, steps=40, max_memory=1 << 40, generator=torch.Generator().manual_seed(0))
+    assert max(free.plan["c_ms"]) > 16                      # large batches timed
     canvas = (3, 16, 16)
     one = B.estimate(emu, canvas, steps=40, cap=(1 << 40, "test"))
     per_row = B.model_footprint(emu, 3).bytes_per_px * 16 * 16

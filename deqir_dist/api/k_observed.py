@@ -85,8 +85,11 @@ def store_dir() -> Path:
 
 def problem_key(model, op, settings: dict) -> dict | None:
     """What K depends on, apart from the plan (None: not stored for this model)."""
+    from deqir_dist.models.tiled import TiledDenoiser
+    if not _enabled() or isinstance(model, TiledDenoiser):
+        return None         # off, or a tiled chain: its K is not a plan auto weighs (and its blend buffers are big)
     fp = model_fingerprint(model)
-    if fp is None or not _enabled():
+    if fp is None:
         return None
     settings = with_model_chain(model, settings)
     return {"model": f"{type(model).__qualname__}:{fp}", "task": str(getattr(op, "name", type(op).__name__)),

@@ -75,7 +75,8 @@ def _fingerprint(model, state) -> str:
                 continue
             v = t.detach().reshape(-1)
             v = v.abs().double() if v.is_complex() else v.double()
-            idx = torch.linspace(0, v.numel() - 1, min(v.numel(), 8), device=v.device).long()
+            # float64: float32 rounds the last index of a 29 M-element tensor up, past its end
+            idx = torch.linspace(0, v.numel() - 1, min(v.numel(), 8), device=v.device, dtype=torch.float64).long()
             sums.append(torch.cat([v.sum()[None], v.abs().sum()[None], v[idx]]))
     if sums:
         h.update(torch.cat([s.cpu() for s in sums]).numpy().tobytes())

@@ -18,7 +18,8 @@ def _port():
 def _run(fn, world, tmp_path, timeout=90):
     ctx = mp.get_context("spawn")
     port = _port()
-    procs = [ctx.Process(target=fn, args=(r, world, port, str(tmp_path))) for r in range(world)]
+    procs = [ctx.Process(target=dist_workers.run_then_exit, args=(fn, r, world, port, str(tmp_path)))
+             for r in range(world)]
     for p in procs:
         p.start()
     t0 = time.monotonic()

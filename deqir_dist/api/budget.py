@@ -24,7 +24,6 @@ from __future__ import annotations
 import math
 import os
 import resource
-import time
 import weakref
 from dataclasses import asdict, dataclass
 
@@ -32,7 +31,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
-from deqir_dist.api.planner import cost_at
+from deqir_dist.api.planner import cost_at, measure_cost
 from deqir_dist.errors import DeqirError, is_int, is_real, one_line
 from deqir_dist.models.tiled import overlap_factor, tile_count
 from deqir_dist.sampling.denoiser import model_device, model_dtype
@@ -134,17 +133,10 @@ def model_footprint(model, channels: int, canvas_hw: tuple | None = None) -> Foo
             hw = tuple(int(v) for v in canvas_hw)
             x = torch.randn((1, channels, *hw), generator=torch.Generator().manual_seed(0)).to(dev, dt)
             _, peak = peak_tensor_bytes(model, x, t)
-        times = []
-        for _ in range(1):              # one more call, timed (the tracked one pays the tracking)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            t0 = time.perf_counter()
-            model(x, t)
-            if dev.type == "cuda":
-                torch.cuda.synchronize(dev)
-            times.append(time.perf_counter() - t0)
+        # one more call, timed (the tracked one pays the tracking; it was the warm-up)
+        ms = measure_cost(model, (channels, *hw), batches=(1,), device=dev, dtype=dt, repeats=1, warmup=0)[1]
     px = hw[0] * hw[1]
-    fp = Footprint(SAFETY * peak / px, 1e3 * min(times) / px, (channels, *hw))
+    fp = Footprint(SAFETY * peak / px, ms / px, (channels, *hw))
     _FOOTPRINTS[k] = fp
     return fp
 
@@ -363,19 +355,10 @@ def _refine_time(model, budget: Budget) -> Budget:
     key = (_key(model), side)
     if key not in _LARGE_MS:
         dev = model_device(model, default=torch.device("cpu"))
-        x = torch.randn((1, budget.canvas[0], side, side), generator=torch.Generator().manual_seed(0))
-        x = x.to(dev, model_dtype(model) or torch.float32)
-        t = torch.full((1,), 500, dtype=torch.int64, device=dev)
         try:
-            with torch.no_grad():
-                model(x, t)                  # warm
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                t0 = time.perf_counter()
-                model(x, t)
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-            _LARGE_MS[key] = 1e3 * (time.perf_counter() - t0) / (side * side)
+            ms = measure_cost(model, (budget.canvas[0], side, side), batches=(1,), device=dev,
+                              dtype=model_dtype(model) or torch.float32, repeats=1, warmup=1)[1]
+            _LARGE_MS[key] = ms / (side * side)
         except Exception:                   # noqa: BLE001 - a model of one size: keep the probe's
             _LARGE_MS[key] = fp.ms_per_px
     ratio = max(1.0, _LARGE_MS[key] / fp.ms_per_px)

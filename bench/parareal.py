@@ -31,7 +31,7 @@ from deqir_dist.api.planner import choose_solver, cost_at, load_profile, predict
 from deqir_dist.dataset.tasks import DEMO_TASKS
 from deqir_dist.io.jsonio import write_json
 from deqir_dist.models import GaussianMixtureDenoiser
-from deqir_dist.models.builtin import builtin_bench_images
+from deqir_dist.models.builtin import builtin_bench_images, load_builtin
 from deqir_dist.models.registry import load_denoiser
 from deqir_dist.physics.registry import make_operator
 from deqir_dist.sampling.denoiser import EpsFn
@@ -64,12 +64,14 @@ def first(seq, ok) -> int | None:
 
 
 @torch.no_grad()
-def bench_problem(model_name: str, images: int, size: int):
-    """(model, x in float64): the analytic oracle's own samples, or the built-in prior's held-out crops."""
+def bench_problem(model_name: str, images: int, size: int, weights=None):
+    """(model, x in float64): the analytic oracle's own samples, or the built-in prior's held-out crops
+    (``weights``: a prior written by deqir train-prior instead of the shipped one)."""
     if model_name == "analytic":
         model = GaussianMixtureDenoiser(seed=0).double()
         return model, model.sample(images, (3, size, size), torch.Generator().manual_seed(1)).double()
-    return load_denoiser("builtin"), builtin_bench_images(images, size).double()
+    model = load_builtin(path=weights) if weights else load_denoiser("builtin")
+    return model, builtin_bench_images(images, size, weights).double()
 
 
 def run_case(model, op, x, coeffs, opts, c_ms, gen_seed: int):
@@ -248,12 +250,13 @@ def main(argv=None):
     p.add_argument("--secant", type=int, default=2)
     p.add_argument("--cost", default="bench/results/adm256-h200-design-cb.json")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--weights", help="with --model builtin: a prior written by deqir train-prior (default: the shipped one)")
     p.add_argument("-o", "--output", required=True)
     a = p.parse_args(argv)
     torch.set_num_threads(a.threads)
     c_ms = load_profile(a.cost)
     shape = (3, a.size, a.size)
-    model, x = bench_problem(a.model, a.images, a.size)
+    model, x = bench_problem(a.model, a.images, a.size, a.weights)
     blocks = dict(DEFAULT_BLOCKS)
     if a.blocks:
         blocks = dict(zip(a.steps, a.blocks, strict=True))
@@ -282,7 +285,7 @@ def main(argv=None):
                     f"{rule} K {[r[rule]['K'] for r in imgs]} worst {row[rule]['worst_psnr']:.1f} dB "
                     f"x{row[rule]['min_speedup']:.2f}" for rule in RULES), flush=True)
     write_json(a.output, {"command": "python bench/parareal.py " + " ".join(argv if argv is not None else sys.argv[1:]),
-                          "model": a.model, "images": a.images, "image_shape": list(shape), "rules": RULES,
+                          "model": a.model, "weights": a.weights, "images": a.images, "image_shape": list(shape), "rules": RULES,
                           "cost_profile": a.cost, "c1_ms": cost_at(c_ms, 1), "threads": a.threads,
                           "seconds": time.perf_counter() - t_start, "cases": cases})
 

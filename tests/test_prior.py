@@ -321,3 +321,35 @@ def test_min_snr_weighting_and_channels_last(tmp_path):
     for bad in ("min_snr:0", "min_snr:x", "snr"):
         with pytest.raises(DeqirError, match="loss weight must be"):
             pt.train_prior(_tiny_cfg(loss_weight=bad), progress=False)
+
+
+def test_card_records_where_folder_photographs_came_from(tmp_path):
+    """A --data folder's photographs reach the card with their package and licence (read from the
+    folder's manifest.json), the summary counts them apart from scikit-image's; an unreadable
+    manifest is one line."""
+    pytest.importorskip("skimage")
+    import numpy as np
+    from PIL import Image
+
+    from deqir_dist.apps.prior_training import train_prior
+    from deqir_dist.apps.train_prior import write_prior
+    data = tmp_path / "data"
+    (data / "train").mkdir(parents=True)
+    (data / "heldout").mkdir()
+    rng = np.random.default_rng(0)
+    Image.fromarray(rng.integers(0, 255, (80, 96, 3), dtype=np.uint8)).save(data / "train" / "meadow.png")
+    (data / "manifest.json").write_text(json.dumps({"command": "python bench/prior_data.py -o data", "files": [
+        {"name": "meadow", "split": "train", "licence": "CC-BY-SA-4.0",
+         "source": {"debian_package": "some-wallpapers", "path": "usr/share/backgrounds/meadow.jpg"}},
+        {"name": "unused", "split": "train", "licence": "CC0", "source": {"debian_package": "x"}}]}))
+    result = train_prior(_tiny_cfg(data_dir=str(data)), progress=False)
+    _, card_path = write_prior(result, tmp_path / "p.safetensors", command="deqir train-prior --data data")
+    card = json.loads(card_path.read_text())
+    n = len(card["data"]["train_images"])
+    assert f"trained on {n} natural photographs ({n - 1} bundled with scikit-image, 1 from Debian" in card["summary"]
+    assert card["data"]["files"] == {"meadow": {"split": "train", "licence": "CC-BY-SA-4.0", "source": {
+        "debian_package": "some-wallpapers", "path": "usr/share/backgrounds/meadow.jpg"}}}
+    assert card["data"]["data_command"] == "python bench/prior_data.py -o data"
+    (data / "manifest.json").write_text("{" * 100000)
+    with pytest.raises(DeqirError, match="not a readable prior_data.py manifest"):
+        write_prior(result, tmp_path / "q.safetensors", command="x")

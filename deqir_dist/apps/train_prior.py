@@ -61,11 +61,17 @@ def write_prior(result: dict, out: str | os.PathLike, card_path: str | os.PathLi
         sk_version = skimage.__version__
     except ImportError:  # pragma: no cover
         sk_version = None
+    used = set(result["train_images"]) | set(result["held"])
+    provenance = _data_provenance(cfg.get("data_dir"), used)
+    n_sk = sum(1 for n in result["train_images"] if n not in provenance.get("files", {}))
+    origin = ("photographs bundled with scikit-image" if n_sk == len(result["train_images"]) else
+              f"photographs ({n_sk} bundled with scikit-image, {len(result['train_images']) - n_sk} from Debian "
+              "packages under free licences, listed in data.files)")
     card = {
         "format": CARD_FORMAT,
         "name": out.stem,
         "summary": (f"Small DDPM eps-prediction UNet trained on {len(result['train_images'])} natural "
-                    "photographs bundled with scikit-image: a demonstration prior, not a paper-grade model "
+                    f"{origin}: a demonstration prior, not a paper-grade model "
                     "(use the ADM / CelebA-HQ checkpoints for that)."),
         "command": command,
         "invocation": invocation,
@@ -82,7 +88,9 @@ def write_prior(result: dict, out: str | os.PathLike, card_path: str | os.PathLi
                       "schedule": "linear betas 1e-4..0.02", "train_steps": TRAIN_STEPS,
                       "t_sampling": "uniform 0..999", "image_range": "[-1, 1]"},
         "data": {
-            "source": f"scikit-image {sk_version} bundled photographs (skimage.data, no network)",
+            "source": f"scikit-image {sk_version} bundled photographs (skimage.data, no network)"
+                      + (" and " + provenance["source"] if provenance else ""),
+            **({"files": provenance["files"], "data_command": provenance["command"]} if provenance else {}),
             "train_images": train_info,
             "heldout_images": [{"name": n, "shape": list(load_shape.get(n, img.shape)),
                                 "stored_in_weights_as": "PNG in the safetensors metadata deqir_heldout_png",
@@ -105,6 +113,27 @@ def write_prior(result: dict, out: str | os.PathLike, card_path: str | os.PathLi
     card_bytes = (json.dumps(card, indent=2) + "\n").encode()
     write_together([(out, blob), (card_path, card_bytes), *extra])
     return out, card_path
+
+
+def _data_provenance(data_dir, used: set) -> dict:
+    """Where each photograph from a ``--data`` folder came from and under which licence, read from the
+    folder's manifest.json (bench/prior_data.py writes it); {} without a folder or a manifest."""
+    if not data_dir:
+        return {}
+    path = Path(data_dir) / "manifest.json"
+    if not path.is_file():
+        return {}
+    try:
+        with open(path, "rb") as fh:
+            man = json.loads(fh.read(16 << 20).decode("utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as e:
+        raise DeqirError(f"{path}: not a readable prior_data.py manifest ({type(e).__name__})") from None
+    files = {}
+    for f in man.get("files", []) if isinstance(man, dict) else []:
+        if isinstance(f, dict) and f.get("name") in used and "scikit-image" not in (f.get("source") or {}):
+            files[f["name"]] = {"split": f.get("split"), "source": f.get("source"), "licence": f.get("licence")}
+    return {"source": "photographs from Debian wallpaper packages (bench/prior_data.py; per file below)",
+            "files": files, "command": man.get("command")} if files else {}
 
 
 def write_together(files: list) -> None:

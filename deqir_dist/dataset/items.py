@@ -188,6 +188,31 @@ def iter_items(paths: list[Path], task: str, params: dict, from_clean: bool, sig
         yield Item(p.stem, p, y, op, None, *(noise or ((sigma_y, "user") if sigma_y is not None else default_sigma_y(y, p))))
 
 
+def declared_shape(p: Path, task: str, params: dict, from_clean: bool) -> tuple | None:
+    """(C, H, W) of the image restoring ``p`` would make, from its header and PNG description
+    alone (nothing decoded: what ``iter_items`` checks before decoding); None when only the read
+    can tell (a .pt measurement, a header Pillow cannot open: the read says why)."""
+    if Path(p).suffix == MEASUREMENT_SUFFIX:
+        return None
+    size = header_size(p)
+    if size is None:
+        return None
+    if from_clean:
+        return (3, size[1], size[0])
+    desc = file_description(p)
+    if desc is not None:
+        return tuple(int(v) for v in desc["image_shape"])
+    return image_shape_of_measurement(task, params, (measurement_channels(task), size[1], size[0]))
+
+
+def check_declared_size(p: Path, task: str, params: dict, from_clean: bool) -> None:
+    """The pixel cap (``--max-pixels``) on the image ``p`` declares, before any pixel is decoded:
+    a one-line DeqirError (ray-restore's driver records it as the image's failure)."""
+    shape = declared_shape(p, task, params, from_clean)
+    if shape is not None:
+        check_pixels(shape[2], shape[1], f"{p}: the restored image")
+
+
 def load_items(paths: list[Path], task: str, params: dict, from_clean: bool,
                sigma_y: float | None = None, seed: int = 0, check=None) -> list[Item]:
     """Read and validate every input (``sigma_y`` None: each measurement's from its bit depth). With ``from_clean`` the inputs are ground-truth images that
@@ -488,7 +513,7 @@ def restore_file(path, task: str | None = None, model="builtin", out=None, from_
     if isinstance(model, str):
         model = load_denoiser(model, device=device)
     check = input_check(model, task, kw.get("steps"), kw.get("solver", "auto"), kw, kw.get("max_memory"),
-                        kw.get("tile"))       # the restore's memory, before the file is decoded
+                        kw.get("tile"), max_time=kw.get("max_time"))       # the restore's memory, before the file is decoded
     item = load_items([p], task, operator_params(task, flags), from_clean, sigma_y=sigma_y, seed=seed,
                       check=check)[0]
     check_model_fits(model, [item])

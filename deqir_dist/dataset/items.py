@@ -191,15 +191,19 @@ def iter_items(paths: list[Path], task: str, params: dict, from_clean: bool, sig
 def declared_shape(p: Path, task: str, params: dict, from_clean: bool) -> tuple | None:
     """(C, H, W) of the image restoring ``p`` would make, from its header and PNG description
     alone (nothing decoded: what ``iter_items`` checks before decoding); None when only the read
-    can tell (a .pt measurement, a header Pillow cannot open: the read says why)."""
+    can tell (a .pt measurement, a file that cannot be read, a header Pillow cannot open or a broken
+    description: the read says why)."""
     if Path(p).suffix == MEASUREMENT_SUFFIX:
         return None
-    size = header_size(p)
+    try:
+        size = header_size(p)
+        desc = None if from_clean else file_description(p)
+    except DeqirError:          # unreadable, or a broken description: its read reports it
+        return None
     if size is None:
         return None
     if from_clean:
         return (3, size[1], size[0])
-    desc = file_description(p)
     if desc is not None:
         return tuple(int(v) for v in desc["image_shape"])
     return image_shape_of_measurement(task, params, (measurement_channels(task), size[1], size[0]))

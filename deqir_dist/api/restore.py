@@ -160,7 +160,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
             warm_start: int = 1, progress: bool = False, callback=None, dtype: torch.dtype = torch.float32,
             distributed: bool = False, group=None, profile=None, clip_x0: bool | None = None,
             eta: float | None = None, device=None, value_range=None, scheduler=None, prediction_type: str | None = None,
-            max_memory=None, tile=None, max_time=None,
+            max_memory=None, tile=None, max_time=None, plan_only: bool = False,
             **solver_options) -> RestoreResult:
     """Restore images from measurements y = A(x) (+ noise of std sigma_y).
 
@@ -241,6 +241,10 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     ``max_time`` caps the work the same way: a restore whose modelled time is over it (minutes, or
     "90m", "3h"; default ``api.budget.DEFAULT_MAX_MINUTES``, 3 h; 0: no cap) is refused in one line
     naming the size and the steps that fit. An allocation failure anyway is a one-line DeqirError.
+
+    ``plan_only=True`` stops once the solver is decided (with ``distributed=True``, auto's plan
+    is collective): the result has ``solver``, ``plan`` and ``budget`` and an empty ``image``
+    (``dataset.items`` deals serial images over torchrun's ranks with it).
     """
     plan = None
     denoiser = as_denoiser(denoiser, scheduler, prediction_type, alphas_cumprod)
@@ -280,6 +284,9 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
         if solver != "serial":     # the plan's rows, checked again
             budget = _memory_plan(denoiser, op, y.shape[0], steps, solver, dtype, max_memory, 0, device,
                                   solver_options, 0)    # its time: predicted below serial's, checked above
+    if plan_only:
+        return RestoreResult(torch.empty(0), 0, [], [], solver, steps, stop, 0.0, 0.0, plan=plan, settings=settings,
+                             settings_source=sources, budget=budget.as_dict())
     coeffs, opts = check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter,
                                   alphas_cumprod, warm_start, clip_x0=clip_x0, spacing=spacing, offset=offset,
                                   **solver_options)

@@ -19,6 +19,7 @@ from deqir_dist.api.budget import input_check
 from deqir_dist.api.optimize import optimize_noise
 from deqir_dist.api.profile_cache import plan_record, plan_summary
 from deqir_dist.api.restore import restore
+from deqir_dist.dataset.dealt import dealing, restore_dealt, serial_plan
 from deqir_dist.dataset.described import described_operator, described_sigma_y, described_task, file_description
 from deqir_dist.dataset.tasks import OP_FLAGS, operator_params
 from deqir_dist.errors import DeqirError, check_int, is_real, one_line
@@ -395,20 +396,10 @@ def _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, r
     if progress:
         from deqir_dist.sampling.progress import progress_bar
         bar = progress_bar(len(items), "restore", "img")
-    for it in (items.stream() if isinstance(items, ItemSource) else items):
-        t0 = time.perf_counter()
-        extra = {}
-        kw = dict(restore_kw)
-        noise_source = "user" if "sigma_y" in kw else it.sigma_y_source
-        kw.setdefault("sigma_y", it.sigma_y)         # not given: the item's (from its file's bit depth)
-        if optimize is not None:
-            image, iterations, extra = _optimize(model, it, optimize, generator_for(seed, it.name), kw)
-        else:
-            res = restore_fn(model, it.y, it.op, generator=generator_for(seed, it.name), **kw)
-            image, iterations = res.image, res.iterations
-            extra = plan_record(res)         # the solver that ran; for "auto" the plan and why
+
+    def finish(it, kw, noise_source, image, iterations, extra, seconds):
         rec = {"id": it.name, "input": str(it.source), "iterations": iterations,
-               "seconds": round(time.perf_counter() - t0, 4), "sigma_y": round(float(kw["sigma_y"]), 6),
+               "seconds": round(seconds, 4), "sigma_y": round(float(kw["sigma_y"]), 6),
                "sigma_y_source": noise_source, **extra}
         image = keep_gray(it.gt if it.gt is not None else it.y, image)
         if it.gt is not None:
@@ -421,6 +412,40 @@ def _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, r
             on_record(rec)
         if bar is not None:
             bar.update(1)
+    # torchrun: serial images are dealt over the ranks, not run on every one (dataset.dealt)
+    deal = dealing(restore_kw) if restore_fn is restore and optimize is None else None
+    pending: list = []
+
+    def flush():
+        for (it, kw, _), (image, iterations, extra, seconds) in zip(pending, restore_dealt(model, pending, deal[0],
+                                                                                         generator_for, seed)):
+            finish(it, kw, "user" if "sigma_y" in restore_kw else it.sigma_y_source, image, iterations, extra,
+                   seconds)
+        pending.clear()
+    for it in (items.stream() if isinstance(items, ItemSource) else items):
+        t0 = time.perf_counter()
+        extra = {}
+        kw = dict(restore_kw)
+        noise_source = "user" if "sigma_y" in kw else it.sigma_y_source
+        kw.setdefault("sigma_y", it.sigma_y)         # not given: the item's (from its file's bit depth)
+        if deal is not None:
+            planned = serial_plan(model, it, kw, generator_for(seed, it.name))
+            if planned is not None:
+                pending.append((it, kw, planned))
+                if len(pending) == deal[1]:
+                    flush()
+                continue
+            if pending:
+                flush()
+        if optimize is not None:
+            image, iterations, extra = _optimize(model, it, optimize, generator_for(seed, it.name), kw)
+        else:
+            res = restore_fn(model, it.y, it.op, generator=generator_for(seed, it.name), **kw)
+            image, iterations = res.image, res.iterations
+            extra = plan_record(res)         # the solver that ran; for "auto" the plan and why
+        finish(it, kw, noise_source, image, iterations, extra, time.perf_counter() - t0)
+    if pending:
+        flush()
     if bar is not None:
         bar.close()
     if staging is not None:

@@ -199,7 +199,8 @@ def time_cap(max_time=None) -> tuple[float | None, str]:
                          f"45s, got {max_time!r}")
     if minutes == 0:
         return None, "no limit"
-    return minutes * 60.0, f"--max-time {_fmt_s(minutes * 60.0)}"
+    given = f"{max_time} min" if is_real(max_time) or str(max_time).strip().replace(".", "", 1).isdigit() else max_time
+    return minutes * 60.0, f"--max-time {str(given).strip()}"
 
 
 def _rss() -> int:
@@ -257,6 +258,8 @@ def _fmt(n: float) -> str:
 
 
 def _fmt_s(s: float) -> str:
+    if s < 10:
+        return f"{s:.2g} s"
     if s < 90:
         return f"{s:.0f} s"
     if s < 5400:

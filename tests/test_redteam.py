@@ -103,8 +103,8 @@ def test_compressed_measurement_and_checkpoint_are_checked_before_inflating(tmp_
     _one_line(results[0], "compressed (deflated) members")
     _one_line(results[1], "compressed (deflated) members")
     _one_line(results[2], "would inflate to 1342")
-    # importing torch and the package: ~300 MB; inflating the measurement alone is 400 MB more
-    assert max(r["rss_mb"] for r in results) < 600, results
+    # the 500 MB: importing torch and the package is ~240 MB; inflating the measurement alone is 400 MB more
+    assert max(r["rss_mb"] for r in results) < 500, results
     assert not Path(o).exists()
     with pytest.raises(DeqirError, match="would inflate to 1342"):
         read_state_dict(ckpt)
@@ -172,7 +172,7 @@ def test_a_huge_text_mask_is_capped(tmp_path):
     png = described_png(tmp_path / "text.png", _desc("inpaint", {"mask": "text", "text": "A" * 60000, "lines": 1}))
     [r] = _run_child([("text mask", ["restore", str(png), *FAST, "-o", str(tmp_path / "out")])], timeout=60)
     _one_line(r, "over the cap of 256")
-    assert r["rss_mb"] < 600 and r["seconds"] < 10, r
+    assert r["rss_mb"] < 500 and r["seconds"] < 10, r
 
 
 # ------------------------------------------------------------------------------ special files
@@ -195,7 +195,7 @@ def test_profile_and_cost_tables_from_devices_and_pipes(tmp_path):
     for r in results:
         _one_line(r, "a device" if "/dev/zero" in r["name"] else "a named pipe")
         assert r["seconds"] < 20, r
-    assert max(r["rss_mb"] for r in results) < 600, results
+    assert max(r["rss_mb"] for r in results) < 500, results
     assert not Path(o).exists()
 
 

@@ -388,3 +388,17 @@ def test_png_header_size_reads_exif_orientation_without_decoding(tmp_path, monke
     assert header_size(_zeros_png(tmp_path / "plain.png", 36, 20)) == (36, 20)
     monkeypatch.undo()
     assert tuple(read_image(tmp_path / "after.png").shape) == (3, 36, 20)
+
+
+def test_max_time_flags_are_checked_before_any_work(tmp_path, capsys):
+    """--max-time on restore, ray-restore and serve: a bad value is one line, exit 2, nothing written."""
+    from PIL import Image
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "p.png")
+    base = ["--task", "sr_avgpool", "--scale", "2", "--model", "analytic", "--max-time", "soon"]
+    for argv in (["restore", str(tmp_path / "p.png"), "--from-clean", *base, "-o", str(tmp_path / "o")],
+                 ["ray-restore", str(tmp_path), "--from-clean", *base, "-o", str(tmp_path / "o")],
+                 ["serve", "--port", "0", *base]):
+        assert main(argv) == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "max_time (--max-time) must be" in lines[0], (argv, lines)
+    assert not (tmp_path / "o").exists()

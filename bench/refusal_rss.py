@@ -8,12 +8,18 @@ restore`` in a fresh process (the peak RSS of a process only grows) at the defau
 address-space limit: the built-in prior's 256 px tiles fit in memory there, so what refuses it is
 the work cap (``--max-time``, default 3 h). Records the exit status, the one line, the modelled
 hours the line gives, the seconds and the process's own peak RSS (VmHWM).
+
+One more case is not hostile: a 640x427 picture (zeros: the time model does not look at the
+pixels) as an x4 measurement, the issue's photograph case (a 2560x1708 output), with
+``--max-time 1`` so that the line gives its modelled time at the defaults (N = 100, tiles) against
+the default 3 h cap, without running it.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import re
 import struct
 import subprocess
 import sys
@@ -42,6 +48,15 @@ def _chunk(ctype: bytes, body: bytes) -> bytes:
     return struct.pack(">I", len(body)) + ctype + body + struct.pack(">I", zlib.crc32(ctype + body))
 
 
+def zeros_png(path: Path, w: int, h: int) -> Path:
+    z = zlib.compressobj(9)
+    row = b"\0" * (1 + 3 * w)
+    data = b"".join(z.compress(row) for _ in range(h)) + z.flush()
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">II", w, h) + bytes([8, 2, 0, 0, 0]))
+                     + _chunk(b"IDAT", data) + _chunk(b"IEND", b""))
+    return path
+
+
 def build(d: Path) -> tuple[Path, Path]:
     import numpy as np
 
@@ -51,13 +66,7 @@ def build(d: Path) -> tuple[Path, Path]:
             "params": {"scale": 256}}
     tiny = d / "cap_op_sr.png"          # the red team's repro, byte for byte (reliability.md, finding 1)
     tiny.write_bytes(png[:33] + _chunk(b"tEXt", b"deqir-measurement\0" + json.dumps(desc).encode()) + png[33:])
-    z = zlib.compressobj(9)
-    row = b"\0" * (1 + 3 * 4096)
-    data = b"".join(z.compress(row) for _ in range(4096)) + z.flush()
-    real = d / "zeros4096.png"
-    real.write_bytes(b"\x89PNG\r\n\x1a\n" + _chunk(b"IHDR", struct.pack(">II", 4096, 4096) + bytes([8, 2, 0, 0, 0]))
-                     + _chunk(b"IDAT", data) + _chunk(b"IEND", b""))
-    return tiny, real
+    return tiny, zeros_png(d / "zeros4096.png", 4096, 4096)
 
 
 def main() -> None:
@@ -75,6 +84,9 @@ def main() -> None:
             "4096x4096 PNG of zeros, --from-clean x4, builtin": ["restore", str(real), "--task", "sr_bicubic",
                                                                  "--scale", "4", "--from-clean", "--no-progress",
                                                                  "-o", o],
+            "640x427 picture as an x4 measurement (2560x1708 output), --max-time 1: its modelled time": [
+                "restore", str(zeros_png(d / "photo427.png", 640, 427)), "--task", "sr_bicubic", "--scale", "4",
+                "--max-time", "1", "--no-progress", "-o", o],
         }
         env = {**os.environ, "OMP_NUM_THREADS": "1", "DEQIR_CACHE_DIR": str(d / "cache")}
         rows = []
@@ -83,7 +95,9 @@ def main() -> None:
                                env=env, timeout=600, cwd=ROOT)
             r = json.loads(p.stdout.splitlines()[-1])
             r["err"] = r["err"].strip().replace(str(d) + "/", "")
-            rows.append({"case": name, "bytes": (tiny if "229" in name else real).stat().st_size, **r,
+            m = re.search(r"would take about ([0-9.]+) (h|min|s)", r["err"])
+            hours = None if m is None else float(m.group(1)) / {"h": 1, "min": 60, "s": 3600}[m.group(2)]
+            rows.append({"case": name, "bytes": Path(argv[1]).stat().st_size, **r, "modelled_hours": hours,
                          "wrote_output": Path(o).exists()})
             print(f"{name}: exit {r['code']}, {r['seconds']} s, peak RSS {r['peak_rss_mb']} MB\n  {r['err']}")
     result = {"command": "python bench/refusal_rss.py", "threads": 1, "load_average": list(os.getloadavg()),

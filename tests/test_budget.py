@@ -238,7 +238,7 @@ def test_red_team_files_are_refused_in_one_line_in_bounded_memory(tmp_path, buil
         assert "4096x4096 image" in lines[0] and "at most about" in lines[0], r
         assert r["seconds"] < 60, r
     for r in results[len(cases):]:
-        assert "work cap" in r["err"] and "steps (--steps) at this size" in r["err"], r
+        assert "work cap" in r["err"] and "(--steps) at this size" in r["err"], r
         assert not cap or "--max-time" in r["err"], r
     # the target: importing torch and the package is ~230 MB of it; the memory probe's
     # dispatch mode no longer imports torch._dynamo (~70 MB), nor the PNG header check decodes the
@@ -274,7 +274,7 @@ def test_over_the_work_cap_is_one_line_naming_the_size_and_steps_that_fit(builti
     assert "\n" not in msg and "192x128 image" in msg and "work cap" in msg and "--max-time" in msg, msg
     assert all(s[-1] <= 64 for s in calls), calls           # nothing but the probe ran
     fw, fh = (int(v) for v in msg.split("at most about ")[1].split(" ")[0].split("x"))
-    steps = int(msg.split("or about ")[1].split(" steps")[0])
+    steps = int(msg.split("or about ")[1].split(" step")[0])
     # about half the side and a quarter of N (the refusal uses the 64 px probe's time: a little less)
     assert 60 <= fw < 192 and 40 <= fh < 128 and 3 <= steps <= 12, msg
     # what it names fits under the same cap (time is linear in pixels and in steps)

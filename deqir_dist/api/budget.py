@@ -426,7 +426,7 @@ def _check_time(budget: Budget, limit: tuple[float | None, str], model) -> Budge
     how = f"in {budget.tiles} {budget.tile} px tiles, " if budget.tile else ""
     size = (f"at {budget.steps} steps an image of at most about {fw}x{fh} fits" if min(fw, fh) >= 1 else
             f"at {budget.steps} steps no image size fits")
-    steps = (f", or about {steps_fit} steps (--steps) at this size" if steps_fit >= 1 else
+    steps = (f", or about {steps_fit} step{'s' * (steps_fit > 1)} (--steps) at this size" if steps_fit >= 1 else
              ", and not even one step fits at this size")
     batch = f" ({budget.batch} images in one call)" if budget.batch > 1 else ""
     raise DeqirError(f"restoring a {W}x{H} image{batch} ({type(model).__name__}, {budget.solver}, {budget.steps} "

@@ -282,8 +282,10 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
         plan["seconds"] = round(time.perf_counter() - t_plan, 4)    # timing the model (or reading its profile)
         solver_options = apply_plan(solver, plan, stop, max_iter, steps, solver_options)
         if solver != "serial":     # the plan's rows, checked again
+            cap_s = budget.max_seconds
             budget = _memory_plan(denoiser, op, y.shape[0], steps, solver, dtype, max_memory, 0, device,
                                   solver_options, 0)    # its time: predicted below serial's, checked above
+            budget.max_seconds = cap_s
     if plan_only:
         return RestoreResult(torch.empty(0), 0, [], [], solver, steps, stop, 0.0, 0.0, plan=plan, settings=settings,
                              settings_source=sources, budget=budget.as_dict())

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from deqir_dist.apps.cli import main
@@ -60,3 +61,24 @@ def test_serial_images_are_dealt_over_torchrun_ranks_with_identical_outputs(tmp_
             assert all(r["plan"]["chosen"] == "serial" for r in recs), recs
         single = json.loads((one / "summary.json").read_text())["images"]
         assert [r["psnr"] for r in recs] == [r["psnr"] for r in single]
+
+
+@pytest.mark.slow
+def test_a_rank_waits_out_a_long_image_past_the_collective_timeout(tmp_path):
+    """One rank's image takes longer than --dist-timeout (8 s) while the other's is done at once: the
+    dealt images' broadcasts go over their own group, whose timeout follows the work cap, so the
+    waiting rank does not give up (over the default group it failed at 8 s)."""
+    d = tmp_path / "photos"
+    d.mkdir()
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 256, (384, 384, 3), dtype=np.uint8)).save(d / "big.png")
+    Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)).save(d / "small.png")
+    flags = [str(d), "--from-clean", "--task", "sr_avgpool", "--scale", "2", "--model", "analytic", "--steps", "400",
+             "--solver", "serial", "--dist-timeout", "8", "--no-progress"]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                           str(ROOT / "launch" / "restore.py"), *flags, "-o", str(tmp_path / "two")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    recs = json.loads((tmp_path / "two" / "summary.json").read_text())["images"]
+    assert [r["dealt_to_rank"] for r in recs] == [0, 1] and recs[0]["seconds"] > 8, recs

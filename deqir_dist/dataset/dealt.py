@@ -7,11 +7,18 @@ aside; every P of them, rank r restores the r-th alone (``distributed=False``, s
 noise drawn from (seed, id) as anywhere), and each image and its record then go from its rank to
 all ranks (``broadcast_object_list``, in order), so rank 0 writes every output exactly as one
 process would. A failure on one rank reaches all of them as the same one-line error.
+
+Ranks wait in those broadcasts for the slowest image of the round, which may take far longer than a
+collective's timeout (``--dist-timeout``, 300 s): they go over a gloo group of their own whose
+timeout is twice the work cap (``api.budget.time_cap``: no image modelled longer may start), at
+least the default group's (a rank that dies ends the job through torchrun anyway).
 """
 from __future__ import annotations
 
 import time
+from datetime import timedelta
 
+from deqir_dist.api.budget import time_cap
 from deqir_dist.api.profile_cache import plan_record
 from deqir_dist.api.restore import restore
 from deqir_dist.errors import DeqirError, one_line
@@ -42,6 +49,22 @@ def serial_plan(model, item, kw: dict, generator) -> dict | None:
     return {k: v for k, v in plan_record(res).items() if k == "plan"} if res.solver == "serial" else None
 
 
+_GROUPS: dict = {}
+WEEK_S = 7 * 24 * 3600.0
+
+
+def _group(max_time):
+    """The gloo group the dealt images' broadcasts go over (made once, by every rank at the same
+    point: the first round), with a timeout the longest image allowed can wait out."""
+    import torch.distributed as dist
+    cap_s = time_cap(max_time)[0]
+    timeout = timedelta(seconds=max(2 * cap_s if cap_s is not None else WEEK_S, 300.0))
+    key = (id(dist.group.WORLD), timeout)
+    if key not in _GROUPS:
+        _GROUPS[key] = dist.new_group(backend="gloo", timeout=timeout)
+    return _GROUPS[key]
+
+
 def restore_dealt(model, pending: list, rank: int, generator_for, seed: int) -> list:
     """``pending``: at most P (item, restore kw, plan fields) of serial images, the same on every
     rank. Rank r restores the r-th; returns, on every rank and in order, (image, steps, record
@@ -59,9 +82,13 @@ def restore_dealt(model, pending: list, rank: int, generator_for, seed: int) -> 
         except Exception as e:          # every rank learns of it, instead of waiting at the next broadcast
             mine = ("error", f"{it.source}: {one_line(e, bare_deqir=True)}")
     out = []
+    group = _group(pending[0][1].get("max_time"))
     for j in range(len(pending)):
         box = [mine if j == rank else None]
-        dist.broadcast_object_list(box, src=j)
+        try:
+            dist.broadcast_object_list(box, src=j, group=group)
+        except RuntimeError as e:      # a rank gone or silent past the group's timeout: one line
+            raise DeqirError(f"rank {j} did not hand over {pending[j][0].source} ({one_line(e)})") from None
         if box[0][0] == "error":
             raise DeqirError(box[0][1])
         out.append(box[0][1:])

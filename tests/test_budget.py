@@ -199,7 +199,7 @@ def _zeros_png(path: Path, w: int, h: int, text: dict | None = None) -> Path:
     return path
 
 
-def test_red_team_files_are_refused_in_one_line_in_bounded_memory(tmp_path):
+def test_red_team_files_are_refused_in_one_line_in_bounded_memory(tmp_path, builtin):
     desc = {"format": 1, "sigma_y": 0.0, "bits": 8, "task": "sr_avgpool", "image_shape": [3, 4096, 4096],
             "params": {"scale": 256}}
     tiny = _zeros_png(tmp_path / "claims4096.png", 16, 16, {"deqir-measurement": json.dumps(desc)})
@@ -213,24 +213,97 @@ def test_red_team_files_are_refused_in_one_line_in_bounded_memory(tmp_path):
                                      "--no-progress", "-o", o]),
              ("real, --max-memory", ["restore", str(real), "--task", "sr_bicubic", "--scale", "4", "--from-clean",
                                      "--max-memory", "1G", "--no-progress", "-o", o])]
+    # memory no longer stops it (its 256 px tiles fit in a few GB): the work cap does, at the default.
+    # A machine over twice as fast as this project's CPU models it under the default cap: there the
+    # test asks for a quarter of its modelled time instead (the same refusal, the same path)
+    whole = B.plan_budget(builtin, (3, 4096, 4096), 1, 100, "auto", 1, max_memory="64G", max_time=0)
+    cap = [] if whole.seconds > 2 * 60 * B.DEFAULT_MAX_MINUTES else ["--max-time", f"{whole.seconds / 240:.1f}"]
+    work = [("tiny, builtin, work cap", ["restore", str(tiny), "--max-memory", "8G", *cap, "--no-progress", "-o", o]),
+            ("real, work cap", ["restore", str(real), "--task", "sr_bicubic", "--scale", "4", "--from-clean",
+                                "--max-memory", "8G", *cap, "--no-progress", "-o", o])]
     limit = 3 << 30                     # address space: torch maps ~1 GB; the cap follows the limit
 
-    def cap():
+    def limit_as():
         resource.setrlimit(resource.RLIMIT_AS, (limit, limit))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DEQIR_CACHE_DIR": str(tmp_path / "cache")}
-    p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(cases)], capture_output=True, timeout=240,
-                       preexec_fn=cap, env=env, cwd=ROOT)
-    assert p.returncode == 0, p.stderr.decode()[-2000:]
-    results = json.loads(p.stdout.decode().splitlines()[-1])
+    results = []
+    for group in (cases, work):       # each group in a fresh child: its peak RSS is its own
+        p = subprocess.run([sys.executable, "-c", CHILD, json.dumps(group)], capture_output=True, timeout=240,
+                           preexec_fn=limit_as, env=env, cwd=ROOT)
+        assert p.returncode == 0, p.stderr.decode()[-2000:]
+        results += json.loads(p.stdout.decode().splitlines()[-1])
     for r in results:
         lines = [ln for ln in r["err"].splitlines() if ln.strip()]
         assert r["code"] == 2 and len(lines) == 1, r
         assert "4096x4096 image" in lines[0] and "at most about" in lines[0], r
         assert r["seconds"] < 60, r
-    # the issue's target is 500 MB; importing torch, the package and its extras is ~400 MB of it and a
-    # fresh virtualenv measured 511-514 MB (VmHWM): bounded, over the target by 3%
-    assert max(r["rss_mb"] for r in results) < 600, results
+    for r in results[len(cases):]:
+        assert "work cap" in r["err"] and "(--steps) at this size" in r["err"], r
+        assert not cap or "--max-time" in r["err"], r
+    # the issue's target: importing torch and the package is ~230 MB of it; the memory probe's
+    # dispatch mode no longer imports torch._dynamo (~70 MB), nor the PNG header check decodes the
+    # 4096 px picture to look for EXIF (~64 MB), nor a refused run times a 256 px call (~150 MB)
+    assert max(r["rss_mb"] for r in results) < 500, results
     assert not Path(o).exists()
+
+
+def test_time_cap_parses_minutes_and_units():
+    assert B.time_cap(None)[0] == 60 * B.DEFAULT_MAX_MINUTES and B.time_cap(0) == (None, "no limit")
+    assert B.time_cap(90)[0] == 5400 and B.time_cap("90m")[0] == 5400 and B.time_cap("1.5h")[0] == 5400
+    assert B.time_cap("45s")[0] == 45 and B.time_cap("2")[0] == 120 and B.time_cap("0")[0] is None
+    for bad in ("soon", "-5", -1, float("nan"), float("inf"), True, [3]):
+        with pytest.raises(DeqirError, match="max_time"):
+            B.time_cap(bad)
+
+
+def test_over_the_work_cap_is_one_line_naming_the_size_and_steps_that_fit(builtin):
+    """restore() refuses a run modelled over max_time before any work (no denoiser call beyond the
+    64 px probe), naming a size and a step count that then pass the same cap; 0 lifts the cap."""
+    op, y, _ = _problem(128, 192)
+    est = B.plan_budget(builtin, (3, 128, 192), 1, 20, "serial", 1, max_time=0)
+    assert est.max_seconds is None and est.seconds > 0
+    minutes = est.seconds / 60 / 4                     # a quarter of its time
+    calls = []
+    hook = builtin.register_forward_hook(lambda m, a, o: calls.append(tuple(a[0].shape)))
+    try:
+        with pytest.raises(DeqirError) as e:
+            restore(builtin, y, op, steps=20, solver="serial", max_time=minutes)
+    finally:
+        hook.remove()
+    msg = str(e.value)
+    assert "\n" not in msg and "192x128 image" in msg and "work cap" in msg and "--max-time" in msg, msg
+    assert all(s[-1] <= 64 for s in calls), calls           # nothing but the probe ran
+    fw, fh = (int(v) for v in msg.split("at most about ")[1].split(" ")[0].split("x"))
+    steps = int(msg.split("or about ")[1].split(" step")[0])
+    # about half the side and a quarter of N (the refusal uses the 64 px probe's time: a little less)
+    assert 60 <= fw < 192 and 40 <= fh < 128 and 3 <= steps <= 12, msg
+    # what it names fits under the same cap (time is linear in pixels and in steps)
+    mult = builtin.size_multiple
+    assert B.plan_budget(builtin, (3, fh // mult * mult, fw // mult * mult), 1, 20, "serial", 1,
+                         max_time=minutes).seconds <= minutes * 60
+    assert B.plan_budget(builtin, (3, 128, 192), 1, steps, "serial", 1, max_time=minutes).seconds <= minutes * 60
+    with pytest.raises(DeqirError, match="max_time .--max-time. must be"):
+        restore(builtin, y, op, steps=2, max_time="soon")
+    res = restore(builtin, y, op, steps=2, solver="serial", max_time=0, generator=torch.Generator().manual_seed(0))
+    assert res.budget["max_seconds"] is None and torch.isfinite(res.images).all()
+
+
+def test_memory_refusal_names_a_real_size_or_says_none_fits():
+    """The size named fits under the same cap; with nothing left under the cap (it is below what the
+    process holds already) it says no image fits and why, never '0x0'."""
+    analytic = load_denoiser("analytic")
+    whole = B.estimate(analytic, (3, 256, 192), steps=5, cap=(1 << 40, "test"))
+    cap = B._rss() + whole.extra_bytes // 3
+    with pytest.raises(DeqirError) as e:
+        B.plan_budget(analytic, (3, 256, 192), 1, 5, "serial", 1, max_memory=cap)
+    fw, fh = (int(v) for v in str(e.value).split("at most about ")[1].split(" ")[0].split("x"))
+    assert 0 < fw < 192 and 0 < fh < 256
+    B.plan_budget(analytic, (3, fh, fw), 1, 5, "serial", 1, max_memory=cap)     # fits: no error
+    with pytest.raises(DeqirError) as e:
+        B.plan_budget(analytic, (3, 256, 192), 1, 5, "serial", 1, max_memory=B._rss() // 2)
+    msg = str(e.value)
+    assert "no image of this shape fits: nothing is left" in msg and "already resident" in msg and "0x0" not in msg
+    assert "\n" not in msg
 
 
 def test_cli_prints_the_estimate_and_restores_in_tiles(tmp_path, capsys):
@@ -291,3 +364,41 @@ def test_restore_file_checks_the_size_before_decoding(tmp_path):
     with pytest.raises(DeqirError, match="zeros4096.png: restoring a 4096x4096 image") as e:
         dq.restore_file(real, "sr_bicubic", scale=4, from_clean=True, max_memory=B._rss() + (300 << 20))
     assert "\n" not in str(e.value)
+
+
+def test_png_header_size_reads_exif_orientation_without_decoding(tmp_path, monkeypatch):
+    """header_size turns a PNG whose eXIf chunk says 5-8 (before or after its pixels), as read_image
+    does, from the chunk list: Pillow's getexif() on a PNG decodes every pixel to look for it."""
+    from PIL import Image, ImageFile
+
+    from deqir_dist.io.images import header_size, read_image
+    im = Image.fromarray(np.zeros((20, 36, 3), np.uint8))
+    exif = im.getexif()
+    exif[0x0112] = 6
+    im.save(tmp_path / "turned.png", exif=exif.tobytes())
+    data = (tmp_path / "turned.png").read_bytes()
+    i = data.index(b"eXIf") - 4
+    n = struct.unpack(">I", data[i:i + 4])[0] + 12
+    chunk, rest = data[i:i + n], data[:i] + data[i + n:]
+    j = rest.index(b"IEND") - 4
+    (tmp_path / "after.png").write_bytes(rest[:j] + chunk + rest[j:])       # eXIf after IDAT
+    monkeypatch.setattr(ImageFile.ImageFile, "load", lambda self: pytest.fail("header_size decoded the pixels"))
+    for name in ("turned.png", "after.png"):
+        assert header_size(tmp_path / name) == (20, 36)
+    assert header_size(_zeros_png(tmp_path / "plain.png", 36, 20)) == (36, 20)
+    monkeypatch.undo()
+    assert tuple(read_image(tmp_path / "after.png").shape) == (3, 36, 20)
+
+
+def test_max_time_flags_are_checked_before_any_work(tmp_path, capsys):
+    """--max-time on restore, ray-restore and serve: a bad value is one line, exit 2, nothing written."""
+    from PIL import Image
+    Image.fromarray(np.zeros((16, 16, 3), np.uint8)).save(tmp_path / "p.png")
+    base = ["--task", "sr_avgpool", "--scale", "2", "--model", "analytic", "--max-time", "soon"]
+    for argv in (["restore", str(tmp_path / "p.png"), "--from-clean", *base, "-o", str(tmp_path / "o")],
+                 ["ray-restore", str(tmp_path), "--from-clean", *base, "-o", str(tmp_path / "o")],
+                 ["serve", "--port", "0", *base]):
+        assert main(argv) == 2, argv
+        lines = capsys.readouterr().err.strip().splitlines()
+        assert len(lines) == 1 and "max_time (--max-time) must be" in lines[0], (argv, lines)
+    assert not (tmp_path / "o").exists()

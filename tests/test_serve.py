@@ -204,6 +204,16 @@ def test_batch_gives_each_request_its_alone_bytes(server, files, cache, tmp_path
         assert body == want[p.name]
 
 
+def _claims_4096() -> bytes:
+    import numpy as np
+
+    from deqir_dist.io.images import _png16_encode
+    from deqir_dist.io.pngtext import add_text
+    desc = {"format": 1, "sigma_y": 0.0, "bits": 16, "task": "sr_avgpool", "image_shape": [3, 4096, 4096],
+            "params": {"scale": 256}}
+    return add_text(_png16_encode(np.zeros((16, 16, 3), np.uint16)), {"deqir-measurement": json.dumps(desc)})
+
+
 def test_hostile_uploads_are_one_line_4xx_and_the_server_stays_ready(server, files, tmp_path):
     good = sorted((files / "meas").glob("*.png"))[0].read_bytes()
     bomb = png_bomb(tmp_path / "bomb.png", 12000, 12000).read_bytes()            # 144 M pixels in ~140 KB
@@ -220,6 +230,9 @@ def test_hostile_uploads_are_one_line_4xx_and_the_server_stays_ready(server, fil
         "a path as mask": ({"image": ("x.png", good)}, {"task": "inpaint", "mask": "/etc/hostname"}, 400,
                            "file field 'mask'"),
         "contradiction": ({"image": ("x.png", good)}, {"task": "sr_bicubic", "scale": "4"}, 400, ""),
+        # 16x16 pixels whose description claims 4096x4096: estimated from the header (api.budget), refused
+        # before its operator is built, naming the size that fits (the server runs under RLIMIT_AS 4 GB)
+        "claims 4096x4096": ({"image": ("c.png", _claims_4096())}, {}, 400, "4096x4096 image"),
     }
     for what, (fs, fields, status, text) in cases.items():
         got, headers, body = server.restore(fs, fields)

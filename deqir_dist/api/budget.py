@@ -18,6 +18,13 @@ memory.
 :func:`plan_budget` decides: the whole canvas when it fits; else, for a fully convolutional model
 (``tileable``), overlapping tiles at the model's native size (``models/tiled``) with as many
 tiles per call as fit; else a one-line ``DeqirError`` naming the size that would fit.
+
+The work is capped too (:func:`time_cap`): a restore whose modelled time is over ``max_time``
+(minutes, or "90m", "3h"; default ``DEFAULT_MAX_MINUTES``, 0: no cap) is refused in one line
+naming the size and the step count that fit, before any of it runs. Memory alone does not bound
+a hostile file: a 229-byte PNG claiming a 4096x4096 picture fits in 256 px tiles, at hours of
+CPU. The time is checked with the probe's per-pixel cost first (a lower bound: per pixel a CPU is
+slower on large maps), so a refused run never times a large call either.
 """
 from __future__ import annotations
 
@@ -45,12 +52,20 @@ ANDERSON_ROWS = 2            # + 2 m per row for Anderson's history
 CLEAN_DECODE = 6             # canvas images to read a clean image and degrade it (uint8, float, A x)
 TILES_PER_CALL = (4, 64)     # the most tiles in one call (CPU, CUDA): a CPU gains nothing from larger batches
 OP_MATRICES = 32             # bytes per (H^2 + W^2): separable operators' float64 factors (SVD base)
+DEFAULT_MAX_MINUTES = 180    # the work cap: a restore modelled at over 3 h is refused (max_time / --max-time)
 
 
 class _PeakBytes(TorchDispatchMode):
     """The peak bytes of the tensors alive at once, among those created inside the mode: each op's
     new storages are held by weak reference (no callback: nothing outlives the mode) and the live
     total is recounted after every op."""
+
+    @classmethod
+    def _should_skip_dynamo(cls) -> bool:
+        # True (torch's default) wraps __torch_dispatch__ in torch._dynamo.disable, whose first
+        # call imports torch._dynamo (sympy, mpmath: ~70 MB of RSS) on the refusal path; nothing
+        # is compiled inside this mode
+        return False
 
     def __init__(self):
         super().__init__()
@@ -161,6 +176,33 @@ def parse_memory(value) -> int:
     return n
 
 
+def time_cap(max_time=None) -> tuple[float | None, str]:
+    """(seconds a restore may be modelled to take, or None for no cap; how the cap was set).
+    ``max_time``: minutes (a number), a string with a unit ("90m", "3h", "45s", "1.5h"), 0 for no
+    cap, None for ``DEFAULT_MAX_MINUTES``."""
+    if max_time is None:
+        return DEFAULT_MAX_MINUTES * 60.0, f"the default {_fmt_s(DEFAULT_MAX_MINUTES * 60.0)}; --max-time MINUTES " \
+                                           "raises it, 0 lifts it"
+    minutes = -1.0
+    if is_real(max_time):
+        minutes = float(max_time)
+    elif isinstance(max_time, str):
+        v = max_time.strip().lower()
+        mult = {"s": 1 / 60, "m": 1.0, "min": 1.0, "h": 60.0}
+        unit = next((u for u in ("min", "s", "m", "h") if v.endswith(u)), "")
+        try:
+            minutes = float(v[:len(v) - len(unit)] if unit else v) * mult.get(unit, 1.0)
+        except ValueError:
+            minutes = -1.0
+    if not (math.isfinite(minutes) and minutes >= 0):
+        raise DeqirError(f"max_time (--max-time) must be minutes >= 0 (0: no limit) or a time such as 90m, 3h or "
+                         f"45s, got {max_time!r}")
+    if minutes == 0:
+        return None, "no limit"
+    given = f"{max_time} min" if is_real(max_time) or str(max_time).strip().replace(".", "", 1).isdigit() else max_time
+    return minutes * 60.0, f"--max-time {str(given).strip()}"
+
+
 def _rss() -> int:
     try:
         import psutil
@@ -216,6 +258,8 @@ def _fmt(n: float) -> str:
 
 
 def _fmt_s(s: float) -> str:
+    if s < 10:
+        return f"{s:.2g} s"
     if s < 90:
         return f"{s:.0f} s"
     if s < 5400:
@@ -244,6 +288,7 @@ class Budget:
     tiles_per_call: int | None = None
     probe_batches: int = 1           # the most rows auto's cost probe may time (and its plan hold)
     whole_bytes: int | None = None   # tiled because the whole canvas needs this much (over the cap)
+    max_seconds: float | None = None  # the work cap it was checked against (None: no cap)
 
     @property
     def fits(self) -> bool:
@@ -367,13 +412,46 @@ def _refine_time(model, budget: Budget) -> Budget:
     return budget
 
 
+def _check_time(budget: Budget, limit: tuple[float | None, str], model) -> Budget:
+    """``budget`` when its modelled time is within the work cap, else a one-line DeqirError naming
+    the size that fits at these steps and the steps that fit at this size (time is linear in both)."""
+    cap_s, source = limit
+    budget.max_seconds = cap_s
+    if cap_s is None or budget.seconds <= cap_s:
+        return budget
+    _, H, W = budget.canvas
+    ratio = cap_s / budget.seconds
+    fw, fh = int(W * math.sqrt(ratio)), int(H * math.sqrt(ratio))
+    steps_fit = int(budget.steps * ratio)
+    how = f"in {budget.tiles} {budget.tile} px tiles, " if budget.tile else ""
+    size = (f"at {budget.steps} steps an image of at most about {fw}x{fh} fits" if min(fw, fh) >= 1 else
+            f"at {budget.steps} steps no image size fits")
+    steps = (f", or about {steps_fit} step{'s' * (steps_fit > 1)} (--steps) at this size" if steps_fit >= 1 else
+             ", and not even one step fits at this size")
+    batch = f" ({budget.batch} images in one call)" if budget.batch > 1 else ""
+    raise DeqirError(f"restoring a {W}x{H} image{batch} ({type(model).__name__}, {budget.solver}, {budget.steps} "
+                     f"steps, {how}{budget.calls} calls x {budget.ms_per_call / 1e3:.2f} s) would take about "
+                     f"{_fmt_s(budget.seconds)} (modelled), over the {_fmt_s(cap_s)} work cap ({source}): "
+                     f"{size}{steps}")
+
+
+def _decided(model, budget: Budget, limit) -> Budget:
+    """The decided run's time refined (``_refine_time``) and checked against the work cap: first
+    with the probe's time (a lower bound), so a run refused for its work never times a large call."""
+    _check_time(budget, limit, model)
+    return _check_time(_refine_time(model, budget), limit, model)
+
+
 def plan_budget(model, canvas: tuple, batch: int, steps: int, solver: str, rows: int, dtype=torch.float32,
                 max_memory=None, tile=None, from_clean: bool = False, iterations: int | None = None,
-                anderson_m: int = 0, device=None, call_rows: int | None = None) -> Budget:
+                anderson_m: int = 0, device=None, call_rows: int | None = None, max_time=None) -> Budget:
     """The estimate for the restore to run, the tiling decided: ``tile`` None decides (whole when it
     fits, else the model's native tile), 0 / False never tiles, an int always tiles at that size.
-    Raises a one-line DeqirError when nothing fits, naming the size (or setting) that would."""
+    Raises a one-line DeqirError when nothing fits, naming the size (or setting) that would, and
+    when the run's modelled time is over ``max_time`` (``time_cap``: minutes; None the default
+    cap, 0 none)."""
     cap = memory_cap(max_memory, device)
+    limit = time_cap(max_time)
     if tile is not None and tile is not False and not (is_int(tile) and int(tile) >= 0):
         raise DeqirError(f"tile must be a tile size in pixels (0: never tile), got {tile!r}")
     kw = dict(batch=batch, steps=steps, solver=solver, rows=rows, dtype=dtype, from_clean=from_clean, cap=cap,
@@ -383,29 +461,40 @@ def plan_budget(model, canvas: tuple, batch: int, steps: int, solver: str, rows:
         if native is None:
             raise DeqirError(f"{type(model).__name__} cannot be tiled (only fully convolutional priors: the "
                              "built-in one, DDPM and ADM UNets); leave tile unset")
-        return _refine_time(model, _fit_tiles(model, canvas, int(tile), kw))
+        return _decided(model, _fit_tiles(model, canvas, int(tile), kw), limit)
     whole = estimate(model, canvas, **kw)
     if whole.fits:
         whole.probe_batches = _probe_rows(model, canvas, kw)
-        return _refine_time(model, whole)
+        return _decided(model, whole, limit)
     if native is not None and tile is None and rows <= 1:
         tiled = _fit_tiles(model, canvas, native, kw, quiet=True)
         if tiled is not None:
             tiled.whole_bytes = whole.extra_bytes
-            return _refine_time(model, tiled)
+            return _decided(model, tiled, limit)
     C, H, W = canvas
-    fixed = OP_MATRICES * (H * H + W * W) if from_clean else 0
-    fw, fh = largest_fit(whole, (whole.extra_bytes - fixed) / (H * W), fixed)
+    # at this aspect every term scales with the pixels (the state, the activations; the operator's
+    # H^2 + W^2 factors of a clean image too), but one tile's activations, which stay the same
+    fw, fh = largest_fit(whole, whole.extra_bytes / (H * W))
+    chunk = 0.0
     if native is not None and tile is None and rows <= 1:      # the largest the tiles can take
         one = estimate(model, canvas, tile=native, tiles_per_call=1, **kw)
         chunk = model_footprint(model, C).bytes_per_px * min(native, H) * min(native, W)
-        fw, fh = largest_fit(one, (one.extra_bytes - fixed - chunk) / (H * W), fixed + chunk)
+        fw, fh = largest_fit(one, (one.extra_bytes - chunk) / (H * W), chunk)
     advice = (f"a {solver} window of fewer rows (--window), solver serial, or " if rows > 1 else "")
     tiles = ("; tiling was turned off (tile=0)" if native is not None and not tile and tile is not None else
              "" if native is None else f"; even in {native} px tiles the chain state alone is too large")
+    fit = f"{advice}an image of at most about {fw}x{fh} fits"
+    mult = max(4, int(getattr(model, "size_multiple", 1) or 1))
+    if min(fw, fh) < mult:    # no real picture fits: say why instead of naming a size such as 0x0
+        room = max(0, whole.cap_bytes)
+        why = (f"nothing is left under the cap with {_fmt(_rss())} already resident (the model, torch)"
+               if room < 1 << 20 else
+               f"the {_fmt(room)} left under the cap is less than one {native} px tile's activations need" if chunk
+               else f"the {_fmt(room)} left under the cap is less than a {mult}x{mult} image needs")
+        fit = f"no image of this shape fits: {why}; raise the limit"
     raise DeqirError(f"restoring a {W}x{H} image ({type(model).__name__}, {solver}, {rows} row(s)) needs about "
                      f"{_fmt(whole.extra_bytes)} more memory, over the {_fmt(max(0, whole.cap_bytes))} it may use "
-                     f"({whole.cap_source}){tiles}: {advice}an image of at most about {fw}x{fh} fits")
+                     f"({whole.cap_source}){tiles}: {fit}")
 
 
 def _probe_rows(model, canvas, kw) -> int:
@@ -440,16 +529,18 @@ def _fit_tiles(model, canvas, tile: int, kw, quiet: bool = False) -> Budget | No
 
 
 def input_check(model, task: str | None, steps: int | None = None, solver: str = "auto", options: dict | None = None,
-                max_memory=None, tile=None, on_budget=None):
+                max_memory=None, tile=None, on_budget=None, max_time=None):
     """``check(path, image_shape, from_clean)`` for ``dataset.items`` (``ItemSource``, ``load_items``):
     the restore of each input estimated from its header's size, before its pixels are decoded or
     its operator built; over the cap and not tileable, a one-line DeqirError naming the file and
-    the size that fits. ``steps`` None: the model card's. ``on_budget(path, budget)`` sees each
-    estimate (the CLI prints one line per size)."""
+    the size that fits; over the work cap ``max_time`` (``time_cap``), the same. ``steps`` None:
+    the model card's. ``on_budget(path, budget)`` sees each estimate (the CLI prints one line per
+    size)."""
     from deqir_dist.api.conventions import size_multiple
     from deqir_dist.models.settings import resolve_settings
     if max_memory is not None:
         parse_memory(max_memory)
+    time_cap(max_time)
     if tile is not None and tile is not False and not (is_int(tile) and int(tile) >= 0):
         raise DeqirError(f"tile (--tile) must be a tile size in pixels (0: never tile), got {tile!r}")
     steps = resolve_settings(model, task, {"steps": steps})[0]["steps"]
@@ -461,7 +552,7 @@ def input_check(model, task: str | None, steps: int | None = None, solver: str =
         canvas = (C, -(-H // mult) * mult, -(-W // mult) * mult)
         try:
             b = plan_budget(model, canvas, 1, steps, solver, rows, max_memory=max_memory, tile=tile,
-                            from_clean=from_clean, call_rows=call_rows, anderson_m=m)
+                            from_clean=from_clean, call_rows=call_rows, anderson_m=m, max_time=max_time)
         except DeqirError as e:
             raise DeqirError(f"{path}: {e}") from None
         if on_budget is not None:

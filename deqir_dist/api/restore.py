@@ -160,7 +160,7 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
             warm_start: int = 1, progress: bool = False, callback=None, dtype: torch.dtype = torch.float32,
             distributed: bool = False, group=None, profile=None, clip_x0: bool | None = None,
             eta: float | None = None, device=None, value_range=None, scheduler=None, prediction_type: str | None = None,
-            max_memory=None, tile=None,
+            max_memory=None, tile=None, max_time=None, plan_only: bool = False,
             **solver_options) -> RestoreResult:
     """Restore images from measurements y = A(x) (+ noise of std sigma_y).
 
@@ -238,7 +238,13 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     (``models.tiled.TiledDenoiser``: one chain, the tiles' eps blended at every step) when the
     model is fully convolutional, else refused in one line naming the size that fits; ``tile=0``
     never tiles; ``tile=P`` always tiles at P pixels. ``result.budget`` is the estimate.
-    An allocation failure anyway is a one-line DeqirError.
+    ``max_time`` caps the work the same way: a restore whose modelled time is over it (minutes, or
+    "90m", "3h"; default ``api.budget.DEFAULT_MAX_MINUTES``, 3 h; 0: no cap) is refused in one line
+    naming the size and the steps that fit. An allocation failure anyway is a one-line DeqirError.
+
+    ``plan_only=True`` stops once the solver is decided (with ``distributed=True``, auto's plan
+    is collective): the result has ``solver``, ``plan`` and ``budget`` and an empty ``image``
+    (``dataset.items`` deals serial images over torchrun's ranks with it).
     """
     plan = None
     denoiser = as_denoiser(denoiser, scheduler, prediction_type, alphas_cumprod)
@@ -261,7 +267,8 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
     dcomm = None
     check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter, alphas_cumprod, warm_start,
                    clip_x0=clip_x0, spacing=spacing, offset=offset, **solver_options)   # before the estimate times the model
-    budget = _memory_plan(denoiser, op, y.shape[0], steps, solver, dtype, max_memory, tile, device, solver_options)
+    budget = _memory_plan(denoiser, op, y.shape[0], steps, solver, dtype, max_memory, tile, device, solver_options,
+                          max_time)
     if budget.tile:
         denoiser = TiledDenoiser(denoiser, budget.canvas[1:], budget.tile, budget.overlap, budget.tiles_per_call)
         if solver == "auto" and profile is None:     # modelled: timing every tile of a row would be the work
@@ -275,8 +282,13 @@ def restore(denoiser, y: torch.Tensor, op, steps: int | None = None, solver: str
         plan["seconds"] = round(time.perf_counter() - t_plan, 4)    # timing the model (or reading its profile)
         solver_options = apply_plan(solver, plan, stop, max_iter, steps, solver_options)
         if solver != "serial":     # the plan's rows, checked again
+            cap_s = budget.max_seconds
             budget = _memory_plan(denoiser, op, y.shape[0], steps, solver, dtype, max_memory, 0, device,
-                                  solver_options)
+                                  solver_options, 0)    # its time: predicted below serial's, checked above
+            budget.max_seconds = cap_s
+    if plan_only:
+        return RestoreResult(torch.empty(0), 0, [], [], solver, steps, stop, 0.0, 0.0, plan=plan, settings=settings,
+                             settings_source=sources, budget=budget.as_dict())
     coeffs, opts = check_settings(steps, solver, start, etw, nw, sigma_y, stop, stop_tol, max_iter,
                                   alphas_cumprod, warm_start, clip_x0=clip_x0, spacing=spacing, offset=offset,
                                   **solver_options)
@@ -436,9 +448,9 @@ def _plan(denoiser, op, steps: int, profile, comm, etw, stop, max_iter, window_g
 
 
 def _memory_plan(denoiser, op, batch: int, steps: int, solver: str, dtype, max_memory, tile, device,
-                 solver_options: dict):
+                 solver_options: dict, max_time=None):
     """``api.budget.plan_budget`` for this restore, with the rows ``solver`` holds (``solver_rows``).
     Sharded, each rank decides for itself (no collective before the solve's own checks)."""
     rows, call_rows, m = solver_rows(solver, steps, solver_options)
     return plan_budget(denoiser, tuple(canvas(denoiser, op).image_shape), batch, steps, solver, rows, dtype,
-                       max_memory, tile, device=device, call_rows=call_rows, anderson_m=m)
+                       max_memory, tile, device=device, call_rows=call_rows, anderson_m=m, max_time=max_time)

@@ -107,6 +107,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tile", type=int, metavar="PX",
                    help="restore in overlapping PX x PX tiles (one chain, blended every step); 0: never tile "
                         "(default: tile only when the whole image does not fit)")
+    g.add_argument("--max-time", metavar="MINUTES",
+                   help="the work cap: an image whose restore is modelled (before any work) to take longer is "
+                        "refused, naming the size and the --steps that fit; minutes, or 90m, 3h, 45s (default "
+                        "180: 3 h; 0: no cap)")
 
     p = sub.add_parser("eval", help="PSNR/SSIM of restored images against ground truth")
     p.add_argument("restored", help="a restored image, or a folder of them")
@@ -215,7 +219,7 @@ def cmd_restore(args) -> int:
         items, json_path, model = all_ranks_ok(prepare, device)
     else:
         items, json_path, model = prepare()
-    kw = dict(restore_kwargs(args), max_memory=args.max_memory, tile=args.tile)
+    kw = dict(restore_kwargs(args), max_memory=args.max_memory, tile=args.tile, max_time=args.max_time)
     show = lead and not args.no_progress
     label = f"{args.checkpoint} ({type(model).__name__})" if args.checkpoint else \
         (args.model or ("analytic" if args.emulate_cost else "builtin"))
@@ -279,7 +283,7 @@ def _budget_check(model, args, lines: list):
             said.add(b.canvas)
             lines.append((f"deqir: {Path(path).name}: {b.line()}", bool(b.tile)))
     return input_check(model, args.task, args.steps, args.solver, {"window": args.window, "blocks": args.blocks},
-                       args.max_memory, args.tile, note)
+                       args.max_memory, args.tile, note, max_time=args.max_time)
 
 
 def _eval_inputs(path, what: str) -> dict:

@@ -106,10 +106,17 @@ def versions() -> dict:
 
 def serial_ranks_note(records: list[dict], world: int) -> str | None:
     """Under torchrun (``world`` > 1), a line when images ran the serial solver: it does not shard,
-    so every rank ran the whole chain (solver="auto" picks serial where it predicts no speed-up,
-    which on CPUs is most sizes)."""
+    so the images are dealt over the ranks (``dataset.dealt``: each restores every P-th), or, with
+    tiles given, every rank ran the whole chain (its calls' tiles split over the ranks). solver="auto"
+    picks serial where it predicts no speed-up, which on CPUs is most sizes."""
+    if world <= 1:
+        return None
+    if any(r.get("solver") == "serial" and "dealt_to_rank" in r for r in records):
+        return (f"deqir: note: the serial solver does not shard an image's chain, so the images are dealt over the "
+                f"{world} ranks (rank r restores images r, r + {world}, ... alone); give --solver picard to split "
+                "each chain over the ranks instead")
     serial = [r for r in records if r.get("solver") == "serial"]
-    if world <= 1 or not serial:
+    if not serial:
         return None
     return (f"deqir: note: {serial[0].get('id', 'an image')} ran the serial solver, which does not shard: each "
             f"of the {world} ranks runs the whole chain, no faster than one process; launch one process, or "

@@ -55,6 +55,10 @@ def _add_arguments(p: argparse.ArgumentParser) -> None:
                         "(default 30)")
     add_task_flags(p, task_required=False)     # measurement PNGs carry their task (dataset.described)
     add_sampler_flags(p)
+    p.add_argument("--max-time", metavar="MINUTES",
+                   help="the work cap per image (api.budget): an image whose restore is modelled to take longer is "
+                        "refused (a failed record naming the size and --steps that fit); minutes, or 90m, 3h "
+                        "(default 180; 0: no cap)")
 
 
 def job_from_args(args) -> RayRestoreJob:
@@ -62,7 +66,8 @@ def job_from_args(args) -> RayRestoreJob:
         args.task = described_task([e.path for e in read_input(args.input)[0]], args.from_clean)
     return RayRestoreJob(
         input=args.input, out=args.out, task=args.task, op_params=task_params(args),
-        restore_kw=restore_kwargs(args), model=args.model, checkpoint=args.checkpoint, seed=args.seed,
+        restore_kw={**restore_kwargs(args), **({"max_time": args.max_time} if args.max_time is not None else {})},
+        model=args.model, checkpoint=args.checkpoint, seed=args.seed,
         from_clean=args.from_clean, bits=args.bits, device=args.device, address=args.address,
         workers=args.workers, gpus_per_worker=args.gpus_per_worker, cpus_per_worker=args.cpus_per_worker,
         images_per_batch=args.images_per_batch, batch_restore=args.batch_restore, max_retries=args.max_retries,

@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 
+from deqir_dist.api.budget import time_cap
 from deqir_dist.api.planner import load_profile
 from deqir_dist.api.restore import check_settings
 from deqir_dist.apps.flags import (
@@ -73,6 +74,9 @@ def add_parser(sub) -> None:
     g.add_argument("--bits", type=int, default=8, choices=(8, 16), help="PNG bit depth of the replies (default 8)")
     g.add_argument("--from-clean", action="store_true",
                    help="default for the from_clean field: uploads are clean images, degraded here")
+    g.add_argument("--max-time", metavar="MINUTES",
+                   help="the work cap per request (api.budget): an upload whose restore is modelled, from its "
+                        "header, to take longer is refused in one line; minutes, or 90m, 3h (default 180; 0: none)")
     g.add_argument("--emulate-cost", metavar="TABLE.json",
                    help="hold every denoiser call to the table's c(b) (models.emulated; benchmarks)")
     add_task_flags(p, task_required=False)
@@ -133,6 +137,8 @@ def field_parser(defaults: argparse.Namespace):
         check_sampler_flags(ns)
         kw = restore_kwargs(ns)
         check_settings(**kw)
+        if getattr(defaults, "max_time", None) is not None:     # the server's cap; no request field sets it
+            kw["max_time"] = defaults.max_time
         flags = {f: getattr(ns, f, None) for f in OP_FLAGS}
         return Settings(ns.task, task_params(ns) if ns.task else None, lambda t: operator_params(t, flags), kw,
                         ns.seed, bool(ns.from_clean), ns.bits)
@@ -206,6 +212,7 @@ def cmd_serve(args) -> int:
             bound = ">= 0" if flag == "batch_wait_ms" else "> 0"
             raise DeqirError(f"--{flag.replace('_', '-')} must be a finite number {bound}, got {v}")
     check_settings(**restore_kwargs(args))
+    time_cap(args.max_time)
     if args.profile:
         load_profile(args.profile)
     max_body = args.max_body_bytes or 2 * max_file_bytes() + 64 * 1024

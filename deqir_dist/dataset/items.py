@@ -19,6 +19,7 @@ from deqir_dist.api.budget import input_check
 from deqir_dist.api.optimize import optimize_noise
 from deqir_dist.api.profile_cache import plan_record, plan_summary
 from deqir_dist.api.restore import restore
+from deqir_dist.dataset.dealt import dealing, restore_dealt, serial_plan
 from deqir_dist.dataset.described import described_operator, described_sigma_y, described_task, file_description
 from deqir_dist.dataset.tasks import OP_FLAGS, operator_params
 from deqir_dist.errors import DeqirError, check_int, is_real, one_line
@@ -186,6 +187,35 @@ def iter_items(paths: list[Path], task: str, params: dict, from_clean: bool, sig
             raise DeqirError(f"{p}: measurement contains NaN or Inf")
         noise = described_sigma_y(p, desc, sigma_y) if p.suffix != MEASUREMENT_SUFFIX and desc else None
         yield Item(p.stem, p, y, op, None, *(noise or ((sigma_y, "user") if sigma_y is not None else default_sigma_y(y, p))))
+
+
+def declared_shape(p: Path, task: str, params: dict, from_clean: bool) -> tuple | None:
+    """(C, H, W) of the image restoring ``p`` would make, from its header and PNG description
+    alone (nothing decoded: what ``iter_items`` checks before decoding); None when only the read
+    can tell (a .pt measurement, a file that cannot be read, a header Pillow cannot open or a broken
+    description: the read says why)."""
+    if Path(p).suffix == MEASUREMENT_SUFFIX:
+        return None
+    try:
+        size = header_size(p)
+        desc = None if from_clean else file_description(p)
+    except DeqirError:          # unreadable, or a broken description: its read reports it
+        return None
+    if size is None:
+        return None
+    if from_clean:
+        return (3, size[1], size[0])
+    if desc is not None:
+        return tuple(int(v) for v in desc["image_shape"])
+    return image_shape_of_measurement(task, params, (measurement_channels(task), size[1], size[0]))
+
+
+def check_declared_size(p: Path, task: str, params: dict, from_clean: bool) -> None:
+    """The pixel cap (``--max-pixels``) on the image ``p`` declares, before any pixel is decoded:
+    a one-line DeqirError (ray-restore's driver records it as the image's failure)."""
+    shape = declared_shape(p, task, params, from_clean)
+    if shape is not None:
+        check_pixels(shape[2], shape[1], f"{p}: the restored image")
 
 
 def load_items(paths: list[Path], task: str, params: dict, from_clean: bool,
@@ -366,20 +396,10 @@ def _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, r
     if progress:
         from deqir_dist.sampling.progress import progress_bar
         bar = progress_bar(len(items), "restore", "img")
-    for it in (items.stream() if isinstance(items, ItemSource) else items):
-        t0 = time.perf_counter()
-        extra = {}
-        kw = dict(restore_kw)
-        noise_source = "user" if "sigma_y" in kw else it.sigma_y_source
-        kw.setdefault("sigma_y", it.sigma_y)         # not given: the item's (from its file's bit depth)
-        if optimize is not None:
-            image, iterations, extra = _optimize(model, it, optimize, generator_for(seed, it.name), kw)
-        else:
-            res = restore_fn(model, it.y, it.op, generator=generator_for(seed, it.name), **kw)
-            image, iterations = res.image, res.iterations
-            extra = plan_record(res)         # the solver that ran; for "auto" the plan and why
+
+    def finish(it, kw, noise_source, image, iterations, extra, seconds):
         rec = {"id": it.name, "input": str(it.source), "iterations": iterations,
-               "seconds": round(time.perf_counter() - t0, 4), "sigma_y": round(float(kw["sigma_y"]), 6),
+               "seconds": round(seconds, 4), "sigma_y": round(float(kw["sigma_y"]), 6),
                "sigma_y_source": noise_source, **extra}
         image = keep_gray(it.gt if it.gt is not None else it.y, image)
         if it.gt is not None:
@@ -392,6 +412,40 @@ def _restore_all(model, items, out, staging, restore_kw, seed, bits, progress, r
             on_record(rec)
         if bar is not None:
             bar.update(1)
+    # torchrun: serial images are dealt over the ranks, not run on every one (dataset.dealt)
+    deal = dealing(restore_kw) if restore_fn is restore and optimize is None else None
+    pending: list = []
+
+    def flush():
+        for (it, kw, _), (image, iterations, extra, seconds) in zip(pending, restore_dealt(model, pending, deal[0],
+                                                                                         generator_for, seed)):
+            finish(it, kw, "user" if "sigma_y" in restore_kw else it.sigma_y_source, image, iterations, extra,
+                   seconds)
+        pending.clear()
+    for it in (items.stream() if isinstance(items, ItemSource) else items):
+        t0 = time.perf_counter()
+        extra = {}
+        kw = dict(restore_kw)
+        noise_source = "user" if "sigma_y" in kw else it.sigma_y_source
+        kw.setdefault("sigma_y", it.sigma_y)         # not given: the item's (from its file's bit depth)
+        if deal is not None:
+            planned = serial_plan(model, it, kw, generator_for(seed, it.name))
+            if planned is not None:
+                pending.append((it, kw, planned))
+                if len(pending) == deal[1]:
+                    flush()
+                continue
+            if pending:
+                flush()
+        if optimize is not None:
+            image, iterations, extra = _optimize(model, it, optimize, generator_for(seed, it.name), kw)
+        else:
+            res = restore_fn(model, it.y, it.op, generator=generator_for(seed, it.name), **kw)
+            image, iterations = res.image, res.iterations
+            extra = plan_record(res)         # the solver that ran; for "auto" the plan and why
+        finish(it, kw, noise_source, image, iterations, extra, time.perf_counter() - t0)
+    if pending:
+        flush()
     if bar is not None:
         bar.close()
     if staging is not None:
@@ -488,7 +542,7 @@ def restore_file(path, task: str | None = None, model="builtin", out=None, from_
     if isinstance(model, str):
         model = load_denoiser(model, device=device)
     check = input_check(model, task, kw.get("steps"), kw.get("solver", "auto"), kw, kw.get("max_memory"),
-                        kw.get("tile"))       # the restore's memory, before the file is decoded
+                        kw.get("tile"), max_time=kw.get("max_time"))       # the restore's memory, before the file is decoded
     item = load_items([p], task, operator_params(task, flags), from_clean, sigma_y=sigma_y, seed=seed,
                       check=check)[0]
     check_model_fits(model, [item])

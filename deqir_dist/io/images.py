@@ -99,10 +99,28 @@ def header_size(path: str | os.PathLike) -> tuple[int, int] | None:
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as im:
                 w, h = im.size
-                turned = im.getexif().get(0x0112, 1) in (5, 6, 7, 8)
+                # a PNG's eXIf chunk may follow its pixels, and Pillow's getexif() decodes them all
+                # to look there (a 4096 px PNG: +64 MB before any check): the chunks are scanned instead
+                orientation = _png_exif_orientation(data) if data.startswith(_PNG_SIG) else \
+                    im.getexif().get(0x0112, 1)
+                turned = orientation in (5, 6, 7, 8)
     except Exception:          # noqa: BLE001 - read_image gives the one-line reason
         return None
     return (h, w) if turned else (w, h)
+
+
+def _png_exif_orientation(data: bytes) -> int:
+    """The EXIF Orientation of a PNG from its eXIf chunk, found by walking the chunk headers (no
+    pixel is inflated); 1 without one, or when the chunk list is broken (its read says why)."""
+    pos = len(_PNG_SIG)
+    while pos + 8 <= len(data):
+        length, ctype = struct.unpack(">I4s", data[pos : pos + 8])
+        if ctype == b"eXIf":
+            return _exif_orientation(data[pos + 8 : pos + 8 + length])
+        if ctype == b"IEND":
+            break
+        pos += 12 + length
+    return 1
 
 
 def _decode(data: bytes) -> tuple[np.ndarray, int]:

@@ -58,10 +58,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from deqir_dist.api.budget import time_cap
 from deqir_dist.api.planner import load_profile
 from deqir_dist.api.profile_cache import plan_summary
 from deqir_dist.api.restore import check_settings
 from deqir_dist.dataset.described import check_described_inputs
+from deqir_dist.dataset.items import check_declared_size
 from deqir_dist.dataset.manifest import InputEntry, Ticker, _check_out, read_input
 from deqir_dist.dataset.results import (
     RESULTS_NAME,
@@ -154,7 +156,8 @@ class RayRestoreJob:
             if not torch.cuda.is_available():
                 raise DeqirError("--device cuda, but this machine has no usable CUDA GPU "
                                  f"(torch {torch.__version__}); use --device cpu")
-        settings = {k: v for k, v in self.restore_kw.items() if k != "profile"}
+        settings = {k: v for k, v in self.restore_kw.items() if k not in ("profile", "max_time")}
+        time_cap(self.restore_kw.get("max_time"))      # the work cap (api.budget): a bad value, one line now
         if self.solver == "auto" and self.restore_kw.get("profile") is not None \
                 and not isinstance(self.restore_kw["profile"], dict):
             # every worker must choose the same solver (a retried image must be identical): they all
@@ -218,13 +221,13 @@ class RayRestoreJob:
 
     def _run(self, t_start, entries, not_images, out: Path, summary_path: Path) -> dict:
         base = {**_model_identity(self.model, self.checkpoint), "task": self.task,
-                "restore": {k: v for k, v in self.restore_kw.items() if k != "sigma_y"},
+                "restore": {k: v for k, v in self.restore_kw.items() if k not in ("sigma_y", "max_time")},
                 "seed": self.seed, "from_clean": self.from_clean, "bits": self.bits}
         job_hash = config_hash({**base, "op_params": self.op_params, "sigma_y": self.restore_kw.get("sigma_y", 0.0)})
         results_path = out / RESULTS_NAME
         previous = load_results(results_path)
         mask_cache: dict = {}
-        todo, done_before = [], 0
+        todo, done_before, refused = [], 0, []
         tick = Ticker("checking inputs and earlier results, image", len(entries))
         for n, e in enumerate(entries, 1):
             tick(n)
@@ -236,6 +239,11 @@ class RayRestoreJob:
                 continue
             if not self.from_clean:     # a flag contradicting a measurement's description: refused before Ray
                 check_described_inputs([e.path], self.task, params, sigma_y)
+            try:        # the size its header or description declares, against --max-pixels: never shipped
+                check_declared_size(e.path, self.task, params, self.from_clean)
+            except DeqirError as err:
+                refused.append({"id": e.id, "input": str(e.path), "config": h, "status": "failed", "error": str(err)})
+                continue
             todo.append((e, params, sigma_y, h))
         stats = {"ok": 0, "failed": 0, "written": 0, "worker_restarts": 0, "retried_batches": 0}
         records: list[dict] = []
@@ -259,6 +267,11 @@ class RayRestoreJob:
                     if f.name not in skipped_logged:
                         log.append({"id": f.name, "status": "skipped", "error": "not an image or measurement file",
                                     "input": str(f)})
+                for rec in refused:           # over the pixel cap by its header: a failed record, no work
+                    rec["output"] = None
+                    log.append(rec)
+                    records.append(rec)
+                    stats["failed"] += 1
                 if session is not None:
                     startup = session.startup
                     self._run_pool(session, todo, out, log, stats, records)

@@ -9,6 +9,7 @@ import time
 import uuid
 from pathlib import Path
 
+from deqir_dist.api.budget import input_check
 from deqir_dist.api.profile_cache import plan_record
 from deqir_dist.api.restore import plan_auto, restore
 from deqir_dist.dataset.items import generator_for, keep_gray, load_items, metrics
@@ -107,9 +108,9 @@ class RestoreWorker:
         gtmp = None
         try:
             tmp.write_bytes(it["data"])
-            try:
+            try:        # the restore's memory and work estimated from the header, before decoding
                 item = load_items([tmp], self.spec["task"], it["op_params"], self.spec["from_clean"],
-                                  sigma_y=it["sigma_y"], seed=self.spec["seed"])[0]
+                                  sigma_y=it["sigma_y"], seed=self.spec["seed"], check=self._budget_check())[0]
             except DeqirError as e:
                 raise DeqirError(str(e).replace(str(tmp), it["source"])) from None
             item.source = Path(it["source"])
@@ -133,6 +134,14 @@ class RestoreWorker:
                         f.unlink()
                     except OSError:
                         pass
+
+    def _budget_check(self):
+        """``api.budget.input_check`` with this job's sampler settings (``max_time``: the work cap)."""
+        if getattr(self, "_check", None) is None:
+            kw = self.spec["restore"]
+            self._check = input_check(self.model, self.spec["task"], kw.get("steps"), kw.get("solver", "auto"), kw,
+                                      max_time=kw.get("max_time"))
+        return self._check
 
     def _encode(self, name: str, image) -> bytes:
         path = self.scratch / f"{uuid.uuid4().hex[:8]}-{name}.png"

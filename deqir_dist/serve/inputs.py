@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from deqir_dist.api.budget import input_check
 from deqir_dist.dataset.described import described_task
 from deqir_dist.dataset.items import Item, check_model_fits, check_utf8, iter_items
 from deqir_dist.errors import DeqirError
@@ -78,8 +79,10 @@ def prepare(path: Path, settings: Settings, model, model_name: str) -> Prepared:
     if task is None:
         task = described_task([path], settings.from_clean)
     params = settings.params if settings.task is not None else settings.params_for(task)
+    kw = settings.kw          # the restore's memory and work (api.budget), from the header, before decoding
+    check = input_check(model, task, kw.get("steps"), kw.get("solver", "auto"), kw, max_time=kw.get("max_time"))
     items = list(iter_items([path], task, params, settings.from_clean, sigma_y=settings.kw.get("sigma_y"),
-                            seed=settings.seed))
+                            seed=settings.seed, check=check))
     check_model_fits(model, items)
     item = items[0]
     kw = dict(settings.kw)

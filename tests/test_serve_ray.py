@@ -49,8 +49,8 @@ def _get(port: int, path: str, timeout: float = 30):
     return r.status, r.read()
 
 
-def _restore(port: int, path):
-    body, ctype = multipart({"image": (path.name, path.read_bytes())}, {})
+def _restore(port: int, path, fields: dict | None = None):
+    body, ctype = multipart({"image": (path.name, path.read_bytes())}, fields or {})
     c = http.client.HTTPConnection("127.0.0.1", port, timeout=120)
     c.request("POST", "/v1/restore", body=body, headers={"Content-Type": ctype})
     r = c.getresponse()
@@ -109,10 +109,17 @@ def test_ray_serve_gives_the_cli_bytes_and_a_dead_rank_gets_its_replica_replaced
         assert body == want[p.name]
     assert 'deqir_requests_total{outcome="ok"} 3' in _get(port, "/metrics")[1].decode()
 
-    # SIGKILL the rank actor by pid: the replica is unready at once, and Serve replaces it
+    # SIGKILL the rank actor by pid while a long sharded request runs: that request gets 503 at
+    # once (not after --dist-timeout), the replica is unready, and Serve replaces it
     old = doc["pids"]
-    os.kill(old[1], signal.SIGKILL)
-    t0 = time.monotonic()
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        running = pool.submit(_restore, port, meas[0], {"steps": "400"})
+        time.sleep(1.5)
+        t0 = time.monotonic()
+        os.kill(old[1], signal.SIGKILL)
+        status, headers, body = running.result(60)
+    assert status == 503 and "gang" in json.loads(body)["error"] and headers.get("retry-after"), body
+    assert time.monotonic() - t0 < 10
     while True:
         status, doc = _ready(port)
         if status == 503:

@@ -152,6 +152,22 @@ def open_loop(port: int, files: list[Path], rate: float, n: int, seed: int, tag:
     return out
 
 
+def md1_reference(rate: float, service_ms: float, n: int = 200_000, seed: int = 0) -> dict:
+    """Total-time p50 / p99 of an ideal single FIFO server with Poisson arrivals at ``rate`` and
+    a fixed service time (M/D/1, Lindley's recursion): what one process answering one request at
+    a time would give with no noise at all; the yardstick for the open-loop tails."""
+    rng = np.random.default_rng(seed)
+    gaps = rng.exponential(1e3 / rate, n)
+    wait = np.empty(n)
+    w = 0.0
+    for k in range(n):
+        wait[k] = w
+        w = max(0.0, w + service_ms - gaps[(k + 1) % n])
+    total = wait[n // 10:] + service_ms              # the first tenth: warm-up
+    return {"utilisation": round(rate * service_ms / 1e3, 3), "service_ms": round(service_ms, 1),
+            "p50": round(float(np.percentile(total, 50)), 1), "p99": round(float(np.percentile(total, 99)), 1)}
+
+
 def half_capacity_check(capacity: float, runs: list[dict]) -> dict | None:
     """At half capacity p99 <= 2 x p50 (the issue's criterion), from the open-loop run at 0.5x."""
     half = [r for r in runs if abs(r["fraction"] - 0.5) < 1e-9]
@@ -188,7 +204,8 @@ def plot(path: str, doc: dict) -> None:
     font = _font(12)
     xs = [r["fraction"] for r in runs]
     ys = [r["total_ms"][q] for r in runs for q in ("p50", "p95", "p99")] + \
-         [2 * r["total_ms"]["p50"] for r in runs]
+         [2 * r["total_ms"]["p50"] for r in runs] + [r["md1_reference_ms"]["p99"] for r in runs
+                                                     if "md1_reference_ms" in r]
     xmax, ymax = max(1.0, max(xs) * 1.05), max(ys) * 1.08
     px0, py0, px1, py1 = ml, mt, W - mr, H - mb
 
@@ -214,10 +231,13 @@ def plot(path: str, doc: dict) -> None:
     d.text((4, mt - 16), "total ms", fill=(90, 90, 90), font=font)
     series = [(q, [(r["fraction"], r["total_ms"][q]) for r in runs]) for q in ("p50", "p95", "p99")]
     series.append(("2 x p50", [(r["fraction"], 2 * r["total_ms"]["p50"]) for r in runs]))
+    md1 = [(r["fraction"], r["md1_reference_ms"]["p99"]) for r in runs if "md1_reference_ms" in r]
+    if md1:
+        series.append(("M/D/1 p99", md1))
     for c, (label, pts) in enumerate(series):
         col = (150, 150, 150) if label == "2 x p50" else _COLOURS[c]
         xy = [(X(a), Y(b)) for a, b in pts]
-        if label == "2 x p50":
+        if label in ("2 x p50", "M/D/1 p99"):
             for (xa, ya), (xb, yb) in zip(xy, xy[1:]):
                 for t in np.arange(0, 1, 0.1):
                     d.line((xa + (xb - xa) * t, ya + (yb - ya) * t, xa + (xb - xa) * (t + 0.05),
@@ -230,8 +250,8 @@ def plot(path: str, doc: dict) -> None:
         d.text((px1 + 38, py0 + 8 + 18 * c), label, fill="black", font=font)
     check = doc["open_loop"].get("half_capacity_check")
     if check:
-        d.text((px1 + 12, py0 + 100), f"at 0.5x: p99/p50 = {check['p99_over_p50']:g}", fill="black", font=font)
-        d.text((px1 + 12, py0 + 116), "(<= 2: " + ("holds)" if check["holds"] else "does not hold)"), fill="black",
+        d.text((px1 + 12, py0 + 110), f"at 0.5x: p99/p50 = {check['p99_over_p50']:g}", fill="black", font=font)
+        d.text((px1 + 12, py0 + 126), "(<= 2: " + ("holds)" if check["holds"] else "does not hold)"), fill="black",
                font=font)
     atomic_write(Path(path), lambda fh: img.save(fh, format="PNG"))
 
@@ -276,18 +296,29 @@ def main() -> None:
         runs = [closed_loop(port, files, c, args.requests) for c in args.clients]
         if rates:
             capacity = max(r["throughput_rps"] for r in runs)
+            one = [r for r in runs if r["total_ms"]]
+            # HTTP, decoding and encoding around the solve, from the least loaded closed-loop run
+            overhead_ms = max(0.0, min(r["total_ms"]["p50"] - r["queue_ms"]["p50"] - r["solve_ms"]["p50"] for r in one))
             sweep = []
             for i, (kind, v) in enumerate(rates):
                 rate = v * capacity if kind == "fraction" else v
                 r = open_loop(port, files, rate, args.open_requests, args.seed + i, f"o{i}")
                 r["fraction"] = round(rate / capacity, 4)
+                if r["solve_ms"]:               # the yardstick at this rate's own speed (a shared machine drifts)
+                    service_ms = r["solve_ms"]["p50"] + overhead_ms
+                    if rate * service_ms / 1e3 < 0.98:
+                        r["md1_reference_ms"] = md1_reference(rate, service_ms)
                 sweep.append(r)
                 print(f"open loop {rate:.3f} req/s ({r['fraction']:g} x capacity): total p50/p95/p99 "
                       f"{r['total_ms'].get('p50')}/{r['total_ms'].get('p95')}/{r['total_ms'].get('p99')} ms, "
                       f"{r['throughput_rps']} req/s done, failed {r['failed']}", flush=True)
             open_doc = {"capacity_rps": capacity, "capacity_from": "the highest closed-loop throughput above "
                         f"(C in {args.clients})", "requests_per_rate": args.open_requests, "seed": args.seed,
-                        "total_from": "the scheduled arrival", "runs": sweep,
+                        "total_from": "the scheduled arrival", "overhead_ms": round(overhead_ms, 1),
+                        "md1_note": "md1_reference_ms: an ideal one-at-a-time FIFO server (M/D/1) at the same "
+                                    "rate whose service time is that rate's solve p50 + overhead_ms (none: "
+                                    "utilisation >= 0.98)",
+                        "runs": sweep,
                         "half_capacity_check": half_capacity_check(capacity, sweep)}
     finally:
         proc.terminate()

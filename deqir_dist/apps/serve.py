@@ -86,7 +86,7 @@ def add_parser(sub) -> None:
                         "instead of --replicas")
     r.add_argument("--ray-address", metavar="ADDR",
                    help="Ray cluster to join (host:port of its GCS; default: a private local Ray)")
-    r.add_argument("--health-check-period", type=float, default=2.0,
+    r.add_argument("--health-check-period", type=float, default=2.0, metavar="S",
                    help="seconds between Serve's health checks of a replica (its gang); default 2")
     add_task_flags(p, task_required=False)
     add_sampler_flags(p)
@@ -219,12 +219,14 @@ def cmd_serve(args) -> int:
         load_profile(args.profile)
     max_body = args.max_body_bytes or 2 * max_file_bytes() + 64 * 1024
     check_int("--max-body-bytes", max_body)
+    from deqir_dist.serve.torchrun import under_torchrun
     if args.ray:                            # Ray Serve: replicas, each with its gang (apps.serve_ray)
+        if under_torchrun():
+            raise DeqirError("--ray places each replica's gang with Ray; run it without torchrun")
         from deqir_dist.apps.serve_ray import cmd_serve_ray
         return cmd_serve_ray(args, max_body, engine_and_app)
     if args.replicas is not None or args.autoscaling_config or args.ray_address:
         raise DeqirError("--replicas, --autoscaling-config and --ray-address belong to --ray")
-    from deqir_dist.serve.torchrun import under_torchrun
     if under_torchrun():                    # rank 0 serves, the others follow (serve.torchrun)
         code = _torchrun_join(args)
         if code is not None:

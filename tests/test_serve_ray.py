@@ -216,3 +216,18 @@ def test_a_private_ray_too_small_for_the_gangs_is_one_line():
     with pytest.raises(DeqirError, match="need 4 CPUs"):
         _check_fits(_args(["--ray", "--ranks", "2", "--autoscaling-config",
                            '{"min_replicas": 2, "max_replicas": 3}']), {"CPU": 2.0})
+
+
+@pytest.mark.slow          # ~20 s: the CLI starts its own local Ray
+def test_a_replica_that_cannot_start_is_one_line_and_exit_2(tmp_path, cache):  # noqa: F811
+    bad = tmp_path / "weights.safetensors"
+    bad.write_bytes(b"\0" * 64)
+    env = dict(_env(cache), RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0", RAY_AUTH_MODE="disabled",
+               RAY_USAGE_STATS_ENABLED="0")
+    r = subprocess.run([sys.executable, "-m", "deqir_dist", "serve", "--ray", "--port", "0", "--model", "builtin",
+                        "--checkpoint", str(bad), *FAST], env=env, cwd=ROOT, capture_output=True, text=True,
+                       timeout=240)
+    lines = [ln for ln in r.stderr.splitlines() if ln.strip()]
+    assert r.returncode == 2 and len(lines) == 1, r.stderr[-2000:]
+    assert lines[0].startswith("deqir: error: the Ray Serve deployment did not start: ") and "checkpoint" in lines[0]
+    assert r.stdout == ""

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import re
 import signal
 import sys
@@ -201,7 +202,9 @@ def _connect(address: str | None) -> bool:
         _probe_address(address, 30.0)
         saved = _bound_gcs_wait(30.0)
     try:
-        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False)
+        ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
+                 logging_level=logging.WARNING)
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)      # Serve's INFO lines: the replicas' logs
     except Exception as e:
         raise DeqirError(f"cannot start or join Ray at {address or 'local'}: {one_line(e, bare_deqir=True)[:300]}") \
             from None
@@ -244,10 +247,8 @@ def cmd_serve_ray(args, max_body: int, engine_and_app) -> int:
     finally:
         try:
             serve.delete(APP_NAME)         # replicas drain their in-flight requests, then stop their ranks
-            if started:
-                serve.shutdown()
         except Exception as e:  # noqa: BLE001
             print(f"deqir: warning: stopping Ray Serve: {one_line(e)[:200]}", file=sys.stderr)
-        if started:
+        if started:                         # the private Ray, Serve's controller and proxy with it
             ray.shutdown()
     return 0

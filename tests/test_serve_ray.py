@@ -65,10 +65,12 @@ def ray_serve_app(cache):  # noqa: F811
     from deqir_dist.apps.serve import engine_and_app
     from deqir_dist.apps.serve_ray import deploy
     from deqir_dist.serve.gang import free_port
-    os.environ["DEQIR_CACHE_DIR"] = str(cache)       # Ray's workers inherit the driver's environment
-    os.environ["OMP_NUM_THREADS"] = "1"
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 * 1024**2,
-             _node_ip_address="127.0.0.1")
+    saved = {k: os.environ.get(k) for k in ("DEQIR_CACHE_DIR", "OMP_NUM_THREADS")}
+    os.environ.update(DEQIR_CACHE_DIR=str(cache), OMP_NUM_THREADS="1")   # Ray's workers inherit them
+    started = not ray.is_initialized()
+    if started:
+        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, object_store_memory=128 * 1024**2,
+                 _node_ip_address="127.0.0.1")
     try:
         port = free_port()
         deploy(_args(RAY_FLAGS), 1 << 24, port, engine_and_app)
@@ -77,7 +79,13 @@ def ray_serve_app(cache):  # noqa: F811
         try:
             serve.shutdown()
         finally:
-            ray.shutdown()
+            if started:
+                ray.shutdown()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def _ready(port: int):

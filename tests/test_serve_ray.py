@@ -116,6 +116,10 @@ def test_ray_serve_gives_the_cli_bytes_and_a_dead_rank_gets_its_replica_replaced
         assert status == 200 and headers["x-deqir-plan"].startswith("data-parallel over 2 rank(s)"), headers
         assert body == want[p.name]
     assert 'deqir_requests_total{outcome="ok"} 3' in _get(port, "/metrics")[1].decode()
+    # the replica's gang lives in one placement group of P bundles, STRICT_PACK (one node)
+    groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
+    assert len(groups) == 1 and groups[0]["strategy"] == "STRICT_PACK", groups
+    assert list(groups[0]["bundles"].values()) == [{"CPU": 1.0}, {"CPU": 1.0}], groups
 
     # SIGKILL the rank actor by pid while a long sharded request runs: that request gets 503 at
     # once (not after --dist-timeout), the replica is unready, and Serve replaces it

@@ -201,6 +201,8 @@ def _connect(address: str | None) -> bool:
     if address:
         _probe_address(address, 30.0)
         saved = _bound_gcs_wait(30.0)
+    main = threading.current_thread() is threading.main_thread()
+    sigterm = signal.getsignal(signal.SIGTERM) if main else None
     try:
         ray.init(address=address or "local", include_dashboard=False, log_to_driver=False,
                  logging_level=logging.WARNING)
@@ -210,6 +212,8 @@ def _connect(address: str | None) -> bool:
             from None
     finally:
         _restore_env(saved)
+        if callable(sigterm):               # ray.init replaced it: a SIGTERM while starting unwinds (apps.guard)
+            signal.signal(signal.SIGTERM, sigterm)
     return True
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import base64
 import concurrent.futures
 import http.client
+import io
 import json
 import os
 import resource
@@ -161,6 +162,29 @@ def test_served_png_is_the_cli_png(server, files, cache, tmp_path):
     assert base64.b64decode(doc["image_b64"]) == want[meas[0].name]
     assert doc["id"] == meas[0].stem and doc["settings"]["steps"] == 4 and doc["settings_source"]["steps"] == "user"
     assert doc["task"] == "sr_bicubic" and doc["timings"]["total_ms"] > 0
+
+
+def test_a_gray_picture_is_served_gray_as_the_cli_writes_it(server, cache, tmp_path):
+    """Three equal channels (a grayscale photograph read as RGB): deqir restore writes a gray PNG
+    (dataset.items.keep_gray), and so must the server: a measurement and a from_clean picture."""
+    from PIL import Image
+    g = torch.Generator().manual_seed(5)
+    clean = tmp_path / "gray.png"
+    write_image(clean, (torch.rand((1, 24, 24), generator=g) * 2 - 1).expand(3, -1, -1))
+    assert main(["degrade", str(clean), "--task", "sr_bicubic", "--scale", "2", "-o", str(tmp_path / "meas")]) == 0
+    meas = tmp_path / "meas" / "gray.png"
+    want = _cli([meas], tmp_path / "cli", cache)
+    status, _, body = server.restore({"image": ("gray.png", meas.read_bytes())})
+    assert status == 200 and body == want["gray.png"], body[:200]
+    assert Image.open(io.BytesIO(body)).mode == "L"
+    want = _cli([clean], tmp_path / "cli2", cache, "--task", "sr_bicubic", "--scale", "2", "--from-clean")
+    status, _, body = server.restore({"image": ("gray.png", clean.read_bytes())},
+                                     {"task": "sr_bicubic", "scale": "2", "from_clean": "true"},
+                                     headers={"Accept": "application/json"})
+    doc = json.loads(body)
+    assert status == 200 and base64.b64decode(doc["image_b64"]) == want["gray.png"], doc
+    cli = json.loads((tmp_path / "cli2" / "summary.json").read_text())["images"][0]
+    assert doc["psnr"] == cli["psnr"] and doc["ssim"] == cli["ssim"]       # metrics of the gray picture
 
 
 def test_fields_are_the_cli_flags(server, files, cache, tmp_path):

@@ -79,6 +79,19 @@ def add_parser(sub) -> None:
                         "header, to take longer is refused in one line; minutes, or 90m, 3h (default 180; 0: none)")
     g.add_argument("--emulate-cost", metavar="TABLE.json",
                    help="hold every denoiser call to the table's c(b) (models.emulated; benchmarks)")
+    r = p.add_argument_group("Ray Serve (--ray; needs the ray-serve extra)")
+    r.add_argument("--ray", action="store_true",
+                   help="serve through Ray Serve: R replicas (or autoscaled), each owning a gang of --ranks P in its "
+                        "own placement group (STRICT_PACK: one node); Serve's proxy listens on --host:--port")
+    r.add_argument("--replicas", type=int, metavar="R", help="replicas of the deployment (default 1)")
+    r.add_argument("--autoscaling-config", metavar="JSON",
+                   help="Ray Serve's autoscaling_config, passed through (a JSON object or a file holding one, "
+                        "e.g. '{\"min_replicas\": 1, \"max_replicas\": 4, \"target_ongoing_requests\": 4}'); "
+                        "instead of --replicas")
+    r.add_argument("--ray-address", metavar="ADDR",
+                   help="Ray cluster to join (host:port of its GCS; default: a private local Ray)")
+    r.add_argument("--health-check-period", type=float, default=2.0, metavar="S",
+                   help="seconds between Serve's health checks of a replica (its gang); default 2")
     add_task_flags(p, task_required=False)
     add_sampler_flags(p)
 
@@ -195,10 +208,6 @@ def cmd_serve(args) -> int:
         raise DeqirError(EXTRA_HINT) from None
     if not any(_importable(m) for m in ("python_multipart", "multipart")):    # starlette's form parser
         raise DeqirError(EXTRA_HINT)
-    from deqir_dist.serve.app import build_app
-    from deqir_dist.serve.engine import Engine
-    from deqir_dist.serve.metrics import Metrics
-
     check_sampler_flags(args)
     check_int("--ranks", args.ranks)
     check_int("--max-queue", args.max_queue)
@@ -218,6 +227,13 @@ def cmd_serve(args) -> int:
     max_body = args.max_body_bytes or 2 * max_file_bytes() + 64 * 1024
     check_int("--max-body-bytes", max_body)
     from deqir_dist.serve.torchrun import under_torchrun
+    if args.ray:                            # Ray Serve: replicas, each with its gang (apps.serve_ray)
+        if under_torchrun():
+            raise DeqirError("--ray places each replica's gang with Ray; run it without torchrun")
+        from deqir_dist.apps.serve_ray import cmd_serve_ray
+        return cmd_serve_ray(args, max_body, engine_and_app)
+    if args.replicas is not None or args.autoscaling_config or args.ray_address:
+        raise DeqirError("--replicas, --autoscaling-config and --ray-address belong to --ray")
     if under_torchrun():                    # rank 0 serves, the others follow (serve.torchrun)
         code = _torchrun_join(args)
         if code is not None:
@@ -230,7 +246,6 @@ def cmd_serve(args) -> int:
         raise DeqirError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     sock.listen(128)
     host, port = sock.getsockname()[:2]
-    name = args.checkpoint or args.model or ("analytic" if args.emulate_cost else "builtin")
     broken, failed, held = [], [], {}
     server = None
 
@@ -239,10 +254,7 @@ def cmd_serve(args) -> int:
         print(f"deqir: error: the gang broke ({reason}); exiting for a restart", file=sys.stderr, flush=True)
         if server is not None:
             server.stop()
-    engine = Engine(None, Metrics(), max_queue=args.max_queue, max_batch=args.max_batch,
-                    batch_wait_s=args.batch_wait_ms / 1e3, on_broken=on_broken,
-                    batch_cap=_slo_cap(lambda: engine.executor, args) if args.slo_ms is not None else None)
-    app = build_app(engine, field_parser(args), lambda: engine.executor.model, name, max_body, args.request_timeout)
+    engine, app = engine_and_app(args, max_body, on_broken)
     # connections beyond the queue, the batch and a margin for health checks get 503 from uvicorn
     server = _Server(app, sock, args.max_queue + args.max_batch + 32)
 
@@ -273,6 +285,20 @@ def cmd_serve(args) -> int:
     if failed:
         raise failed[0]
     return 0
+
+
+def engine_and_app(args, max_body: int, on_broken):
+    """The engine (executor given at start) and its Starlette app, as the plain server and every
+    Ray Serve replica (apps.serve_ray) run them."""
+    from deqir_dist.serve.app import build_app
+    from deqir_dist.serve.engine import Engine
+    from deqir_dist.serve.metrics import Metrics
+    name = args.checkpoint or args.model or ("analytic" if args.emulate_cost else "builtin")
+    engine = Engine(None, Metrics(), max_queue=args.max_queue, max_batch=args.max_batch,
+                    batch_wait_s=args.batch_wait_ms / 1e3, on_broken=on_broken,
+                    batch_cap=_slo_cap(lambda: engine.executor, args) if args.slo_ms is not None else None)
+    app = build_app(engine, field_parser(args), lambda: engine.executor.model, name, max_body, args.request_timeout)
+    return engine, app
 
 
 def _slo_cap(executor_of, args):

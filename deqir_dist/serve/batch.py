@@ -27,10 +27,9 @@ import torch
 from deqir_dist.api.conventions import canvas
 from deqir_dist.api.profile_cache import plan_record
 from deqir_dist.api.restore import check_settings, plan_auto, restore
-from deqir_dist.dataset.items import generator_for
+from deqir_dist.dataset.items import generator_for, keep_gray, metrics
 from deqir_dist.io.images import write_image
 from deqir_dist.models.settings import resolve_settings
-from deqir_dist.quality.metrics import psnr, ssim
 from deqir_dist.sampling.noise import draw_noise
 
 SETTING_KEYS = ("steps", "etw", "nw", "clip_x0")
@@ -143,12 +142,19 @@ def encode_png(image: torch.Tensor, bits: int, scratch: str | None = None) -> by
         os.unlink(path)
 
 
-def image_record(res, i: int, batch: Batch) -> dict:
-    """The CLI's record fields for image i of a batch result (iterations, solver and plan, metrics)."""
+def output_image(res, i: int, batch: Batch) -> torch.Tensor:
+    """Image i of a batch result as ``deqir restore`` writes it, (1, C, H, W): gray (the channel
+    mean) when its ground truth, or else its measurement, is a grayscale picture read as RGB
+    (``dataset.items.keep_gray``)."""
+    gt = batch.gts[i] if batch.gts else None
+    return keep_gray(gt if gt is not None else batch.y[i:i + 1], res.image[i:i + 1])
+
+
+def image_record(res, i: int, batch: Batch, image: torch.Tensor | None = None) -> dict:
+    """The CLI's record fields for image i of a batch result (iterations, solver and plan, metrics
+    of ``image``, the written picture: ``output_image``)."""
     rec = {"iterations": int(res.iterations_per_image[i]), **plan_record(res)}
     gt = batch.gts[i] if batch.gts else None
-    if gt is not None:
-        img = res.image[i:i + 1].clamp(-1, 1)
-        rec["psnr"] = round(float(psnr(img, gt)[0]), 3)
-        rec["ssim"] = round(float(ssim(img, gt)[0]), 4)
+    if gt is not None:                      # as the CLI's records (a gray picture against its RGB truth)
+        rec.update(metrics(output_image(res, i, batch) if image is None else image, gt, batch.names[i]))
     return rec

@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import torch
 
 from deqir_dist.errors import DeqirError, one_line
-from deqir_dist.serve.batch import Batch, encode_png, image_record
+from deqir_dist.serve.batch import Batch, encode_png, image_record, output_image
 from deqir_dist.serve.inputs import Prepared
 from deqir_dist.serve.metrics import Metrics
 
@@ -307,8 +307,9 @@ class Engine:
                       DeadlineExceeded("the request's deadline passed while it was restored"))
                 continue
             try:
-                png = encode_png(res.image[i], j.prepared.bits)
-                rec = image_record(res, i, batch)
+                image = output_image(res, i, batch)
+                png = encode_png(image[0], j.prepared.bits)
+                rec = image_record(res, i, batch, image)
             except Exception as e:
                 _fail(j, ServeError(f"internal error: {one_line(e)}"))
                 continue

@@ -41,9 +41,9 @@ JOIN_TIMEOUT_S = 300.0
 _COLLECTIVE_FAILED = re.compile(r"^rank \d+: collective|were given different inputs|failed to prepare")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET) as s:
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
@@ -105,27 +105,38 @@ def follow(model, rank: int, recv, send) -> int:
         msg = recv()
         if msg is None:
             return 3
-        kind, batch = msg
-        if kind == "stop":
+        if msg[0] == "stop":
             break
-        if kind == "dp":                      # data-parallel: my own images, in this process
-            try:
-                send(("result", _portable(run_batch(model, batch))))
-            except DeqirError as e:
-                send(("error", one_line(e, bare_deqir=True)))
-            except Exception as e:
-                send(("error", f"rank {rank}: {one_line(e)}"))
-            continue
-        try:
-            run_batch(model, batch, distributed=True)
-        except DeqirError as e:
-            if _COLLECTIVE_FAILED.search(str(e)):
-                return 3
-        except Exception:
-            return 3
+        what, value = handle(model, rank, msg)
+        if what == "exit":
+            return value
+        if what == "reply":
+            send(value)
     import torch.distributed as dist
     dist.destroy_process_group()
     return 0
+
+
+def handle(model, rank: int, msg) -> tuple[str, object]:
+    """One message from rank 0 (not "stop"): ("reply", what to send back) for a data-parallel
+    part, ("done", None) after a sharded batch, ("exit", 3) when its collective failed (the gang
+    is broken: the follower leaves). Shared by the pipe loop above and serve.ray_gang's actors."""
+    kind, batch = msg
+    if kind == "dp":                          # data-parallel: my own images, in this process
+        try:
+            return "reply", ("result", _portable(run_batch(model, batch)))
+        except DeqirError as e:
+            return "reply", ("error", one_line(e, bare_deqir=True))
+        except Exception as e:
+            return "reply", ("error", f"rank {rank}: {one_line(e)}")
+    try:
+        run_batch(model, batch, distributed=True)
+    except DeqirError as e:
+        if _COLLECTIVE_FAILED.search(str(e)):
+            return "exit", 3
+    except Exception:
+        return "exit", 3
+    return "done", None
 
 
 @dataclass

@@ -109,6 +109,8 @@ def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), tas
         extra = {"emulate_cost": str(emulate_cost), "emulated_calls": emulated.stats()}
     return {**extra, "model": model, "task": task, "operator": op.describe()["params"], "image_shape": list(shape),
             "images": images, "stop": stop, "seed": seed, "warm_start": warm_start, "windows": list(windows),
+            # the sampler settings every run used (the model card's): the planner reads K at this etw
+            "etw": ref.settings["etw"], "nw": ref.settings["nw"], "settings_source": ref.settings_source.get("etw"),
             "device": str(device or "cpu"),
             "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),
             "rows": rows}

@@ -95,7 +95,7 @@ def test_demo_bad_arguments(tmp_path):
     with pytest.raises(DeqirError, match="unknown demo task"):
         run_demo(out_dir=tmp_path, tasks=["sr_x8"], progress=False)
     with pytest.raises(DeqirError, match="no held-out image"):
-        run_demo(out_dir=tmp_path, images=["astronaut"], size=16, progress=False)
+        run_demo(out_dir=tmp_path, images=["rocket"], size=16, progress=False)   # a training photograph
     with pytest.raises(DeqirError, match="inversion_iters must be a positive integer"):
         run_demo(out_dir=tmp_path, size=16, inversion_iters=0, progress=False)
 

@@ -6,6 +6,18 @@ from deqir_dist import DeqirError, make_operator, restore
 from deqir_dist.api.planner import choose_solver, cost_at, measure_cost, predict_ms
 
 
+
+@pytest.fixture(autouse=True)
+def _reference_picard_table(monkeypatch, request):
+    """These tests check the planner's logic on fixed K values: the picard table of 2026-11-26
+    (tests/data/picard-k-reference.json, etw 0), not whatever the shipped prior's table says today."""
+    from pathlib import Path
+
+    from deqir_dist.api import planner
+    if request.node.name == "test_k_tables_ship_in_the_package_as_copies_of_the_benchmarks":
+        return
+    monkeypatch.setattr(planner, "PICARD_K_FILE", Path(__file__).parent / "data" / "picard-k-reference.json")
+
 def test_cost_interpolation():
     c = {1: 1.0, 4: 4.0, 8: 6.0}
     assert cost_at(c, 1) == 1.0 and cost_at(c, 2) == 2.0 and cost_at(c, 6) == 5.0

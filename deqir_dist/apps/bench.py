@@ -46,8 +46,8 @@ def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), tas
               scale: int = 2, size: int = 32, images: int = 3, stop: str = "rows",
               stop_tol: float | None = None, seed: int = 0, device=None,
               solvers=("picard", "anderson"), warm_start: int = 1, windows=(), progress: bool = False,
-              emulate_cost=None) -> dict:
-    """Run the comparison; returns a JSON-ready dict with one row per (N, solver); a progress bar
+              emulate_cost=None, etw: float | None = None) -> dict:
+    """Run the comparison (``etw``: the chain's eta; None: the model card's, as restore() would); returns a JSON-ready dict with one row per (N, solver); a progress bar
     over the cases when ``progress``. ``emulate_cost`` (a c(b) table file): the model is held to
     it (``models.emulated``), so seconds are those of the table's device, in one process."""
     check_int("images", images)
@@ -65,7 +65,7 @@ def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), tas
     y = op.A(gt)
     xi = torch.randn((images, *shape), generator=gen)
     gt_dev = gt
-    restore(den, y, op, steps=min(steps), solver="anderson", noise=xi)   # warm-up: first calls are slow
+    restore(den, y, op, steps=min(steps), solver="anderson", noise=xi, etw=etw)   # warm-up: first calls are slow
     rows = []
     bar = None
     if progress:
@@ -75,7 +75,7 @@ def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), tas
         if bar is not None:
             bar.set_postfix_str(f"N={n} serial")
         t0 = time.perf_counter()
-        ref = restore(den, y, op, steps=n, solver="serial", noise=xi)
+        ref = restore(den, y, op, steps=n, solver="serial", noise=xi, etw=etw)
         t_serial = time.perf_counter() - t0
         rows.append({"steps": n, "solver": "serial", "K": n, "K_mean": float(n), "rows": float(n),
                      "seconds": round(t_serial, 4),
@@ -89,7 +89,7 @@ def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), tas
             if bar is not None:
                 bar.set_postfix_str(f"N={n} {solver}" + ("" if window is None else f" W={window}"))
             t0 = time.perf_counter()
-            res = restore(den, y, op, steps=n, solver=solver, noise=xi, stop=stop, stop_tol=stop_tol,
+            res = restore(den, y, op, steps=n, solver=solver, noise=xi, etw=etw, stop=stop, stop_tol=stop_tol,
                           warm_start=warm_start, **extra)
             secs = time.perf_counter() - t0
             vs = psnr(res.image.cpu(), ref.image.cpu())
@@ -109,7 +109,7 @@ def run_bench(model: str = "analytic", checkpoint=None, steps=(25, 50, 100), tas
         extra = {"emulate_cost": str(emulate_cost), "emulated_calls": emulated.stats()}
     return {**extra, "model": model, "task": task, "operator": op.describe()["params"], "image_shape": list(shape),
             "images": images, "stop": stop, "seed": seed, "warm_start": warm_start, "windows": list(windows),
-            # the sampler settings every run used (the model card's): the planner reads K at this etw
+            # the sampler settings every run used: the planner reads K at this etw
             "etw": ref.settings["etw"], "nw": ref.settings["nw"], "settings_source": ref.settings_source.get("etw"),
             "device": str(device or "cpu"),
             "torch": torch.__version__, "machine": platform.machine(), "threads": torch.get_num_threads(),

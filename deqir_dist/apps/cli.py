@@ -136,6 +136,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--windows", type=float, nargs="+", default=[], metavar="FRAC",
                    help="also run picard with a sliding window of round(FRAC x N) rows and a frozen prefix "
                         "(1: frozen prefix only, picard's default; 0: plain sweeps of every row)")
+    p.add_argument("--etw", type=float, default=None,
+                   help="the chain's eta (default: the model card's, as restore uses; the planner's "
+                        "picard table is measured at 0)")
     p.add_argument("--profile", action="store_true",
                    help="instead: measure c(b), one denoiser call on b rows, and the modelled speed-ups")
     p.add_argument("--graph", action="store_true", help="--profile with CUDA graphs (GPU only)")
@@ -371,7 +374,8 @@ def cmd_bench(args) -> int:
     result = run_bench(model=args.model, checkpoint=args.checkpoint, steps=args.steps, task=args.task,
                        scale=args.scale, size=args.size, images=args.images, stop=args.stop,
                        stop_tol=args.stop_tol, seed=args.seed, device=device, warm_start=args.warm_start,
-                       windows=args.windows, progress=not args.no_progress, emulate_cost=args.emulate_cost)
+                       windows=args.windows, progress=not args.no_progress, emulate_cost=args.emulate_cost,
+                       etw=args.etw)
     print(format_bench(result))
     if args.json:
         write_json(args.json, result)

@@ -22,3 +22,14 @@ torch.set_num_threads(1)
 def gmm():
     from deqir_dist.models import GaussianMixtureDenoiser
     return GaussianMixtureDenoiser(seed=0)
+
+
+@pytest.fixture
+def reference_picard_table(monkeypatch, request):
+    """The planner reads picard's K from the picard table of 2026-11-26 (tests/data/picard-k-reference.json,
+    etw 0), so planner tests check its logic on fixed K, not whatever the shipped prior's table says today."""
+    from pathlib import Path
+
+    from deqir_dist.api import planner
+    if request.node.get_closest_marker("shipped_k_tables") is None:
+        monkeypatch.setattr(planner, "PICARD_K_FILE", Path(__file__).parent / "data" / "picard-k-reference.json")

@@ -21,17 +21,8 @@ from deqir_dist.io.images import _png16_encode
 from deqir_dist.io.pngtext import TEXT_KEY, read_description
 from deqir_dist.ray.pool import batch_size, least_loaded
 
-
-@pytest.fixture(autouse=True)
-def _reference_picard_table(monkeypatch, request):
-    """These tests check the planner's logic on fixed K values: the picard table of 2026-11-26
-    (tests/data/picard-k-reference.json, etw 0), not whatever the shipped prior's table says today."""
-    from pathlib import Path
-
-    from deqir_dist.api import planner
-    if request.node.name == "test_k_tables_ship_in_the_package_as_copies_of_the_benchmarks":
-        return
-    monkeypatch.setattr(planner, "PICARD_K_FILE", Path(__file__).parent / "data" / "picard-k-reference.json")
+# the planner tests check its logic on fixed K values (conftest.reference_picard_table)
+pytestmark = pytest.mark.usefixtures("reference_picard_table")
 
 
 @pytest.fixture()
@@ -84,7 +75,6 @@ def test_images_are_clipped_copies():
 
 
 # ----------------------------------------------------------------------------- issue 18: what a diffusers user types
-
 
 
 def _problem(gmm, task="sr_avgpool", **params):

@@ -22,20 +22,11 @@ from . import parareal_workers
 from .test_cli import photos  # noqa: F401  (the fixture)
 from .test_distributed import _run
 
+# the planner tests check its logic on fixed K values (conftest.reference_picard_table)
+pytestmark = pytest.mark.usefixtures("reference_picard_table")
+
 SHAPE = (3, 8, 8)
 
-
-
-@pytest.fixture(autouse=True)
-def _reference_picard_table(monkeypatch, request):
-    """These tests check the planner's logic on fixed K values: the picard table of 2026-11-26
-    (tests/data/picard-k-reference.json, etw 0), not whatever the shipped prior's table says today."""
-    from pathlib import Path
-
-    from deqir_dist.api import planner
-    if request.node.name == "test_k_tables_ship_in_the_package_as_copies_of_the_benchmarks":
-        return
-    monkeypatch.setattr(planner, "PICARD_K_FILE", Path(__file__).parent / "data" / "picard-k-reference.json")
 
 def _problem(task="sr_bicubic", batch=2, seed=0, **op_kw):
     model = GaussianMixtureDenoiser(seed=0).double()

@@ -5,18 +5,9 @@ import torch
 from deqir_dist import DeqirError, make_operator, restore
 from deqir_dist.api.planner import choose_solver, cost_at, measure_cost, predict_ms
 
+# the planner tests check its logic on fixed K values (conftest.reference_picard_table)
+pytestmark = pytest.mark.usefixtures("reference_picard_table")
 
-
-@pytest.fixture(autouse=True)
-def _reference_picard_table(monkeypatch, request):
-    """These tests check the planner's logic on fixed K values: the picard table of 2026-11-26
-    (tests/data/picard-k-reference.json, etw 0), not whatever the shipped prior's table says today."""
-    from pathlib import Path
-
-    from deqir_dist.api import planner
-    if request.node.name == "test_k_tables_ship_in_the_package_as_copies_of_the_benchmarks":
-        return
-    monkeypatch.setattr(planner, "PICARD_K_FILE", Path(__file__).parent / "data" / "picard-k-reference.json")
 
 def test_cost_interpolation():
     c = {1: 1.0, 4: 4.0, 8: 6.0}
@@ -101,6 +92,7 @@ def test_gpu_check_script_runs_on_cpu(tmp_path):
     assert all(r["parallel_ms"] > 0 for r in data["modelled_adm_t100"])
 
 
+@pytest.mark.shipped_k_tables
 def test_k_tables_ship_in_the_package_as_copies_of_the_benchmarks():
     """The planner reads its K from package data (a wheel has no bench/), each file an exact copy of
     the benchmark's JSON; pyproject.toml ships them. Without them no parallel plan is offered."""

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from deqir_dist.apps.train_prior import _data_provenance  # noqa: E402
+from deqir_dist.apps.train_prior import _data_provenance, card_summary  # noqa: E402
 from deqir_dist.io.jsonio import write_json  # noqa: E402
 from deqir_dist.models.builtin import BUILTIN_CARD, BUILTIN_WEIGHTS, load_builtin  # noqa: E402
 from deqir_dist.models.settings import check_card  # noqa: E402
@@ -53,12 +53,7 @@ def main(argv=None) -> int:
         used = {i["name"] for i in card["data"]["train_images"]} | {i["name"] for i in card["data"]["heldout_images"]}
         prov = _data_provenance(a.data, used)
         if prov:
-            n = len(card["data"]["train_images"])
-            n_deb = sum(1 for i in card["data"]["train_images"] if i["name"] in prov["files"])
-            card["summary"] = (f"Small DDPM eps-prediction UNet trained on {n} natural photographs ({n - n_deb} "
-                               f"bundled with scikit-image, {n_deb} from Debian packages under free licences, "
-                               "listed in data.files): a demonstration prior, not a paper-grade model (use the "
-                               "ADM / CelebA-HQ checkpoints for that).")
+            card["summary"] = card_summary([i["name"] for i in card["data"]["train_images"]], prov)
             card["data"]["source"] = card["data"]["source"].split(" and ")[0] + " and " + prov["source"]
             card["data"]["files"], card["data"]["data_command"] = prov["files"], prov["command"]
     lineage = json.loads(Path(a.lineage).read_text()) if a.lineage else []

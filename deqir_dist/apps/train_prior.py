@@ -63,16 +63,10 @@ def write_prior(result: dict, out: str | os.PathLike, card_path: str | os.PathLi
         sk_version = None
     used = set(result["train_images"]) | set(result["held"])
     provenance = _data_provenance(cfg.get("data_dir"), used)
-    n_sk = sum(1 for n in result["train_images"] if n not in provenance.get("files", {}))
-    origin = ("photographs bundled with scikit-image" if n_sk == len(result["train_images"]) else
-              f"photographs ({n_sk} bundled with scikit-image, {len(result['train_images']) - n_sk} from Debian "
-              "packages under free licences, listed in data.files)")
     card = {
         "format": CARD_FORMAT,
         "name": out.stem,
-        "summary": (f"Small DDPM eps-prediction UNet trained on {len(result['train_images'])} natural "
-                    f"{origin}: a demonstration prior, not a paper-grade model "
-                    "(use the ADM / CelebA-HQ checkpoints for that)."),
+        "summary": card_summary(list(result["train_images"]), provenance),
         "command": command,
         "invocation": invocation,
         "weights": {"file": out.name, "sha256": hashlib.sha256(blob).hexdigest(), "bytes": len(blob),
@@ -113,6 +107,17 @@ def write_prior(result: dict, out: str | os.PathLike, card_path: str | os.PathLi
     card_bytes = (json.dumps(card, indent=2) + "\n").encode()
     write_together([(out, blob), (card_path, card_bytes), *extra])
     return out, card_path
+
+
+def card_summary(train_names: list, provenance: dict) -> str:
+    """The card's one-line summary: how many photographs, and from where (``provenance``: _data_provenance's)."""
+    n = len(train_names)
+    n_deb = sum(1 for name in train_names if name in provenance.get("files", {}))
+    origin = ("photographs bundled with scikit-image" if not n_deb else
+              f"photographs ({n - n_deb} bundled with scikit-image, {n_deb} from Debian packages under free "
+              "licences, listed in data.files)")
+    return (f"Small DDPM eps-prediction UNet trained on {n} natural {origin}: a demonstration prior, not a "
+            "paper-grade model (use the ADM / CelebA-HQ checkpoints for that).")
 
 
 def _data_provenance(data_dir, used: set) -> dict:

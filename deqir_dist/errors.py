@@ -11,6 +11,11 @@ class DeqirError(ValueError):
     """Bad input or an unsatisfiable request. The message is one line, fit for a CLI."""
 
 
+class TooLarge(DeqirError):
+    """A request over one of the caps: pixels, bytes, characters, memory or modelled work (the
+    service answers it with 413, every other DeqirError with 400)."""
+
+
 def is_int(v) -> bool:
     """An integer (numpy's too), not a bool."""
     return isinstance(v, Integral) and not isinstance(v, bool)

@@ -256,7 +256,7 @@ def test_hostile_uploads_are_one_line_4xx_and_the_server_stays_ready(server, fil
         "contradiction": ({"image": ("x.png", good)}, {"task": "sr_bicubic", "scale": "4"}, 400, ""),
         # 16x16 pixels whose description claims 4096x4096: estimated from the header (api.budget), refused
         # before its operator is built, naming the size that fits (the server runs under RLIMIT_AS 4 GB)
-        "claims 4096x4096": ({"image": ("c.png", _claims_4096())}, {}, 400, "4096x4096 image"),
+        "claims 4096x4096": ({"image": ("c.png", _claims_4096())}, {}, 413, "4096x4096 image"),
     }
     for what, (fs, fields, status, text) in cases.items():
         got, headers, body = server.restore(fs, fields)
@@ -295,6 +295,21 @@ def test_streamed_body_over_the_cap_is_413(cache, files):
         r = c.getresponse()
         assert r.status == 413, r.read()
         assert s.get("/health/ready")[0] == 200
+    finally:
+        assert s.stop() == 0
+
+
+def test_over_the_work_cap_is_413_before_any_work(cache, files):
+    """--max-time: a request whose modelled time is over the server's cap is a one-line 413 (a cap,
+    like the pixel and byte caps: errors.TooLarge), counted as too_large; a small one is served."""
+    good = sorted((files / "meas").glob("*.png"))[0].read_bytes()
+    s = Server([*FAST, "--max-time", "0.001"], cache)       # 60 ms of modelled work
+    try:
+        status, _, body = s.restore({"image": ("x.png", good)}, {"steps": "1000"})
+        doc = json.loads(body)
+        assert status == 413 and "work cap" in doc["error"] and "\n" not in doc["error"], (status, doc)
+        assert s.restore({"image": ("x.png", good)}, {"steps": "1"})[0] == 200
+        assert 'deqir_requests_total{outcome="too_large"} 1' in s.get("/metrics")[1].decode()
     finally:
         assert s.stop() == 0
 

@@ -39,7 +39,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_flatten
 
 from deqir_dist.api.planner import cost_at, measure_cost
-from deqir_dist.errors import DeqirError, is_int, is_real, one_line
+from deqir_dist.errors import DeqirError, TooLarge, is_int, is_real, one_line
 from deqir_dist.models.tiled import overlap_factor, tile_count
 from deqir_dist.sampling.denoiser import model_device, model_dtype
 
@@ -429,7 +429,7 @@ def _check_time(budget: Budget, limit: tuple[float | None, str], model) -> Budge
     steps = (f", or about {steps_fit} step{'s' * (steps_fit > 1)} (--steps) at this size" if steps_fit >= 1 else
              ", and not even one step fits at this size")
     batch = f" ({budget.batch} images in one call)" if budget.batch > 1 else ""
-    raise DeqirError(f"restoring a {W}x{H} image{batch} ({type(model).__name__}, {budget.solver}, {budget.steps} "
+    raise TooLarge(f"restoring a {W}x{H} image{batch} ({type(model).__name__}, {budget.solver}, {budget.steps} "
                      f"steps, {how}{budget.calls} calls x {budget.ms_per_call / 1e3:.2f} s) would take about "
                      f"{_fmt_s(budget.seconds)} (modelled), over the {_fmt_s(cap_s)} work cap ({source}): "
                      f"{size}{steps}")
@@ -492,7 +492,7 @@ def plan_budget(model, canvas: tuple, batch: int, steps: int, solver: str, rows:
                f"the {_fmt(room)} left under the cap is less than one {native} px tile's activations need" if chunk
                else f"the {_fmt(room)} left under the cap is less than a {mult}x{mult} image needs")
         fit = f"no image of this shape fits: {why}; raise the limit"
-    raise DeqirError(f"restoring a {W}x{H} image ({type(model).__name__}, {solver}, {rows} row(s)) needs about "
+    raise TooLarge(f"restoring a {W}x{H} image ({type(model).__name__}, {solver}, {rows} row(s)) needs about "
                      f"{_fmt(whole.extra_bytes)} more memory, over the {_fmt(max(0, whole.cap_bytes))} it may use "
                      f"({whole.cap_source}){tiles}: {fit}")
 
@@ -518,7 +518,7 @@ def _fit_tiles(model, canvas, tile: int, kw, quiet: bool = False) -> Budget | No
     if not one.fits:
         if quiet:
             return None
-        raise DeqirError(f"restoring a {W}x{H} image in {tile} px tiles needs about {_fmt(one.extra_bytes)} more "
+        raise TooLarge(f"restoring a {W}x{H} image in {tile} px tiles needs about {_fmt(one.extra_bytes)} more "
                          f"memory, over the {_fmt(max(0, one.cap_bytes))} it may use ({one.cap_source}): use "
                          "smaller tiles or a smaller image")
     per_tile = max(1.0, model_footprint(model, C).bytes_per_px * min(tile, H) * min(tile, W))
@@ -554,7 +554,7 @@ def input_check(model, task: str | None, steps: int | None = None, solver: str =
             b = plan_budget(model, canvas, 1, steps, solver, rows, max_memory=max_memory, tile=tile,
                             from_clean=from_clean, call_rows=call_rows, anderson_m=m, max_time=max_time)
         except DeqirError as e:
-            raise DeqirError(f"{path}: {e}") from None
+            raise type(e)(f"{path}: {e}") from None     # TooLarge stays TooLarge
         if on_budget is not None:
             on_budget(path, b)
     return check

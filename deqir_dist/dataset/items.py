@@ -291,7 +291,7 @@ def degrade_files(paths: list[Path], task: str, params: dict, out_dir: str, sigm
                     save_measurement(staging.path(f"{it.name}{MEASUREMENT_SUFFIX}"), it.y[0], it.op)
             return staging.commit()
         except DeqirError as e:          # "cannot write OUT/x.png", not the hidden staging folder's path
-            raise DeqirError(staging.public(str(e))) from e.__cause__
+            raise type(e)(staging.public(str(e))) from e.__cause__
         finally:
             staging.abort()
 

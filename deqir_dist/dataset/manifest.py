@@ -129,7 +129,7 @@ def read_input(input_path: str | os.PathLike) -> tuple[list[InputEntry], list[Pa
         try:
             check_id(name)
         except DeqirError as e:
-            raise DeqirError(f"{where}: {e}") from None
+            raise type(e)(f"{where}: {e}") from None
         if name in seen:
             raise DeqirError(f"{where}: duplicate id {name!r} (first on line {seen[name]}); outputs would collide")
         seen[name] = n

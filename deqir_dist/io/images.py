@@ -71,7 +71,7 @@ def read_image(path: str | os.PathLike, channels: int = 3) -> torch.Tensor:
     try:
         samples, maxval = _decode(data)
     except DeqirError as e:
-        raise DeqirError(f"cannot read image {p}: {e}") from e
+        raise type(e)(f"cannot read image {p}: {e}") from e
     except UnidentifiedImageError as e:  # its message names an in-memory buffer, not the file
         raise DeqirError(f"cannot read image {p}: {NOT_AN_IMAGE}") from e
     except Exception as e:  # Pillow / zlib raise many types on corrupt input

@@ -21,7 +21,7 @@ import os
 import stat
 from pathlib import Path
 
-from deqir_dist.errors import DeqirError, is_int
+from deqir_dist.errors import DeqirError, TooLarge, is_int
 
 DEFAULT_MAX_PIXELS = 4096 * 4096
 _MIB = 1 << 20
@@ -87,7 +87,7 @@ def check_pixels(width: int, height: int, what: str = "image") -> None:
     if width < 1 or height < 1:
         raise DeqirError(f"{what} has an empty size {width}x{height}")
     if width * height > cap:
-        raise DeqirError(f"{what} of {width}x{height} = {width * height} pixels is over the cap of {cap} pixels "
+        raise TooLarge(f"{what} of {width}x{height} = {width * height} pixels is over the cap of {cap} pixels "
                          "(--max-pixels)")
 
 
@@ -124,7 +124,7 @@ def _check_size(p: Path, size: int, what: str, cap: int | None = None) -> None:
     why = "16 x --max-pixels + 1 MiB" if cap is None else "a file of this kind is far smaller"
     cap = max_file_bytes() if cap is None else cap
     if size > cap:
-        raise DeqirError(f"{what} {p} has {size} bytes, over the cap of {cap} bytes ({why})")
+        raise TooLarge(f"{what} {p} has {size} bytes, over the cap of {cap} bytes ({why})")
 
 
 def zip_members(source, what: str) -> tuple[int, bool]:

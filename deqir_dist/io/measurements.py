@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 
-from deqir_dist.errors import DeqirError, is_int, one_line
+from deqir_dist.errors import DeqirError, TooLarge, is_int, one_line
 from deqir_dist.io.files import atomic_write
 from deqir_dist.io.limits import check_pixels, max_file_bytes, read_file_bytes, zip_members
 from deqir_dist.physics.registry import _REGISTRY
@@ -71,7 +71,7 @@ def load_measurement(path: Path) -> tuple[torch.Tensor, dict]:
                              "which deqir degrade never writes and which could inflate far beyond the file; "
                              "save it with torch.save")
         if size > max_file_bytes():
-            raise DeqirError(f"cannot read measurement file {path}: its members hold {size} bytes, over the cap "
+            raise TooLarge(f"cannot read measurement file {path}: its members hold {size} bytes, over the cap "
                              f"of {max_file_bytes()} bytes (16 x --max-pixels + 1 MiB)")
     try:
         obj = torch.load(io.BytesIO(data), weights_only=True, map_location="cpu")
@@ -83,7 +83,7 @@ def load_measurement(path: Path) -> tuple[torch.Tensor, dict]:
         raise DeqirError(f"cannot read measurement file {path}: it holds pickled objects beyond tensors, which "
                          "are never loaded (deqir degrade writes only tensors)") from e
     except DeqirError as e:
-        raise DeqirError(f"cannot read measurement file {path}: {e}") from e
+        raise type(e)(f"cannot read measurement file {path}: {e}") from e
     except Exception as e:  # torch.load raises many types on a file that is not a torch archive
         raise DeqirError(f"cannot read measurement file {path}: not a measurement deqir degrade wrote "
                          f"({one_line(e)})") from e

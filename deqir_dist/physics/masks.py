@@ -30,7 +30,7 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw, ImageFont
 
-from deqir_dist.errors import DeqirError
+from deqir_dist.errors import DeqirError, TooLarge
 
 MASK_DEFAULTS: dict[str, dict] = {
     "box": {"fraction": 0.25},
@@ -75,7 +75,7 @@ def mask_params(kind: str, **params) -> dict:
         if not isinstance(t, str) or not t.strip() or "\n" in t:
             raise DeqirError(f"mask 'text' needs a non-empty one-line string, got {t[:40]!r}")
         if len(t) > MAX_TEXT:   # drawn at 64 px a glyph before scaling: 60,000 characters were a 2 GB canvas
-            raise DeqirError(f"mask 'text' has {len(t)} characters, over the cap of {MAX_TEXT} (a line across "
+            raise TooLarge(f"mask 'text' has {len(t)} characters, over the cap of {MAX_TEXT} (a line across "
                              "the image holds far fewer legible glyphs)")
     return full
 

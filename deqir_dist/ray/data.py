@@ -135,7 +135,7 @@ class DeqirRestorer:
                 item = load_items([tmp], task, self.params, self.from_clean, sigma_y=self.restore_kw.get("sigma_y"),
                                   seed=self.seed)[0]
             except DeqirError as e:
-                raise DeqirError(str(e).replace(str(tmp), str(path))) from None
+                raise type(e)(str(e).replace(str(tmp), str(path))) from None
             kw = dict(self.restore_kw)
             kw.setdefault("sigma_y", item.sigma_y)      # not given: from the file's bit depth, as deqir restore
             res = restore(self.model, item.y, item.op, generator=generator_for(self.seed, item.name), **kw)

@@ -112,7 +112,7 @@ class RestoreWorker:
                 item = load_items([tmp], self.spec["task"], it["op_params"], self.spec["from_clean"],
                                   sigma_y=it["sigma_y"], seed=self.spec["seed"], check=self._budget_check())[0]
             except DeqirError as e:
-                raise DeqirError(str(e).replace(str(tmp), it["source"])) from None
+                raise type(e)(str(e).replace(str(tmp), it["source"])) from None
             item.source = Path(it["source"])
             if it.get("gt_data") is not None:
                 gtmp = self.scratch / "gt" / f"{it['id']}{it['gt_suffix']}"
@@ -121,7 +121,7 @@ class RestoreWorker:
                 try:
                     gt = read_image(gtmp, channels=3)
                 except DeqirError as e:
-                    raise DeqirError(str(e).replace(str(gtmp), it["gt_source"])) from None
+                    raise type(e)(str(e).replace(str(gtmp), it["gt_source"])) from None
                 if tuple(gt.shape) != tuple(item.op.image_shape):
                     raise DeqirError(f"ground truth {it['gt_source']} is {tuple(gt.shape)}, but the restored "
                                      f"image is {tuple(item.op.image_shape)}")

@@ -10,7 +10,8 @@ is the PNG ``deqir restore`` writes for that file, flags and seed, with ``X-Requ
 
 Errors are JSON ``{"error": "<one line>"}``: 400 (the DeqirError's line), 413 (a body over
 ``max_body_bytes``, refused from its Content-Length or as it streams in; a picture over the
-pixel or byte caps, from its header, before decoding), 415 (not multipart), 429 + Retry-After
+pixel or byte caps, from its header, before decoding; a restore over the memory or work cap,
+before any work: ``errors.TooLarge``), 415 (not multipart), 429 + Retry-After
 (queue full), 503 (not ready; the gang broke), 504 (the deadline passed).
 """
 from __future__ import annotations
@@ -26,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from deqir_dist.errors import DeqirError, one_line
+from deqir_dist.errors import DeqirError, TooLarge, one_line
 from deqir_dist.serve.engine import Engine, ServeError
 from deqir_dist.serve.inputs import prepare, upload_name
 
@@ -57,9 +58,9 @@ def error(status: int, message: str, headers: dict | None = None, request_id: st
 
 
 def cap_status(e: DeqirError) -> int:
-    """413 for the caps (pixels from the header, bytes per file), 400 for everything else."""
-    text = str(e)
-    return 413 if ("over the cap" in text or "--max-pixels" in text) else 400
+    """413 for a request over a cap (``errors.TooLarge``: pixels, bytes, memory, modelled work),
+    400 for every other bad input."""
+    return 413 if isinstance(e, TooLarge) else 400
 
 
 def build_app(engine: Engine, parse_fields, model_of, model_name: str, max_body_bytes: int,
@@ -198,7 +199,7 @@ def _store(upload, path: Path, cap: int) -> None:
                 break
             total += len(chunk)
             if total > cap:
-                raise DeqirError(f"upload {path.name} is over the cap of {cap} bytes")
+                raise TooLarge(f"upload {path.name} is over the cap of {cap} bytes")
             f.write(chunk)
 
 

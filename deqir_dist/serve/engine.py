@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from deqir_dist.errors import DeqirError, one_line
+from deqir_dist.errors import DeqirError, TooLarge, one_line
 from deqir_dist.serve.batch import Batch, encode_png, image_record, output_image
 from deqir_dist.serve.inputs import Prepared
 from deqir_dist.serve.metrics import Metrics
@@ -284,7 +284,7 @@ class Engine:
             return
         except DeqirError as e:
             err = ServeError(one_line(e, bare_deqir=True))
-            err.status, err.outcome = 400, "bad_request"
+            err.status, err.outcome = (413, "too_large") if isinstance(e, TooLarge) else (400, "bad_request")
             for j in jobs:
                 _fail(j, err)
             return

@@ -84,7 +84,13 @@ def dies_mid_window(rank, world, port, out_dir):
     dies_mid_solve(rank, world, port, out_dir, stop="rows", stop_tol=1e-9, window=6)
 
 
-def dies_mid_solve(rank, world, port, out_dir, **solve):
+def two_die_mid_solve(rank, world, port, out_dir):
+    """Ranks 1 and 2 of 4 exit abruptly in their third denoiser call: 0 and 3 must name both.
+    Rank 3 reaches the failure 2 s after rank 0, so its grace period ends after rank 0's."""
+    dies_mid_solve(rank, world, port, out_dir, dying=(1, 2), late=(3,))
+
+
+def dies_mid_solve(rank, world, port, out_dir, dying=(1,), late=(), **solve):
     """Rank 1 exits abruptly in its third denoiser call; the others must fail fast, naming it."""
     from deqir_dist import DeqirError, restore
     _init(rank, world, port, timeout_s=20)
@@ -93,8 +99,10 @@ def dies_mid_solve(rank, world, port, out_dir, **solve):
 
     def denoiser(x, t):
         calls[0] += 1
-        if rank == 1 and calls[0] == 3:
+        if rank in dying and calls[0] == 3:
             os._exit(17)
+        if rank in late and calls[0] == 3:
+            time.sleep(2.0)
         return model(x, t)
     try:
         restore(denoiser, y, op, steps=12, solver="picard", noise=xi, distributed=True, **(solve or {"stop": "none"}))

@@ -73,6 +73,17 @@ def test_dead_rank_makes_the_others_fail_fast(tmp_path, worker):
         assert "rank 1" in msg and "\n" not in msg, msg
 
 
+def test_two_dead_ranks_are_both_named_and_no_live_one_is(tmp_path):
+    """The survivors name exactly the dead ranks: rank 0, which holds the group's store, waits
+    for the others to read it before it leaves (else rank 3 would find the store gone and blame 0)."""
+    codes, secs = _run(dist_workers.two_die_mid_solve, 4, tmp_path, timeout=60)
+    assert codes[1] == codes[2] == 17 and codes[0] != 0 and codes[3] != 0
+    assert secs < 45
+    for r in (0, 3):
+        msg = (tmp_path / f"rank{r}.err").read_text()
+        assert "rank 1, 2 died or hung" in msg and "\n" not in msg, msg
+
+
 def test_mismatched_inputs_fail_on_every_rank(tmp_path):
     codes, _ = _run(dist_workers.mismatched, 2, tmp_path)
     assert codes == [1, 1]

@@ -83,16 +83,21 @@ class DistComm(LocalComm):
 
     # ------------------------------------------------------------------ failure handling
     def _fail(self, what: str, err: Exception):
-        culprits = self._missing_ranks(what)
-        who = (f"rank {', '.join(map(str, culprits))} died or hung" if culprits
-               else "a peer rank failed")
+        culprits, store_lost = self._missing_ranks(what)
+        if store_lost:      # the store died with its host: who else failed cannot be learnt
+            who = "rank 0 died or hung (it holds the group's store; the other ranks' state is unknown)"
+        else:
+            who = (f"rank {', '.join(map(str, culprits))} died or hung" if culprits
+                   else "a peer rank failed")
         first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise DeqirError(f"rank {self.rank}: collective '{what}' failed: {who} ({first[:160]})") from err
 
-    def _missing_ranks(self, what: str) -> list[int]:
-        """Ranks that did not report this failure within the grace period."""
+    def _missing_ranks(self, what: str) -> tuple[list[int], bool]:
+        """(ranks that did not report this failure within the grace period, whether the store
+        itself became unreachable). Every rank that did report is alive, so with the store up the
+        list holds exactly the dead or hung ones, however many there are."""
         if self._store is None:
-            return []
+            return [], False
         try:
             self._store.set(f"{self._prefix}failed/{self.rank}", what)
             deadline = time.monotonic() + _GRACE_S
@@ -100,10 +105,17 @@ class DistComm(LocalComm):
                 missing = [r for r in range(self.size)
                            if not self._store.check([f"{self._prefix}failed/{r}"])]
                 if not missing or time.monotonic() > deadline:
-                    return missing
+                    break
                 time.sleep(0.1)
+            self._store.set(f"{self._prefix}read/{self.rank}", "1")
+            if self.rank == 0:      # the store's host stays until the live ranks have read it: leaving
+                deadline = time.monotonic() + _GRACE_S      # first, it would be the rank they name
+                while time.monotonic() < deadline and not self._store.check(
+                        [f"{self._prefix}read/{r}" for r in range(self.size) if r not in missing]):
+                    time.sleep(0.05)
+            return missing, False
         except Exception:
-            return [0] if self.rank != 0 else []   # the store lives with rank 0 (or the agent)
+            return ([0] if self.rank != 0 else []), self.rank != 0   # the store lives with rank 0 (or the agent)
 
     def _run(self, what: str, fn):
         with self.timed():

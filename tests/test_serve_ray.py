@@ -115,7 +115,8 @@ def test_ray_serve_gives_the_cli_bytes_and_a_dead_rank_gets_its_replica_replaced
     for p, (status, headers, body) in zip(pair, got):
         assert status == 200 and headers["x-deqir-plan"].startswith("data-parallel over 2 rank(s)"), headers
         assert body == want[p.name]
-    assert 'deqir_requests_total{outcome="ok"} 3' in _get(port, "/metrics")[1].decode()
+    text = _get(port, "/metrics")[1].decode()     # the deployment's sum through the hub (serve.ray_metrics)
+    assert 'deqir_requests_total{outcome="ok"} 3' in text and "\ndeqir_replicas 1\n" in text, text
     # the replica's gang lives in one placement group of P bundles, STRICT_PACK (one node)
     groups = [g for g in ray.util.placement_group_table().values() if g["state"] == "CREATED"]
     assert len(groups) == 1 and groups[0]["strategy"] == "STRICT_PACK", groups
@@ -149,6 +150,16 @@ def test_ray_serve_gives_the_cli_bytes_and_a_dead_rank_gets_its_replica_replaced
     assert serve.status().applications["deqir"].deployments["deqir"].replica_states == {"RUNNING": 1}
     status, headers, body = _restore(port, meas[0])
     assert status == 200 and np.abs(_pixels(body) - _pixels(want[meas[0].name])).max() <= 1
+    # /metrics: the replaced replica's numbers leave the sum (withdrawn when it stopped, or silent
+    # past STALE_S); the fresh one's first request is counted
+    from deqir_dist.serve.ray_metrics import STALE_S
+    t1 = time.monotonic()
+    while True:
+        text = _get(port, "/metrics")[1].decode()
+        if "\ndeqir_replicas 1\n" in text and 'deqir_requests_total{outcome="ok"} 1\n' in text:
+            break
+        assert time.monotonic() - t1 < STALE_S + 10, text
+        time.sleep(0.5)
 
 
 def test_ray_serve_options_pass_autoscaling_through():

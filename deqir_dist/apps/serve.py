@@ -287,9 +287,9 @@ def cmd_serve(args) -> int:
     return 0
 
 
-def engine_and_app(args, max_body: int, on_broken):
+def engine_and_app(args, max_body: int, on_broken, metrics_text=None):
     """The engine (executor given at start) and its Starlette app, as the plain server and every
-    Ray Serve replica (apps.serve_ray) run them."""
+    Ray Serve replica (apps.serve_ray) run them (``metrics_text``: serve.app.build_app's)."""
     from deqir_dist.serve.app import build_app
     from deqir_dist.serve.engine import Engine
     from deqir_dist.serve.metrics import Metrics
@@ -297,7 +297,8 @@ def engine_and_app(args, max_body: int, on_broken):
     engine = Engine(None, Metrics(), max_queue=args.max_queue, max_batch=args.max_batch,
                     batch_wait_s=args.batch_wait_ms / 1e3, on_broken=on_broken,
                     batch_cap=_slo_cap(lambda: engine.executor, args) if args.slo_ms is not None else None)
-    app = build_app(engine, field_parser(args), lambda: engine.executor.model, name, max_body, args.request_timeout)
+    app = build_app(engine, field_parser(args), lambda: engine.executor.model, name, max_body, args.request_timeout,
+                    metrics_text=metrics_text)
     return engine, app
 
 

@@ -6,8 +6,9 @@ the errors and the PNG bytes are the plain server's; the HTTP layer knows nothin
 replica owns its gang through the placement group Serve reserves for it (``placement_group_bundles``:
 P bundles, STRICT_PACK, so one node; a GPU per bundle on a GPU cluster): the replica is rank 0 in
 bundle 0, ranks 1..P-1 are actors in bundles 1..P-1 (``serve.ray_gang``). Serve's proxy listens on
-``--host:--port`` and routes each request to a replica; ``/health/ready`` and ``/metrics`` answer
-for the replica the request reached.
+``--host:--port`` and routes each request to a replica; ``/health/ready`` answers for the replica
+the request reached, ``/metrics`` for the whole deployment (the replicas' sum through one hub
+actor, ``serve.ray_metrics``).
 
 ``check_health`` raises while the gang is broken (a rank died: the gang's watcher sees it within a
 fraction of a second), so Serve replaces the replica within ``--health-check-period`` seconds; its
@@ -21,8 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import re
 import signal
+import socket
 import sys
 import threading
 from pathlib import Path
@@ -58,8 +61,10 @@ class DeqirReplica:
         this module), so the replica's engine and app are built exactly as the plain server's."""
         from deqir_dist.apps.flags import set_threads
         set_threads(args.threads)
+        from deqir_dist.serve.ray_metrics import Reporter
         self.args = args
-        self.engine, self.asgi = engine_and_app(args, max_body, self._on_broken)
+        self.engine, self.asgi = engine_and_app(args, max_body, self._on_broken, metrics_text=self._metrics_text)
+        self.reporter = Reporter(self.engine.metrics, f"{socket.gethostname()}:{os.getpid()}")
         self.executor = _executor(args)
         try:
             self.engine.start(self.executor)            # warm-up: every rank, the whole batch path
@@ -69,6 +74,10 @@ class DeqirReplica:
 
     def __serve_build_asgi_app__(self):
         return self.asgi
+
+    async def _metrics_text(self) -> str:
+        """/metrics: the sum over the deployment's replicas (serve.ray_metrics)."""
+        return await self.reporter.text()
 
     @staticmethod
     def _on_broken(reason: str) -> None:
@@ -84,6 +93,8 @@ class DeqirReplica:
             raise RuntimeError(f"the gang broke: {why}")
 
     def __del__(self):
+        if getattr(self, "reporter", None) is not None:
+            self.reporter.close()
         engine = getattr(self, "engine", None)
         if engine is not None:
             engine.close(timeout=1.0 if engine.broken else self.args.request_timeout)
@@ -160,6 +171,8 @@ def deploy(args, max_body: int, port: int, engine_and_app):
     ns = argparse.Namespace(**{k: v for k, v in vars(args).items() if k not in ("func",)})
     replica = serve.deployment(serve.ingress()(DeqirReplica), **opts)
     serve.start(http_options={"host": args.host, "port": port})
+    from deqir_dist.serve.ray_metrics import start_hub
+    start_hub()                             # the replicas' /metrics sum (serve.ray_metrics)
     try:
         return serve.run(replica.bind(ns, max_body, engine_and_app), name=APP_NAME, route_prefix="/", blocking=False)
     except Exception as e:                  # a replica could not start: its DeqirError's line if it has one

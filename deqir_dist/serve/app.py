@@ -64,10 +64,12 @@ def cap_status(e: DeqirError) -> int:
 
 
 def build_app(engine: Engine, parse_fields, model_of, model_name: str, max_body_bytes: int,
-              request_timeout_s: float, scratch: str | None = None):
+              request_timeout_s: float, scratch: str | None = None, metrics_text=None):
     """The Starlette app. ``parse_fields(fields: dict[str, str], mask_path: str | None)`` ->
     ``serve.inputs.Settings`` (the CLI's flags; apps.serve); DeqirError for a bad one.
-    ``model_of()``: the loaded model (asked only once the engine is ready)."""
+    ``model_of()``: the loaded model (asked only once the engine is ready). ``metrics_text``: an
+    async callable answering ``/metrics`` (a Ray Serve replica's: the deployment's sum,
+    ``serve.ray_metrics``); default this server's own numbers."""
     if Starlette is None:
         raise DeqirError("deqir serve needs the serve extra: pip install 'deqir-dist[serve]'")
     metrics = engine.metrics
@@ -169,7 +171,8 @@ def build_app(engine: Engine, parse_fields, model_of, model_name: str, max_body_
                              "queue_depth": engine.queue_depth()})
 
     async def metrics_endpoint(request):
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
+        text = await metrics_text() if metrics_text is not None else metrics.render()
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     app = Starlette(routes=[Route("/v1/restore", restore, methods=["POST"]),
                             Route("/health/live", live), Route("/health/ready", ready),

@@ -69,10 +69,43 @@ class Metrics:
         with self._lock:
             return self.counters.get((name, tuple(sorted(labels.items()))), 0)
 
+    def snapshot(self) -> dict:
+        """Every value as plain data (picklable, for ``merged``)."""
+        with self._lock:
+            return {"counters": [(k[0], k[1], v) for k, v in self.counters.items()], "gauges": dict(self.gauges),
+                    "hists": [(k[0], k[1], h.buckets, list(h.counts), h.total, h.sum) for k, h in self.hists.items()]}
+
+    @classmethod
+    def merged(cls, snapshots: list[dict]) -> "Metrics":
+        """The sum of several servers' snapshots (the replicas of one deployment): counters,
+        gauges and histogram buckets add exactly; ``deqir_ready`` becomes the ready replicas and
+        ``deqir_replicas`` the snapshots summed."""
+        out = cls()
+        out.gauges["deqir_replicas"] = len(snapshots)
+        for snap in snapshots:
+            for name, labels, v in snap["counters"]:
+                key = (name, tuple(labels))
+                out.counters[key] = out.counters.get(key, 0) + v
+            for name, v in snap["gauges"].items():
+                out.gauges[name] = out.gauges.get(name, 0) + v
+            for name, labels, buckets, counts, total, total_sum in snap["hists"]:
+                h = out.hists.setdefault((name, tuple(labels)), _Histogram(buckets))
+                if h.buckets != tuple(buckets):
+                    continue                # another version's buckets: not addable
+                h.counts = [a + b for a, b in zip(h.counts, counts)]
+                h.total += total
+                h.sum += total_sum
+        return out
+
     def render(self) -> str:
         lines = []
+        helps = dict(self.HELP)
+        if "deqir_replicas" in self.gauges:     # a deployment's sum (merged)
+            helps["deqir_ready"] = ("gauge", "replicas whose gang is whole, model loaded and warmed up")
+            helps["deqir_replicas"] = ("gauge", "replicas summed in this reply (those heard from in the last "
+                                                "seconds)")
         with self._lock:
-            for name, (kind, text) in self.HELP.items():
+            for name, (kind, text) in helps.items():
                 lines += [f"# HELP {name} {text}", f"# TYPE {name} {kind}"]
                 if kind == "gauge":
                     lines.append(f"{name} {self.gauges.get(name, 0):g}")

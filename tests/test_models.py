@@ -725,3 +725,25 @@ def test_attention_memory_is_linear_in_pixels():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert int(out.stdout.strip()) < 300, f"attention grew RSS by {out.stdout.strip()} MB"
+
+
+@pytest.mark.parametrize("attn", [(), (32,)])
+def test_deepen_adds_identity_blocks_the_same_function(attn):
+    """models.ddpm.deepen: R -> R' residual blocks per level computing exactly the same eps (with
+    attention after every block of a level too), and the new blocks are really there."""
+    from deqir_dist.models.ddpm import DDPMUNet, deepen
+    torch.manual_seed(0)
+    cfg = dict(ch=32, ch_mult=(1, 2, 2), num_res_blocks=1, attn_resolutions=attn, resolution=64)
+    small = DDPMUNet(**cfg).eval()
+    with torch.no_grad():                       # no zero biases by chance: every weight matters
+        for p in small.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    x, t = torch.randn(2, 3, 24, 36), torch.tensor([3, 640])
+    for rb in (2, 3):
+        big = DDPMUNet(**{**small.config, "num_res_blocks": rb}).eval()
+        big.load_state_dict(deepen(small.state_dict(), small.config, rb))
+        with torch.no_grad():
+            assert torch.equal(small(x, t), big(x, t))
+        assert len(big.down[0].block) == rb and len(big.up[0].block) == rb + 1
+    with pytest.raises(DeqirError, match="fewer"):
+        deepen(small.state_dict(), small.config, 0)

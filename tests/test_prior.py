@@ -285,6 +285,31 @@ def test_init_fine_tunes_from_a_weights_file_and_refuses_another_architecture(tm
         init_weights(w, other)
     with pytest.raises(DeqirError, match="not found"):
         init_weights(tmp_path / "missing.safetensors", other)
+    fewer = dict(_tiny_cfg()["model"], num_res_blocks=0)
+    with pytest.raises(DeqirError, match="its num_res_blocks is 1"):
+        init_weights(w, fewer)
+
+
+def test_init_with_more_res_blocks_starts_from_the_same_function(tmp_path):
+    """--init a prior with --res-blocks above its own: the deepened model (models.ddpm.deepen)
+    gives the init file's eps exactly, and the card says it was deepened."""
+    pytest.importorskip("skimage")
+    from deqir_dist.apps.prior_training import init_weights, train_prior
+    from deqir_dist.apps.train_prior import write_prior
+    from deqir_dist.models.ddpm import DDPMUNet
+    first = train_prior(_tiny_cfg(), progress=False)
+    w, _ = write_prior(first, tmp_path / "a.safetensors", command="deqir train-prior -o a.safetensors")
+    deep_cfg = dict(_tiny_cfg()["model"], num_res_blocks=3)
+    small, deep = DDPMUNet(**_tiny_cfg()["model"]).eval(), DDPMUNet(**deep_cfg).eval()
+    small.load_state_dict(init_weights(w, _tiny_cfg()["model"]))
+    deep.load_state_dict(init_weights(w, deep_cfg))
+    x, t = torch.randn(2, 3, 16, 24), torch.tensor([5, 900])
+    with torch.no_grad():
+        assert torch.equal(small(x, t), deep(x, t))
+    tuned = train_prior(_tiny_cfg(init=str(w), model=deep_cfg), progress=False)
+    _, card_path = write_prior(tuned, tmp_path / "b.safetensors", command="deqir train-prior --init a.safetensors")
+    init = json.loads(card_path.read_text())["training"]["init"]
+    assert init["deepened"]["from_res_blocks"] == 1 and init["deepened"]["to_res_blocks"] == 3
 
 
 def test_stored_photo_folder_stores_as_the_weights_file_does(tmp_path):

@@ -53,7 +53,7 @@ from deqir_dist.data.photos import (
 )
 from deqir_dist.errors import DeqirError, check_int
 from deqir_dist.models.builtin import read_builtin_file
-from deqir_dist.models.ddpm import DDPMUNet
+from deqir_dist.models.ddpm import DDPMUNet, deepen
 from deqir_dist.physics.registry import make_operator
 from deqir_dist.quality.baselines import best_baseline
 from deqir_dist.quality.metrics import psnr
@@ -212,7 +212,7 @@ def train_prior(cfg: TrainConfig, progress: bool = True, log_path: str | os.Path
     if cfg["channels_last"]:
         model = model.to(memory_format=torch.channels_last)
     if cfg["init"]:                     # fine-tune: start from a weights file of the same architecture
-        model.load_state_dict(init_weights(cfg["init"], cfg["model"]))
+        model.load_state_dict(init_weights(cfg["init"], cfg["model"], cfg["seed"]))
     ema = DDPMUNet(**cfg["model"]).to(device)
     ema.load_state_dict(model.state_dict())
     ema.eval().requires_grad_(False)
@@ -286,17 +286,22 @@ def train_prior(cfg: TrainConfig, progress: bool = True, log_path: str | os.Path
             "wall_seconds": time.perf_counter() - t_start}
 
 
-def init_weights(path, model_cfg: dict) -> dict:
+def init_weights(path, model_cfg: dict, seed: int = 0) -> dict:
     """The float32 state dict of a prior weights file (safetensors, no pickle) whose architecture
-    is ``model_cfg``; a different architecture is refused with the first differing setting."""
+    is ``model_cfg``. One that differs only by having fewer residual blocks per level is deepened
+    to ``model_cfg`` computing the same function (``models.ddpm.deepen``: the new blocks start as
+    identities, drawn from ``seed``); any other difference is refused with the first differing
+    setting."""
     sd, cfg, _ = read_builtin_file(path)
     want = {k: list(v) if isinstance(v, tuple) else v for k, v in model_cfg.items()}
     have = {k: list(v) if isinstance(v, tuple) else v for k, v in cfg.items()}
+    rb_want, rb_have = want.get("num_res_blocks"), have.get("num_res_blocks")
     for k in sorted(set(want) | set(have)):
-        if want.get(k) != have.get(k):
+        if want.get(k) != have.get(k) and not (k == "num_res_blocks" and rb_want > rb_have):
             raise DeqirError(f"--init {path}: its {k} is {have.get(k)!r}, the training config's is {want.get(k)!r} "
-                             "(fine-tuning needs the same architecture flags)")
-    return {k: v.float() for k, v in sd.items()}
+                             "(fine-tuning needs the same architecture flags, or more --res-blocks)")
+    sd = {k: v.float() for k, v in sd.items()}
+    return deepen(sd, cfg, rb_want, seed) if rb_want != rb_have else sd
 
 
 def _photos(cfg) -> tuple[dict, dict, dict]:
@@ -387,16 +392,23 @@ def _training_record(cfg, losses: list[float], crops: tuple, amp: str, device, t
         "final_loss": round(sum(losses[-window:]) / max(window, 1), 5) if losses else None,
         "final_loss_note": f"mean training loss over the last {window} steps",
         "loss_curve": curve,
-        "init": _init_record(cfg["init"]),
+        "init": _init_record(cfg["init"], cfg["model"]),
     }
 
 
-def _init_record(path) -> dict | None:
+def _init_record(path, model_cfg: dict | None = None) -> dict | None:
     """Which weights a fine-tuning run started from (name and sha256), None for a fresh start."""
     if not path:
         return None
-    return {"file": Path(path).name, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
-            "note": "model and EMA initialised from these weights (fine-tuning); the EMA warm-up restarts"}
+    rec = {"file": Path(path).name, "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+           "note": "model and EMA initialised from these weights (fine-tuning); the EMA warm-up restarts"}
+    have = read_builtin_file(path)[1].get("num_res_blocks")
+    want = (model_cfg or {}).get("num_res_blocks", have)
+    if want != have:
+        rec["deepened"] = {"from_res_blocks": have, "to_res_blocks": want,
+                           "how": "models.ddpm.deepen: the new blocks start as identities (conv2 zero; up-path "
+                                  "shortcut [I | 0]), so training starts from the same function"}
+    return rec
 
 
 _STATE_KEYS = ("model", "steps", "batch", "crops", "lr", "seed", "train_images", "heldout_images", "data_dir", "init",

@@ -271,7 +271,9 @@ def add_parser(subparsers):
                                    "stop; an existing one is resumed (same flags), so training can span sittings")
     p.add_argument("--state-every", type=int, default=200, help="steps between state saves (default 200)")
     p.add_argument("--init", help="fine-tune: start from this weights file (.safetensors of the same architecture, "
-                                  "e.g. the shipped builtin) instead of a random initialisation")
+                                  "e.g. the shipped builtin) instead of a random initialisation; with more "
+                                  "--res-blocks than it has, it is deepened first (the new blocks start as "
+                                  "identities: the same function)")
     p.add_argument("--data", help="extra photographs: a folder from bench/prior_data.py (train/, heldout/ PNGs)")
     p.add_argument("--train-images", help=f"comma list (default {','.join(TRAIN_IMAGES)})")
     p.add_argument("--heldout-images", help=f"comma list (default {','.join(HELDOUT_IMAGES)})")

@@ -258,6 +258,74 @@ class DDPMUNet(nn.Module):
         return h.to(x.dtype)
 
 
+def deepen(state: dict, config: dict, num_res_blocks: int, seed: int = 0) -> dict:
+    """The state dict of ``DDPMUNet(**config)`` with ``num_res_blocks`` residual blocks per level
+    instead of ``config["num_res_blocks"]``, computing the same function (net2net-style growth).
+
+    Down level i keeps its blocks 0..R-1 and appends R'-R blocks that start as identities
+    (conv2 and its bias zero: the block returns its input); their outputs join the skips, copies
+    of block R-1's. Up level i pops those copies first: its block 0 is the old block 0, blocks
+    1..R'-R start as identities on h that ignore their skip (conv2 zero, the 1x1 shortcut
+    [I | 0]), and blocks R'-R+1..R' are the old blocks 1..R. An attention block after a new
+    block starts with proj_out zero (residual: the identity). The new blocks' other weights are
+    PyTorch's default initialisation, drawn from ``seed``."""
+    old_rb = int(config["num_res_blocks"])
+    if num_res_blocks < old_rb:
+        raise DeqirError(f"deepen: {num_res_blocks} residual blocks per level is fewer than the {old_rb} there are")
+    d = num_res_blocks - old_rb
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        new = DDPMUNet(**{**config, "num_res_blocks": num_res_blocks}).state_dict()
+    out = {k: v.clone() for k, v in new.items()}
+
+    def copy(prefix_new: str, prefix_old: str) -> None:
+        for k in new:
+            if k.startswith(prefix_new + "."):
+                out[k] = state[prefix_old + k[len(prefix_new):]].to(new[k].dtype).clone()
+
+    def identity(prefix: str, with_shortcut: bool) -> None:
+        out[f"{prefix}.conv2.weight"].zero_()
+        out[f"{prefix}.conv2.bias"].zero_()
+        if with_shortcut:
+            w = out[f"{prefix}.nin_shortcut.weight"]
+            w.zero_()
+            w[:, :w.shape[0], 0, 0] = torch.eye(w.shape[0], dtype=w.dtype)
+            out[f"{prefix}.nin_shortcut.bias"].zero_()
+
+    def attn_identity(prefix: str) -> None:
+        out[f"{prefix}.proj_out.weight"].zero_()
+        out[f"{prefix}.proj_out.bias"].zero_()
+
+    levels = len(config["ch_mult"])
+    for k in new:        # everything outside the levels' blocks and attention is where it was
+        if not any(k.startswith(f"{p}.{i}.{part}.") for p in ("down", "up") for i in range(levels)
+                   for part in ("block", "attn")):
+            out[k] = state[k].to(new[k].dtype).clone()
+    for i in range(levels):
+        has_attn = any(k.startswith(f"down.{i}.attn.") for k in new)
+        for j in range(num_res_blocks):                 # down: old blocks, then identities
+            if j < old_rb:
+                copy(f"down.{i}.block.{j}", f"down.{i}.block.{j}")
+                if has_attn:
+                    copy(f"down.{i}.attn.{j}", f"down.{i}.attn.{j}")
+            else:
+                identity(f"down.{i}.block.{j}", False)
+                if has_attn:
+                    attn_identity(f"down.{i}.attn.{j}")
+        up_attn = any(k.startswith(f"up.{i}.attn.") for k in new)
+        for j in range(num_res_blocks + 1):             # up: old 0, identities, old 1..R
+            src = 0 if j == 0 else (None if j <= d else j - d)
+            if src is None:
+                identity(f"up.{i}.block.{j}", True)
+                if up_attn:
+                    attn_identity(f"up.{i}.attn.{j}")
+            else:
+                copy(f"up.{i}.block.{j}", f"up.{i}.block.{src}")
+                if up_attn:
+                    copy(f"up.{i}.attn.{j}", f"up.{i}.attn.{src}")
+    return out
+
+
 def sdedit_celeba_hq_config() -> dict:
     """``DDPMUNet`` kwargs of SDEdit's ``celeba_hq.ckpt`` (DeqIR configs/celeba_hq.yml; 113,673,219 params)."""
     return dict(ch=128, out_ch=3, ch_mult=(1, 1, 2, 2, 4, 4), num_res_blocks=2, attn_resolutions=(16,),

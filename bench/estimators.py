@@ -31,6 +31,7 @@ import time
 
 import torch
 
+from defaults_quality import quantize8      # bench/: y as an 8-bit PNG stores it
 from deqir_dist.api.restore import restore
 from deqir_dist.data.photos import resize_short, stored_photo_folder, to_tensor
 from deqir_dist.dataset.tasks import DEMO_TASKS, measurable
@@ -48,10 +49,6 @@ from deqir_dist.sampling.schedule import chain_coefficients
 # looking at the image being restored).
 START_FROM = {"sr_bicubic_x4": "bicubic+bp", "deblur_gauss": "tikhonov(0.001)", "inpaint_box": "harmonic",
               "inpaint_random": "harmonic", "colorize": "pinv"}
-
-
-def quantize8(y: torch.Tensor) -> torch.Tensor:
-    return (((y + 1) / 2).clamp(0, 1) * 255).round() / 255 * 2 - 1
 
 
 def run_variant(model, y, op, task: str, sigma_y: float, seed: int, spec: dict, baselines: dict) -> torch.Tensor:

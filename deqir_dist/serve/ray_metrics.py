@@ -21,7 +21,7 @@ from deqir_dist.serve.metrics import Metrics
 HUB_NAME, HUB_NAMESPACE = "deqir-metrics", "deqir"
 PUSH_S = 1.0
 STALE_S = 10.0
-_HUB: list = []             # the driver's handle (see start_hub)
+_hub = None                 # the driver's handle (see start_hub)
 
 
 class MetricsHub:
@@ -46,11 +46,12 @@ class MetricsHub:
 def start_hub():
     """The deployment's hub actor (an existing one is reused), registered once this returns, so
     every replica started after it finds it."""
+    global _hub
     import ray
-    hub = ray.remote(num_cpus=0, max_concurrency=1)(MetricsHub).options(
-        name=HUB_NAME, namespace=HUB_NAMESPACE, get_if_exists=True).remote()
+    hub = ray.remote(num_cpus=0)(MetricsHub).options(name=HUB_NAME, namespace=HUB_NAMESPACE,
+                                                     get_if_exists=True).remote()
     ray.get(hub.render.remote(), timeout=60)
-    _HUB[:] = [hub]         # the driver holds it: an actor nobody holds a handle to is ended
+    _hub = hub              # the driver holds it: an actor nobody holds a handle to is ended
     return hub
 
 

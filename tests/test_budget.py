@@ -250,6 +250,23 @@ def test_red_team_files_are_refused_in_one_line_in_bounded_memory(tmp_path, buil
     assert not Path(o).exists()
 
 
+def test_a_smaller_side_is_never_timed_slower_per_pixel_than_a_larger_one(builtin, monkeypatch):
+    """The work cap's refusal names a size scaled down from the refused one; planning that size
+    re-times a call at its own side. A noisy timing there (a loaded machine: this test's flake)
+    must not make it slower per pixel than the larger side already measured, or the named size
+    is refused in turn."""
+    B.plan_budget(builtin, (3, 128, 192), 1, 20, "serial", 1, max_time=0)      # side 128 measured
+    fast = B.plan_budget(builtin, (3, 84, 128), 1, 20, "serial", 1, max_time=0)      # side 84, as timed
+    key = next(k for k in B._LARGE_MS if k[1] == 128)
+    B._LARGE_MS.pop((key[0], 84), None)
+    real = B.measure_cost
+    monkeypatch.setattr(B, "measure_cost", lambda *a, **k: {b: 50 * v for b, v in real(*a, **k).items()})
+    slow = B.plan_budget(builtin, (3, 84, 128), 1, 20, "serial", 1, max_time=0)   # re-timed 50x slower
+    assert B._LARGE_MS[(key[0], 84)] > 10 * B._LARGE_MS[key]                   # the noisy timing is kept
+    probe_rate = B.model_footprint(builtin, 3).ms_per_px
+    assert slow.ms_per_call <= max(probe_rate, B._LARGE_MS[key]) * 84 * 128 * (1 + 1e-9), (slow, fast)
+
+
 def test_time_cap_parses_minutes_and_units():
     assert B.time_cap(None)[0] == 60 * B.DEFAULT_MAX_MINUTES and B.time_cap(0) == (None, "no limit")
     assert B.time_cap(90)[0] == 5400 and B.time_cap("90m")[0] == 5400 and B.time_cap("1.5h")[0] == 5400

@@ -390,7 +390,8 @@ def _refine_time(model, budget: Budget) -> Budget:
     """The time of a decided run from one call at ``LARGE_SIDE`` px (or the canvas / tile, if
     smaller) instead of the 64 px probe: per pixel a CPU is slower on large maps (caches), by
     ~1.2x at 256 px and ~1.7x at 512 px for the built-in prior. Only a run that fits gets here,
-    so this call fits too."""
+    so this call fits too. The per-pixel time used is at most that of any larger side measured
+    before (one timing is noisy on a loaded machine)."""
     fp = model_footprint(model, budget.canvas[0])
     side = min(LARGE_SIDE, budget.tile or LARGE_SIDE, budget.canvas[1], budget.canvas[2])
     mult = max(1, int(getattr(model, "size_multiple", 1) or 1))
@@ -406,7 +407,10 @@ def _refine_time(model, budget: Budget) -> Budget:
             _LARGE_MS[key] = ms / (side * side)
         except Exception:                   # noqa: BLE001 - a model of one size: keep the probe's
             _LARGE_MS[key] = fp.ms_per_px
-    ratio = max(1.0, _LARGE_MS[key] / fp.ms_per_px)
+    # per pixel a smaller map is never slower than a larger one measured before: a single timing
+    # taken under load must not make the size a refusal named (scaled down from a larger one) fail
+    rate = min([_LARGE_MS[key]] + [v for (k, s), v in _LARGE_MS.items() if k == key[0] and s > side])
+    ratio = max(1.0, rate / fp.ms_per_px)
     budget.ms_per_call *= ratio
     budget.seconds *= ratio
     return budget
